@@ -1,0 +1,20 @@
+"""SD Accel: ComfyUI entry point.
+
+ComfyUI imports this folder as a package; the nodes (and through them the host adapter)
+are imported only when ComfyUI is there, so tools and tests can import `accel_core`
+without a host.
+"""
+import importlib.util
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+WEB_DIRECTORY = "./web"
+
+if importlib.util.find_spec("comfy") is not None and importlib.util.find_spec("folder_paths") is not None:
+    from .nodes import cast as _cast, compile as _compile
+
+    for _m in (_compile, _cast):
+        NODE_CLASS_MAPPINGS.update(_m.NODE_CLASS_MAPPINGS)
+        NODE_DISPLAY_NAME_MAPPINGS.update(_m.NODE_DISPLAY_NAME_MAPPINGS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

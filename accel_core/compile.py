@@ -1,0 +1,240 @@
+"""Compile a UNet with one of the backends, block by block where the whole will not convert.
+
+`compile(module, CompileConfig(...))` returns a `CompiledUNet`: a callable with the same
+signature as the module's entry method. Conversion happens lazily on the first call. If
+the backend fails on the whole UNet (data-dependent control flow, boolean-mask indexing, a
+submodule whose forward was replaced by a closure, a builtin the tracer cannot follow), the
+holder compiles the UNet's blocks one by one, keeps the failing ones eager (trying one
+level finer inside them), and records what happened in `CompiledUNet.report`. A conversion
+failure never fails the user's run: the eager result of that call is returned instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import events
+from .backends import BACKENDS, CHOICES, resolve
+from .errors import SDAccelError, choice_error
+from .log import logger
+from .unet import compile_units, describe, module_dtype, split_unit
+
+MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+MAX_SPLIT_DEPTH = 3
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """What to compile with.
+
+    Args:
+        backend: "auto", "inductor" (torch.compile), "onediff" or "stable-fast".
+        mode: "default", "max-autotune-no-cudagraphs", "reduce-overhead" (CUDA graphs) or
+            "max-autotune" (slow to compile: minutes on SD1.5).
+        dynamic: torch.compile's `dynamic` (False: specialise on shapes; None: let torch decide).
+        fullgraph: require one graph for the whole UNet; when that fails, the blockwise
+            fallback still applies, with one graph per block.
+        fallback: compile block by block when the whole fails (off: the failure is raised).
+        method: the entry method of the module to compile ("forward"; ComfyUI's UNetModel
+            uses "_forward", the body inside its wrapper chain).
+        torch_backend: the dynamo backend behind "inductor" ("eager"/"aot_eager" for tests).
+    """
+
+    backend: str = "auto"
+    mode: str = "default"
+    dynamic: bool | None = False
+    fullgraph: bool = False
+    fallback: bool = True
+    method: str = "forward"
+    torch_backend: str = "inductor"
+
+    def __post_init__(self):
+        if self.backend not in CHOICES:
+            raise choice_error("backend", self.backend, CHOICES)
+        if self.mode not in MODES:
+            raise choice_error("mode", self.mode, MODES)
+
+
+@dataclass
+class CompileReport:
+    requested: str
+    backend: str
+    mode: str
+    target: str
+    status: str = "pending"  # pending -> compiled | partial | eager
+    compile_seconds: float = 0.0
+    units_compiled: int = 0
+    whole_error: str | None = None
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        head = f"{self.backend} ({self.mode}) on {self.target}: {self.status}"
+        if self.compile_seconds:
+            head += f", first call {self.compile_seconds:.1f}s"
+        if self.whole_error:
+            head += f"; whole UNet did not convert ({self.whole_error}); {self.units_compiled} blocks compiled"
+        if self.fallbacks:
+            head += "; kept eager: " + "; ".join(f"{k} ({v})" for k, v in self.fallbacks.items())
+        return head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def _is_run_error(e: BaseException) -> bool:
+    """Errors that are about this run, not about conversion: never swallow them."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or type(e).__name__ in ("InterruptProcessingException",)
+
+
+class _Guarded:
+    """One callable (the whole entry, or one unit's forward) that tries the compiled path and
+    falls back to eager for good when the compiled path fails and eager succeeds."""
+
+    def __init__(self, holder: "CompiledUNet", name: str, eager: Callable, owner: nn.Module, depth: int):
+        self.holder, self.name, self.eager, self.owner, self.depth = holder, name, eager, owner, depth
+        self.compiled = None
+        self.state = "pending"  # pending | compiled | failed
+
+    def __call__(self, *args, **kwargs):
+        if self.state == "failed":
+            return self.eager(*args, **kwargs)
+        first = self.state == "pending"
+        t0 = time.perf_counter()
+        try:
+            if self.compiled is None:
+                self.compiled = self.holder.backend.compile(self.eager, self.owner, self.holder.config)
+            out = self.compiled(*args, **kwargs)
+        except Exception as e:
+            if _is_run_error(e) or not self.holder.config.fallback:
+                raise
+            out = self.eager(*args, **kwargs)  # raises if the inputs themselves are bad
+            self.state = "failed"
+            self.holder._on_failure(self, e)
+            return out
+        if first:
+            self.state = "compiled"
+            self.holder._on_compiled(self, time.perf_counter() - t0)
+        return out
+
+
+class CompiledUNet:
+    """Holder for one module's compiled entry and its fallback state.
+
+    Survives ComfyUI's clone (it lives in a wrapper closure, never in model_options) and is
+    shared by every clone of the same model. Call it like the module's entry method.
+    """
+
+    def __init__(self, module: nn.Module, config: CompileConfig):
+        self.module_ref = module
+        self.config = config
+        md = module_dtype(module)
+        self.backend = resolve(config.backend, md.device.type)
+        self.report = CompileReport(config.backend, self.backend.name, config.mode, describe(module))
+        entry = getattr(type(module), config.method, None)
+        if entry is None:
+            raise SDAccelError(f"SD Accel: {type(module).__name__} has no method {config.method!r} to compile; expected a UNet forward. The model was left unchanged.")
+        self._entry_eager = entry.__get__(module)
+        self._whole = _Guarded(self, "<whole>", self._entry_eager, module, 0)
+        self._units: list[tuple[nn.Module, _Guarded]] = []
+        self._blockwise = False
+        self._announced = False
+
+    # -- calling -------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        if not self._announced:
+            self._announced = True
+            events.emit("compile_start", backend=self.backend.name, mode=self.config.mode, target=self.report.target)
+        if not self._blockwise:
+            return self._whole(*args, **kwargs)
+        with self._units_installed(), _roomy_recompile_limit():
+            out = self._entry_eager(*args, **kwargs)
+        self._settle()
+        return out
+
+    @contextlib.contextmanager
+    def _units_installed(self):
+        saved = []
+        try:
+            for module, guard in self._units:
+                if guard.state == "split":
+                    continue
+                saved.append((module, module.__dict__.get("forward", _MISSING)))
+                module.forward = guard
+            yield
+        finally:
+            for module, prev in reversed(saved):
+                if prev is _MISSING:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = prev
+
+    # -- bookkeeping called by the guards ---------------------------------------------
+    def _on_compiled(self, guard: _Guarded, seconds: float):
+        self.report.compile_seconds += seconds
+        if guard is self._whole:
+            self.report.status = "compiled"
+            events.emit("compile_end", report=self.report.to_dict())
+            logger.info("SD Accel: compiled %s", self.report.summary())
+        else:
+            self.report.units_compiled += 1
+
+    def _on_failure(self, guard: _Guarded, e: Exception):
+        if guard is self._whole:
+            self.report.whole_error = _short(e)
+            self._blockwise = True
+            self._units = [(m, _Guarded(self, n, m.forward, m, 1)) for n, m in compile_units(self.module_ref)]
+            logger.warning("SD Accel: %s could not compile the whole UNet (%s); compiling it block by block.", self.backend.name, self.report.whole_error)
+            return
+        children = split_unit(guard.name, guard.owner) if guard.depth < MAX_SPLIT_DEPTH else []
+        self.report.fallbacks[guard.name] = _short(e)
+        if children:
+            guard.state = "split"  # the unit's own code runs eager; its children get their own chance
+            self.report.fallbacks[guard.name] += f" [its {len(children)} submodules compiled separately]"
+            self._units.extend((m, _Guarded(self, n, m.forward, m, guard.depth + 1)) for n, m in children)
+
+    def _settle(self):
+        """After a blockwise call: publish the report once every unit has been tried."""
+        if any(g.state == "pending" for _, g in self._units):
+            return
+        status = "partial" if self.report.units_compiled else "eager"
+        if status != self.report.status:
+            self.report.status = status
+            logger.warning("SD Accel: %s", self.report.summary())
+            events.emit("fallback", report=self.report.to_dict())
+
+
+@contextlib.contextmanager
+def _roomy_recompile_limit():
+    # Blockwise compilation compiles one code object (ResBlock.forward, ...) for many
+    # instances and shapes; dynamo's default limit of 8 would silently leave the rest eager.
+    # Scoped to our call, so nothing process-wide changes.
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+        yield
+
+
+def compile(module: nn.Module, config: CompileConfig | None = None) -> CompiledUNet:
+    """Compile `module` (lazily, on first call) with per-submodule fallback.
+
+    Example:
+        >>> cu = compile(unet, CompileConfig(backend="inductor", mode="reduce-overhead"))
+        >>> out = cu(sample, t, encoder_hidden_states=ctx)   # same call as unet(...)
+        >>> print(cu.report.summary())
+    """
+    if not isinstance(module, nn.Module):
+        raise SDAccelError(f"SD Accel: expected a torch nn.Module (a UNet) to compile, found {type(module).__name__}. Connect a MODEL output to the node.")
+    return CompiledUNet(module, config or CompileConfig())
+
+
+__all__ = ["CompileConfig", "CompileReport", "CompiledUNet", "compile", "MODES", "BACKENDS"]

@@ -1,0 +1,185 @@
+"""ComfyUI adapter: patches ModelPatcher clones with keyed wrappers, never the incoming model.
+
+Imports ComfyUI only inside functions. Compiled artifacts live in a registry keyed weakly
+by the shared UNet (every clone of a model shares it), so re-executed nodes, LoRA clones
+and reloads reuse them instead of recompiling.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import uuid
+import weakref
+from dataclasses import replace
+
+import torch
+
+from ..cast import CastConfig, attention_context, cast_copy, resolve_dtype
+from ..compile import CompileConfig, CompiledUNet
+from ..errors import SDAccelError
+from ..log import logger
+from ..unet import LDM, unet_kind
+
+COMPILE_KEY = "sd_accel.compile"
+CAST_KEY = "sd_accel.cast"
+_MISSING = object()
+
+# unet -> {CompileConfig: CompiledUNet}; weak so an unloaded checkpoint frees its graphs.
+_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _wrappers_mp():
+    import comfy.patcher_extension as pe
+
+    return pe.WrappersMP
+
+
+def _check_model(model, node: str):
+    """The LDM UNet inside a ComfyUI MODEL, or None (with a warning) for other model families."""
+    if not hasattr(model, "clone") or not hasattr(model, "get_model_object"):
+        raise SDAccelError(f"SD Accel {node}: expected a ComfyUI MODEL (ModelPatcher), found {type(model).__name__}. Connect the MODEL output of a loader.")
+    unet = model.get_model_object("diffusion_model")
+    if unet_kind(unet) != LDM:
+        logger.warning("SD Accel %s: %s is not a UNet SD Accel knows (SD1.x/SD2.x/SDXL); passing the model through unchanged.", node, type(unet).__name__)
+        return None
+    return unet
+
+
+def compiled_for(unet: torch.nn.Module, config: CompileConfig) -> CompiledUNet:
+    per_unet = _compiled.setdefault(unet, {})
+    if config not in per_unet:
+        per_unet[config] = CompiledUNet(unet, config)
+    return per_unet[config]
+
+
+def _swap_attr(obj, name, value):
+    prev = obj.__dict__.get(name, _MISSING)
+    setattr(obj, name, value)
+    return prev
+
+
+def _restore_attr(obj, name, prev):
+    if prev is _MISSING:
+        obj.__dict__.pop(name, None)
+    else:
+        setattr(obj, name, prev)
+
+
+def _compile_wrapper(config: CompileConfig, executor, *args, **kwargs):
+    # APPLY_MODEL wrapper. Routes UNetModel._forward (the body *inside* its DIFFUSION_MODEL
+    # wrapper chain) through the compiled callable for this call only, so other packs'
+    # and our own DIFFUSION_MODEL wrappers (DeepCache) stay eager and decide outside
+    # compiled code, and state_dict keys / LoRA key matching never see a compiled module.
+    unet = executor.class_obj.diffusion_model
+    compiled = compiled_for(unet, config)
+    prev = _swap_attr(unet, "_forward", compiled)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        _restore_attr(unet, "_forward", prev)
+
+
+def apply_compile(model, config: CompileConfig):
+    """Clone `model` and install a keyed compile wrapper on the clone."""
+    unet = _check_model(model, "Compile UNet")
+    if unet is None:
+        return model
+    config = replace(config, method="_forward")
+    m = model.clone()
+    # LoRA patches applied later (ComfyUI's LoraLoader, our hot-swap) then copy into the
+    # existing parameters, so CUDA graphs and other captured storage see the new weights.
+    m.weight_inplace_update = True
+    wmp = _wrappers_mp()
+    m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
+    m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))
+    return m
+
+
+def compile_report(model) -> dict | None:
+    """The compile report of the compiled UNet behind `model`, if any (for UIs and tests)."""
+    unet = model.get_model_object("diffusion_model")
+    for cu in _compiled.get(unet, {}).values():
+        return cu.report.to_dict()
+    return None
+
+
+# --- cast -------------------------------------------------------------------------------------
+
+def _attention_override(attention: str, func, *args, **kwargs):
+    # transformer_options["optimized_attention_override"] (ComfyUI >= 0.3.6x): called instead of
+    # the attention function the host picked at start-up, for this model only.
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    with attention_context(attention):
+        return attention_pytorch(*args, **kwargs)
+
+
+def _channels_last_wrapper(executor, *args, **kwargs):
+    # DIFFUSION_MODEL wrapper: feed the UNet NHWC activations to match its channels_last weights.
+    x = args[0].contiguous(memory_format=torch.channels_last) if args and args[0].dim() == 4 else args[0]
+    return executor(x, *args[1:], **kwargs)
+
+
+def _unpatched_weights(model, unet) -> dict:
+    """The UNet's weights without any LoRA patches currently applied to the shared module."""
+    out = {}
+    for key, b in getattr(model, "backup", {}).items():
+        if key.startswith("diffusion_model."):
+            out[key[len("diffusion_model."):]] = b.weight
+    return out
+
+
+def _reset_load_markers(module):
+    # Markers ComfyUI keeps on the (shared) module about what it loaded; a fresh copy has loaded nothing.
+    for name, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0), ("model_lowvram", False),
+                        ("current_weight_patches_uuid", None), ("model_offload_buffer_memory", 0)):
+        if hasattr(module, name):
+            setattr(module, name, value)
+    for sub in module.modules():
+        if getattr(sub, "comfy_patched_weights", False):
+            sub.comfy_patched_weights = False
+        if hasattr(sub, "weight_function"):
+            sub.weight_function = []
+            sub.bias_function = []
+        if hasattr(sub, "prev_comfy_cast_weights"):
+            sub.comfy_cast_weights = sub.prev_comfy_cast_weights
+            del sub.prev_comfy_cast_weights
+
+
+def apply_cast(model, config: CastConfig):
+    """Clone `model`; give the clone its own UNet copy in the requested dtype / memory format and attention kernel."""
+    unet = _check_model(model, "FP16 Cast")
+    if unet is None:
+        return model
+    import comfy.model_management as mm
+
+    device_type = torch.device(model.load_device).type
+    dtype = resolve_dtype(config.dtype, device_type)
+    m = model.clone()
+    wmp = _wrappers_mp()
+    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = functools.partial(_attention_override, config.attention)
+    current = next(unet.parameters()).dtype
+    if dtype != current or config.channels_last:
+        base = model.model
+        new_unet = cast_copy(unet, dtype, config.channels_last, source=_unpatched_weights(model, unet))
+        new_unet.dtype = dtype
+        new_base = copy.copy(base)
+        for d in ("_modules", "_parameters", "_buffers"):
+            setattr(new_base, d, dict(getattr(base, d)))
+        new_base.diffusion_model = new_unet
+        new_base.manual_cast_dtype = None  # the weights now are the compute dtype
+        _reset_load_markers(new_base)
+        new_base.device = model.offload_device
+        m.model = new_base
+        m.backup, m.object_patches_backup = {}, {}
+        m.size = 0
+        m.patches_uuid = uuid.uuid4()
+        if "manual_cast_dtype" in m.object_patches:
+            m.object_patches.pop("manual_cast_dtype")
+        m.force_cast_weights = False
+        if mm.get_torch_device().type == "cpu" and dtype == torch.float16:
+            logger.warning("SD Accel FP16 Cast: fp16 on the CPU is slow in PyTorch; bf16 (or auto) is the fast choice there.")
+    m.remove_wrappers_with_key(wmp.DIFFUSION_MODEL, CAST_KEY)
+    if config.channels_last:
+        m.add_wrapper_with_key(wmp.DIFFUSION_MODEL, CAST_KEY, _channels_last_wrapper)
+    return m

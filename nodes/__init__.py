@@ -1,0 +1,1 @@
+"""ComfyUI node classes: thin, no logic (that lives in accel_core)."""

@@ -1,0 +1,27 @@
+from ..accel_core.cast import ATTENTION, DTYPES, CastConfig
+from ..accel_core.hosts import comfy as host
+
+
+class SDAccelFP16Cast:
+    DESCRIPTION = ("Runs the UNet in fp16 or bf16 (auto: bf16 on CPU, fp16 on CUDA), optionally channels_last, "
+                   "with the attention kernel of your choice. Works on a copy of the UNet; the input model is unchanged.")
+    CATEGORY = "SD Accel"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A clone of the input model with its own cast UNet.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to cast (SD1.x, SD2.x, SDXL)."}),
+            "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto = bf16 on CPU, fp16 on CUDA. fp32 restores full precision."}),
+            "channels_last": ("BOOLEAN", {"default": True, "tooltip": "NHWC memory format for convolutions (faster with fp16/bf16)."}),
+            "attention": (list(ATTENTION), {"default": "auto", "tooltip": "PyTorch SDPA kernel: auto lets torch pick; flash / efficient / math force one."}),
+        }}
+
+    def apply(self, model, dtype, channels_last, attention):
+        return (host.apply_cast(model, CastConfig(dtype=dtype, channels_last=channels_last, attention=attention)),)
+
+
+NODE_CLASS_MAPPINGS = {"SDAccelFP16Cast": SDAccelFP16Cast}
+NODE_DISPLAY_NAME_MAPPINGS = {"SDAccelFP16Cast": "FP16 Cast (SD Accel)"}

@@ -1,0 +1,30 @@
+from ..accel_core.backends import CHOICES
+from ..accel_core.compile import MODES, CompileConfig
+from ..accel_core.hosts import comfy as host
+
+
+class SDAccelCompileUNet:
+    DESCRIPTION = ("Compiles the UNet (torch.compile/inductor by default; onediff or stable-fast when installed). "
+                   "Blocks the backend cannot convert stay eager and are named in the log. LoRAs applied after this node "
+                   "update the compiled model in place without recompiling.")
+    CATEGORY = "SD Accel"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A clone of the input model whose UNet runs compiled; the input model is unchanged.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to accelerate (SD1.x, SD2.x, SDXL)."}),
+            "backend": (list(CHOICES), {"default": "auto", "tooltip": "auto picks the best installed: stable-fast, onediff, then inductor."}),
+            "mode": (list(MODES), {"default": "default", "tooltip": "reduce-overhead adds CUDA graphs (fastest at fixed sizes); max-autotune takes minutes to compile."}),
+            "dynamic": ("BOOLEAN", {"default": False, "tooltip": "Compile for varying sizes at once (fewer recompiles, slightly slower kernels)."}),
+            "fullgraph": ("BOOLEAN", {"default": False, "tooltip": "Require one graph per compiled unit; failures fall back block by block."}),
+        }}
+
+    def apply(self, model, backend, mode, dynamic, fullgraph):
+        return (host.apply_compile(model, CompileConfig(backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph)),)
+
+
+NODE_CLASS_MAPPINGS = {"SDAccelCompileUNet": SDAccelCompileUNet}
+NODE_DISPLAY_NAME_MAPPINGS = {"SDAccelCompileUNet": "Compile UNet (SD Accel)"}
