@@ -136,16 +136,21 @@ class CompiledUNet:
     shared by every clone of the same model. Call it like the module's entry method.
     """
 
-    def __init__(self, module: nn.Module, config: CompileConfig):
+    def __init__(self, module: nn.Module, config: CompileConfig, entry: Callable | None = None, name: str = ""):
         self.module_ref = module
         self.config = config
         md = module_dtype(module)
         self.backend = resolve(config.backend, md.device.type)
-        self.report = CompileReport(config.backend, self.backend.name, config.mode, describe(module))
-        entry = getattr(type(module), config.method, None)
+        self.report = CompileReport(config.backend, self.backend.name, config.mode, describe(module) + (f" [{name}]" if name else ""))
         if entry is None:
-            raise SDAccelError(f"SD Accel: {type(module).__name__} has no method {config.method!r} to compile; expected a UNet forward. The model was left unchanged.")
-        self._entry_eager = entry.__get__(module)
+            method = getattr(type(module), config.method, None)
+            if method is None:
+                raise SDAccelError(f"SD Accel: {type(module).__name__} has no method {config.method!r} to compile; expected a UNet forward. The model was left unchanged.")
+            entry = method.__get__(module)
+        # `entry` is any callable running `module`'s submodules (the UNet forward, or a
+        # partial path such as DeepCache's shallow one); fallback units are `module`'s blocks.
+        self._entry_eager = entry
+        self._published = (0, 0)
         self._whole = _Guarded(self, "<whole>", self._entry_eager, module, 0)
         self._units: list[tuple[nn.Module, _Guarded]] = []
         self._blockwise = False
@@ -205,14 +210,14 @@ class CompiledUNet:
             self._units.extend((m, _Guarded(self, n, m.forward, m, guard.depth + 1)) for n, m in children)
 
     def _settle(self):
-        """After a blockwise call: publish the report once every unit has been tried."""
-        if any(g.state == "pending" for _, g in self._units):
+        """After a blockwise call: publish the report when what was compiled or kept eager changed."""
+        now = (self.report.units_compiled, len(self.report.fallbacks))
+        if now == self._published:
             return
-        status = "partial" if self.report.units_compiled else "eager"
-        if status != self.report.status:
-            self.report.status = status
-            logger.warning("SD Accel: %s", self.report.summary())
-            events.emit("fallback", report=self.report.to_dict())
+        self._published = now
+        self.report.status = "partial" if self.report.units_compiled else "eager"
+        logger.warning("SD Accel: %s", self.report.summary())
+        events.emit("fallback", report=self.report.to_dict())
 
 
 @contextlib.contextmanager
@@ -224,17 +229,20 @@ def _roomy_recompile_limit():
         yield
 
 
-def compile(module: nn.Module, config: CompileConfig | None = None) -> CompiledUNet:
+def compile(module: nn.Module, config: CompileConfig | None = None, *, entry: Callable | None = None, name: str = "") -> CompiledUNet:
     """Compile `module` (lazily, on first call) with per-submodule fallback.
 
     Example:
         >>> cu = compile(unet, CompileConfig(backend="inductor", mode="reduce-overhead"))
         >>> out = cu(sample, t, encoder_hidden_states=ctx)   # same call as unet(...)
         >>> print(cu.report.summary())
+
+    `entry` compiles another callable over `module`'s blocks instead of its forward (DeepCache
+    compiles its shallow path this way, with the same config and fallback).
     """
     if not isinstance(module, nn.Module):
         raise SDAccelError(f"SD Accel: expected a torch nn.Module (a UNet) to compile, found {type(module).__name__}. Connect a MODEL output to the node.")
-    return CompiledUNet(module, config or CompileConfig())
+    return CompiledUNet(module, config or CompileConfig(), entry=entry, name=name)
 
 
 __all__ = ["CompileConfig", "CompileReport", "CompiledUNet", "compile", "MODES", "BACKENDS"]

@@ -1,0 +1,73 @@
+"""`sd-accel` console script: `sd-accel bench ...`, `sd-accel backends`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _bench(args) -> int:
+    from tqdm import tqdm
+
+    from .bench import BenchConfig, run_bench
+    from .errors import SDAccelError
+
+    try:
+        cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, checkpoint=args.checkpoint,
+                          configs=tuple(args.configs) if args.configs else None, out_dir=args.out, seed=args.seed, repeats=args.repeats)
+    except SDAccelError as e:
+        print(e, file=sys.stderr)
+        return 2
+    bar = tqdm(desc="sd-accel bench", unit="config", disable=args.no_progress)
+
+    def progress(name):
+        bar.set_postfix_str(name[:40])
+        bar.update(1)
+
+    try:
+        result = run_bench(cfg, progress=progress)
+    except SDAccelError as e:
+        bar.close()
+        print(e, file=sys.stderr)
+        return 2
+    bar.close()
+    print(result.table())
+    print(f"\nwrote {result.json_path}" + (f" and {result.png_path}" if result.png_path else ""))
+    return 0
+
+
+def _backends(args) -> int:
+    import torch
+
+    from .backends import BACKENDS
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, b in BACKENDS.items():
+        ok = b.available(dev)
+        print(f"{name:<12} {'available' if ok else 'missing: ' + b.missing(dev)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="sd-accel", description="SD Accel: Stable Diffusion acceleration, measured side by side.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="baseline vs each acceleration: ms/step, speed-up, relative error, memory, compile time")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--preset", default="tiny", help="tiny (CPU default), sd15-512, sdxl-1024")
+    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--checkpoint", default=None, help="your SD1.x/SDXL .safetensors checkpoint or UNet file")
+    b.add_argument("--configs", nargs="*", help="only rows whose names start with these")
+    b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--repeats", type=int, default=1)
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(fn=_bench)
+    s = sub.add_parser("backends", help="which compile backends are available here")
+    s.set_defaults(fn=_backends)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
