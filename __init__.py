@@ -17,4 +17,10 @@ if importlib.util.find_spec("comfy") is not None and importlib.util.find_spec("f
         NODE_CLASS_MAPPINGS.update(_m.NODE_CLASS_MAPPINGS)
         NODE_DISPLAY_NAME_MAPPINGS.update(_m.NODE_DISPLAY_NAME_MAPPINGS)
 
+    # Status events (compiling, fell back, it/s) go to the browser tab; web/sdaccel.js shows them.
+    if importlib.util.find_spec("server") is not None:
+        from .accel_core.hosts import comfy_events as _comfy_events
+
+        _comfy_events.install()
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

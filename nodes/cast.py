@@ -1,5 +1,5 @@
 from ..accel_core.cast import ATTENTION, DTYPES, CastConfig
-from ..accel_core.hosts import comfy as host
+from ..accel_core.hosts import comfy as host, comfy_events
 
 
 class SDAccelFP16Cast:
@@ -17,10 +17,11 @@ class SDAccelFP16Cast:
             "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto = bf16 on CPU, fp16 on CUDA. fp32 restores full precision."}),
             "channels_last": ("BOOLEAN", {"default": True, "tooltip": "NHWC memory format for convolutions (faster with fp16/bf16)."}),
             "attention": (list(ATTENTION), {"default": "auto", "tooltip": "PyTorch SDPA kernel: auto lets torch pick; flash / efficient / math force one."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model, dtype, channels_last, attention):
-        return (host.apply_cast(model, CastConfig(dtype=dtype, channels_last=channels_last, attention=attention)),)
+    def apply(self, model, dtype, channels_last, attention, unique_id=None):
+        m = host.apply_cast(model, CastConfig(dtype=dtype, channels_last=channels_last, attention=attention))
+        return (comfy_events.track(m, "cast", unique_id, source=model),)
 
 
 NODE_CLASS_MAPPINGS = {"SDAccelFP16Cast": SDAccelFP16Cast}

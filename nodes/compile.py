@@ -1,6 +1,6 @@
 from ..accel_core.backends import CHOICES
 from ..accel_core.compile import MODES, CompileConfig
-from ..accel_core.hosts import comfy as host
+from ..accel_core.hosts import comfy as host, comfy_events
 
 
 class SDAccelCompileUNet:
@@ -20,10 +20,11 @@ class SDAccelCompileUNet:
             "mode": (list(MODES), {"default": "default", "tooltip": "reduce-overhead adds CUDA graphs (fastest at fixed sizes); max-autotune takes minutes to compile."}),
             "dynamic": ("BOOLEAN", {"default": False, "tooltip": "Compile for varying sizes at once (fewer recompiles, slightly slower kernels)."}),
             "fullgraph": ("BOOLEAN", {"default": False, "tooltip": "Require one graph per compiled unit; failures fall back block by block."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model, backend, mode, dynamic, fullgraph):
-        return (host.apply_compile(model, CompileConfig(backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph)),)
+    def apply(self, model, backend, mode, dynamic, fullgraph, unique_id=None):
+        m = host.apply_compile(model, CompileConfig(backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph))
+        return (comfy_events.track(m, "compile", unique_id, source=model),)
 
 
 NODE_CLASS_MAPPINGS = {"SDAccelCompileUNet": SDAccelCompileUNet}

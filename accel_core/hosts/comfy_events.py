@@ -1,0 +1,152 @@
+"""Forward SD Accel status events to the ComfyUI browser tab (web/sdaccel.js draws them).
+
+The core emits events (`accel_core.events`) from deep inside sampling, where it does not
+know which graph node it belongs to. Our nodes record themselves on the model clone they
+return (`track`): their UNIQUE_ID goes into `transformer_options` (plain strings, so it
+survives ComfyUI's deep copy on clone and accumulates along a chain of our nodes), and a
+keyed SAMPLER_SAMPLE wrapper puts that mapping in a context variable for the run, times
+the sampling loop and emits `run_stats`. The listener adds the mapping and ComfyUI's
+executing node to every event and sends it as `sdaccel.<event>`.
+
+Nothing here needs a browser: without a PromptServer (tests, scripts) the listener does
+nothing, and a failing send never reaches sampling (events.emit swallows it).
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+import sys
+import time
+
+from .. import events
+from ..log import logger
+
+PREFIX = "sdaccel."
+NODES_KEY = "sd_accel.nodes"  # transformer_options[NODES_KEY] = {kind: unique_id}
+STATS_KEY = "sd_accel.stats"  # the SAMPLER_SAMPLE wrapper key
+KINDS = ("cast", "compile", "deepcache", "lora", "lcm")
+
+_run_nodes: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sd_accel_run_nodes", default=None)
+_run_extras: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sd_accel_run_extras", default=None)
+
+
+# --- node side -----------------------------------------------------------------------------
+
+def track(model, kind: str, unique_id, source=None):
+    """Record that node `unique_id` (of `kind`) produced `model` from `source`; returns `model`.
+
+    Only the node's own clone is marked: when the adapter passed `source` through unchanged
+    (a model that is not a UNet we patch), nothing is recorded, so an input is never touched.
+    """
+    if unique_id is None or model is source or not hasattr(model, "add_wrapper_with_key"):
+        return model
+    import comfy.patcher_extension as pe
+
+    to = model.model_options.setdefault("transformer_options", {})
+    to[NODES_KEY] = {**to.get(NODES_KEY, {}), kind: str(unique_id)}
+    model.remove_wrappers_with_key(pe.WrappersMP.SAMPLER_SAMPLE, STATS_KEY)
+    model.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, STATS_KEY, _stats_wrapper)
+    events.emit("node_applied", kind=kind, node=str(unique_id))
+    return model
+
+
+def tracked_nodes(model) -> dict:
+    """{kind: unique_id} recorded on `model` by our nodes."""
+    return dict(model.model_options.get("transformer_options", {}).get(NODES_KEY, {}))
+
+
+def report_extra(**data) -> None:
+    """Attach data (a DeepCache hit ratio, ...) to this sampling run's `run_stats` event."""
+    extras = _run_extras.get()
+    if extras is not None:
+        extras.update(data)
+
+
+def _compile_report(guider) -> dict | None:
+    from .comfy import compile_report
+
+    patcher = getattr(guider, "model_patcher", None)
+    try:
+        return compile_report(patcher) if patcher is not None else None
+    except Exception:  # a model without a diffusion_model object: no report, no failure
+        return None
+
+
+def _stats_wrapper(executor, guider, sigmas, extra_args, *args, **kwargs):
+    # SAMPLER_SAMPLE wraps the sampling loop only (after the model is loaded), so the rate
+    # is comparable to ComfyUI's own progress bar; it does include any compile in this run.
+    opts = (extra_args or {}).get("model_options", {}).get("transformer_options", {})
+    nodes_token = _run_nodes.set(dict(opts.get(NODES_KEY, {})))
+    extras_token = _run_extras.set({})
+    before = _compile_report(guider)
+    t0 = time.perf_counter()
+    try:
+        out = executor(guider, sigmas, extra_args, *args, **kwargs)
+        seconds = time.perf_counter() - t0
+        steps = max(int(sigmas.shape[-1]) - 1, 0) if hasattr(sigmas, "shape") else 0
+        report = _compile_report(guider)
+        compiled_in_run = (report or {}).get("compile_seconds", 0.0) - (before or {}).get("compile_seconds", 0.0)
+        events.emit("run_stats", steps=steps, seconds=round(seconds, 4),
+                    its=round(steps / seconds, 4) if seconds > 0 else None,
+                    compile_seconds_in_run=round(compiled_in_run, 3), report=report, **_run_extras.get())
+        return out
+    finally:
+        _run_extras.reset(extras_token)
+        _run_nodes.reset(nodes_token)
+
+
+# --- server side -----------------------------------------------------------------------------
+
+def _executing():
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None, None
+    ctx = get_executing_context()
+    return (ctx.node_id, ctx.prompt_id) if ctx is not None else (None, None)
+
+
+def _jsonable(value):
+    # send_sync serialises on the event loop thread, where an error would be lost, and the
+    # browser's JSON.parse rejects NaN/Infinity: make the payload plain JSON here.
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def payload(event: str, data: dict) -> dict:
+    """What the browser receives for `event` (also used by tests)."""
+    node, prompt_id = _executing()
+    nodes = _run_nodes.get()
+    return _jsonable({**data, "event": event, "nodes": nodes if nodes is not None else {},
+                      "executing": node, "prompt_id": prompt_id, "time": time.time()})
+
+
+def _server():
+    # Only a running ComfyUI has imported `server` and created the instance; never import it here.
+    mod = sys.modules.get("server")
+    ps = getattr(mod, "PromptServer", None)
+    return getattr(ps, "instance", None)
+
+
+def forward(event: str, data: dict) -> None:
+    """events listener: send `event` to the browser as `sdaccel.<event>`."""
+    server = _server()
+    if server is None:
+        return
+    server.send_sync(PREFIX + event, payload(event, data), getattr(server, "client_id", None))
+
+
+def install() -> None:
+    """Subscribe the forwarder (idempotent). Called by the pack's __init__ inside ComfyUI."""
+    events.subscribe(forward)
+    logger.debug("SD Accel: forwarding status events to the ComfyUI frontend")
+
+
+__all__ = ["PREFIX", "KINDS", "track", "tracked_nodes", "report_extra", "payload", "forward", "install"]
