@@ -194,6 +194,7 @@ class CompiledUNet:
             logger.info("SD Accel: compiled %s", self.report.summary())
         else:
             self.report.units_compiled += 1
+            self._progress(guard.name)
 
     def _on_failure(self, guard: _Guarded, e: Exception):
         if guard is self._whole:
@@ -201,6 +202,7 @@ class CompiledUNet:
             self._blockwise = True
             self._units = [(m, _Guarded(self, n, m.forward, m, 1)) for n, m in compile_units(self.module_ref)]
             logger.warning("SD Accel: %s could not compile the whole UNet (%s); compiling it block by block.", self.backend.name, self.report.whole_error)
+            self._progress("<whole>")
             return
         children = split_unit(guard.name, guard.owner) if guard.depth < MAX_SPLIT_DEPTH else []
         self.report.fallbacks[guard.name] = _short(e)
@@ -208,6 +210,13 @@ class CompiledUNet:
             guard.state = "split"  # the unit's own code runs eager; its children get their own chance
             self.report.fallbacks[guard.name] += f" [its {len(children)} submodules compiled separately]"
             self._units.extend((m, _Guarded(self, n, m.forward, m, guard.depth + 1)) for n, m in children)
+        self._progress(guard.name)
+
+    def _progress(self, unit: str):
+        # Blockwise compilation can take minutes; tell listeners (the ComfyUI badge) how far it is.
+        tried = sum(1 for _, g in self._units if g.state != "pending")
+        events.emit("compile_progress", target=self.report.target, unit=unit, done=tried, total=len(self._units),
+                    whole_error=self.report.whole_error)
 
     def _settle(self):
         """After a blockwise call: publish the report when what was compiled or kept eager changed."""

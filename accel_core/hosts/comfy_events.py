@@ -27,7 +27,9 @@ STATS_KEY = "sd_accel.stats"  # the SAMPLER_SAMPLE wrapper key
 KINDS = ("cast", "compile", "deepcache", "lora", "lcm")
 
 _run_nodes: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sd_accel_run_nodes", default=None)
-_run_extras: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sd_accel_run_extras", default=None)
+# The mapping of the last finished run, by the node that sampled it: wrappers outside ours
+# (DeepCache's OUTER_SAMPLE summary) emit after our scope closed, within the same node.
+_last_run: dict[str, dict] = {}
 
 
 # --- node side -----------------------------------------------------------------------------
@@ -55,13 +57,6 @@ def tracked_nodes(model) -> dict:
     return dict(model.model_options.get("transformer_options", {}).get(NODES_KEY, {}))
 
 
-def report_extra(**data) -> None:
-    """Attach data (a DeepCache hit ratio, ...) to this sampling run's `run_stats` event."""
-    extras = _run_extras.get()
-    if extras is not None:
-        extras.update(data)
-
-
 def _compile_report(guider) -> dict | None:
     from .comfy import compile_report
 
@@ -76,8 +71,8 @@ def _stats_wrapper(executor, guider, sigmas, extra_args, *args, **kwargs):
     # SAMPLER_SAMPLE wraps the sampling loop only (after the model is loaded), so the rate
     # is comparable to ComfyUI's own progress bar; it does include any compile in this run.
     opts = (extra_args or {}).get("model_options", {}).get("transformer_options", {})
-    nodes_token = _run_nodes.set(dict(opts.get(NODES_KEY, {})))
-    extras_token = _run_extras.set({})
+    nodes = dict(opts.get(NODES_KEY, {}))
+    nodes_token = _run_nodes.set(nodes)
     before = _compile_report(guider)
     t0 = time.perf_counter()
     try:
@@ -88,11 +83,14 @@ def _stats_wrapper(executor, guider, sigmas, extra_args, *args, **kwargs):
         compiled_in_run = (report or {}).get("compile_seconds", 0.0) - (before or {}).get("compile_seconds", 0.0)
         events.emit("run_stats", steps=steps, seconds=round(seconds, 4),
                     its=round(steps / seconds, 4) if seconds > 0 else None,
-                    compile_seconds_in_run=round(compiled_in_run, 3), report=report, **_run_extras.get())
+                    compile_seconds_in_run=round(compiled_in_run, 3), report=report)
         return out
     finally:
-        _run_extras.reset(extras_token)
         _run_nodes.reset(nodes_token)
+        sampler_node, _ = _executing()
+        _last_run.clear()
+        if sampler_node is not None:
+            _last_run[sampler_node] = nodes
 
 
 # --- server side -----------------------------------------------------------------------------
@@ -124,7 +122,9 @@ def payload(event: str, data: dict) -> dict:
     """What the browser receives for `event` (also used by tests)."""
     node, prompt_id = _executing()
     nodes = _run_nodes.get()
-    return _jsonable({**data, "event": event, "nodes": nodes if nodes is not None else {},
+    if nodes is None:
+        nodes = _last_run.get(node, {}) if node is not None else {}
+    return _jsonable({**data, "event": event, "nodes": nodes,
                       "executing": node, "prompt_id": prompt_id, "time": time.time()})
 
 
@@ -149,4 +149,4 @@ def install() -> None:
     logger.debug("SD Accel: forwarding status events to the ComfyUI frontend")
 
 
-__all__ = ["PREFIX", "KINDS", "track", "tracked_nodes", "report_extra", "payload", "forward", "install"]
+__all__ = ["PREFIX", "KINDS", "track", "tracked_nodes", "payload", "forward", "install"]

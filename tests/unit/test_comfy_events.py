@@ -76,5 +76,11 @@ def test_track_leaves_a_passed_through_model_alone():
     assert comfy_events.track(object(), "compile", None) is not None
 
 
-def test_report_extra_outside_a_run_is_ignored():
-    comfy_events.report_extra(deepcache_hits=3)  # no run in progress: nothing to attach to, no error
+def test_summaries_after_the_loop_keep_the_runs_nodes(server, monkeypatch):
+    # DeepCache's summary is emitted by an outer wrapper, after our run scope closed, while
+    # ComfyUI still executes the same sampler node.
+    monkeypatch.setattr(comfy_events, "_executing", lambda: ("9", "p1"))
+    monkeypatch.setattr(comfy_events, "_last_run", {"9": {"deepcache": "6", "compile": "5"}})
+    events.emit("deepcache_stats", hits=2, full=2, ratio=0.5)
+    data = server.sent[-1][1]
+    assert data["nodes"] == {"deepcache": "6", "compile": "5"} and data["executing"] == "9" and data["ratio"] == 0.5
