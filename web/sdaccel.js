@@ -1,0 +1,134 @@
+// SD Accel ComfyUI extension: a status badge on our nodes (compiling / compiled / fell back,
+// last run's it/s and DeepCache hit ratio), the fallback reasons under the node, and toasts
+// when compilation starts, ends or falls back. The state logic lives in sdaccel_state.js.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import {
+  EVENTS, PREFIX, StatusStore, badgeColors, badgeText, detailLines, flattenGraph, isOurNodeType,
+} from "./sdaccel_state.js";
+
+const TOAST_SETTING = "SDAccel.Toasts";
+const store = new StatusStore();
+const pathIds = new WeakMap(); // node object -> the id the server uses for it (subgraph paths)
+let ticker = null;
+
+function graphNodes() {
+  const nodes = flattenGraph(app.graph);
+  for (const { id, node } of nodes) pathIds.set(node, id);
+  return nodes;
+}
+
+function stateOf(node) {
+  return store.get(pathIds.get(node) ?? String(node.id));
+}
+
+function redraw() {
+  app.graph?.setDirtyCanvas?.(true, true);
+  app.canvas?.setDirty?.(true, true);
+}
+
+function toastsEnabled() {
+  try {
+    const value = app.extensionManager?.setting?.get?.(TOAST_SETTING) ?? app.ui?.settings?.getSettingValue?.(TOAST_SETTING);
+    return value !== false;
+  } catch {
+    return true;
+  }
+}
+
+function showToast(t) {
+  if (!t || !toastsEnabled()) return;
+  const toast = app.extensionManager?.toast;
+  if (toast?.add) {
+    toast.add(t);
+  } else {
+    (t.severity === "warn" ? console.warn : console.info)(`${t.summary}: ${t.detail}`);
+  }
+}
+
+// While something compiles the badge shows the elapsed time: repaint once a second.
+function keepTicking() {
+  if (store.anyCompiling() && ticker === null) {
+    ticker = setInterval(() => {
+      redraw();
+      if (!store.anyCompiling()) {
+        clearInterval(ticker);
+        ticker = null;
+      }
+    }, 1000);
+  }
+}
+
+function onEvent(event, detail) {
+  const { toast } = store.apply(event, detail, graphNodes());
+  showToast(toast);
+  keepTicking();
+  redraw();
+}
+
+function badgeFor(node) {
+  const state = stateOf(node);
+  const text = badgeText(state);
+  const { fg, bg } = badgeColors(state);
+  return new window.LGraphBadge({ text, fgColor: fg, bgColor: bg });
+}
+
+function drawDetails(node, ctx) {
+  const lines = detailLines(stateOf(node));
+  if (!lines.length || node.flags?.collapsed) return;
+  ctx.save();
+  ctx.font = "11px sans-serif";
+  ctx.fillStyle = "#f0b36a";
+  ctx.textAlign = "left";
+  ctx.textBaseline = "top";
+  lines.forEach((line, i) => ctx.fillText(line.length > 90 ? `${line.slice(0, 89)}…` : line, 4, node.size[1] + 6 + i * 14));
+  ctx.restore();
+}
+
+function drawFallbackBadge(node, ctx) {
+  // Frontends without LGraphBadge: draw the same text under the title.
+  const state = stateOf(node);
+  const text = badgeText(state);
+  if (!text) return;
+  ctx.save();
+  ctx.font = "11px sans-serif";
+  ctx.fillStyle = badgeColors(state).bg;
+  ctx.textBaseline = "bottom";
+  ctx.fillText(text, 4, -(globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30) - 4);
+  ctx.restore();
+}
+
+app.registerExtension({
+  name: "sdaccel.status",
+  settings: [
+    { id: TOAST_SETTING, name: "Show SD Accel compile notifications", type: "boolean", defaultValue: true, category: ["SD Accel", "Notifications", "Toasts"] },
+  ],
+
+  async setup() {
+    for (const event of EVENTS) {
+      api.addEventListener(PREFIX + event, (e) => onEvent(event, e.detail));
+    }
+  },
+
+  beforeConfigureGraph() {
+    store.clear(); // another workflow: node ids are reused, old states would mislead
+  },
+
+  nodeCreated(node) {
+    if (!isOurNodeType(node.comfyClass ?? node.type)) return;
+    if (Array.isArray(node.badges) && typeof window.LGraphBadge === "function") {
+      node.badges.push(() => badgeFor(node));
+    } else {
+      const draw = node.onDrawForeground;
+      node.onDrawForeground = function (ctx, ...rest) {
+        draw?.call(this, ctx, ...rest);
+        drawFallbackBadge(this, ctx);
+      };
+    }
+    const draw = node.onDrawForeground;
+    node.onDrawForeground = function (ctx, ...rest) {
+      draw?.call(this, ctx, ...rest);
+      drawDetails(this, ctx);
+    };
+  },
+});
