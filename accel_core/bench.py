@@ -48,6 +48,7 @@ class Preset:
     context_len: int = 77
 
 
+HOSTS = ("diffusers", "comfy")
 PRESETS = {
     "tiny": Preset(TINY, 16, 8),
     "sd15-512": Preset(SD15, 64, 20),
@@ -66,8 +67,14 @@ class BenchConfig:
     out_dir: str = "bench-out"
     seed: int = 0
     repeats: int = 1
+    host: str = "diffusers"  # "diffusers" (a diffusers UNet, our own Euler loop) or "comfy" (ComfyUI's loader and sampler)
+    comfyui_path: str | None = None  # host "comfy": the ComfyUI folder (default: $COMFYUI_PATH)
 
     def __post_init__(self):
+        if self.host not in HOSTS:
+            from .errors import choice_error
+
+            raise choice_error("host", self.host, HOSTS)
         if self.preset not in PRESETS:
             from .errors import choice_error
 
@@ -172,11 +179,13 @@ def make_inputs(unet, preset: Preset, steps: int, seed: int, device: str, dtype:
 def sample(unet_call: Callable, inp: Inputs, cfg_scale: float, dtype: torch.dtype, steps: int | None = None, on_step=None) -> torch.Tensor:
     """Euler sampling with CFG (cond and uncond in one batch of 2), the final latent in fp32."""
     x = inp.latent.clone()
+    ctx = inp.context.to(dtype)
+    added = {k: v.to(dtype) for k, v in inp.added.items()} if inp.added else None
     n = len(inp.timesteps) if steps is None else steps
     for i in range(n):
         sigma, t = inp.sigmas[i], inp.timesteps[i]
         xin = (x / (sigma ** 2 + 1) ** 0.5).to(dtype).expand(2, -1, -1, -1)
-        eps = unet_call(xin, t.to(x.device).expand(2), inp.context, inp.added).float()
+        eps = unet_call(xin, t.to(x.device).expand(2), ctx, added).float()
         e_c, e_u = eps.chunk(2)
         eps = e_u + cfg_scale * (e_c - e_u)
         x = x + eps * (inp.sigmas[i + 1] - sigma)
@@ -216,6 +225,7 @@ class BenchContext:
         self.inputs = make_inputs(self.unet, preset, self.steps, cfg.seed, cfg.device, self.base_dtype)
         self.baseline: BenchRow | None = None
         self.baseline_out: torch.Tensor | None = None
+        self.rows: dict[str, BenchRow] = {}  # measured so far, for suites that compare with other rows
         self.progress = progress
 
     def wanted(self, name: str) -> bool:
@@ -256,6 +266,7 @@ class BenchContext:
             # Speed-up is end to end (time per image), so rows with fewer steps compare fairly.
             row.speedup = (self.baseline.ms_per_step * self.baseline.steps) / (ms * steps)
             row.rel_err = rel_err(out, self.baseline_out)
+        self.rows[name] = row
         if self.progress:
             self.progress(name)
         return row
@@ -304,6 +315,10 @@ def _suites():
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     """Run every registered suite; write JSON and a PNG chart into cfg.out_dir."""
+    if cfg.host == "comfy":
+        from .bench_comfy import run_comfy_bench
+
+        return run_comfy_bench(cfg, progress)
     preset = PRESETS[cfg.preset]
     ctx = BenchContext(cfg, preset, progress)
     name = torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU ({os.cpu_count()} cores)"

@@ -14,7 +14,8 @@ def _bench(args) -> int:
 
     try:
         cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, checkpoint=args.checkpoint,
-                          configs=tuple(args.configs) if args.configs else None, out_dir=args.out, seed=args.seed, repeats=args.repeats)
+                          configs=tuple(args.configs) if args.configs else None, out_dir=args.out, seed=args.seed, repeats=args.repeats,
+                          host=args.host, comfyui_path=args.comfyui_path)
     except SDAccelError as e:
         print(e, file=sys.stderr)
         return 2
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="baseline vs each acceleration: ms/step, speed-up, relative error, memory, compile time")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--host", default="diffusers", choices=["diffusers", "comfy"],
+                   help="diffusers: a diffusers UNet in our own sampling loop; comfy: ComfyUI's loader, nodes and sampler (needs COMFYUI_PATH or --comfyui-path)")
+    b.add_argument("--comfyui-path", default=None, help="ComfyUI folder for --host comfy (default: $COMFYUI_PATH)")
     b.add_argument("--preset", default="tiny", help="tiny (CPU default), sd15-512, sdxl-1024")
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--checkpoint", default=None, help="your SD1.x/SDXL .safetensors checkpoint or UNet file")

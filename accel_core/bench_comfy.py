@@ -1,0 +1,451 @@
+"""`sd-accel bench --host comfy`: ComfyUI eager, ComfyUI's own TorchCompileModel and our nodes, in one process.
+
+Everything goes through ComfyUI's own code: a real SD1.5 (or SDXL) checkpoint state dict with
+seeded random weights is built in memory, loaded by `comfy.sd.load_state_dict_guess_config`,
+patched by the nodes (ours: `SDAccelCompileUNet`, `SDAccelFP16Cast`; the host's:
+`TorchCompileModel`) and sampled by `comfy.sample.sample` (euler, normal schedule, CFG, so the
+UNet sees cond and uncond as one batch of 2) under `torch.inference_mode`, as ComfyUI's
+executor runs it. Every row is timed in the same process as the eager baseline it is compared
+with. ms/step is end-to-end sampling time over steps (what a user waits for), so it includes
+ComfyUI's own per-step work outside the UNet.
+
+Diagnostics per row (in the row note and bench.json): dynamo graph breaks, graphs, recompiles
+and CUDA-graph skips counted during that row, and `unet` = GPU time spanned by the UNet call
+per step (CUDA events in one extra run), so `ms/step - unet` is the time the sampler spends
+outside the UNet. `SD_ACCEL_BENCH_PROFILE=<row-prefix>` also writes a torch.profiler summary
+of one sampling run of the matching rows.
+
+Presets (the ComfyUI loader needs real shapes, so "tiny" is real SD1.5 at a small latent):
+tiny = SD1.5 at 128x128, 4 steps (a CPU smoke run); sd15-512 = 512x512, 20 steps; sdxl-1024.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .bench import BenchConfig, BenchResult, BenchRow, rel_err, write_chart
+from .errors import SDAccelError
+from .log import logger
+
+# UNet configs as comfy/model_detection.py writes them (identical in ComfyUI 0.3.64 and 0.8.0).
+SD15_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+                 in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                 channel_mult=[1, 2, 4, 4], transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768, num_heads=8,
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False, use_temporal_resblock=False)
+SDXL_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False, num_classes="sequential",
+                 adm_in_channels=2816, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10],
+                 channel_mult=[1, 2, 4], transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False, use_temporal_resblock=False)
+
+
+@dataclass(frozen=True)
+class ComfyPreset:
+    arch: str  # "sd15" | "sdxl"
+    latent: int  # latent side (pixels / 8)
+    steps: int
+
+
+PRESETS = {
+    "tiny": ComfyPreset("sd15", 16, 4),
+    "sd15-512": ComfyPreset("sd15", 64, 20),
+    "sdxl-1024": ComfyPreset("sdxl", 128, 20),
+}
+
+BASELINE = "comfy eager (baseline)"
+
+
+# --- host --------------------------------------------------------------------------------------
+
+def comfy_root(path: str | None) -> str:
+    path = path or os.environ.get("COMFYUI_PATH")
+    if not path:
+        raise SDAccelError("SD Accel bench --host comfy: no ComfyUI tree given. Set COMFYUI_PATH to the ComfyUI folder (the one holding main.py and comfy/), or pass --comfyui-path.")
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(os.path.join(path, "comfy", "sd.py")):
+        raise SDAccelError(f"SD Accel bench --host comfy: {path} is not a ComfyUI tree (expected comfy/sd.py inside it). Point COMFYUI_PATH or --comfyui-path at the ComfyUI folder.")
+    return path
+
+
+def import_comfy(path: str, device: str):
+    """Put ComfyUI on sys.path and import what the benchmark drives, as its CLI defaults would."""
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from comfy.cli_args import args
+
+    if device == "cpu":
+        args.cpu = True  # read when comfy.model_management is first imported
+    import comfy.model_management as mm
+    import comfy.sample  # noqa: F401
+    import comfy.sd  # noqa: F401
+
+    if device == "cuda" and mm.get_torch_device().type != "cuda":
+        raise SDAccelError(f"SD Accel bench: --device cuda was asked for, but ComfyUI picked {mm.get_torch_device()} (was it imported earlier with --cpu?).")
+    return mm
+
+
+def comfy_version(path: str) -> str:
+    try:
+        import comfyui_version
+
+        return comfyui_version.__version__
+    except Exception:
+        return os.path.basename(path)
+
+
+# --- model and inputs ------------------------------------------------------------------------------
+
+def unet_state_dict(arch: str, seed: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A checkpoint-style state dict (`model.diffusion_model.*`) of the real architecture, seeded random weights.
+
+    Fan-in scaled normal weights keep activations O(1) through every block, so fp16 outputs
+    stay finite and the relative error between rows measures the rows, not overflow.
+    """
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    import comfy.ops
+
+    cfg = dict(SD15_UNET if arch == "sd15" else SDXL_UNET)
+    shapes = UNetModel(**cfg, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init).state_dict()
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for name, t in shapes.items():
+        shape = tuple(t.shape)
+        if len(shape) >= 2:
+            fan_in = math.prod(shape[1:])
+            w = torch.randn(shape, generator=g, device=device) * (0.5 / math.sqrt(fan_in))
+        elif name.endswith("weight"):  # norm scales
+            w = 1.0 + 0.05 * torch.randn(shape, generator=g, device=device)
+        else:
+            w = 0.02 * torch.randn(shape, generator=g, device=device)
+        sd[f"model.diffusion_model.{name}"] = w.to(dtype)
+    return sd
+
+
+def load_model(arch: str, seed: int, device: str):
+    import comfy.sd
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    sd = unet_state_dict(arch, seed, device, dtype)
+    out = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)
+    del sd
+    if out is None or out[0] is None:
+        raise SDAccelError("SD Accel bench: ComfyUI did not recognise the generated state dict as a UNet; this ComfyUI version's model detection differs from what the benchmark expects.")
+    return out[0]
+
+
+@dataclass
+class ComfyInputs:
+    positive: list
+    negative: list
+    latent: torch.Tensor
+    noise: torch.Tensor
+
+
+def make_inputs(arch: str, side: int, seed: int) -> ComfyInputs:
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(seed)
+    cdim = SD15_UNET["context_dim"] if arch == "sd15" else SDXL_UNET["context_dim"]
+
+    def cond():
+        extra = {}
+        if arch == "sdxl":
+            extra = {"pooled_output": torch.randn(1, 1280, generator=g) * 0.5, "width": side * 8, "height": side * 8}
+        return [[torch.randn(1, 77, cdim, generator=g) * 0.5, extra]]
+
+    latent = torch.zeros(1, 4, side, side)
+    return ComfyInputs(cond(), cond(), latent, comfy.sample.prepare_noise(latent, seed))
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _counters() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "graphs": counters["stats"].get("unique_graphs", 0),
+        "recompiles": counters["recompiles"].get("total", 0) if "recompiles" in counters else 0,
+        "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
+    }
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
+
+
+def _unet_span_wrapper(log: list, executor, *args, **kwargs):
+    # DIFFUSION_MODEL wrapper (diagnostic run only): GPU time between entering and leaving the UNet.
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = executor(*args, **kwargs)
+    end.record()
+    log.append((start, end))
+    return out
+
+
+class ComfyBench:
+    def __init__(self, cfg: BenchConfig, preset: ComfyPreset, progress=None):
+        self.cfg, self.preset, self.progress = cfg, preset, progress
+        self.device = cfg.device
+        self.steps = cfg.steps or preset.steps
+        self.root = comfy_root(cfg.comfyui_path)
+        self.mm = import_comfy(self.root, self.device)
+        self.model = load_model(preset.arch, cfg.seed, self.device)
+        self.inputs = make_inputs(preset.arch, preset.latent, cfg.seed)
+        self.baseline: BenchRow | None = None
+        self.baseline_out: torch.Tensor | None = None
+        self.diagnostics: dict[str, dict] = {}
+        self.profile = tuple(p for p in os.environ.get("SD_ACCEL_BENCH_PROFILE", "").split(",") if p)
+
+    def wanted(self, name: str) -> bool:
+        if self.baseline is None and name == BASELINE:
+            return True
+        if self.cfg.configs is None:
+            return not name.startswith("exp")  # experiments run only when named
+        return any(name.startswith(c) for c in self.cfg.configs)
+
+    def sample(self, model, steps: int | None = None, cfg_scale: float | None = None, sampler: str = "euler", scheduler: str = "normal") -> torch.Tensor:
+        import comfy.sample
+
+        i = self.inputs
+        return comfy.sample.sample(model, i.noise, steps or self.steps, self.cfg.cfg_scale if cfg_scale is None else cfg_scale,
+                                   sampler, scheduler, i.positive, i.negative, i.latent, denoise=1.0, disable_pbar=True, seed=self.cfg.seed)
+
+    def measure(self, name: str, make: Callable[[], object], note: str = "", compile_ctx: Callable | None = None,
+                steps: int | None = None, **sample_kw) -> BenchRow | None:
+        """Time full ComfyUI sampling runs of the MODEL `make()` returns; the first run is warm-up (compile).
+
+        `compile_ctx()` is entered around the warm-up run only (inductor config for experiments).
+        `steps` / `sample_kw` (cfg_scale, sampler, scheduler) override the run (LCM rows);
+        speed-up is then end to end (time per image). A row that fails is reported with its
+        error; the other rows still run.
+        """
+        if not self.wanted(name):
+            return None
+        made = []
+        # Each row starts from the same state: nothing loaded, no compiled code or CUDA-graph
+        # pools of earlier rows (so peak memory is this row's), peak counter reset.
+        self.mm.unload_all_models()
+        torch._dynamo.reset()
+        self.mm.soft_empty_cache()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        before = _counters()
+        try:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                model = make()
+                made.append(model)
+                steps = steps or self.steps
+                run = lambda m: self.sample(m, steps, **sample_kw)  # noqa: E731
+                with (compile_ctx() if compile_ctx else contextlib.nullcontext()):
+                    out = run(model)
+                _sync(self.device)
+                first = time.perf_counter() - t0
+                best = math.inf
+                for _ in range(max(1, self.cfg.repeats)):
+                    t0 = time.perf_counter()
+                    out = run(model)
+                    _sync(self.device)
+                    best = min(best, time.perf_counter() - t0)
+                peak = torch.cuda.max_memory_allocated() / 2 ** 20 if self.device == "cuda" else None
+                diag = _delta(before, _counters())
+                try:  # diagnostics never fail a row
+                    if self.device == "cuda":
+                        diag["unet_ms"] = self._unet_span(model, run, steps)
+                    if self.profile and name.startswith(self.profile):
+                        self._profile(name, model, run)
+                except Exception as e:
+                    logger.warning("SD Accel bench: diagnostics for %r failed: %s: %s", name, type(e).__name__, e)
+        except Exception as e:  # a failing row must not hide the others
+            if name == BASELINE:
+                raise
+            logger.exception("SD Accel bench: row %r failed", name)
+            row = BenchRow(name, float("nan"), speedup=0.0, steps=steps or self.steps, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
+            self._done(name)
+            return row
+        ms = best / steps * 1000
+        row = BenchRow(name, ms, steps=steps, peak_mem_mb=peak, compile_s=max(0.0, first - best), note=note)
+        if self.baseline is None:
+            self.baseline, self.baseline_out = row, out
+        else:
+            row.speedup = (self.baseline.ms_per_step * self.baseline.steps) / (ms * steps)
+            row.rel_err = rel_err(out, self.baseline_out)
+        if not torch.isfinite(out).all():
+            row.note = (row.note + "; " if row.note else "") + "NON-FINITE OUTPUT"
+        self.diagnostics[name] = diag
+        extra = [f"{k}={v}" for k, v in diag.items() if k != "unet_ms" and v]
+        if "unet_ms" in diag:
+            extra.insert(0, f"unet {diag['unet_ms']:.2f} ms")
+        if extra:
+            row.note = (row.note + "; " if row.note else "") + ", ".join(extra)
+        status = _report_status(made[0]) if made else ""
+        if status:
+            row.note = f"{status}; {row.note}" if row.note else status
+        self._done(name)
+        return row
+
+    def _done(self, name):
+        if self.progress:
+            self.progress(name)
+
+    def _unet_span(self, model, run, steps) -> float:
+        """GPU ms per step spent between entering and leaving the UNet, from one extra sampling run."""
+        import comfy.patcher_extension as pe
+
+        log: list = []
+        m = model.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "sd_accel.bench.span", functools.partial(_unet_span_wrapper, log))
+        run(m)
+        torch.cuda.synchronize()
+        return sum(s.elapsed_time(e) for s, e in log) / max(1, steps)
+
+    def _profile(self, name: str, model, run):
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            run(model)
+            _sync(self.device)
+        safe = "".join(c if c.isalnum() else "_" for c in name)[:40]
+        path = os.path.join(self.cfg.out_dir, f"profile_{safe}.txt")
+        os.makedirs(self.cfg.out_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+            if self.device == "cuda":
+                f.write("\n\n")
+                f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if _has_cuda_key(prof) else "self_device_time_total", row_limit=25, max_name_column_width=70))
+        logger.info("SD Accel bench: profile of %r written to %s", name, path)
+
+
+def _has_cuda_key(prof) -> bool:
+    try:
+        ev = prof.key_averages()[0]
+        return hasattr(ev, "self_cuda_time_total") and not hasattr(ev, "self_device_time_total")
+    except Exception:
+        return False
+
+
+# --- rows ------------------------------------------------------------------------------------------
+
+def _builtin_compile(model):
+    """ComfyUI's TorchCompileModel node, called as the executor calls it (backend inductor)."""
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    out = TorchCompileModel.execute(model, backend="inductor")
+    return out.result[0] if hasattr(out, "result") else out[0]
+
+
+def _our_compile(model, mode: str):
+    from ..nodes.compile import SDAccelCompileUNet
+
+    return SDAccelCompileUNet().apply(model, backend="inductor", mode=mode, dynamic=False, fullgraph=False)[0]
+
+
+def _our_cast(model, channels_last=True, attention="auto"):
+    from ..nodes.cast import SDAccelFP16Cast
+
+    return SDAccelFP16Cast().apply(model, dtype="auto", channels_last=channels_last, attention=attention)[0]
+
+
+def _inductor_patch(**opts):
+    def ctx():
+        import torch._inductor.config as ic
+
+        return ic.patch(**opts)
+    return ctx
+
+
+def _report_status(model) -> str:
+    """Our compile report's status ("compiled", "partial", "eager") for models our nodes patched."""
+    from .hosts.comfy import compile_report
+
+    try:
+        rep = compile_report(model)
+    except Exception:
+        return ""
+    if not rep:
+        return ""
+    return rep["status"] + (f" (kept eager: {', '.join(rep['fallbacks'])})" if rep.get("fallbacks") else "")
+
+
+def rows(b: ComfyBench):
+    base = b.model
+    yield b.measure(BASELINE, lambda: base)
+    if b.device == "cpu":
+        yield b.measure("comfy TorchCompileModel (built-in, inductor)", lambda: _builtin_compile(base))
+        m = _our_compile(base, "default")
+        yield b.measure("SDAccelCompileUNet inductor default", lambda: m, note="")
+        return
+    yield b.measure("comfy TorchCompileModel (built-in, inductor)", lambda: _builtin_compile(base))
+    for mode in ("default", "reduce-overhead"):
+        holder = {}
+        yield b.measure(f"SDAccelCompileUNet inductor {mode}", lambda mode=mode: holder.setdefault("m", _our_compile(base, mode)))
+    holder = {}
+    yield b.measure("SDAccelFP16Cast channels_last + SDAccelCompileUNet reduce-overhead",
+                    lambda: holder.setdefault("m", _our_compile(_our_cast(base), "reduce-overhead")))
+    # Experiments (run only when named in --configs): inductor knobs on top of reduce-overhead.
+    tuned = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False)
+    holder = {}
+    yield b.measure("exp: SDAccelCompileUNet reduce-overhead + conv1x1-as-mm + coordinate descent",
+                    lambda: holder.setdefault("m", _our_compile(_our_cast(base), "reduce-overhead")), compile_ctx=_inductor_patch(**tuned))
+    yield from _optional_rows(b, base)
+
+
+def _optional_rows(b: ComfyBench, base):
+    """Rows for features other modules provide (DeepCache, LCM), when they are there."""
+    import importlib
+
+    for mod, fn in (("..nodes.deepcache", "bench_rows"), ("..nodes.lcm", "bench_rows")):
+        try:
+            m = importlib.import_module(mod, __package__)
+        except ImportError:
+            continue
+        rows_fn = getattr(m, fn, None)
+        if rows_fn is not None:
+            yield from rows_fn(b, base)
+
+
+def run_comfy_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Run the ComfyUI-host rows; write bench.json (after every row) and bench.png into cfg.out_dir."""
+    if cfg.checkpoint:
+        raise SDAccelError("SD Accel bench --host comfy: --checkpoint is not supported with the ComfyUI host yet; it builds the real architecture with seeded random weights. Drop --checkpoint, or use --host diffusers.")
+    preset = PRESETS[cfg.preset]
+    b = ComfyBench(cfg, preset, progress)
+    name = torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    result = BenchResult(cfg.device, name, f"{cfg.preset} (ComfyUI {comfy_version(b.root)}, euler/normal, cfg {cfg.cfg_scale:g})",
+                         b.steps, torch.__version__)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    result.json_path = os.path.join(cfg.out_dir, "bench.json")
+    for row in rows(b):
+        if row is None:
+            continue
+        result.rows.append(row)
+        _write_json(result, cfg, b)
+        logger.info("SD Accel bench: %s: %.2f ms/step, %.2fx, rel err %.4f, %s", row.name, row.ms_per_step, row.speedup, row.rel_err, row.note)
+    result.png_path = write_chart(result, os.path.join(cfg.out_dir, "bench.png")) if result.rows else None
+    return result
+
+
+def _write_json(result: BenchResult, cfg: BenchConfig, b: ComfyBench):
+    data = {**{k: v for k, v in asdict(result).items() if k != "rows"}, "host": "comfy", "comfyui": comfy_version(b.root),
+            "config": asdict(cfg), "rows": [asdict(r) for r in result.rows], "diagnostics": b.diagnostics}
+    with open(result.json_path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+__all__ = ["run_comfy_bench", "unet_state_dict", "PRESETS"]
