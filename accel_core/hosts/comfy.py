@@ -52,6 +52,25 @@ def compiled_for(unet: torch.nn.Module, config: CompileConfig) -> CompiledUNet:
     return per_unet[config]
 
 
+def compiled_path(unet: torch.nn.Module, config: CompileConfig, name: str, entry) -> CompiledUNet:
+    """Another callable over `unet`'s blocks (DeepCache's full and shallow paths), compiled once per
+    (unet, config, name) with the same fallback; shares the registry (and lifetime) of compiled_for."""
+    per_unet = _compiled.setdefault(unet, {})
+    key = (config, name)
+    if key not in per_unet:
+        per_unet[key] = CompiledUNet(unet, config, entry=entry, name=name)
+    return per_unet[key]
+
+
+def active_compile_config(transformer_options: dict) -> CompileConfig | None:
+    """The CompileConfig of the Compile UNet wrapper in this sampling run (from its merged wrappers), if any."""
+    entries = transformer_options.get("wrappers", {}).get(_wrappers_mp().APPLY_MODEL, {}).get(COMPILE_KEY, [])
+    for fn in entries:
+        if isinstance(fn, functools.partial) and fn.func is _compile_wrapper:
+            return fn.args[0]
+    return None
+
+
 def _swap_attr(obj, name, value):
     prev = obj.__dict__.get(name, _MISSING)
     setattr(obj, name, value)
@@ -98,9 +117,12 @@ def apply_compile(model, config: CompileConfig):
 def compile_report(model) -> dict | None:
     """The compile report of the compiled UNet behind `model`, if any (for UIs and tests)."""
     unet = model.get_model_object("diffusion_model")
-    for cu in _compiled.get(unet, {}).values():
-        return cu.report.to_dict()
-    return None
+    reports = [cu.report for cu in _compiled.get(unet, {}).values()]
+    # DeepCache runs its own compiled paths; the plain one may then never have been called.
+    for r in reports:
+        if r.status != "pending":
+            return r.to_dict()
+    return reports[0].to_dict() if reports else None
 
 
 # --- cast -------------------------------------------------------------------------------------
