@@ -226,10 +226,11 @@ class ComfyBench:
                                    sampler, scheduler, i.positive, i.negative, i.latent, denoise=1.0, disable_pbar=True, seed=self.cfg.seed)
 
     def measure(self, name: str, make: Callable[[], object], note: str = "", compile_ctx: Callable | None = None,
-                steps: int | None = None, **sample_kw) -> BenchRow | None:
+                steps: int | None = None, row_ctx: Callable | None = None, **sample_kw) -> BenchRow | None:
         """Time full ComfyUI sampling runs of the MODEL `make()` returns; the first run is warm-up (compile).
 
-        `compile_ctx()` is entered around the warm-up run only (inductor config for experiments).
+        `compile_ctx()` is entered around the warm-up run only (inductor config for experiments),
+        `row_ctx()` around the whole row (process settings for experiments).
         `steps` / `sample_kw` (cfg_scale, sampler, scheduler) override the run (LCM rows);
         speed-up is then end to end (time per image). A row that fails is reported with its
         error; the other rows still run.
@@ -246,7 +247,7 @@ class ComfyBench:
             torch.cuda.reset_peak_memory_stats()
         before = _counters()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), (row_ctx() if row_ctx else contextlib.nullcontext()):
                 t0 = time.perf_counter()
                 model = make()
                 made.append(model)
@@ -386,38 +387,50 @@ def _report_status(model) -> str:
 def rows(b: ComfyBench):
     base = b.model
     yield b.measure(BASELINE, lambda: base)
-    if b.device == "cpu":
-        yield b.measure("comfy TorchCompileModel (built-in, inductor)", lambda: _builtin_compile(base))
-        m = _our_compile(base, "default")
-        yield b.measure("SDAccelCompileUNet inductor default", lambda: m, note="")
-        return
     yield b.measure("comfy TorchCompileModel (built-in, inductor)", lambda: _builtin_compile(base))
-    for mode in ("default", "reduce-overhead"):
-        holder = {}
-        yield b.measure(f"SDAccelCompileUNet inductor {mode}", lambda mode=mode: holder.setdefault("m", _our_compile(base, mode)))
-    holder = {}
-    yield b.measure("SDAccelFP16Cast channels_last + SDAccelCompileUNet reduce-overhead",
-                    lambda: holder.setdefault("m", _our_compile(_our_cast(base), "reduce-overhead")))
-    # Experiments (run only when named in --configs): inductor knobs on top of reduce-overhead.
-    tuned = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False)
-    holder = {}
-    yield b.measure("exp: SDAccelCompileUNet reduce-overhead + conv1x1-as-mm + coordinate descent",
-                    lambda: holder.setdefault("m", _our_compile(_our_cast(base), "reduce-overhead")), compile_ctx=_inductor_patch(**tuned))
-    yield from _optional_rows(b, base)
+    yield b.measure("SDAccelCompileUNet inductor default", lambda: _our_compile(base, "default"))
+    if b.device != "cuda":
+        return  # CUDA graphs and fp16 are the GPU path
+    ro = lambda: _our_compile(base, "reduce-overhead")  # noqa: E731
+    ro_cast = lambda: _our_compile(_our_cast(base), "reduce-overhead")  # noqa: E731
+    yield b.measure("SDAccelCompileUNet inductor reduce-overhead", ro)
+    yield b.measure("SDAccelFP16Cast channels_last + SDAccelCompileUNet reduce-overhead", ro_cast)
+    if _has("..nodes.deepcache"):
+        dc = lambda m: _deepcache(m, 3)  # noqa: E731
+        yield b.measure("SDAccelDeepCache interval 3", lambda: dc(base))
+        yield b.measure("SDAccelDeepCache interval 3 + SDAccelCompileUNet reduce-overhead", lambda: _our_compile(dc(base), "reduce-overhead"))
+    # Experiments (run only when named in --configs): settings on top of the cast + reduce-overhead row.
+    yield b.measure("exp: FP16Cast + reduce-overhead + cudnn.benchmark", ro_cast, row_ctx=_cudnn_benchmark)
+    yield b.measure("exp: FP16Cast + reduce-overhead + conv1x1-as-mm + coordinate descent", ro_cast,
+                    compile_ctx=_inductor_patch(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False))
 
 
-def _optional_rows(b: ComfyBench, base):
-    """Rows for features other modules provide (DeepCache, LCM), when they are there."""
+def _has(module: str) -> bool:
+    """Whether a feature module of this pack is there (features land independently)."""
     import importlib
 
-    for mod, fn in (("..nodes.deepcache", "bench_rows"), ("..nodes.lcm", "bench_rows")):
-        try:
-            m = importlib.import_module(mod, __package__)
-        except ImportError:
-            continue
-        rows_fn = getattr(m, fn, None)
-        if rows_fn is not None:
-            yield from rows_fn(b, base)
+    try:
+        importlib.import_module(module, __package__)
+        return True
+    except ImportError as e:
+        logger.warning("SD Accel bench: %s rows skipped: %s", module.lstrip("."), e)
+        return False
+
+
+def _deepcache(model, interval: int):
+    from ..nodes.deepcache import SDAccelDeepCache
+
+    return SDAccelDeepCache().apply(model, cache_interval=interval, cache_depth=0, start_percent=0.0, end_percent=1.0, schedule="uniform")[0]
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark():
+    prev = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = prev
 
 
 def run_comfy_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
