@@ -536,7 +536,8 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
         changed = 0
         with torch.no_grad():
             for pname in list(state.signature.keys() | wanted.keys()):
-                contribs = wanted.get(pname, [])
+                # Canonical order: the result depends on the set only, not on the order it was given in.
+                contribs = sorted(wanted.get(pname, []), key=lambda c: (c[0], c[1]))
                 sig = tuple((k, s) for k, s, _ in contribs)
                 if sig == state.signature.get(pname, ()):
                     continue
@@ -595,14 +596,15 @@ def make_random_lora(unet: nn.Module, fmt: str = "kohya-ldm", rank: int = 4, see
         attn = "attentions" in diff and ".norm" not in diff
         if not (attn or (scope == "all" and leaf in ("conv1", "conv2", "time_emb_proj"))):
             continue
-        if fmt == "diffusers-old" and ".to_" not in diff:
-            continue
         r = min(rank, w.shape[0], w[0].numel())
         down = torch.randn((r, *w.shape[1:]), generator=g) / w[0].numel() ** 0.5
         up = torch.randn((w.shape[0], r) + (1,) * (w.dim() - 2), generator=g)
         a = float(alpha if alpha is not None else r)
         est = (up.flatten(1) @ down.flatten(1)).norm() * (a / r)
-        up *= magnitude * float(w.detach().float().norm()) / float(est.clamp_min(1e-12))
+        wn = 1.0 if w.is_meta else float(w.detach().float().norm())  # meta: shapes only (architecture checks)
+        up *= magnitude * wn / float(est.clamp_min(1e-12))
+        if fmt == "diffusers-old" and ".to_" not in diff:
+            continue  # that format had attention projections only (drawn anyway: same seed, same deltas)
         if fmt == "kohya-ldm":
             base, pair = "lora_unet_" + names.ldm_name(mname).replace(".", "_"), _PAIRS[0]
         elif fmt == "kohya-diffusers":
