@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from sd_accel.accel_core import CastConfig, SDAccelError, cast
+from sd_accel.accel_core.cast import resolve_dtype
+
+
+def _state(m):
+    return {k: (v.dtype, v.data_ptr(), v.clone()) for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32), ("auto", torch.bfloat16)])
+def test_cast_dtypes_and_input_untouched(unet, inputs, name, dtype):
+    before = _state(unet)
+    out = cast(unet, CastConfig(dtype=name, channels_last=True))
+    assert out is not unet
+    assert {p.dtype for p in out.parameters()} == {dtype}
+    conv = out.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    for k, (dt, ptr, val) in before.items():  # the input model is unchanged
+        v = unet.state_dict()[k]
+        assert v.dtype == dt and v.data_ptr() == ptr and torch.equal(v, val)
+    x, t, c = inputs
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=c).sample
+        got = out(x.to(dtype), t, encoder_hidden_states=c.to(dtype)).sample.float()
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err < {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+
+
+def test_auto_dtype_per_device():
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert resolve_dtype("auto", "cuda") == torch.float16
+
+
+@pytest.mark.parametrize("kw", [{"dtype": "int8"}, {"attention": "xformers"}])
+def test_bad_cast_options(kw):
+    with pytest.raises(SDAccelError, match="expected one of"):
+        CastConfig(**kw)
+
+
+def test_attention_context_limits_sdpa_for_the_call_only():
+    from sd_accel.accel_core.cast import attention_context
+
+    q = torch.randn(1, 2, 8, 4)
+    with attention_context("math"):
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    b = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    torch.testing.assert_close(a, b)

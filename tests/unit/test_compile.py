@@ -1,0 +1,137 @@
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from sd_accel.accel_core import CompileConfig, SDAccelError, compile
+from sd_accel.accel_core import events
+from sd_accel.accel_core.backends import resolve
+
+EAGER = dict(backend="inductor", torch_backend="eager")
+
+
+def run(m, inputs):
+    x, t, c = inputs
+    with torch.no_grad():
+        out = m(x, t, encoder_hidden_states=c)
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def test_whole_unet_compiles_and_matches_eager(unet, inputs):
+    ref = run(unet, inputs)
+    cu = compile(unet, CompileConfig(fullgraph=True, **EAGER))
+    out = run(cu, inputs)
+    torch.testing.assert_close(out, ref)
+    assert cu.report.status == "compiled" and cu.report.whole_error is None
+
+
+def test_second_call_does_not_recompile(unet, inputs):
+    cu = compile(unet, CompileConfig(**EAGER))
+    run(cu, inputs)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(cu, (inputs[0] * 2, inputs[1] - 100, inputs[2] + 1))  # new values, same shapes
+
+
+def _break_a_block(unet):
+    """Make one block unconvertible the ways that break compilers in practice: its forward is
+    replaced by a closure with data-dependent control flow and boolean-mask indexing."""
+    block = unet.down_blocks[1]
+    orig = block.forward
+
+    def patched_forward(hidden_states, temb=None, **kw):
+        if hidden_states.mean() > 1e6:  # data-dependent branch: dynamo cannot trace it in one graph
+            hidden_states = hidden_states.clone()
+            hidden_states[hidden_states > 0] = 0  # boolean-mask indexing
+        return orig(hidden_states, temb, **kw)
+
+    block.forward = patched_forward
+    return block
+
+
+def test_real_conversion_failure_falls_back_per_block(unet, inputs, caplog):
+    ref = run(unet, inputs)
+    _break_a_block(unet)
+    seen = []
+    listener = lambda ev, data: seen.append(ev)  # noqa: E731
+    events.subscribe(listener)
+    try:
+        cu = compile(unet, CompileConfig(fullgraph=True, **EAGER))
+        with caplog.at_level(logging.WARNING, logger="sd_accel"):
+            out1 = run(cu, inputs)   # whole conversion fails: eager result returned
+            out2 = run(cu, inputs)   # block by block
+            out3 = run(cu, inputs)   # steady state
+    finally:
+        events.unsubscribe(listener)
+    for out in (out1, out2, out3):
+        torch.testing.assert_close(out, ref)
+    rep = cu.report
+    assert rep.whole_error and "Unsupported" in rep.whole_error
+    assert rep.status == "partial" and rep.units_compiled >= 5
+    assert list(rep.fallbacks) == ["down_blocks.1"], rep.fallbacks
+    assert "compiled separately" in rep.fallbacks["down_blocks.1"]
+    assert "block by block" in caplog.text and "kept eager: down_blocks.1" in caplog.text
+    assert "compile_start" in seen and "fallback" in seen
+
+
+def test_fallback_off_raises_the_conversion_error(unet, inputs):
+    _break_a_block(unet)
+    cu = compile(unet, CompileConfig(fullgraph=True, fallback=False, **EAGER))
+    with pytest.raises(Exception, match="[Dd]ata-dependent|Unsupported"):
+        run(cu, inputs)
+
+
+def test_real_errors_are_not_swallowed(unet):
+    cu = compile(unet, CompileConfig(**EAGER))
+    with pytest.raises(Exception):
+        cu(torch.randn(1, 3, 8, 8), torch.tensor([1]), encoder_hidden_states=torch.randn(1, 7, 16))  # wrong channels
+    assert cu.report.status == "pending" and not cu.report.fallbacks
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.silu(self.norm(self.conv(x))))
+
+
+def test_inductor_compiles_for_real():
+    torch.manual_seed(0)
+    m = Small().eval()
+    x = torch.randn(2, 4, 8, 8)
+    cu = compile(m, CompileConfig(backend="inductor"))
+    with torch.no_grad():
+        torch.testing.assert_close(cu(x), m(x), rtol=1e-4, atol=1e-5)
+    assert cu.report.status == "compiled" and cu.report.backend == "inductor"
+
+
+@pytest.mark.parametrize("kw,word", [({"backend": "tensorrt"}, "backend"), ({"mode": "turbo"}, "mode")])
+def test_unknown_options_raise_with_choices(kw, word):
+    with pytest.raises(SDAccelError, match=f"unknown {word}.*expected one of"):
+        CompileConfig(**kw)
+
+
+def test_not_a_module_is_refused():
+    with pytest.raises(SDAccelError, match="expected a torch nn.Module"):
+        compile(lambda x: x, CompileConfig())
+
+
+@pytest.mark.parametrize("name", ["onediff", "stable-fast"])
+def test_missing_backend_falls_back_with_one_line(name, caplog):
+    from sd_accel.accel_core import optional
+
+    optional._warned.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="sd_accel"):
+        b = resolve(name, "cpu")
+        resolve(name, "cpu")
+    assert b.name == "inductor"
+    lines = [r for r in caplog.records if name in r.getMessage()]
+    assert len(lines) == 1 and "install" in lines[0].getMessage().lower() or "runs on" in lines[0].getMessage()
+
+
+def test_auto_is_inductor_on_cpu():
+    assert resolve("auto", "cpu").name == "inductor"
