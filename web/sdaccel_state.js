@@ -7,7 +7,7 @@
 // (the node ComfyUI runs, e.g. the KSampler).
 
 export const PREFIX = "sdaccel.";
-export const EVENTS = ["node_applied", "compile_start", "compile_progress", "compile_end", "fallback", "run_stats", "deepcache_stats"];
+export const EVENTS = ["node_applied", "compile_start", "compile_progress", "compile_end", "fallback", "lora_swap", "run_stats", "deepcache_stats"];
 
 // node type -> the kind its Python side records (comfy_events.track)
 export const NODE_KINDS = {
@@ -18,7 +18,8 @@ export const NODE_KINDS = {
   SDAccelLCMLoRASampler: "lcm",
 };
 
-const COMPILE_EVENTS = new Set(["compile_start", "compile_progress", "compile_end", "fallback"]);
+// events about one node kind (the others are about the whole run)
+const EVENT_KIND = { compile_start: "compile", compile_progress: "compile", compile_end: "compile", fallback: "compile", lora_swap: "lora" };
 const RUN_EVENTS = new Set(["run_stats", "deepcache_stats"]);
 const TOAST_REPEAT_MS = 30000;
 
@@ -38,11 +39,12 @@ export function targetsFor(event, detail, graphNodes) {
   if (event === "node_applied") {
     return present.has(String(detail?.node)) ? [String(detail.node)] : [];
   }
-  if (COMPILE_EVENTS.has(event)) {
-    const id = nodes.compile != null ? String(nodes.compile) : null;
+  const kind = EVENT_KIND[event];
+  if (kind) {
+    const id = nodes[kind] != null ? String(nodes[kind]) : null;
     if (id !== null) return present.has(id) ? [id] : [];
-    // A model compiled outside our node mapping: every compile node is the best guess.
-    return ours.filter((n) => kindOf(n.type) === "compile").map((n) => String(n.id));
+    // A model built outside our node mapping: every node of that kind is the best guess.
+    return ours.filter((n) => kindOf(n.type) === kind).map((n) => String(n.id));
   }
   if (RUN_EVENTS.has(event)) {
     const ids = Object.values(nodes).map(String);
@@ -66,7 +68,7 @@ export function formatRate(its) {
 }
 
 function blankState(id, kind) {
-  return { id, kind, applied: false, compiles: {}, run: null, deepcache: null, updatedAt: 0 };
+  return { id, kind, applied: false, compiles: {}, run: null, deepcache: null, lora: null, updatedAt: 0 };
 }
 
 function fromReport(report, prev = {}) {
@@ -139,6 +141,9 @@ export class StatusStore {
         if (d.report && d.report.status !== "pending" && prev.status !== "compiling" && (state.kind === "compile" || state.compiles[target])) {
           state.compiles[target] = fromReport(d.report, prev);
         }
+        break;
+      case "lora_swap":
+        state.lora = { seconds: d.seconds, layers: d.layers_changed, loras: d.loras ?? [] };
         break;
       case "deepcache_stats":
         state.deepcache = { hits: d.hits ?? 0, full: d.full ?? 0, ratio: d.ratio ?? 0, disabled: d.disabled ?? null };
@@ -219,6 +224,8 @@ export function badgeText(state, now = Date.now()) {
   if (state.kind === "compile" || Object.keys(state.compiles).length) {
     const t = compileText(state, now);
     if (t) parts.push(t);
+  } else if (state.lora) {
+    parts.push(`✓ LoRA swapped in ${formatSeconds(state.lora.seconds)}`);
   } else if (state.applied && !state.run) {
     parts.push("✓ applied");
   }

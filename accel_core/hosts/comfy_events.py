@@ -3,9 +3,9 @@
 The core emits events (`accel_core.events`) from deep inside sampling, where it does not
 know which graph node it belongs to. Our nodes record themselves on the model clone they
 return (`track`): their UNIQUE_ID goes into `transformer_options` (plain strings, so it
-survives ComfyUI's deep copy on clone and accumulates along a chain of our nodes), and a
-keyed SAMPLER_SAMPLE wrapper puts that mapping in a context variable for the run, times
-the sampling loop and emits `run_stats`. The listener adds the mapping and ComfyUI's
+survives ComfyUI's deep copy on clone and accumulates along a chain of our nodes). A keyed
+OUTER_SAMPLE wrapper puts that mapping in a context variable for the run, and a keyed
+SAMPLER_SAMPLE wrapper times the sampling loop and emits `run_stats`. The listener adds the mapping and ComfyUI's
 executing node to every event and sends it as `sdaccel.<event>`.
 
 Nothing here needs a browser: without a PromptServer (tests, scripts) the listener does
@@ -23,12 +23,12 @@ from ..log import logger
 
 PREFIX = "sdaccel."
 NODES_KEY = "sd_accel.nodes"  # transformer_options[NODES_KEY] = {kind: unique_id}
-STATS_KEY = "sd_accel.stats"  # the SAMPLER_SAMPLE wrapper key
+STATS_KEY = "sd_accel.stats"  # key of our OUTER_SAMPLE (node scope) and SAMPLER_SAMPLE (timing) wrappers
 KINDS = ("cast", "compile", "deepcache", "lora", "lcm")
 
 _run_nodes: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sd_accel_run_nodes", default=None)
-# The mapping of the last finished run, by the node that sampled it: wrappers outside ours
-# (DeepCache's OUTER_SAMPLE summary) emit after our scope closed, within the same node.
+# The mapping of the last finished run, by the node that sampled it: a wrapper outside ours
+# (another OUTER_SAMPLE one, e.g. DeepCache's summary) emits after our scope closed.
 _last_run: dict[str, dict] = {}
 
 
@@ -46,8 +46,9 @@ def track(model, kind: str, unique_id, source=None):
 
     to = model.model_options.setdefault("transformer_options", {})
     to[NODES_KEY] = {**to.get(NODES_KEY, {}), kind: str(unique_id)}
-    model.remove_wrappers_with_key(pe.WrappersMP.SAMPLER_SAMPLE, STATS_KEY)
-    model.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, STATS_KEY, _stats_wrapper)
+    for kind_, fn in ((pe.WrappersMP.OUTER_SAMPLE, _scope_wrapper), (pe.WrappersMP.SAMPLER_SAMPLE, _stats_wrapper)):
+        model.remove_wrappers_with_key(kind_, STATS_KEY)
+        model.add_wrapper_with_key(kind_, STATS_KEY, fn)
     events.emit("node_applied", kind=kind, node=str(unique_id))
     return model
 
@@ -67,30 +68,35 @@ def _compile_report(guider) -> dict | None:
         return None
 
 
-def _stats_wrapper(executor, guider, sigmas, extra_args, *args, **kwargs):
-    # SAMPLER_SAMPLE wraps the sampling loop only (after the model is loaded), so the rate
-    # is comparable to ComfyUI's own progress bar; it does include any compile in this run.
-    opts = (extra_args or {}).get("model_options", {}).get("transformer_options", {})
+def _scope_wrapper(executor, *args, **kwargs):
+    # OUTER_SAMPLE: everything this run emits (the LoRA swap at pre-run, compiles, the
+    # summaries of wrappers inside ours) is attributed to the nodes that built the model.
+    opts = getattr(executor.class_obj, "model_options", {}).get("transformer_options", {})
     nodes = dict(opts.get(NODES_KEY, {}))
-    nodes_token = _run_nodes.set(nodes)
-    before = _compile_report(guider)
-    t0 = time.perf_counter()
+    token = _run_nodes.set(nodes)
     try:
-        out = executor(guider, sigmas, extra_args, *args, **kwargs)
-        seconds = time.perf_counter() - t0
-        steps = max(int(sigmas.shape[-1]) - 1, 0) if hasattr(sigmas, "shape") else 0
-        report = _compile_report(guider)
-        compiled_in_run = (report or {}).get("compile_seconds", 0.0) - (before or {}).get("compile_seconds", 0.0)
-        events.emit("run_stats", steps=steps, seconds=round(seconds, 4),
-                    its=round(steps / seconds, 4) if seconds > 0 else None,
-                    compile_seconds_in_run=round(compiled_in_run, 3), report=report)
-        return out
+        return executor(*args, **kwargs)
     finally:
-        _run_nodes.reset(nodes_token)
+        _run_nodes.reset(token)
         sampler_node, _ = _executing()
         _last_run.clear()
         if sampler_node is not None:
             _last_run[sampler_node] = nodes
+
+
+def _stats_wrapper(executor, guider, sigmas, extra_args, *args, **kwargs):
+    # SAMPLER_SAMPLE wraps the sampling loop only (after the model is loaded), so the rate
+    # is comparable to ComfyUI's own progress bar; it does include any compile in this run.
+    before = _compile_report(guider)
+    t0 = time.perf_counter()
+    out = executor(guider, sigmas, extra_args, *args, **kwargs)
+    seconds = time.perf_counter() - t0
+    steps = max(int(sigmas.shape[-1]) - 1, 0) if hasattr(sigmas, "shape") else 0
+    report = _compile_report(guider)
+    compiled_in_run = (report or {}).get("compile_seconds", 0.0) - (before or {}).get("compile_seconds", 0.0)
+    events.emit("run_stats", steps=steps, seconds=round(seconds, 4), its=round(steps / seconds, 4) if seconds > 0 else None,
+                compile_seconds_in_run=round(compiled_in_run, 3), report=report)
+    return out
 
 
 # --- server side -----------------------------------------------------------------------------

@@ -143,6 +143,15 @@ test("long fallback lists are cut, in the toast and under the node", () => {
   assert.equal(lines[3], "... 5 more in the console");
 });
 
+test("a LoRA swap shows on the LoRA node, and only there", () => {
+  const store = new S.StatusStore(clock().now);
+  const d = { nodes: NODES, loras: [{ name: "a.safetensors", strength: 0.8, layers: 56 }], layers_changed: 56, seconds: 0.12 };
+  assert.deepEqual(store.apply("lora_swap", d, GRAPH).targets, ["7"]);
+  store.apply("run_stats", { nodes: NODES, its: 2 }, GRAPH);
+  assert.equal(S.badgeText(store.get("7")), "✓ LoRA swapped in 0.1 s · 2.00 it/s");
+  assert.deepEqual(S.targetsFor("lora_swap", { nodes: {} }, GRAPH), ["7"], "no mapping: every LoRA node");
+});
+
 test("formatting", () => {
   assert.equal(S.formatRate(0.25), "4.00 s/it");
   assert.equal(S.formatRate(null), "");

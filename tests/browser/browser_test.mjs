@@ -1,0 +1,190 @@
+// Drives a running ComfyUI in headless Chromium (Debian's /usr/bin/chromium through playwright-core).
+// Started by run_browser_test.py, which owns the server; this file only talks to the page.
+//
+//   node browser_test.mjs <config.json>
+//
+// config.mode "build": build the example workflows from workflow_specs.mjs in the live frontend
+//   (real node definitions, so widget order and links are what the frontend itself writes)
+//   and save them into config.workflowsDir.
+// config.mode "check": load every workflow in config.workflowsDir, check that each node type is
+//   registered and the graph converts to a prompt.
+// config.mode "run": load config.workflow, apply config.overrides (tiny checkpoint, 64x64,
+//   few steps), queue it, wait for the SD Accel badges to reach a final state, save screenshots.
+// Prints one JSON line "RESULT {...}" for the runner.
+import { readFileSync, writeFileSync, readdirSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+import { SPECS } from "./workflow_specs.mjs";
+
+const cfg = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"];
+const FINAL = /^(✓|⚠|✗)/;
+const RATE = /\d (it\/s|s\/it)/;
+
+async function openComfy() {
+  const browser = await chromium.launch({ executablePath: cfg.chromium ?? "/usr/bin/chromium", args: FLAGS, headless: true });
+  const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+  const log = [];
+  page.on("console", (m) => log.push(`[${m.type()}] ${m.text()}`));
+  page.on("pageerror", (e) => log.push(`[pageerror] ${e.message}`));
+  await page.goto(cfg.url, { waitUntil: "domcontentloaded" });
+  await page.waitForFunction(() => {
+    const app = window.comfyAPI?.app?.app;
+    return app?.graph && window.LiteGraph?.registered_node_types?.SDAccelCompileUNet;
+  }, null, { timeout: 180_000 });
+  await page.waitForTimeout(1500); // let the frontend finish its own first graph load
+  return { browser, page, log };
+}
+
+// --- build -----------------------------------------------------------------------------------
+
+async function build(page) {
+  mkdirSync(cfg.workflowsDir, { recursive: true });
+  const written = [];
+  for (const [name, spec] of Object.entries(SPECS)) {
+    const missing = await page.evaluate((types) => types.filter((t) => !window.LiteGraph.registered_node_types[t]), spec.nodes.map((n) => n.type));
+    if (missing.length) {
+      written.push({ name, skipped: `node types not registered: ${missing.join(", ")}` });
+      continue;
+    }
+    const wf = await page.evaluate((spec) => {
+      const app = window.comfyAPI.app.app;
+      const LG = window.LiteGraph;
+      app.graph.clear();
+      const made = {};
+      for (const n of spec.nodes) {
+        const node = LG.createNode(n.type);
+        node.pos = [40 + n.at[0] * 330, 110 + n.at[1] * 170];
+        if (n.title) node.title = n.title;
+        app.graph.add(node);
+        for (const [wname, value] of Object.entries(n.widgets ?? {})) {
+          const w = node.widgets?.find((x) => x.name === wname);
+          if (!w) throw new Error(`${n.type} has no widget ${wname}`);
+          w.value = value;
+        }
+        made[n.id] = node;
+      }
+      for (const n of spec.nodes) {
+        for (const [input, [src, slot]] of Object.entries(n.inputs ?? {})) {
+          const link = made[src].connect(slot, made[n.id], input);
+          if (!link) throw new Error(`could not connect ${src}:${slot} -> ${n.id}.${input}`);
+        }
+      }
+      const wf = app.graph.serialize();
+      // A view that shows the whole chain, badges included, in a 1600x1000 window.
+      wf.extra = { ...(wf.extra ?? {}), ds: { scale: 0.62, offset: [90, 120] } };
+      return wf;
+    }, spec);
+    writeFileSync(join(cfg.workflowsDir, `${name}.json`), `${JSON.stringify(wf, null, 2)}\n`);
+    written.push({ name, nodes: wf.nodes.length, links: wf.links.length });
+  }
+  return { written };
+}
+
+// --- check -----------------------------------------------------------------------------------
+
+async function check(page) {
+  const results = [];
+  for (const file of readdirSync(cfg.workflowsDir).filter((f) => f.endsWith(".json")).sort()) {
+    const wf = JSON.parse(readFileSync(join(cfg.workflowsDir, file), "utf8"));
+    const r = await page.evaluate(async (wf) => {
+      const app = window.comfyAPI.app.app;
+      const missing = wf.nodes.map((n) => n.type).filter((t) => !window.LiteGraph.registered_node_types[t]);
+      await app.loadGraphData(wf);
+      const prompt = await app.graphToPrompt();
+      const classes = Object.values(prompt.output).map((n) => n.class_type);
+      return { missing, nodes: app.graph._nodes.length, promptNodes: classes.length, classes };
+    }, wf);
+    results.push({ file, ...r });
+  }
+  return { workflows: results };
+}
+
+// --- run -------------------------------------------------------------------------------------
+
+async function ourBadges(page) {
+  return page.evaluate(() => {
+    const app = window.comfyAPI.app.app;
+    return app.graph._nodes.filter((n) => (n.comfyClass ?? n.type).startsWith("SDAccel")).map((n) => ({
+      id: String(n.id), type: n.comfyClass ?? n.type,
+      badges: (n.badges ?? []).map((b) => (typeof b === "function" ? b() : b)).map((b) => b?.text ?? "").filter(Boolean),
+    }));
+  });
+}
+
+async function toasts(page) {
+  return page.evaluate(() => [...document.querySelectorAll(".p-toast-message")].map((el) => el.innerText.replace(/\s+/g, " ").trim()));
+}
+
+async function run(page) {
+  const wf = JSON.parse(readFileSync(cfg.workflow, "utf8"));
+  await page.evaluate(async ({ wf, overrides }) => {
+    const app = window.comfyAPI.app.app;
+    const api = window.comfyAPI.api.api;
+    window.__sdaccelTest = { events: [], done: null };
+    const names = ["execution_success", "execution_error", "execution_interrupted",
+      ...["node_applied", "compile_start", "compile_progress", "compile_end", "fallback", "lora_swap", "run_stats", "deepcache_stats"].map((e) => `sdaccel.${e}`)];
+    for (const name of names) {
+      api.addEventListener(name, (e) => {
+        window.__sdaccelTest.events.push({ name, t: Date.now(), detail: e.detail });
+        if (name.startsWith("execution_")) window.__sdaccelTest.done = { name, detail: e.detail };
+      });
+    }
+    await app.loadGraphData(wf);
+    for (const node of app.graph._nodes) {
+      for (const [wname, value] of Object.entries(overrides[node.comfyClass ?? node.type] ?? {})) {
+        const w = node.widgets?.find((x) => x.name === wname);
+        if (w) w.value = value;
+      }
+    }
+    app.graph.setDirtyCanvas(true, true);
+  }, { wf, overrides: cfg.overrides ?? {} });
+  await page.screenshot({ path: join(cfg.outDir, "loaded.png") });
+
+  const t0 = Date.now();
+  await page.evaluate(() => window.comfyAPI.app.app.queuePrompt(0, 1));
+  let sawCompiling = null;
+  let final = null;
+  while (Date.now() - t0 < cfg.timeoutS * 1000) {
+    await page.waitForTimeout(1000);
+    const badges = await ourBadges(page);
+    const compiling = badges.find((b) => b.badges.some((t) => t.includes("compiling")));
+    if (compiling && !sawCompiling) {
+      sawCompiling = { ...compiling, afterS: (Date.now() - t0) / 1000 };
+      await page.screenshot({ path: join(cfg.outDir, "compiling.png") });
+    }
+    const done = await page.evaluate(() => window.__sdaccelTest.done);
+    const compileNode = badges.find((b) => b.type === "SDAccelCompileUNet");
+    const settled = !compileNode || compileNode.badges.some((t) => FINAL.test(t) && RATE.test(t));
+    if (done && settled) {
+      final = { done: done.name, badges };
+      break;
+    }
+    if (done && done.name !== "execution_success") {
+      final = { done: done.name, error: done.detail?.exception_message, badges };
+      break;
+    }
+  }
+  await page.waitForTimeout(300);
+  const seenToasts = await toasts(page);
+  await page.screenshot({ path: join(cfg.outDir, "final.png") });
+  const events = await page.evaluate(() => window.__sdaccelTest.events.map((e) => ({ name: e.name, detail: e.detail })));
+  return { seconds: (Date.now() - t0) / 1000, sawCompiling, final, toasts: seenToasts, events };
+}
+
+const { browser, page, log } = await openComfy();
+let result;
+try {
+  const frontend = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+  const extensionLoaded = await page.evaluate(() => (window.comfyAPI.app.app.extensions ?? []).some((e) => e.name === "sdaccel.status"));
+  const body = cfg.mode === "build" ? await build(page) : cfg.mode === "check" ? await check(page) : await run(page);
+  result = { ok: true, frontend, extensionLoaded, ...body };
+} catch (e) {
+  await page.screenshot({ path: join(cfg.outDir, "error.png") }).catch(() => {});
+  result = { ok: false, error: String(e?.stack ?? e) };
+} finally {
+  result.console = log.filter((l) => /sdaccel|SD Accel|error/i.test(l)).slice(-40);
+  await browser.close();
+}
+console.log(`RESULT ${JSON.stringify(result)}`);
