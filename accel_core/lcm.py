@@ -1,0 +1,200 @@
+"""LCM-LoRA sampling: a consistency-distilled LoRA plus the LCM sampler, 4-8 steps at low CFG.
+
+The LoRA goes through the hot-swap core (`accel_core.lora`), so it lands in place on a
+compiled or cast UNet without recompiling and leaves the exact original weights behind.
+Sampling follows the latent-consistency recipe as ComfyUI implements it (LoraLoader +
+ModelSamplingDiscrete "lcm" + sampler "lcm" + scheduler "sgm_uniform"):
+
+- the schedule keeps the 50 timesteps the LCM was distilled on (999, 979, ..., 19) and picks
+  `steps` of them evenly in timestep space;
+- each step predicts x0 with the consistency boundary conditions (sigma_data 0.5, timestep
+  scaling 10), then re-noises to the next sigma with fresh noise.
+
+`lcm_sample(unet_call, noise, cond, uncond, LcmConfig(...))` runs that loop over any UNet
+callable (diffusers, webui); ComfyUI uses its own sampler objects (hosts/comfy_lora.py).
+
+Step caching (DeepCache) cannot help here: each LCM step jumps far along the trajectory, so
+deep features from the previous step are stale. Below `DEEPCACHE_MIN_STEPS` it is switched off.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import SDAccelError
+
+ORIGINAL_STEPS = 50  # LCM's distillation schedule (ModelSamplingDiscreteDistilled.original_timesteps)
+SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0
+DEEPCACHE_MIN_STEPS = 8
+
+
+@dataclass(frozen=True)
+class LcmConfig:
+    """Args:
+        steps: sampling steps (LCM works at 2-8; 4 is the usual trade-off).
+        cfg: classifier-free guidance scale; LCM-LoRA wants 1-2 (1.0 skips the negative pass).
+        strength: LCM-LoRA strength.
+        denoise: fraction of the schedule to run (img2img below 1).
+    """
+
+    steps: int = 4
+    cfg: float = 1.5
+    strength: float = 1.0
+    denoise: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= ORIGINAL_STEPS:
+            raise SDAccelError(f"SD Accel LCM: steps must be a whole number from 1 to {ORIGINAL_STEPS}, found {self.steps!r}. "
+                               "LCM-LoRA is made for 2-8 steps; use 4.")
+        if not 0.0 < self.denoise <= 1.0:
+            raise SDAccelError(f"SD Accel LCM: denoise must be in (0, 1], found {self.denoise!r}. Use 1.0 for txt2img.")
+        if self.cfg < 0:
+            raise SDAccelError(f"SD Accel LCM: cfg must be >= 0, found {self.cfg!r}. LCM-LoRA wants 1.0-2.0.")
+
+
+def deepcache_helps(steps: int, cache_interval: int) -> bool:
+    """Whether reusing deep UNet features can pay off in a run of `steps` LCM steps."""
+    return steps >= max(DEEPCACHE_MIN_STEPS, 2 * cache_interval)
+
+
+# --- schedule (SD1.x/SDXL discrete betas, LCM's distilled timesteps) ------------------------------
+
+def _all_sigmas() -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, 0)
+    return ((1 - alphas) / alphas) ** 0.5
+
+
+def schedule(steps: int, denoise: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) for `steps` LCM steps (sigmas end with 0), as ComfyUI's sgm_uniform on LCM sampling."""
+    skip = 1000 // ORIGINAL_STEPS
+    valid_t = torch.arange(skip - 1, 1000, skip, dtype=torch.float64)  # 19, 39, ..., 999
+    log_valid = _all_sigmas()[valid_t.long()].log()
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    ts = torch.linspace(float(valid_t[-1]), float(valid_t[0]), total + 1, dtype=torch.float64)[:-1][-steps:]
+
+    def sigma(t):  # interpolate log-sigma between the distilled timesteps (ModelSamplingDiscreteDistilled.sigma)
+        x = ((t - (skip - 1)) / skip).clamp(0, ORIGINAL_STEPS - 1)
+        lo, hi, w = x.floor().long(), x.ceil().long(), x.frac()
+        return ((1 - w) * log_valid[lo] + w * log_valid[hi]).exp()
+
+    sig = torch.cat([sigma(ts), torch.zeros(1, dtype=torch.float64)])
+    # the timestep each sigma is fed as: the nearest distilled one (ModelSamplingDiscreteDistilled.timestep)
+    t_in = torch.stack([valid_t[(log_valid - s.log()).abs().argmin()] for s in sig[:-1]])
+    return t_in.float(), sig.float()
+
+
+def boundary(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's consistency-model (c_skip, c_out) at timestep t."""
+    st = t * TIMESTEP_SCALING
+    c_skip = SIGMA_DATA ** 2 / (st ** 2 + SIGMA_DATA ** 2)
+    c_out = st / (st ** 2 + SIGMA_DATA ** 2) ** 0.5
+    return c_skip, c_out
+
+
+def lcm_sample(unet_call: Callable, noise: torch.Tensor, config: LcmConfig, *, cond, uncond=None, seed: int = 0,
+               latent: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LCM sampling over `unet_call(x, t, context) -> eps`.
+
+    `cond`/`uncond` are whatever `unet_call` takes as context (with cfg != 1 both run as one
+    batch of 2: uncond first). Returns the final latent in fp32.
+    """
+    ts, sigmas = schedule(config.steps, config.denoise)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x0_init = latent.float() if latent is not None else torch.zeros_like(noise, dtype=torch.float32)
+    s0 = float(sigmas[0])
+    full = config.denoise >= 1.0
+    x = x0_init + noise.float() * (math.sqrt(1 + s0 * s0) if full else s0)
+    use_cfg = uncond is not None and not math.isclose(config.cfg, 1.0)
+    dtype = dtype or noise.dtype
+    for i in range(len(ts)):
+        sigma, t = sigmas[i].to(x.device), ts[i].to(x.device)
+        xin = (x / (sigma ** 2 + 1) ** 0.5).to(dtype)
+        if use_cfg:
+            eps = unet_call(torch.cat([xin, xin]), t.expand(2 * x.shape[0]), torch.cat([uncond, cond])).float()
+            e_u, e_c = eps.chunk(2)
+        else:
+            e_c = unet_call(xin, t.expand(x.shape[0]), cond).float()
+            e_u = e_c
+        c_skip, c_out = boundary(t)
+
+        def denoised(e):
+            return c_out * (x - e * sigma) + c_skip * x
+
+        d_c = denoised(e_c)
+        x = d_c if not use_cfg else denoised(e_u) + config.cfg * (d_c - denoised(e_u))
+        nxt = float(sigmas[i + 1])
+        if nxt > 0:
+            x = x + torch.randn(x.shape, generator=gen).to(x.device) * nxt
+    return x
+
+
+# --- bench -----------------------------------------------------------------------------------------
+
+def _bench_suite(ctx):
+    """LCM-LoRA at 4 steps vs the usual 25-step Euler run, end to end, same UNet, same process."""
+    import os
+    import tempfile
+    import time
+
+    from safetensors.torch import save_file
+
+    from .bench import BenchRow, Inputs, make_inputs, rel_err, sample, unet_caller
+    from .lora import LoraSpec, apply_loras, make_random_lora
+
+    if not (ctx.wanted("lcm") or ctx.wanted("euler 25")):
+        return
+    unet = ctx.unet
+    dtype = ctx.base_dtype
+    base_steps, lcm_steps = 25, 4
+    inp: Inputs = make_inputs(unet, ctx.preset, base_steps, ctx.cfg.seed, ctx.device, dtype)
+    call = unet_caller(unet)
+    tmp = tempfile.mkdtemp(prefix="sd-accel-lcm-")
+    path = os.path.join(tmp, "lcm_lora_random.safetensors")
+    save_file(make_random_lora(unet, "kohya-diffusers", rank=64, seed=ctx.cfg.seed, scope="all", magnitude=0.05), path)
+    spec = LoraSpec(path, 1.0)
+    noise = inp.latent / inp.sigmas[0]
+
+    def lcm_run():
+        apply_loras(unet, [spec])  # in place, per run, as in ComfyUI; restored exactly after
+        try:
+            return lcm_sample(lambda x, t, c: call(x, t, c, inp.added), noise, LcmConfig(steps=lcm_steps, cfg=1.5),
+                              cond=inp.context[:1], uncond=inp.context[1:], seed=ctx.cfg.seed, dtype=dtype)
+        finally:
+            apply_loras(unet, [])
+
+    def timed(fn):
+        with torch.inference_mode():
+            fn()  # warm-up
+            best = math.inf
+            for _ in range(max(1, ctx.cfg.repeats)):
+                t0 = time.perf_counter()
+                out = fn()
+                if ctx.device == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+        return best, out
+
+    t_base, out_base = timed(lambda: sample(call, inp, ctx.cfg.cfg_scale, dtype))
+    t_lcm, out_lcm = timed(lcm_run)
+    e2e = ctx.baseline.ms_per_step * ctx.baseline.steps if ctx.baseline else None
+    yield BenchRow(f"euler {base_steps} steps cfg {ctx.cfg.cfg_scale:g} (LCM baseline)", t_base / base_steps * 1000,
+                   speedup=(e2e / (t_base * 1000)) if e2e else 1.0, steps=base_steps, note="the run LCM replaces")
+    yield BenchRow(f"lcm-lora {lcm_steps} steps cfg 1.5", t_lcm / lcm_steps * 1000, speedup=t_base / t_lcm,
+                   rel_err=rel_err(out_lcm, out_base), steps=lcm_steps,
+                   note=f"speed-up vs the {base_steps}-step row, LoRA applied+restored per run; random weights: rel err is not a quality measure")
+
+
+def _register_bench():
+    from .bench import register_suite
+
+    register_suite(_bench_suite)
+
+
+_register_bench()
+
+__all__ = ["LcmConfig", "lcm_sample", "schedule", "boundary", "deepcache_helps", "DEEPCACHE_MIN_STEPS"]

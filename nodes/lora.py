@@ -1,0 +1,31 @@
+import folder_paths
+
+from ..accel_core.hosts import comfy_lora as host
+
+
+class SDAccelLoRAHotSwap:
+    DESCRIPTION = ("Applies a LoRA to the UNet by fusing it into the weights in place while this model samples, instead of "
+                   "ComfyUI's reload-and-repatch. Changing the LoRA, its strength or the set of LoRAs needs no reload and no "
+                   "recompile on a compiled UNet; the original weights are restored exactly after each run. Chain nodes to "
+                   "stack LoRAs. UNet only (use LoraLoader for the text encoder). The swap time is in the log.")
+    CATEGORY = "SD Accel"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A clone of the input model that samples with this LoRA (plus any from earlier hot-swap nodes).",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model (SD1.x, SD2.x, SDXL), compiled or not. It is not changed."}),
+            "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A LoRA .safetensors file from models/loras (kohya/A1111 or diffusers/PEFT keys)."}),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                         "tooltip": "How strongly the LoRA changes the UNet; 0 leaves the model as it is."}),
+        }}
+
+    def apply(self, model, lora_name, strength_model):
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        return (host.apply_hotswap(model, path, strength_model),)
+
+
+NODE_CLASS_MAPPINGS = {"SDAccelLoRAHotSwap": SDAccelLoRAHotSwap}
+NODE_DISPLAY_NAME_MAPPINGS = {"SDAccelLoRAHotSwap": "LoRA Hot-Swap (SD Accel)"}

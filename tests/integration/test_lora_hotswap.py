@@ -1,0 +1,280 @@
+"""LoRA Hot-Swap node against a real ComfyUI (COMFYUI_PATH): same output as LoraLoader, clones
+kept apart, ComfyUI's own patches untouched, zero recompiles on a compiled model, clear errors."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import comfy_harness as harness
+
+TINY_SD15 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
+                 transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
+                 context_dim=768, use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False,
+                 num_head_channels=16, adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False)
+
+
+@pytest.fixture(scope="module")
+def lora(comfy_host):
+    return comfy_host.pack_module("accel_core.lora")
+
+
+@pytest.fixture(scope="module")
+def hl(comfy_host):
+    return comfy_host.pack_module("accel_core.hosts.comfy_lora")
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy_host):
+    """A small SD1.5-layout MODEL (all block kinds, 2 levels) for the many-sampling tests."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    mc = comfy.supported_models.SD15(dict(TINY_SD15))
+    mc.set_inference_dtype(torch.float32, None)
+    bm = mc.get_model({}, "", device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in bm.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return comfy.model_patcher.ModelPatcher(bm, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+@pytest.fixture(scope="module")
+def tiny_loras(tiny, lora, tmp_path_factory):
+    """Three LoRA files for the tiny model, in three real key formats, registered in ComfyUI's loras folder.
+
+    ComfyUI's LoraLoader drops PEFT attention keys on SD1.x/SDXL (its key map has no `to_q.lora_A`
+    names; it logs "lora key not loaded"), so its reference for "c" is the same LoRA in kohya keys.
+    """
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("tiny_loras")
+    unet = tiny.model.diffusion_model
+    files = {}
+    for name, fmt, seed, scope in (("a", "kohya-diffusers", 1, "all"), ("b", "kohya-ldm", 2, "attn"), ("c", "peft", 3, "all"),
+                                   ("c_kohya", "kohya-diffusers", 3, "all")):
+        path = folder / f"tiny_{name}.safetensors"
+        save_file(lora.make_random_lora(unet, fmt, rank=4, seed=seed, scope=scope, magnitude=1.0), str(path))
+        files[name] = str(path)
+    folder_paths.add_model_folder_path("loras", str(folder))
+    return files
+
+
+def _comfy_lora(model, path, strength):
+    """ComfyUI's own LoRA path (what LoraLoaderModelOnly does)."""
+    import comfy.sd
+    import comfy.utils
+
+    return comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(path, safe_load=True), strength, 0)[0]
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def _same_weights(model, ref):
+    now = model.model.diffusion_model.state_dict()
+    return all(torch.equal(now[k], v) for k, v in ref.items())
+
+
+def test_nodes_are_registered_with_descriptions_and_tooltips(comfy_host):
+    for node_id in ("SDAccelLoRAHotSwap", "SDAccelLCMLoRASampler"):
+        cls = comfy_host.nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert cls.DESCRIPTION and cls.OUTPUT_TOOLTIPS
+        for name, spec in cls.INPUT_TYPES()["required"].items():
+            assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_node_output_equals_loraloader_on_sd15(comfy_host, sd15_model, lora_name, reference):
+    import folder_paths
+
+    before = harness.Snapshot.of(sd15_model)
+    hot = comfy_host.node("SDAccelLoRAHotSwap").apply(sd15_model, lora_name, 0.8)[0]
+    assert harness.Snapshot.of(sd15_model).diff(sd15_model) == [] and before.diff(sd15_model) == []
+    assert hot.patches_uuid == sd15_model.patches_uuid  # no ComfyUI weight patches: no reload
+    out = harness.sample(hot)
+    assert torch.equal(harness.sample(sd15_model), reference())  # the plain model samples with its original weights
+    assert before.diff(sd15_model) == []  # same Parameter objects, storage and values
+    path = folder_paths.get_full_path_or_raise("loras", lora_name)
+    want = harness.sample(_comfy_lora(sd15_model, path, 0.8))
+    assert harness.rel_err(want, reference()) > 1e-3  # the LoRA matters
+    assert harness.rel_err(out, want) < 1e-4
+
+
+def test_chained_swap_strength_remove(comfy_host, tiny, tiny_loras, caplog):
+    ref = harness.sample(tiny)
+    w0 = _weights(tiny)
+    node = comfy_host.node("SDAccelLoRAHotSwap")
+    a = node.apply(tiny, "tiny_a.safetensors", 0.7)[0]
+    ab = node.apply(a, "tiny_b.safetensors", -0.4)[0]
+    with caplog.at_level(logging.INFO, logger="sd_accel"):
+        out_ab = harness.sample(ab)
+    assert "tiny_a.safetensors @ 0.7" in caplog.text and "tiny_b.safetensors @ -0.4" in caplog.text and " ms" in caplog.text
+    want_ab = harness.sample(_comfy_lora(_comfy_lora(tiny, tiny_loras["a"], 0.7), tiny_loras["b"], -0.4))
+    assert harness.rel_err(out_ab, want_ab) < 1e-5 and harness.rel_err(want_ab, ref) > 2e-3
+    # swap B for C, change A's strength, then A alone, then back: each equals ComfyUI's own result
+    for chain in ((("a", 0.7), ("c", 1.0)), (("a", 0.2),), (("c", 0.5), ("b", 1.0)), (("a", 0.7), ("b", -0.4))):
+        hot, want = tiny, tiny
+        for name, s in chain:
+            hot = node.apply(hot, f"tiny_{name}.safetensors", s)[0]
+            want = _comfy_lora(want, tiny_loras[name + "_kohya" if name == "c" else name], s)
+        want_out = harness.sample(want)  # ComfyUI leaves its LoRA patched in after this run ...
+        assert harness.rel_err(harness.sample(hot), want_out) < 1e-5, chain
+        assert _same_weights(tiny, w0)  # ... hot-swap runs end with the exact original weights
+    assert torch.equal(harness.sample(ab), out_ab)
+    assert torch.equal(harness.sample(tiny), ref)
+
+
+def test_strength_zero_returns_the_input_model(comfy_host, tiny, tiny_loras):
+    assert comfy_host.node("SDAccelLoRAHotSwap").apply(tiny, "tiny_a.safetensors", 0.0)[0] is tiny
+
+
+@pytest.mark.parametrize("order", ["loraloader_first", "hotswap_first"])
+def test_together_with_comfy_loraloader(comfy_host, tiny, tiny_loras, order):
+    ref, w0 = harness.sample(tiny), _weights(tiny)
+    node = comfy_host.node("SDAccelLoRAHotSwap")
+    only_comfy = _comfy_lora(tiny, tiny_loras["a"], 0.6)
+    ref_comfy = harness.sample(only_comfy)
+    if order == "loraloader_first":
+        mixed = node.apply(only_comfy, "tiny_b.safetensors", 0.9)[0]
+    else:
+        mixed = _comfy_lora(node.apply(tiny, "tiny_b.safetensors", 0.9)[0], tiny_loras["a"], 0.6)
+    want = harness.sample(_comfy_lora(_comfy_lora(tiny, tiny_loras["a"], 0.6), tiny_loras["b"], 0.9))
+    for _ in range(2):
+        assert harness.rel_err(harness.sample(mixed), want) < 1e-5
+        assert torch.equal(harness.sample(only_comfy), ref_comfy)  # ComfyUI's backup never captured our deltas
+        assert torch.equal(harness.sample(tiny), ref)
+    assert _same_weights(tiny, w0)
+
+
+def test_interrupted_run_restores_weights(comfy_host, tiny, tiny_loras):
+    import comfy.patcher_extension as pe
+
+    w0 = _weights(tiny)
+    hot = comfy_host.node("SDAccelLoRAHotSwap").apply(tiny, "tiny_a.safetensors", 1.0)[0]
+    calls = []
+
+    def boom(executor, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return executor(*args, **kwargs)
+
+    broken = hot.clone()
+    broken.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.boom", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        harness.sample(broken)
+    assert _same_weights(tiny, w0)
+
+
+def test_compiled_model_swaps_without_recompiling(comfy_host, comfy_adapter, tiny, tiny_loras):
+    from sd_accel.accel_core.compile import CompileConfig as _  # noqa: F401  (import check only)
+
+    cc = comfy_host.pack_module("accel_core.compile")
+    torch._dynamo.reset()
+    compiled = comfy_adapter.apply_compile(tiny, cc.CompileConfig(torch_backend="eager"))
+    node = comfy_host.node("SDAccelLoRAHotSwap")
+    harness.sample(node.apply(compiled, "tiny_a.safetensors", 1.0)[0])  # compiles once
+    report = comfy_adapter.compile_report(compiled)
+    assert report and report["status"] in ("compiled", "partial"), report
+    sets = ([("b", 1.0)], [("b", 0.3)], [("a", 0.5), ("c", 1.0)], [], [("c", -1.0)])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for chain in sets:
+            hot, eager = compiled, tiny
+            for name, s in chain:
+                hot = node.apply(hot, f"tiny_{name}.safetensors", s)[0]
+                eager = _comfy_lora(eager, tiny_loras[name + "_kohya" if name == "c" else name], s)
+            assert harness.rel_err(harness.sample(hot), harness.sample(eager)) < 1e-5, chain
+    torch._dynamo.reset()
+
+
+def test_cast_model_with_hotswap(comfy_host, comfy_adapter, tiny, tiny_loras):
+    castmod = comfy_host.pack_module("accel_core.cast")
+    cast = comfy_adapter.apply_cast(tiny, castmod.CastConfig(dtype="bf16", channels_last=True))
+    ref_cast = harness.sample(cast)
+    hot = comfy_host.node("SDAccelLoRAHotSwap").apply(cast, "tiny_a.safetensors", 3.0)[0]
+    out = harness.sample(hot)
+    want = harness.sample(_comfy_lora(tiny, tiny_loras["a"], 3.0))  # fp32 reference
+    # bf16 weights: not equal, but far closer to the LoRA'd output than the cast model without it
+    assert harness.rel_err(out, want) < harness.rel_err(ref_cast, want) / 3
+    assert torch.equal(harness.sample(cast), ref_cast)
+    assert next(cast.model.diffusion_model.parameters()).dtype == torch.bfloat16
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_sdxl_lora_on_sd15_names_the_match_count(comfy_host, hl, lora, sd15_model, tmp_path):
+    import comfy.supported_models
+
+    from comfy_harness import SD15_UNET_CONFIG  # noqa: F401
+
+    cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+           "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+           "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+           "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+           "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False, "use_temporal_resblock": False}
+    mc = comfy.supported_models.SDXL(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    with torch.device("meta"):
+        xl = mc.get_model({}, "", device=torch.device("meta")).diffusion_model
+    path = tmp_path / "sdxl_style.safetensors"
+    save_file(lora.make_random_lora(xl, "kohya-ldm", rank=1, dtype=torch.float16), str(path))
+    before = harness.Snapshot.of(sd15_model)
+    with pytest.raises(Exception) as e:
+        hl.apply_hotswap(sd15_model, str(path), 1.0)
+    assert type(e.value).__name__ == "SDAccelError"
+    msg = str(e.value)
+    assert "sdxl_style.safetensors does not fit" in msg and " UNet layers matched" in msg and "SD1.x UNet" in msg
+    assert before.diff(sd15_model) == []
+
+
+def test_bad_files(comfy_host, hl, tiny, tmp_path):
+    w0 = _weights(tiny)
+    txt = tmp_path / "broken.safetensors"
+    txt.write_bytes(b"\x00" * 64)
+    for path, msg in ((tmp_path / "missing.safetensors", "does not exist"), (txt, "not a readable safetensors")):
+        with pytest.raises(Exception, match=msg) as e:
+            hl.apply_hotswap(tiny, str(path), 1.0)
+        assert type(e.value).__name__ == "SDAccelError"
+    assert _same_weights(tiny, w0)
+
+
+# --- key mapping against ComfyUI's own tables -----------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["SD15", "SDXL"])
+def test_every_comfy_lora_key_maps_to_the_same_weight(comfy_host, lora, arch):
+    import re
+    import inspect
+
+    import comfy.lora
+    import comfy.model_detection
+    import comfy.supported_models
+    import comfy.utils
+
+    src = inspect.getsource(comfy.model_detection.unet_config_from_diffusers_unet)
+    cfg = eval(re.search(r"\n    %s = (\{.*?\})\n" % arch, src, re.S).group(1), {"torch": torch, "dtype": torch.float32})
+    mc = getattr(comfy.supported_models, arch)(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    with torch.device("meta"):
+        bm = mc.get_model({}, "", device=torch.device("meta"))
+    targets = lora.lora_state(bm.diffusion_model).targets
+    key_map = comfy.lora.model_lora_keys_unet(bm, {})
+    checked = 0
+    for k, v in key_map.items():
+        v = v[len("diffusion_model."):]
+        if v in targets.shapes:
+            assert targets.lookup(k) == v, k
+            checked += 1
+    assert checked > {"SD15": 1500, "SDXL": 4500}[arch]
+    names = lora.UNetNames(bm.diffusion_model)
+    for d, l in comfy.utils.unet_to_diffusers(mc.unet_config).items():
+        if d.endswith(".weight") and not d.startswith("class_embedding"):
+            try:
+                bm.diffusion_model.get_submodule(l[:-7])
+            except AttributeError:
+                continue
+            assert names.other(l[: -len(".weight")]) == d[: -len(".weight")]
