@@ -1,0 +1,258 @@
+"""SD Accel for stable-diffusion-webui (AUTOMATIC1111) and Forge: the "SD Accel" accordion in txt2img and img2img.
+
+Thin glue: options come from the accordion (or the XYZ plot), everything is applied by
+`accel_core.hosts.webui`. Each image's infotext records what was applied, and pasting it
+back restores the accordion.
+"""
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+
+import gradio as gr
+
+from modules import script_callbacks, scripts, shared
+
+
+def _pack():
+    """This extension's folder imported as the package `sd_accel`.
+
+    A unique name: Forge leaves every extension root on sys.path, so a bare `accel_core`
+    could meet another extension's module of the same name.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mod = sys.modules.get("sd_accel")
+    if mod is None or os.path.dirname(os.path.abspath(getattr(mod, "__file__", "") or "")) != root:
+        spec = importlib.util.spec_from_file_location("sd_accel", os.path.join(root, "__init__.py"), submodule_search_locations=[root])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["sd_accel"] = mod
+        spec.loader.exec_module(mod)
+    return importlib.import_module("sd_accel.accel_core.hosts.webui")
+
+
+webui = _pack()
+SECTION = ("sd_accel", "SD Accel")
+_LABELS = {
+    "enabled": "Enable SD Accel",
+    "backend": "Compile backend",
+    "mode": "Compile mode",
+    "dtype": "UNet dtype",
+    "channels_last": "channels_last",
+    "attention": "Attention kernel",
+    "deepcache_interval": "DeepCache interval (1 = off)",
+    "deepcache_depth": "DeepCache depth",
+    "deepcache_start": "DeepCache start",
+    "deepcache_end": "DeepCache end",
+}
+
+
+def _option_key(name):
+    return f"sd_accel_{name}"
+
+
+def _defaults() -> "webui.WebuiOptions":
+    """The accordion's defaults: the webui Settings page (SD Accel section) over SD Accel's own."""
+    base = webui.WebuiOptions()
+    values = {}
+    for name in webui.SETTINGS_FIELDS:
+        v = shared.opts.data.get(_option_key(name)) if getattr(shared, "opts", None) is not None else None
+        if v is not None:
+            values[name] = v
+    try:
+        return webui.options_from_args([values.get(n, getattr(base, n)) for n in webui.UI_FIELDS], base)
+    except webui.SDAccelError as e:
+        print(f"{e} (from Settings > SD Accel; using SD Accel's defaults)")
+        return base
+
+
+def _lora_names():
+    return [webui.NO_LORA] + sorted(webui.lora_files(_lora_dir()))
+
+
+def _lora_dir():
+    return getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(shared.models_path, "Lora")
+
+
+class SDAccelScript(scripts.Script):
+    sorting_priority = 20
+
+    def title(self):
+        return "SD Accel"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        from modules.ui_components import InputAccordion
+
+        d = _defaults()
+        missing = webui.feature_status()
+        with InputAccordion(d.enabled, label="SD Accel", elem_id=self.elem_id("sd_accel")) as enabled:
+            with gr.Row():
+                backend = gr.Dropdown(list(webui.BACKEND_CHOICES), value=d.backend, label=_LABELS["backend"], elem_id=self.elem_id("sd_accel_backend"))
+                mode = gr.Dropdown(list(webui.MODES), value=d.mode, label=_LABELS["mode"], elem_id=self.elem_id("sd_accel_mode"))
+                attention = gr.Dropdown(list(webui.ATTENTION), value=d.attention, label=_LABELS["attention"], elem_id=self.elem_id("sd_accel_attention"))
+            with gr.Row():
+                dtype = gr.Dropdown(list(webui.DTYPE_CHOICES), value=d.dtype, label=_LABELS["dtype"], elem_id=self.elem_id("sd_accel_dtype"))
+                channels_last = gr.Checkbox(value=d.channels_last, label=_LABELS["channels_last"], elem_id=self.elem_id("sd_accel_channels_last"))
+            with gr.Row():
+                dc_interval = gr.Slider(1, 10, value=d.deepcache_interval, step=1, label=_LABELS["deepcache_interval"], elem_id=self.elem_id("sd_accel_deepcache_interval"))
+                dc_depth = gr.Slider(0, 11, value=d.deepcache_depth, step=1, label=_LABELS["deepcache_depth"], elem_id=self.elem_id("sd_accel_deepcache_depth"))
+                dc_start = gr.Slider(0.0, 1.0, value=d.deepcache_start, step=0.01, label=_LABELS["deepcache_start"], elem_id=self.elem_id("sd_accel_deepcache_start"))
+                dc_end = gr.Slider(0.0, 1.0, value=d.deepcache_end, step=0.01, label=_LABELS["deepcache_end"], elem_id=self.elem_id("sd_accel_deepcache_end"))
+            with gr.Row():
+                lcm_lora = gr.Dropdown(_lora_names(), value=d.lcm_lora, label="LCM-LoRA", allow_custom_value=True, elem_id=self.elem_id("sd_accel_lcm_lora"))
+                lcm_strength = gr.Slider(0.0, 2.0, value=d.lcm_strength, step=0.05, label="LCM-LoRA strength", elem_id=self.elem_id("sd_accel_lcm_strength"))
+            loras = gr.Textbox(value=webui.format_loras(d.loras), label="LoRA hot-swap (name:weight, comma separated)", placeholder="my_style:0.8, detail:0.5",
+                               elem_id=self.elem_id("sd_accel_loras"))
+            notes = [m for m in missing.values() if m]
+            if notes:
+                gr.Markdown("Unavailable here: " + " ".join(notes))
+        components = [enabled, backend, mode, dtype, channels_last, attention, dc_interval, dc_depth, dc_start, dc_end, lcm_lora, lcm_strength, loras]
+        # Same function objects in both tabs, so "Send to img2img" carries the values across.
+        self.infotext_fields = [(c, webui.infotext_field(n)) for c, n in zip(components, webui.UI_FIELDS)]
+        self.paste_field_names = [webui.infotext_field(n) for n in webui.UI_FIELDS]
+        return components
+
+    # -- processing ------------------------------------------------------------------------
+    def _options(self, p, args):
+        opts = webui.options_from_args(args)
+        return webui.with_overrides(opts, getattr(p, "sd_accel_overrides", None))
+
+    def process(self, p, *args):
+        webui.finish_generation()  # a generation that was interrupted never reached postprocess
+        p.sd_accel_applied = None
+        try:
+            opts = self._options(p, args)
+        except webui.SDAccelError as e:
+            self._error(p, e)
+            p.sd_accel_options = None
+            return
+        p.sd_accel_options = opts
+        p.sd_accel_lora_dir = _lora_dir()
+        p.extra_generation_params.update(webui.to_infotext(opts))
+        if opts.lcm_on:
+            _use_lcm_sampler(p)
+
+    @staticmethod
+    def _error(p, e):
+        print(e)
+        p.extra_generation_params[webui.K_STATUS] = f"error: {e}"
+
+    def _apply(self, p):
+        opts = getattr(p, "sd_accel_options", None)
+        if opts is None or not opts.active:
+            webui.A1111.undo()
+            return
+        progress = functools.partial(_denoiser_progress, p)
+        try:
+            if webui.is_forge(p.sd_model):
+                unet, applied = webui.apply_forge(p.sd_model.forge_objects.unet, opts, lora_dir=p.sd_accel_lora_dir, progress=progress)
+                p.sd_model.forge_objects.unet = unet
+            else:
+                applied = webui.A1111.apply(p.sd_model, opts, lora_dir=p.sd_accel_lora_dir, progress=progress)
+        except webui.SDAccelError as e:
+            webui.finish_generation()
+            self._error(p, e)
+            return
+        p.sd_accel_applied = applied
+
+    def process_batch(self, p, *args, **kwargs):
+        # A1111 before 1.10 has no process_before_every_sampling; applying is idempotent.
+        if not webui.is_forge(p.sd_model):
+            self._apply(p)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        # Forge rebuilds forge_objects.unet right before this call, for every pass (hires fix too).
+        self._apply(p)
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        applied = getattr(p, "sd_accel_applied", None)
+        status = applied.status() if applied is not None else None
+        if status:
+            p.extra_generation_params[webui.K_STATUS] = status
+
+    def postprocess(self, p, processed, *args):
+        stats = webui.finish_generation()
+        for run in stats["deepcache"]:
+            print(f"SD Accel DeepCache: reused deep features on {run['hits']}/{run['hits'] + run['full']} UNet calls "
+                  f"(interval {run['interval']}, depth {run['depth']}){'; off: ' + run['disabled'] if run.get('disabled') else ''}")
+
+
+def _denoiser_progress(p):
+    """(step, total) of the webui's CFGDenoiser for the running pass (the counter its skip-early-cond option uses)."""
+    den = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+    if den is None or not getattr(den, "total_steps", None):
+        return None
+    return den.step, den.total_steps
+
+
+def _use_lcm_sampler(p):
+    """LCM-LoRA needs the LCM sampler and a low CFG; switch the sampler (recorded in the infotext as usual)."""
+    from modules import sd_samplers
+
+    if "LCM" in getattr(sd_samplers, "all_samplers_map", {}) and p.sampler_name != "LCM":
+        print(f"SD Accel: LCM-LoRA is on, so the sampler is LCM for this generation (was {p.sampler_name}).")
+        p.sampler_name = "LCM"
+    if p.cfg_scale > 2.5:
+        print(f"SD Accel: LCM-LoRA works at CFG 1-2; this generation uses {p.cfg_scale}.")
+
+
+# --- settings, XYZ plot, lifecycle ------------------------------------------------------------------
+
+def on_ui_settings():
+    from modules.options import OptionInfo  # shared.OptionInfo on both hosts; imported where it is defined
+
+    d = webui.WebuiOptions()
+    choices = {"backend": webui.BACKEND_CHOICES, "mode": webui.MODES, "dtype": webui.DTYPE_CHOICES, "attention": webui.ATTENTION}
+    for name in webui.SETTINGS_FIELDS:
+        default = getattr(d, name)
+        if name in choices:
+            info = OptionInfo(default, f"Default: {_LABELS[name]}", gr.Dropdown, {"choices": list(choices[name])}, section=SECTION)
+        elif isinstance(default, bool):
+            info = OptionInfo(default, f"Default: {_LABELS[name]}", gr.Checkbox, section=SECTION)
+        elif name == "deepcache_interval":
+            info = OptionInfo(default, f"Default: {_LABELS[name]}", gr.Slider, {"minimum": 1, "maximum": 10, "step": 1}, section=SECTION)
+        elif name == "deepcache_depth":
+            info = OptionInfo(default, f"Default: {_LABELS[name]}", gr.Slider, {"minimum": 0, "maximum": 11, "step": 1}, section=SECTION)
+        else:
+            info = OptionInfo(default, f"Default: {_LABELS[name]}", gr.Slider, {"minimum": 0.0, "maximum": 1.0, "step": 0.01}, section=SECTION)
+        shared.opts.add_option(_option_key(name), info)
+
+
+def _override(field, cast):
+    def apply(p, x, xs):
+        overrides = dict(getattr(p, "sd_accel_overrides", None) or {})
+        overrides[field] = cast(x)
+        p.sd_accel_overrides = overrides
+    return apply
+
+
+def _add_xyz_axes():
+    """SD Accel options as XYZ plot axes (they set per-image overrides that `process` reads)."""
+    xyz = next((d.module for d in scripts.scripts_data if d.script_class.__module__ in ("xyz_grid.py", "xy_grid.py")), None)
+    if xyz is None:
+        return
+    axes = [
+        xyz.AxisOption("[SD Accel] Compile backend", str, _override("backend", str), choices=lambda: list(webui.BACKEND_CHOICES)),
+        xyz.AxisOption("[SD Accel] Compile mode", str, _override("mode", str), choices=lambda: list(webui.MODES)),
+        xyz.AxisOption("[SD Accel] UNet dtype", str, _override("dtype", str), choices=lambda: list(webui.DTYPE_CHOICES)),
+        xyz.AxisOption("[SD Accel] Attention kernel", str, _override("attention", str), choices=lambda: list(webui.ATTENTION)),
+        xyz.AxisOption("[SD Accel] DeepCache interval", int, _override("deepcache_interval", int)),
+        xyz.AxisOption("[SD Accel] DeepCache depth", int, _override("deepcache_depth", int)),
+        xyz.AxisOption("[SD Accel] LCM-LoRA strength", float, _override("lcm_strength", float)),
+        xyz.AxisOption("[SD Accel] LoRA hot-swap", str, _override("loras", str)),
+    ]
+    known = {a.label for a in xyz.axis_options}
+    xyz.axis_options.extend(a for a in axes if a.label not in known)
+
+
+def _on_model_loaded(sd_model):
+    webui.finish_generation()
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_before_ui(_add_xyz_axes)
+script_callbacks.on_model_loaded(_on_model_loaded)
+script_callbacks.on_script_unloaded(webui.finish_generation)
