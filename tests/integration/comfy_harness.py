@@ -44,6 +44,10 @@ SD15_UNET_CONFIG = {
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
 CONTEXT_DIM = 768
+# A few-MB UNet of the same family, for tests about lifetimes and plumbing rather than numbers.
+TINY_UNET_CONFIG = dict(SD15_UNET_CONFIG, model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1],
+                        transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
+                        context_dim=32)
 
 
 def host_root() -> Path | None:
@@ -175,6 +179,27 @@ def load_checkpoint(path: Path):
     return out[0]
 
 
+def tiny_unet_model(seed: int = 0, std: float = 0.05):
+    """A MODEL around a tiny SD1.x-family UNet (TINY_UNET_CONFIG), built directly from ComfyUI's
+    classes: shape detection would not call it SD1.5, so it cannot go through the loader."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    mc = comfy.supported_models.SD15(dict(TINY_UNET_CONFIG))
+    mc.set_inference_dtype(torch.float32, None)
+    base = mc.get_model({}, "", device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in base.diffusion_model.modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                    p.fill_(1.0 if pname == "weight" else 0.0)
+                else:
+                    p.normal_(0.0, std, generator=g)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
 def lora_targets(model) -> dict[str, tuple[int, ...]]:
     """kohya name -> weight shape for every attention-block Linear / 1x1 conv of an SD1.x UNet,
     named the way real SD1.5 LoRA files name them (diffusers module paths)."""
@@ -238,11 +263,11 @@ INPAINT = Case("inpaint", denoise=1.0, init=True, mask=True)
 CASES = (TXT2IMG, IMG2IMG, INPAINT)
 
 
-def conditioning(seed: int = 3):
+def conditioning(seed: int = 3, dim: int = CONTEXT_DIM):
     """Positive and negative SD1.x conditioning (random CLIP-like embeddings, no text encoder)."""
     g = torch.Generator().manual_seed(seed)
-    pos = [[torch.randn((1, 77, CONTEXT_DIM), generator=g), {}]]
-    neg = [[torch.randn((1, 77, CONTEXT_DIM), generator=g), {}]]
+    pos = [[torch.randn((1, 77, dim), generator=g), {}]]
+    neg = [[torch.randn((1, 77, dim), generator=g), {}]]
     return pos, neg
 
 
@@ -250,7 +275,7 @@ def sample(model, case: Case = TXT2IMG, steps: int = 2, cfg: float = 4.0, seed: 
     """Sample with ComfyUI's KSampler path (euler, cfg > 1 so cond and uncond both run)."""
     import nodes
 
-    pos, neg = conditioning()
+    pos, neg = conditioning(dim=model.model.model_config.unet_config["context_dim"])
     with torch.inference_mode():
         out = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", pos, neg, case.latent(size), denoise=case.denoise)
     return out[0]["samples"].clone()

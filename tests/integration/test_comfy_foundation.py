@@ -17,8 +17,9 @@ import torch
 import comfy_harness as harness
 from comfy_harness import CASES, INPAINT, TXT2IMG, Snapshot, rel_err, sample
 
-# Same graph, same kernels: only reassociation differences.
-EXACT = 1e-5
+# Same ops through dynamo's eager backend, or another attention kernel: reassociation only
+# (seen: 1e-5 on ComfyUI 0.3.64, 0 on 0.8.0).
+EXACT = 1e-4
 # The compiled or re-patched model must match to this; a stale weight or a skipped LoRA is
 # orders of magnitude off (test_lora_changes_output pins how far).
 CLOSE = 1e-3
@@ -145,7 +146,7 @@ def test_cast_fp32_channels_last_near_exact(comfy_host, sd15_model, reference):
     (cast,) = comfy_host.node("SDAccelFP16Cast").apply(sd15_model, "fp32", True, "math")
     conv = cast.model.diffusion_model.input_blocks[0][0].weight
     assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
-    assert rel_err(sample(cast, INPAINT), reference(INPAINT)) < 1e-4  # SDPA instead of sub-quadratic: reassociation only
+    assert rel_err(sample(cast, INPAINT), reference(INPAINT)) < EXACT  # SDPA instead of sub-quadratic
     assert before.diff(sd15_model) == []
 
 
@@ -194,3 +195,24 @@ def test_unknown_option_raises_with_choices(node_id, inputs, choices, comfy_host
     with pytest.raises(accel.errors.SDAccelError, match=choices):
         comfy_host.node(node_id).apply(sd15_model, *inputs)
     assert before.diff(sd15_model) == []
+
+
+# --- lifetimes ------------------------------------------------------------------------------------
+
+def test_compiled_model_is_freed_when_dropped(comfy_adapter, accel):
+    """ComfyUI frees a model nobody references any more (switching checkpoints); having been
+    compiled must not keep its UNet (3.4 GB for SD1.5 in fp32) alive."""
+    import gc
+    import weakref
+
+    import comfy.model_management
+
+    model = harness.tiny_unet_model()
+    compiled = comfy_adapter.apply_compile(model, eager_compile(accel))
+    assert torch.isfinite(sample(compiled)).all()
+    assert comfy_adapter.compile_report(compiled)["status"] == "compiled"
+    unet = weakref.ref(model.model.diffusion_model)
+    del model, compiled
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    assert unet() is None, "the compile registry keeps a dropped model's UNet alive"
