@@ -1,6 +1,6 @@
 import folder_paths
 
-from ..accel_core.hosts import comfy_lora as host
+from ..accel_core.hosts import comfy_events, comfy_lora as host
 from ..accel_core.lcm import LcmConfig
 
 
@@ -27,10 +27,12 @@ class SDAccelLCMLoRASampler:
             "cfg": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 10.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Guidance scale; LCM wants 1.0-2.0. At 1.0 the negative pass is skipped (faster)."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "1.0 for txt2img; lower keeps more of the input latent."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def sample(self, model, positive, negative, latent_image, lcm_lora_name, strength, seed, steps, cfg, denoise):
+    def sample(self, model, positive, negative, latent_image, lcm_lora_name, strength, seed, steps, cfg, denoise, unique_id=None):
         path = folder_paths.get_full_path_or_raise("loras", lcm_lora_name)
+        if unique_id is not None and hasattr(model, "clone"):  # the browser badge shows this run's it/s
+            model = comfy_events.track(model.clone(), "lcm", unique_id)
         config = LcmConfig(steps=steps, cfg=cfg, strength=strength, denoise=denoise)
         return (host.lcm_sample(model, positive, negative, latent_image, path, seed, config),)
 

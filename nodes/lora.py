@@ -1,6 +1,6 @@
 import folder_paths
 
-from ..accel_core.hosts import comfy_lora as host
+from ..accel_core.hosts import comfy_events, comfy_lora as host
 
 
 class SDAccelLoRAHotSwap:
@@ -20,11 +20,11 @@ class SDAccelLoRAHotSwap:
             "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A LoRA .safetensors file from models/loras (kohya/A1111 or diffusers/PEFT keys)."}),
             "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                                          "tooltip": "How strongly the LoRA changes the UNet; 0 leaves the model as it is."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model, lora_name, strength_model):
+    def apply(self, model, lora_name, strength_model, unique_id=None):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        return (host.apply_hotswap(model, path, strength_model),)
+        return (comfy_events.track(host.apply_hotswap(model, path, strength_model), "lora", unique_id, source=model),)
 
 
 NODE_CLASS_MAPPINGS = {"SDAccelLoRAHotSwap": SDAccelLoRAHotSwap}

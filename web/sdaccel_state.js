@@ -261,7 +261,7 @@ export function detailLines(state, max = 4) {
   if (first && first.requested && first.requested !== "auto" && first.backend && first.requested !== first.backend) {
     lines.unshift(`${first.requested} is not installed here; using ${first.backend}`);
   }
-  if (state.run?.compileSeconds > 0) lines.push(`last run included ${formatSeconds(state.run.compileSeconds)} of compiling`);
+  if (state.kind === "compile" && state.run?.compileSeconds > 0) lines.push(`last run included ${formatSeconds(state.run.compileSeconds)} of compiling`);
   if (state.deepcache?.disabled) lines.push(`DeepCache off: ${state.deepcache.disabled}`);
   if (lines.length > max) return [...lines.slice(0, max - 1), `... ${lines.length - max + 1} more in the console`];
   return lines;

@@ -94,7 +94,9 @@ async function check(page) {
       await app.loadGraphData(wf);
       const prompt = await app.graphToPrompt();
       const classes = Object.values(prompt.output).map((n) => n.class_type);
-      return { missing, nodes: app.graph._nodes.length, promptNodes: classes.length, classes };
+      // A node whose constructor threw loads as an empty placeholder: no comfyClass, no class_type.
+      const broken = app.graph._nodes.filter((n) => !n.comfyClass).map((n) => n.type);
+      return { missing, broken, nodes: app.graph._nodes.length, promptNodes: classes.filter(Boolean).length, classes };
     }, wf);
     results.push({ file, ...r });
   }
@@ -117,10 +119,56 @@ async function toasts(page) {
   return page.evaluate(() => [...document.querySelectorAll(".p-toast-message")].map((el) => el.innerText.replace(/\s+/g, " ").trim()));
 }
 
+async function setWidgets(page, overrides) {
+  await page.evaluate((overrides) => {
+    const app = window.comfyAPI.app.app;
+    for (const node of app.graph._nodes) {
+      for (const [wname, value] of Object.entries(overrides[node.comfyClass ?? node.type] ?? {})) {
+        const w = node.widgets?.find((x) => x.name === wname);
+        if (w) w.value = value;
+      }
+    }
+    app.graph.setDirtyCanvas(true, true);
+  }, overrides ?? {});
+}
+
+// Queue the open graph once and wait for the prompt to end and the Compile UNet badge to settle.
+async function queueAndWait(page, label) {
+  const t0 = Date.now();
+  const first = await page.evaluate(() => {
+    window.__sdaccelTest.done = null;
+    return window.__sdaccelTest.events.length;
+  });
+  await page.evaluate(() => window.comfyAPI.app.app.queuePrompt(0, 1));
+  let sawCompiling = null;
+  let final = null;
+  while (Date.now() - t0 < cfg.timeoutS * 1000) {
+    await page.waitForTimeout(1000);
+    const badges = await ourBadges(page);
+    const compiling = badges.find((b) => b.badges.some((t) => t.includes("compiling")));
+    if (compiling && !sawCompiling) {
+      sawCompiling = { ...compiling, afterS: (Date.now() - t0) / 1000 };
+      await page.screenshot({ path: join(cfg.outDir, `${label}-compiling.png`) });
+    }
+    const done = await page.evaluate(() => window.__sdaccelTest.done);
+    const compileNode = badges.find((b) => b.type === "SDAccelCompileUNet");
+    const settled = !compileNode || compileNode.badges.some((t) => FINAL.test(t) && RATE.test(t));
+    if (done && (settled || done.name !== "execution_success")) {
+      final = { done: done.name, error: done.detail?.exception_message, badges };
+      break;
+    }
+  }
+  await page.waitForTimeout(300);
+  const seenToasts = await toasts(page);
+  await page.screenshot({ path: join(cfg.outDir, `${label}.png`) });
+  await page.screenshot({ path: join(cfg.outDir, `${label}-chain.png`), clip: { x: 60, y: 95, width: 1340, height: 180 } });
+  const events = await page.evaluate((first) => window.__sdaccelTest.events.slice(first).map((e) => ({ name: e.name, detail: e.detail })), first);
+  return { seconds: (Date.now() - t0) / 1000, sawCompiling, final, toasts: seenToasts, events };
+}
+
 async function run(page) {
   const wf = JSON.parse(readFileSync(cfg.workflow, "utf8"));
-  await page.evaluate(async ({ wf, overrides }) => {
-    const app = window.comfyAPI.app.app;
+  await page.evaluate(async (wf) => {
     const api = window.comfyAPI.api.api;
     window.__sdaccelTest = { events: [], done: null };
     const names = ["execution_success", "execution_error", "execution_interrupted",
@@ -131,46 +179,16 @@ async function run(page) {
         if (name.startsWith("execution_")) window.__sdaccelTest.done = { name, detail: e.detail };
       });
     }
-    await app.loadGraphData(wf);
-    for (const node of app.graph._nodes) {
-      for (const [wname, value] of Object.entries(overrides[node.comfyClass ?? node.type] ?? {})) {
-        const w = node.widgets?.find((x) => x.name === wname);
-        if (w) w.value = value;
-      }
-    }
-    app.graph.setDirtyCanvas(true, true);
-  }, { wf, overrides: cfg.overrides ?? {} });
+    await window.comfyAPI.app.app.loadGraphData(wf);
+  }, wf);
+  await setWidgets(page, cfg.overrides);
   await page.screenshot({ path: join(cfg.outDir, "loaded.png") });
-
-  const t0 = Date.now();
-  await page.evaluate(() => window.comfyAPI.app.app.queuePrompt(0, 1));
-  let sawCompiling = null;
-  let final = null;
-  while (Date.now() - t0 < cfg.timeoutS * 1000) {
-    await page.waitForTimeout(1000);
-    const badges = await ourBadges(page);
-    const compiling = badges.find((b) => b.badges.some((t) => t.includes("compiling")));
-    if (compiling && !sawCompiling) {
-      sawCompiling = { ...compiling, afterS: (Date.now() - t0) / 1000 };
-      await page.screenshot({ path: join(cfg.outDir, "compiling.png") });
-    }
-    const done = await page.evaluate(() => window.__sdaccelTest.done);
-    const compileNode = badges.find((b) => b.type === "SDAccelCompileUNet");
-    const settled = !compileNode || compileNode.badges.some((t) => FINAL.test(t) && RATE.test(t));
-    if (done && settled) {
-      final = { done: done.name, badges };
-      break;
-    }
-    if (done && done.name !== "execution_success") {
-      final = { done: done.name, error: done.detail?.exception_message, badges };
-      break;
-    }
-  }
-  await page.waitForTimeout(300);
-  const seenToasts = await toasts(page);
-  await page.screenshot({ path: join(cfg.outDir, "final.png") });
-  const events = await page.evaluate(() => window.__sdaccelTest.events.map((e) => ({ name: e.name, detail: e.detail })));
-  return { seconds: (Date.now() - t0) / 1000, sawCompiling, final, toasts: seenToasts, events };
+  const first = await queueAndWait(page, "final");
+  if (!first.final || first.final.done !== "execution_success" || !cfg.rerun) return { ...first, rerun: null };
+  // The same graph again with another seed and LoRA strength: no recompile expected.
+  await setWidgets(page, cfg.rerun);
+  const rerun = await queueAndWait(page, "rerun");
+  return { ...first, rerun };
 }
 
 const { browser, page, log } = await openComfy();
