@@ -63,29 +63,34 @@ def deepcache_helps(steps: int, cache_interval: int) -> bool:
 
 # --- schedule (SD1.x/SDXL discrete betas, LCM's distilled timesteps) ------------------------------
 
-def _all_sigmas() -> torch.Tensor:
+def _distilled_log_sigmas() -> torch.Tensor:
+    # float32 like ComfyUI's ModelSamplingDiscrete buffers, so ties between timesteps resolve the same way
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     alphas = torch.cumprod(1 - betas, 0)
-    return ((1 - alphas) / alphas) ** 0.5
+    sigmas = (((1 - alphas) / alphas) ** 0.5).float()
+    skip = 1000 // ORIGINAL_STEPS
+    valid = torch.stack([sigmas[1000 - 1 - x * skip] for x in range(ORIGINAL_STEPS)][::-1])
+    return valid.log().float()
 
 
 def schedule(steps: int, denoise: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps, sigmas) for `steps` LCM steps (sigmas end with 0), as ComfyUI's sgm_uniform on LCM sampling."""
     skip = 1000 // ORIGINAL_STEPS
-    valid_t = torch.arange(skip - 1, 1000, skip, dtype=torch.float64)  # 19, 39, ..., 999
-    log_valid = _all_sigmas()[valid_t.long()].log()
-    total = steps if denoise >= 1.0 else int(steps / denoise)
-    ts = torch.linspace(float(valid_t[-1]), float(valid_t[0]), total + 1, dtype=torch.float64)[:-1][-steps:]
+    log_sigmas = _distilled_log_sigmas()
 
-    def sigma(t):  # interpolate log-sigma between the distilled timesteps (ModelSamplingDiscreteDistilled.sigma)
-        x = ((t - (skip - 1)) / skip).clamp(0, ORIGINAL_STEPS - 1)
+    def sigma(t):  # ModelSamplingDiscreteDistilled.sigma: log-linear between the distilled timesteps
+        x = torch.clamp(((t.float() - (skip - 1)) / skip).float(), min=0, max=ORIGINAL_STEPS - 1)
         lo, hi, w = x.floor().long(), x.ceil().long(), x.frac()
-        return ((1 - w) * log_valid[lo] + w * log_valid[hi]).exp()
+        return ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
 
-    sig = torch.cat([sigma(ts), torch.zeros(1, dtype=torch.float64)])
-    # the timestep each sigma is fed as: the nearest distilled one (ModelSamplingDiscreteDistilled.timestep)
-    t_in = torch.stack([valid_t[(log_valid - s.log()).abs().argmin()] for s in sig[:-1]])
-    return t_in.float(), sig.float()
+    def timestep(sig):  # ModelSamplingDiscreteDistilled.timestep: the nearest distilled one
+        return (sig.log() - log_sigmas[:, None]).abs().argmin(dim=0) * skip + (skip - 1)
+
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    start, end = timestep(log_sigmas[-1:].exp()), timestep(log_sigmas[:1].exp())
+    ts = torch.linspace(float(start), float(end), total + 1)[:-1]
+    sig = torch.tensor([float(sigma(t)) for t in ts] + [0.0], dtype=torch.float32)[-(steps + 1):]
+    return timestep(sig[:-1]).float(), sig
 
 
 def boundary(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -626,5 +626,85 @@ def make_random_lora(unet: nn.Module, fmt: str = "kohya-ldm", rank: int = 4, see
     return out
 
 
+# --- bench -----------------------------------------------------------------------------------------
+
+def _bench_suite(ctx):
+    """LoRA swap latency on a compiled UNet vs what a swap costs without in-place fusing: fresh
+    weights, fuse, compile from scratch. Both rows include one sampling run after the change."""
+    if not ctx.wanted("lora"):
+        return
+    import copy
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .bench import BenchRow, rel_err, sample, unet_caller
+    from .compile import CompileConfig, compile
+
+    unet, steps, dtype, dev = ctx.unet, ctx.steps, ctx.base_dtype, ctx.device
+    tmp = tempfile.mkdtemp(prefix="sd-accel-lora-")
+    specs = []
+    for i in range(2):
+        path = os.path.join(tmp, f"lora_{i}.safetensors")
+        save_file(make_random_lora(unet, "kohya-diffusers", rank=32, seed=ctx.cfg.seed + i, scope="all", magnitude=0.1), path)
+        specs.append(LoraSpec(path, 1.0))
+    a, b = specs
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def run(module):
+        out = sample(unet_caller(module), ctx.inputs, ctx.cfg.cfg_scale, dtype)
+        sync()
+        return out
+
+    config = CompileConfig(backend="inductor")
+    counters = torch._dynamo.utils.counters
+    try:
+        with torch.inference_mode():
+            apply_loras(unet, [b])
+            ref = run(unet)  # eager with LoRA B: what both rows should produce
+            cu = compile(unet, config)
+            apply_loras(unet, [a])
+            run(cu)  # compiles once, with A
+            graphs = counters["stats"]["unique_graphs"]
+            t0 = time.perf_counter()
+            rep = apply_loras(unet, [b])
+            sync()
+            t_swap = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out_swap = run(cu)
+            t_run = time.perf_counter() - t0
+            recompiles = counters["stats"]["unique_graphs"] - graphs
+    finally:
+        apply_loras(unet, [])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        fresh = copy.deepcopy(unet)  # stands for re-reading the checkpoint's weights
+        apply_loras(fresh, [b])
+        torch._dynamo.reset()  # backends that bake weights (or a new process) compile from scratch
+        out_re = run(compile(fresh, config))
+    t_re = time.perf_counter() - t0
+    del fresh
+    e2e = ctx.baseline.ms_per_step * ctx.baseline.steps / 1000 if ctx.baseline else None
+    t_hot = t_swap + t_run
+    yield BenchRow("lora hot-swap on compiled UNet (+1 run)", t_hot / steps * 1000, speedup=(e2e / t_hot) if e2e else 1.0,
+                   rel_err=rel_err(out_swap, ref), steps=steps,
+                   note=f"swap {t_swap * 1000:.1f} ms for {rep.layers_changed} weights, {recompiles} recompiles; "
+                        f"{t_re / t_hot:.1f}x faster than reload + recompile")
+    yield BenchRow("lora reload + recompile (+1 run)", t_re / steps * 1000, speedup=(e2e / t_re) if e2e else 1.0,
+                   rel_err=rel_err(out_re, ref), compile_s=max(0.0, t_re - t_run), steps=steps,
+                   note="fresh weights, fuse, compile from scratch, one run")
+
+
+def _register_bench():
+    from .bench import register_suite
+
+    register_suite(_bench_suite)
+
+
+_register_bench()
+
 __all__ = ["LoraSpec", "LoraConfig", "LoraReport", "LoraState", "apply_loras", "read_lora", "parse_lora",
            "lora_state", "make_random_lora", "UNetNames", "FORMATS"]
