@@ -69,12 +69,17 @@ def test_run_events_name_the_nodes_that_built_the_model(comfy, model):
     try:
         m = comfy_events.track(host.apply_compile(model, CompileConfig(torch_backend="eager")), "compile", "12", source=model)
         assert comfy_events.tracked_nodes(m) == {"compile": "12"} and comfy_events.tracked_nodes(model) == {}
+        # Like the LoRA swap: emitted at pre-run, before the sampling loop starts.
+        import comfy.patcher_extension as pe
+
+        m.add_callback_with_key(pe.CallbacksMP.ON_PRE_RUN, "test", lambda patcher: events.emit("pre_run_probe"))
         _sample(comfy, m, steps=3)
     finally:
         events.unsubscribe(listener)
 
     names = [ev for ev, _, _ in seen]
     assert names[0] == "node_applied" and "compile_start" in names and names[-1] == "run_stats", names
+    assert next(p for ev, _, p in seen if ev == "pre_run_probe")["nodes"] == {"compile": "12"}
     assert "compile_end" in names or "fallback" in names
     start = next(p for ev, _, p in seen if ev == "compile_start")
     assert start["nodes"] == {"compile": "12"}  # emitted deep inside sampling, still attributed to node 12
@@ -90,8 +95,8 @@ def test_run_events_name_the_nodes_that_built_the_model(comfy, model):
         _sample(comfy, m, steps=2)
     finally:
         events.unsubscribe(listener)
-    assert [ev for ev, _, _ in seen] == ["run_stats"]
-    assert seen[0][2]["nodes"] == {"compile": "12"} and seen[0][1]["compile_seconds_in_run"] == 0
+    assert [ev for ev, _, _ in seen] == ["pre_run_probe", "run_stats"]
+    assert seen[-1][2]["nodes"] == {"compile": "12"} and seen[-1][1]["compile_seconds_in_run"] == 0
 
 
 def test_chained_nodes_accumulate_and_input_stays_clean(comfy, model):
