@@ -1,15 +1,14 @@
 """ComfyUI adapter: patches ModelPatcher clones with keyed wrappers, never the incoming model.
 
-Imports ComfyUI only inside functions. Compiled artifacts live in a registry keyed weakly
-by the shared UNet (every clone of a model shares it), so re-executed nodes, LoRA clones
-and reloads reuse them instead of recompiling.
+Imports ComfyUI only inside functions. Compiled artifacts live on the shared UNet (every
+clone of a model shares it), so re-executed nodes, LoRA clones and reloads reuse them
+instead of recompiling, and they go when the UNet goes.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import uuid
-import weakref
 from dataclasses import replace
 
 import torch
@@ -24,8 +23,40 @@ COMPILE_KEY = "sd_accel.compile"
 CAST_KEY = "sd_accel.cast"
 _MISSING = object()
 
-# unet -> {CompileConfig: CompiledUNet}; weak so an unloaded checkpoint frees its graphs.
-_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+class _PerUnet(dict):
+    """{CompileConfig or (config, name): CompiledUNet} of one UNet. Copies of the UNet (FP16 Cast
+    deep-copies it) start with none: compiled code is bound to the module it was made for."""
+
+    def __deepcopy__(self, memo):
+        return _PerUnet()
+
+    def __copy__(self):
+        return _PerUnet()
+
+
+class _Registry:
+    """unet -> _PerUnet, kept on the UNet itself (attribute `_sd_accel_compiled`).
+
+    A CompiledUNet references its UNet, so a WeakKeyDictionary keyed by the UNet would keep
+    every UNet it ever saw alive (a dropped FP16 Cast copy kept its ~1.6 GB of GPU weights:
+    seen in `sd-accel bench --host comfy` on an H200). On the UNet, the pair is a cycle
+    that Python's garbage collector frees together once the model is dropped.
+    """
+
+    ATTR = "_sd_accel_compiled"
+
+    def get(self, unet, default=None):
+        return unet.__dict__.get(self.ATTR, default)
+
+    def setdefault(self, unet, default):
+        per_unet = unet.__dict__.get(self.ATTR)
+        if per_unet is None:
+            per_unet = _PerUnet(default)
+            object.__setattr__(unet, self.ATTR, per_unet)  # plain attribute: no state_dict entry, no nn.Module hooks
+        return per_unet
+
+
+_compiled = _Registry()
 
 
 def _wrappers_mp():
