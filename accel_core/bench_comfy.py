@@ -188,7 +188,9 @@ def _delta(before: dict, after: dict) -> dict:
 
 
 def _unet_span_wrapper(log: list, executor, *args, **kwargs):
-    # DIFFUSION_MODEL wrapper (diagnostic run only): GPU time between entering and leaving the UNet.
+    # APPLY_MODEL wrapper (diagnostic run only): GPU time between entering and leaving apply_model
+    # (the UNet plus a few input/output scalings). Not DIFFUSION_MODEL: the built-in node compiles
+    # UNetModel.forward, which runs those wrappers inside its graph (and would recompile on them).
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     out = executor(*args, **kwargs)
@@ -209,6 +211,7 @@ class ComfyBench:
         self.baseline: BenchRow | None = None
         self.baseline_out: torch.Tensor | None = None
         self.diagnostics: dict[str, dict] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
         self.profile = tuple(p for p in os.environ.get("SD_ACCEL_BENCH_PROFILE", "").split(",") if p)
 
     def wanted(self, name: str) -> bool:
@@ -226,14 +229,16 @@ class ComfyBench:
                                    sampler, scheduler, i.positive, i.negative, i.latent, denoise=1.0, disable_pbar=True, seed=self.cfg.seed)
 
     def measure(self, name: str, make: Callable[[], object], note: str = "", compile_ctx: Callable | None = None,
-                steps: int | None = None, row_ctx: Callable | None = None, **sample_kw) -> BenchRow | None:
+                steps: int | None = None, row_ctx: Callable | None = None, run: Callable | None = None,
+                compare_to: str | None = None) -> BenchRow | None:
         """Time full ComfyUI sampling runs of the MODEL `make()` returns; the first run is warm-up (compile).
 
         `compile_ctx()` is entered around the warm-up run only (inductor config for experiments),
-        `row_ctx()` around the whole row (process settings for experiments).
-        `steps` / `sample_kw` (cfg_scale, sampler, scheduler) override the run (LCM rows);
-        speed-up is then end to end (time per image). A row that fails is reported with its
-        error; the other rows still run.
+        `row_ctx()` around the whole row (process settings for experiments). `run(model)` replaces
+        the 20-step euler run (LCM rows: `steps` steps through their own node); speed-up is
+        always end to end (time per image) against the eager baseline, and the relative error
+        is against `compare_to`'s final latent when given (a row sampling the same thing).
+        A row that fails is reported with its error; the other rows still run.
         """
         if not self.wanted(name):
             return None
@@ -252,7 +257,7 @@ class ComfyBench:
                 model = make()
                 made.append(model)
                 steps = steps or self.steps
-                run = lambda m: self.sample(m, steps, **sample_kw)  # noqa: E731
+                run = run or self.sample
                 with (compile_ctx() if compile_ctx else contextlib.nullcontext()):
                     out = run(model)
                 _sync(self.device)
@@ -285,7 +290,11 @@ class ComfyBench:
             self.baseline, self.baseline_out = row, out
         else:
             row.speedup = (self.baseline.ms_per_step * self.baseline.steps) / (ms * steps)
-            row.rel_err = rel_err(out, self.baseline_out)
+            ref = self.outputs.get(compare_to, self.baseline_out)
+            row.rel_err = rel_err(out, ref)
+            if compare_to:
+                row.note = (row.note + "; " if row.note else "") + f"rel err vs {compare_to!r}"
+        self.outputs[name] = out
         if not torch.isfinite(out).all():
             row.note = (row.note + "; " if row.note else "") + "NON-FINITE OUTPUT"
         self.diagnostics[name] = diag
@@ -305,12 +314,12 @@ class ComfyBench:
             self.progress(name)
 
     def _unet_span(self, model, run, steps) -> float:
-        """GPU ms per step spent between entering and leaving the UNet, from one extra sampling run."""
+        """GPU ms per step spent inside apply_model (the UNet), from one extra sampling run."""
         import comfy.patcher_extension as pe
 
         log: list = []
         m = model.clone()
-        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "sd_accel.bench.span", functools.partial(_unet_span_wrapper, log))
+        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "sd_accel.bench.span", functools.partial(_unet_span_wrapper, log))
         run(m)
         torch.cuda.synchronize()
         return sum(s.elapsed_time(e) for s, e in log) / max(1, steps)
@@ -343,11 +352,11 @@ def _has_cuda_key(prof) -> bool:
 
 # --- rows ------------------------------------------------------------------------------------------
 
-def _builtin_compile(model):
-    """ComfyUI's TorchCompileModel node, called as the executor calls it (backend inductor)."""
+def _builtin_compile(model, backend: str = "inductor"):
+    """ComfyUI's TorchCompileModel node, called as the executor calls it."""
     from comfy_extras.nodes_torch_compile import TorchCompileModel
 
-    out = TorchCompileModel.execute(model, backend="inductor")
+    out = TorchCompileModel.execute(model, backend=backend)
     return out.result[0] if hasattr(out, "result") else out[0]
 
 
@@ -391,6 +400,7 @@ def rows(b: ComfyBench):
     yield b.measure("SDAccelCompileUNet inductor default", lambda: _our_compile(base, "default"))
     if b.device != "cuda":
         return  # CUDA graphs and fp16 are the GPU path
+    yield b.measure("comfy TorchCompileModel (built-in, cudagraphs)", lambda: _builtin_compile(base, "cudagraphs"))
     ro = lambda: _our_compile(base, "reduce-overhead")  # noqa: E731
     ro_cast = lambda: _our_compile(_our_cast(base), "reduce-overhead")  # noqa: E731
     yield b.measure("SDAccelCompileUNet inductor reduce-overhead", ro)
@@ -399,6 +409,11 @@ def rows(b: ComfyBench):
         dc = lambda m: _deepcache(m, 3)  # noqa: E731
         yield b.measure("SDAccelDeepCache interval 3", lambda: dc(base))
         yield b.measure("SDAccelDeepCache interval 3 + SDAccelCompileUNet reduce-overhead", lambda: _our_compile(dc(base), "reduce-overhead"))
+    if _has("..nodes.lcm"):
+        run = _lcm_runner(b, base)
+        eager = "SDAccelLCMLoRASampler 4 steps, cfg 1.5"
+        yield b.measure(eager, lambda: base, steps=LCM_STEPS, run=run)
+        yield b.measure(eager + " + SDAccelCompileUNet reduce-overhead", ro, steps=LCM_STEPS, run=run, compare_to=eager)
     # Experiments (run only when named in --configs): settings on top of the cast + reduce-overhead row.
     yield b.measure("exp: FP16Cast + reduce-overhead + cudnn.benchmark", ro_cast, row_ctx=_cudnn_benchmark)
     yield b.measure("exp: FP16Cast + reduce-overhead + conv1x1-as-mm + coordinate descent", ro_cast,
@@ -421,6 +436,49 @@ def _deepcache(model, interval: int):
     from ..nodes.deepcache import SDAccelDeepCache
 
     return SDAccelDeepCache().apply(model, cache_interval=interval, cache_depth=0, start_percent=0.0, end_percent=1.0, schedule="uniform")[0]
+
+
+LCM_STEPS = 4
+
+
+def _lcm_runner(b: ComfyBench, base):
+    """`run(model)` for LCM rows: our LCM-LoRA sampler node (hot-swaps a LoRA, lcm sampler, sgm_uniform)
+    with a seeded random LoRA of LCM-LoRA's layout over every attention-block projection (speed
+    does not depend on the LoRA's values; the final latent is compared between LCM rows only)."""
+    import tempfile
+
+    import folder_paths
+
+    from ..nodes.lcm import SDAccelLCMLoRASampler
+
+    folder = tempfile.mkdtemp(prefix="sd_accel_bench_lora_")
+    _write_lora(os.path.join(folder, "lcm-bench.safetensors"), base, seed=b.cfg.seed + 1)
+    folder_paths.add_model_folder_path("loras", folder)
+    node, i = SDAccelLCMLoRASampler(), b.inputs
+
+    def run(model):
+        latent = node.sample(model, i.positive, i.negative, {"samples": i.latent}, "lcm-bench.safetensors", 1.0, b.cfg.seed,
+                             LCM_STEPS, 1.5, 1.0)[0]
+        return latent["samples"]
+    return run
+
+
+def _write_lora(path: str, model, seed: int, rank: int = 64, std: float = 0.01):
+    import comfy.utils
+
+    unet = model.model.diffusion_model
+    weights = unet.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items():
+        w = weights.get(ldm_key)
+        if "attentions" not in diffusers_key or not diffusers_key.endswith(".weight") or w is None or w.dim() != 2:
+            continue
+        name = "lora_unet_" + diffusers_key[: -len(".weight")].replace(".", "_")
+        sd[f"{name}.lora_down.weight"] = (torch.randn((rank, w.shape[1]), generator=g) * std).half()
+        sd[f"{name}.lora_up.weight"] = (torch.randn((w.shape[0], rank), generator=g) * std).half()
+        sd[f"{name}.alpha"] = torch.tensor(float(rank))
+    comfy.utils.save_torch_file(sd, path)
 
 
 @contextlib.contextmanager
