@@ -224,7 +224,14 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds the queued run may take")
     ap.add_argument("--build-workflows", action="store_true", help="regenerate example_workflows/ from workflow_specs.mjs")
     ap.add_argument("--keep", action="store_true", help="leave the temp base directory in place")
+    ap.add_argument("--set", action="append", default=[], metavar="NODETYPE.WIDGET=JSON",
+                    help="another widget override for the run, e.g. SDAccelCompileUNet.fullgraph=true (shows the fallback path)")
     args = ap.parse_args()
+    overrides = {k: dict(v) for k, v in RUN_OVERRIDES.items()}
+    for item in args.set:
+        target, _, value = item.partition("=")
+        node_type, _, widget = target.partition(".")
+        overrides.setdefault(node_type, {})[widget] = json.loads(value)
 
     root = comfy_root()
     if not Path("/usr/bin/chromium").exists():
@@ -255,7 +262,7 @@ def main() -> None:
                   + (f", MISSING {w['missing']}" if w["missing"] else "") + (f", BROKEN {w['broken']}" if w["broken"] else ""))
             if w["missing"] or w["broken"] or w["promptNodes"] != w["nodes"]:
                 problems.append(f"{w['file']} does not load: missing {w['missing']}, broken {w['broken']}")
-        run = browser({**common, "mode": "run", "workflow": args.workflow, "overrides": RUN_OVERRIDES,
+        run = browser({**common, "mode": "run", "workflow": args.workflow, "overrides": overrides,
                        "rerun": RERUN_OVERRIDES, "timeoutS": args.timeout}, out, "run", 2 * args.timeout + 300)
         problems += check_run(run)
         print(f"frontend {run.get('frontend')}")
