@@ -148,7 +148,11 @@ def apply_compile(model, config: CompileConfig):
 def compile_report(model) -> dict | None:
     """The compile report of the compiled UNet behind `model`, if any (for UIs and tests)."""
     unet = model.get_model_object("diffusion_model")
-    reports = [cu.report for cu in _compiled.get(unet, {}).values()]
+    config = active_compile_config({"wrappers": model.wrappers})
+    if config is None:
+        return None
+    # Only this model's config: other clones of the same checkpoint may be compiled differently.
+    reports = [cu.report for key, cu in _compiled.get(unet, {}).items() if key == config or (isinstance(key, tuple) and key[0] == config)]
     # DeepCache runs its own compiled paths; the plain one may then never have been called.
     for r in reports:
         if r.status != "pending":
