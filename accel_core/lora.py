@@ -115,11 +115,21 @@ class LoraLayer:
     def scale(self) -> float:
         return self.alpha / self.rank if self.alpha is not None else 1.0
 
+    def _on(self, device) -> tuple:
+        # Factors stay on the weight's device after the first use: ComfyUI applies per run, and
+        # host-to-device copies of hundreds of small tensors would dominate the swap time.
+        device = torch.device(device)
+        cached = self.__dict__.get("_dev")
+        if cached is None or cached[0] != device:
+            cached = (device, self.up.to(device), self.down.to(device), None if self.mid is None else self.mid.to(device))
+            self.__dict__["_dev"] = cached
+        return cached[1:]
+
     def delta(self, shape: torch.Size, device, dtype=torch.float32) -> torch.Tensor:
-        up = self.up.to(device=device, dtype=dtype)
-        down = self.down.to(device=device, dtype=dtype)
-        if self.mid is not None:  # LoCon Tucker: fold mid into down, as ComfyUI/LyCORIS do
-            mid = self.mid.to(device=device, dtype=dtype)
+        up, down, mid = self._on(device)
+        up, down = up.to(dtype), down.to(dtype)
+        if mid is not None:  # LoCon Tucker: fold mid into down, as ComfyUI/LyCORIS do
+            mid = mid.to(dtype)
             final = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
             down = torch.mm(down.transpose(0, 1).flatten(1), mid.transpose(0, 1).flatten(1)).reshape(final).transpose(0, 1)
         return (up.flatten(1) @ down.flatten(1)).reshape(shape) * self.scale
@@ -557,10 +567,11 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
                     param.data.copy_(orig)
                     del state.originals[pname], state.params[pname], state.signature[pname]
                 else:
-                    w = orig.to(device=param.device, dtype=torch.float32, copy=True)
+                    d = None
                     for _, strength, layer in contribs:
-                        w.add_(layer.delta(param.shape, param.device), alpha=strength)
-                    param.data.copy_(w)
+                        x = layer.delta(param.shape, param.device)
+                        d = x.mul_(strength) if d is None else d.add_(x, alpha=strength)
+                    param.data.copy_(orig.to(param.device, torch.float32) + d)
                     state.signature[pname] = sig
                 changed += 1
         state.applied = applied
