@@ -31,6 +31,8 @@ def inputs():
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    # Each test sees its own compiles: dynamo caches and its process-wide counters start empty.
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
