@@ -166,6 +166,18 @@ function fallbackEntries(report) {
   return Object.entries(report?.fallbacks ?? {});
 }
 
+// accel_core/compile.py marks a unit whose own code stays eager while its children get their
+// own compile with this suffix; only the units without it run entirely eager.
+const SPLIT = / \[its \d+ submodules compiled separately\]$/;
+
+function eagerEntries(report) {
+  return fallbackEntries(report).filter(([, why]) => !SPLIT.test(why));
+}
+
+function splitCount(report) {
+  return fallbackEntries(report).length - eagerEntries(report).length;
+}
+
 function backendLabel(c) {
   const missing = c.requested && c.requested !== "auto" && c.backend && c.requested !== c.backend;
   return missing ? `${c.backend} (${c.requested} not available)` : c.backend ?? "";
@@ -182,13 +194,15 @@ export function toastFor(event, d) {
       return { severity: "success", summary: "SD Accel: UNet compiled", life: 5000,
         detail: `${backendLabel(r)} (${r.mode}) in ${formatSeconds(r.compile_seconds)}.` };
     case "fallback": {
-      const kept = fallbackEntries(r);
+      const kept = eagerEntries(r);
       const summary = r.status === "eager" ? "SD Accel: UNet not compiled, it runs eager"
-        : `SD Accel: compiled, ${kept.length} block${kept.length === 1 ? "" : "s"} kept eager`;
+        : `SD Accel: ${r.units_compiled} blocks compiled, ${kept.length} kept eager`;
       const lines = [];
       if (r.whole_error) lines.push(`Whole UNet: ${r.whole_error}`);
       for (const [unit, why] of kept.slice(0, 5)) lines.push(`${unit}: ${why}`);
       if (kept.length > 5) lines.push(`... and ${kept.length - 5} more (see the ComfyUI console)`);
+      const split = splitCount(r);
+      if (split) lines.push(`${split} block${split === 1 ? " was" : "s were"} split: their parts compiled separately`);
       return { severity: "warn", summary, detail: lines.join("\n"), life: 12000 };
     }
     case "deepcache_stats":
@@ -210,8 +224,9 @@ function compileText(state, now) {
   }
   if (phase === "ready") return `✓ compiled ${backendLabel(first)}`.trim();
   if (phase === "fallback") {
-    const n = entries.reduce((acc, e) => acc + fallbackEntries(e.report).length, 0);
-    return `⚠ partial: ${n} block${n === 1 ? "" : "s"} eager`;
+    const eager = entries.reduce((acc, e) => acc + eagerEntries(e.report).length, 0);
+    const compiled = entries.reduce((acc, e) => acc + (e.report?.units_compiled ?? 0), 0);
+    return `⚠ partial: ${compiled} compiled, ${eager} eager`;
   }
   if (phase === "eager") return "✗ not compiled (eager)";
   return phase === "armed" ? "compiles on first run" : "";
@@ -255,7 +270,7 @@ export function detailLines(state, max = 4) {
     if (c.status === "compiling" && c.wholeError) lines.push(`whole UNet failed (${c.wholeError}); compiling block by block`);
     if (c.status !== "partial" && c.status !== "eager") continue;
     if (c.report?.whole_error) lines.push(`whole UNet: ${c.report.whole_error}`);
-    for (const [unit, why] of fallbackEntries(c.report)) lines.push(`eager ${unit}: ${why}`);
+    for (const [unit, why] of eagerEntries(c.report)) lines.push(`eager ${unit}: ${why}`);
   }
   const first = Object.values(state.compiles)[0];
   if (first && first.requested && first.requested !== "auto" && first.backend && first.requested !== first.backend) {

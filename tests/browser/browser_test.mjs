@@ -147,9 +147,12 @@ async function queueAndWait(page, label) {
     const badges = await ourBadges(page);
     const compiling = badges.find((b) => b.badges.some((t) => t.includes("compiling")));
     if (compiling && !sawCompiling) {
-      sawCompiling = { ...compiling, afterS: (Date.now() - t0) / 1000 };
+      sawCompiling = { ...compiling, afterS: (Date.now() - t0) / 1000, texts: [] };
       await page.screenshot({ path: join(cfg.outDir, `${label}-compiling.png`) });
     }
+    // The compiling badge counts seconds (and blocks): keep what it showed over time.
+    const text = compiling?.badges.find((t) => t.includes("compiling"));
+    if (text && sawCompiling.texts.at(-1) !== text && sawCompiling.texts.length < 200) sawCompiling.texts.push(text);
     const done = await page.evaluate(() => window.__sdaccelTest.done);
     const compileNode = badges.find((b) => b.type === "SDAccelCompileUNet");
     const settled = !compileNode || compileNode.badges.some((t) => FINAL.test(t) && RATE.test(t));

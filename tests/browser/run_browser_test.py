@@ -196,6 +196,10 @@ def check_run(result: dict) -> list[str]:
             problems.append(f"{node_type} shows no SD Accel badge")
     if "SDAccelDeepCache" in ours and not any("DeepCache" in t for t in ours["SDAccelDeepCache"]):
         problems.append(f"the DeepCache badge shows no hit ratio: {ours['SDAccelDeepCache']!r}")
+    compiled = sum(e["detail"].get("compile_seconds_in_run", 0) for e in result["events"] if e["name"] == "sdaccel.run_stats")
+    texts = (result.get("sawCompiling") or {}).get("texts", [])
+    if compiled > 5 and len(texts) < 2:
+        problems.append(f"the compiling badge did not count up during {compiled:.0f} s of compiling: {texts}")
     rerun = result.get("rerun")
     if not rerun or not rerun.get("final"):
         return problems + ["the second run (new seed and LoRA strength) did not finish"]
@@ -271,7 +275,8 @@ def main() -> None:
                 continue
             print(f"{label}: prompt took {r['seconds']:.0f} s; sampling: {rate_of(r)}")
             if r.get("sawCompiling"):
-                print(f"   while compiling ({r['sawCompiling']['afterS']:.0f} s in): {r['sawCompiling']['badges']}")
+                texts = r["sawCompiling"].get("texts", [])
+                print(f"   compiling badge from {r['sawCompiling']['afterS']:.0f} s in: {texts[:2]} ... {texts[-2:]} ({len(texts)} states)")
             for b in (r.get("final") or {}).get("badges", []):
                 print(f"   {b['type']}: {' | '.join(b['badges'])}")
             for t in r.get("toasts", []):

@@ -63,10 +63,11 @@ test("a compile goes armed -> compiling (elapsed, blocks) -> partial, with reaso
   assert.match(S.detailLines(store.get("5"))[0], /whole UNet failed \(Unsupported: open\)/);
 
   const fb = report({ status: "partial", units_compiled: 10, whole_error: "Unsupported: open",
-    fallbacks: { "input_blocks.1": "Unsupported: data-dependent branch", "middle_block": "BackendCompilerFailed: x" } });
+    fallbacks: { "input_blocks.1": "Unsupported: data-dependent branch", "middle_block": "BackendCompilerFailed: x",
+      "output_blocks.2.1": "Unsupported: open [its 4 submodules compiled separately]" } });
   const { toast } = store.apply("fallback", { nodes: NODES, report: fb }, GRAPH);
   assert.equal(S.phaseOf(store.get("5")), "fallback");
-  assert.equal(S.badgeText(store.get("5"), c.t), "⚠ partial: 2 blocks eager");
+  assert.equal(S.badgeText(store.get("5"), c.t), "⚠ partial: 10 compiled, 2 eager", "a split block is not counted as eager");
   assert.equal(S.badgeColors(store.get("5")).bg, "#f59e42");
   assert.deepEqual(S.detailLines(store.get("5")), [
     "whole UNet: Unsupported: open",
@@ -74,8 +75,10 @@ test("a compile goes armed -> compiling (elapsed, blocks) -> partial, with reaso
     "eager middle_block: BackendCompilerFailed: x",
   ]);
   assert.equal(toast.severity, "warn");
-  assert.equal(toast.summary, "SD Accel: compiled, 2 blocks kept eager");
+  assert.equal(toast.summary, "SD Accel: 10 blocks compiled, 2 kept eager");
   assert.match(toast.detail, /input_blocks\.1: Unsupported/);
+  assert.match(toast.detail, /1 block was split: their parts compiled separately/);
+  assert.doesNotMatch(toast.detail, /output_blocks\.2\.1/);
   assert.ok(!store.anyCompiling());
 });
 
