@@ -451,6 +451,7 @@ class LoraState:
         if r is None:
             r = _resolve(lf, self.targets)
             _check_match(lf, r, self.targets, config)
+            _check_plain_weights(lf, r, self._unet())
             if len(self._resolved) > 32:
                 self._resolved.pop(next(iter(self._resolved)))
             self._resolved[key] = r
@@ -495,6 +496,20 @@ def _check_match(lf: LoraFile, r: Resolved, targets: _Targets, config: LoraConfi
     raise SDAccelError(f"SD Accel LoRA: {lf.name} does not fit this model: {r.matched} of {r.total} UNet layers matched"
                        f"{detail}{example}. The model is an {_arch_label(targets)}; the LoRA was probably made for another "
                        "architecture (e.g. SDXL vs SD1.5). Pick a LoRA made for this checkpoint's base model. The model was not changed.")
+
+
+def _check_plain_weights(lf: LoraFile, r: Resolved, unet: nn.Module):
+    # Scaled-fp8 / quantized storage (ComfyUI's scaled fp8 ops, QuantizedTensor) keeps weight/scale
+    # or packed data: adding a delta to it in place would be wrong. Plain fp8 storage is fine
+    # (the fused weight is rounded, the original bits are restored from the exact copy).
+    for pname in r.by_param:
+        mod = unet.get_submodule(pname.rsplit(".", 1)[0])
+        w = mod.weight
+        if getattr(mod, "scale_weight", None) is not None or type(w.data) not in (torch.Tensor, nn.Parameter):
+            raise SDAccelError(f"SD Accel LoRA: {lf.name}: this model stores its UNet weights scaled or quantized "
+                               f"({type(w.data).__name__}, {w.dtype}; e.g. {pname}), which in-place LoRA fusing cannot change "
+                               "exactly. Load the checkpoint in fp16/bf16/fp32, or use ComfyUI's LoraLoader for this model. "
+                               "The model was not changed.")
 
 
 # --- the verb --------------------------------------------------------------------------------------

@@ -330,3 +330,13 @@ def test_sdxl_layout_unet_all_formats(tmp_path):
         for k in orig:
             torch.testing.assert_close(r[k], results[0][k], rtol=0, atol=1e-6)
     _untouched(xl, orig)
+
+
+def test_scaled_weights_are_refused(unet, two_loras):
+    (pa, _), _ = two_loras
+    mod = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    mod.scale_weight = torch.tensor(0.5)  # what ComfyUI's scaled-fp8 ops carry
+    orig = _weights(unet)
+    with pytest.raises(SDAccelError, match="scaled or quantized"):
+        apply_loras(unet, [LoraSpec(pa, 1.0)])
+    _untouched(unet, orig)
