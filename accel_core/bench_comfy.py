@@ -512,6 +512,7 @@ def run_comfy_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = N
         _write_json(result, cfg, b)
         logger.info("SD Accel bench: %s: %.2f ms/step, %.2fx, rel err %.4f, %s", row.name, row.ms_per_step, row.speedup, row.rel_err, row.note)
     result.png_path = write_chart(result, os.path.join(cfg.out_dir, "bench.png")) if result.rows else None
+    _write_json(result, cfg, b)
     return result
 
 
