@@ -1,0 +1,274 @@
+"""DeepCache through a real ComfyUI (COMFYUI_PATH): the node, KSampler runs, Compile UNet stacking, ControlNet.
+
+Most tests use a small UNetModel of SD1.5's block layout (width 32) built with ComfyUI's own
+classes, so nine-step runs take seconds; `test_real_checkpoint_cases` goes through ComfyUI's
+checkpoint loader with the full-size SD1.5 architecture (the shared `sd15_model` fixture).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import comfy_harness as harness
+
+STEPS = 9
+SIZE = 16
+
+
+class Pack:
+    """The pack's modules as ComfyUI loaded them (their classes and registries are the ones the nodes use)."""
+
+    def __init__(self, host):
+        self.host = host
+        self.dc = host.pack_module("accel_core.hosts.comfy_deepcache")
+        self.core = host.pack_module("accel_core.deepcache")
+        self.comfy = host.pack_module("accel_core.hosts.comfy")
+        self.compile = host.pack_module("accel_core.compile")
+        self.events = host.pack_module("accel_core.events")
+        self.errors = host.pack_module("accel_core.errors")
+
+    def deepcache(self, model, interval=3, depth=0, start=0.0, end=1.0, schedule="uniform"):
+        return self.host.node("SDAccelDeepCache").apply(model, interval, depth, start, end, schedule)[0]
+
+    def full_steps(self, n, **kw):
+        return self.core.full_steps(n, self.core.DeepCacheConfig(**kw))
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_host):
+    return Pack(comfy_host)
+
+
+@pytest.fixture
+def stats(pack):
+    seen = []
+
+    def listen(event, data):
+        if event == "deepcache_stats":
+            seen.append(data)
+
+    pack.events.subscribe(listen)
+    yield seen
+    pack.events.unsubscribe(listen)
+
+
+def tiny_model(unet_config=None, seed=0):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = unet_config or dict(harness.SD15_UNET_CONFIG, model_channels=32, num_heads=2)
+    mc = comfy.supported_models.SD15(dict(cfg))
+    mc.set_inference_dtype(torch.float32, None)
+    bm = mc.get_model({}, "", device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in bm.diffusion_model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return comfy.model_patcher.ModelPatcher(bm, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy_host):
+    return tiny_model()
+
+
+def run(model, case=harness.TXT2IMG, sampler="euler", positive=None, steps=STEPS):
+    import nodes
+
+    pos, neg = harness.conditioning()
+    with torch.inference_mode():
+        out = nodes.common_ksampler(model, 42, steps, 4.0, sampler, "normal", positive or pos, neg, case.latent(SIZE), denoise=case.denoise)
+    return out[0]["samples"].clone()
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny):
+    cache = {}
+
+    def get(case=harness.TXT2IMG, sampler="euler"):
+        if (case, sampler) not in cache:
+            cache[(case, sampler)] = run(tiny, case, sampler)
+        return cache[(case, sampler)]
+
+    return get
+
+
+# --- the two paths against UNetModel._forward -------------------------------------------------
+
+def _control(unet, x, t, ctx, seed=11):
+    """ControlNet-shaped residuals (input/middle/output lists, popped from the end) for every block."""
+    shapes = []
+    patch = {"patches": {"input_block_patch": [lambda h, to: (shapes.append(h.shape), h)[1]]}}
+    with torch.no_grad():
+        unet._forward(x, t, ctx, None, None, patch)
+    g = torch.Generator().manual_seed(seed)
+    r = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    mid = torch.randn(shapes[-1], generator=g) * 0.1
+    return {"input": list(reversed(r)), "middle": [mid], "output": list(r)}
+
+
+def _copy(control):
+    return {k: list(v) for k, v in control.items()}
+
+
+def test_paths_replay_forward_with_control_and_patches(pack, tiny):
+    unet = tiny.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, SIZE, SIZE, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768, generator=g)
+    control = _control(unet, x, t, ctx)
+
+    def freeu_like(h, hsp, to):  # scales h in place, as FreeU does
+        h[:, : h.shape[1] // 2] *= 1.1
+        return h, hsp
+
+    def options():
+        return {"patches": {"output_block_patch": [freeu_like], "emb_patch": [lambda e, mc, to: e * 1.01]},
+                "patches_replace": {}}
+
+    with torch.no_grad():
+        ref = unet._forward(x, t, ctx, None, _copy(control), options())
+        for d in range(len(unet.input_blocks)):
+            skipped = pack.dc._skipped_transformers(unet, d)
+            out, kept = pack.dc._ldm_full(unet, d, skipped, x, t, ctx, None, _copy(control), options())
+            assert torch.equal(out, ref), d
+            keep = kept.clone()
+            for _ in range(2):  # twice: the kept feature survives the in-place patch
+                to = options()
+                shallow = pack.dc._ldm_shallow(unet, d, skipped, kept, x, t, ctx, None, _copy(control), to)
+                assert torch.equal(shallow, ref), d
+            assert torch.equal(kept, keep)
+            assert to["transformer_index"] == 16  # as after the full walk: SD1.5 has 16 spatial transformers
+
+
+# --- sampling through KSampler ------------------------------------------------------------------
+
+def test_interval_one_and_all_full_runs_are_the_baseline(pack, tiny, baseline, stats):
+    import comfy.patcher_extension as pe
+
+    off = pack.deepcache(tiny, interval=1)
+    assert pack.dc.DEEPCACHE_KEY not in off.wrappers.get(pe.WrappersMP.DIFFUSION_MODEL, {})
+    assert torch.equal(run(off), baseline())
+    # Caching only after 95% of 9 steps: none is shallow, so every step is our full path.
+    all_full = pack.deepcache(tiny, interval=3, start=0.95)
+    assert torch.equal(run(all_full), baseline())
+    assert stats[-1]["hits"] == 0 and stats[-1]["full"] == STEPS
+
+
+@pytest.mark.parametrize("case", harness.CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("schedule", ["uniform", "non-uniform"])
+def test_cases_follow_the_schedule_and_repeat(pack, tiny, baseline, stats, case, schedule):
+    m = pack.deepcache(tiny, interval=3, schedule=schedule)
+    a, b = run(m, case), run(m, case)
+    assert torch.equal(a, b)  # state reset per run
+    n = stats[-1]["steps"]
+    assert n == (STEPS if case.denoise == 1.0 else round(STEPS * case.denoise))
+    sched = pack.full_steps(n, cache_interval=3, schedule=schedule)
+    assert stats[-1]["full"] == sum(sched) and stats[-1]["hits"] == n - sum(sched) > 0
+    err = harness.rel_err(a, baseline(case))
+    assert 0 < err < 0.05, err
+    if case.mask:  # inpaint: the unmasked half stays the input latent
+        init = case.latent(SIZE)["samples"]
+        assert torch.allclose(a[..., : SIZE // 2], init[..., : SIZE // 2], atol=1e-5)
+
+
+def test_multi_call_sampler_is_keyed_on_sigma(pack, tiny, baseline, stats):
+    m = pack.deepcache(tiny, interval=2)
+    out = run(m, sampler="heun")  # two model calls per step
+    sched = pack.full_steps(STEPS, cache_interval=2)
+    assert stats[-1]["full"] == sum(sched) and stats[-1]["hits"] == STEPS - sum(sched)
+    assert 0 < harness.rel_err(out, baseline(sampler="heun")) < 0.05
+
+
+def test_cond_and_uncond_batched_apart(pack, tiny, stats, monkeypatch):
+    import comfy.model_management as mm
+
+    m = pack.deepcache(tiny, interval=3)
+    together = run(m)
+    calls = []
+    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: (calls.append(1), 0)[1])  # no room: one chunk per call
+    apart = run(m)
+    assert calls and stats[-1]["hits"] == stats[-2]["hits"] > 0
+    torch.testing.assert_close(apart, together, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_is_a_clear_error_and_leaves_the_model(pack, tiny):
+    before = harness.Snapshot.of(tiny)
+    with pytest.raises(pack.errors.SDAccelError, match="cache_depth 12 is not a skip connection"):
+        pack.deepcache(tiny, depth=12)
+    with pytest.raises(pack.errors.SDAccelError, match="must be below end_percent"):
+        pack.deepcache(tiny, start=0.6, end=0.4)
+    with pytest.raises(pack.errors.SDAccelError, match="cache_interval"):
+        pack.deepcache(tiny, interval=0)
+    run(pack.deepcache(tiny, interval=3))
+    assert before.diff(tiny) == []
+
+
+# --- with Compile UNet -----------------------------------------------------------------------------
+
+def test_compile_stacks_in_either_order(pack, tiny, stats):
+    eager = run(pack.deepcache(tiny, interval=3, depth=1))
+    cfg = pack.compile.CompileConfig(backend="inductor", torch_backend="eager")
+    after = pack.deepcache(pack.comfy.apply_compile(tiny, cfg), interval=3, depth=1)
+    before = pack.comfy.apply_compile(pack.deepcache(tiny, interval=3, depth=1), cfg)
+    torch.testing.assert_close(run(after), eager, rtol=1e-4, atol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # warmed up: no recompilation, either order
+        torch.testing.assert_close(run(before), eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(run(after), eager, rtol=1e-4, atol=1e-5)
+    assert stats[-1]["hits"] > 0
+    unet = tiny.model.diffusion_model
+    paths = {k[1]: cu for k, cu in pack.comfy._compiled[unet].items() if isinstance(k, tuple)}
+    assert set(paths) == {"deepcache full d1", "deepcache shallow d1"}
+    assert all(cu.report.status in ("compiled", "partial") for cu in paths.values())
+    assert pack.comfy.compile_report(after)["status"] in ("compiled", "partial")
+
+
+# --- ControlNet -------------------------------------------------------------------------------------
+
+def _tiny_controlnet(tiny):
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+    import comfy.ops
+
+    cfg = dict(tiny.model.model_config.unet_config)
+    cfg.pop("out_channels")
+    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device=torch.device("cpu"))
+    net = comfy.cldm.cldm.ControlNet(**cfg)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, p in net.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device(), manual_cast_dtype=None)
+
+
+def test_controlnet_residuals_apply_on_the_blocks_that_run(pack, tiny, stats):
+    import nodes
+
+    cn = _tiny_controlnet(tiny)
+    hint = torch.rand((1, SIZE * 8, SIZE * 8, 3), generator=torch.Generator().manual_seed(2))
+    pos, neg = harness.conditioning()
+    pos_c, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, cn, hint, 1.0, 0.0, 1.0)
+    eager = run(tiny, positive=pos_c)
+    plain = run(tiny)
+    m = pack.deepcache(tiny, interval=3)
+    cached = run(m, positive=pos_c)
+    assert stats[-1]["hits"] > 0 and stats[-1]["disabled"] is None
+    err = harness.rel_err(cached, eager)
+    assert 0 < err < 0.05 and harness.rel_err(cached, plain) > 5 * err  # the control is there, and close to eager
+
+
+# --- ComfyUI's loader with the full SD1.5 architecture -------------------------------------------
+
+@pytest.mark.parametrize("case", harness.CASES, ids=lambda c: c.name)
+def test_real_checkpoint_cases(pack, sd15_model, stats, case):
+    steps = 6
+    base = harness.sample(sd15_model, case, steps=steps)
+    m = pack.deepcache(sd15_model, interval=3)
+    a = harness.sample(m, case, steps=steps)
+    assert torch.equal(a, harness.sample(m, case, steps=steps))
+    n = stats[-1]["steps"]
+    assert stats[-1]["hits"] == n - math.ceil(n / 3) > 0
+    assert 0 < harness.rel_err(a, base) < 0.1
