@@ -537,7 +537,7 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
     or a LoRA for another architecture raises SDAccelError with the model untouched.
     """
     config = config or LoraConfig()
-    if unet_kind(unet) is None and not isinstance(unet, nn.Module):
+    if not isinstance(unet, nn.Module):
         raise SDAccelError(f"SD Accel LoRA: expected a UNet (torch nn.Module), found {type(unet).__name__}.")
     specs = []
     for s in loras or ():
@@ -590,7 +590,7 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
                     state.signature[pname] = sig
                 changed += 1
         state.applied = applied
-        report.layers_changed, report.seconds, report.changed = changed, time.perf_counter() - t0, True
+        report.layers_changed, report.seconds, report.changed = changed, time.perf_counter() - t0, changed > 0
         return report
 
 

@@ -340,3 +340,12 @@ def test_scaled_weights_are_refused(unet, two_loras):
     with pytest.raises(SDAccelError, match="scaled or quantized"):
         apply_loras(unet, [LoraSpec(pa, 1.0)])
     _untouched(unet, orig)
+
+
+def test_order_of_the_set_does_not_matter(unet, two_loras):
+    (pa, _), (pb, _) = two_loras
+    apply_loras(unet, [LoraSpec(pa, 1.0), LoraSpec(pb, 0.5)])
+    w = _weights(unet)
+    rep = apply_loras(unet, [LoraSpec(pb, 0.5), LoraSpec(pa, 1.0)])
+    assert not rep.changed and rep.layers_changed == 0
+    assert all(torch.equal(v, w[k]) for k, v in _weights(unet).items())
