@@ -162,6 +162,11 @@ def main(env: Env | None = None) -> list[str]:
         if missing:
             out.append(f"{PREFIX} missing {', '.join(missing)}; ComfyUI-Manager installs requirements.txt, or run: {sys.executable} -m pip install {' '.join(missing)}")
     out += report(env)
+    if importlib.util.find_spec("diffusers") is None:
+        # Not installed for the user: the webui pins huggingface_hub/transformers versions that a
+        # current diffusers may not accept. Only the tab's Benchmark needs it.
+        out.append(f"{PREFIX} diffusers is not installed: the SD Accel tab's Benchmark needs it (pip install diffusers, "
+                   "a version that accepts this webui's huggingface_hub); generation does not.")
     wanted = {w.strip() for w in os.environ.get("SD_ACCEL_INSTALL", "").split(",") if w.strip()}
     if "stable-fast" in wanted and importlib.util.find_spec("sfast") is None:
         url, why = stable_fast_wheel(env)

@@ -175,6 +175,7 @@ class SDAccelScript(scripts.Script):
 
     def postprocess(self, p, processed, *args):
         stats = webui.finish_generation()
+        p.sd_accel_deepcache_runs = stats["deepcache"]
         for run in stats["deepcache"]:
             print(f"SD Accel DeepCache: reused deep features on {run['hits']}/{run['hits'] + run['full']} UNet calls "
                   f"(interval {run['interval']}, depth {run['depth']}){'; off: ' + run['disabled'] if run.get('disabled') else ''}")

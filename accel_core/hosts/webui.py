@@ -391,6 +391,12 @@ def clear_caches() -> int:
     return n
 
 
+def _key_label(key) -> str:
+    # CompileConfig for the whole UNet, (CompileConfig, path name) for DeepCache's full/shallow paths.
+    cfg, name = key if isinstance(key, tuple) else (key, "")
+    return f"{cfg.backend} {cfg.mode}" + (f" [{name}]" if name else "")
+
+
 def cache_state() -> list[dict]:
     """One entry per module with SD Accel artifacts (a webui UNet or SD Accel's cast copy of one)."""
     arts = [(m, m.__dict__.get(_ATTR)) for m in list(_live)]
@@ -402,8 +408,8 @@ def cache_state() -> list[dict]:
         out.append({
             "module": f"{type(module).__name__} at {id(module):#x}, {kind}",
             "cast_copy": art.cast_copy is not None,
-            "compiled": [{"config": f"{cfg.backend} {cfg.mode}", "status": cu.report.status, "summary": cu.report.summary()}
-                         for cfg, cu in art.compiled.items()],
+            "compiled": [{"config": _key_label(key), "status": cu.report.status, "summary": cu.report.summary()}
+                         for key, cu in art.compiled.items()],
         })
     return out
 
@@ -420,7 +426,6 @@ class Applied:
     notes: list[str] = field(default_factory=list)
     compile_report: CompileReport | None = None  # the report only: an Applied must not keep a UNet alive
     lora: str | None = None  # the hot-swap report (A1111; on Forge the weights change at the first UNet call)
-    forge_wrapper: object = None
 
     def status(self) -> str | None:
         """The infotext status: what did not go as asked (None when everything applied cleanly)."""
@@ -992,22 +997,24 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, lora_dir: str | None = None
     m.set_model_unet_function_wrapper(wrapper)
     if opts.compile_on:
         applied.compile_report = compiled_for(unet, opts.compile_config()).report
-    applied.forge_wrapper = wrapper
+    _forge_passes.append(wrapper)
     return m, _record(applied)
+
+
+# This generation's Forge wrappers (one per sampling pass: hires fix makes two); they hold
+# their pass's runner, and through it the UNet, until the generation ends.
+_forge_passes: list[_ForgeWrapper] = []
 
 
 def finish_generation() -> dict:
     """End of a generation on either host: undo A1111's swap, restore fused LoRAs, collect DeepCache stats."""
-    applied = last_applied()
     runs = []
-    wrapper = getattr(applied, "forge_wrapper", None) if applied is not None else None
-    if wrapper is not None:
-        runs = wrapper.finish()
-        applied.forge_wrapper = None  # it holds this pass's runner (and through it the UNet)
+    while _forge_passes:
+        runs += _forge_passes.pop(0).finish()
+    A1111.last_deepcache = []
     A1111.undo()
     restore_loras()
-    runs = runs or A1111.last_deepcache
-    return {"deepcache": runs}
+    return {"deepcache": runs + A1111.last_deepcache}
 
 
 # --- the tab ------------------------------------------------------------------------------------------
