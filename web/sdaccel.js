@@ -73,15 +73,28 @@ function badgeFor(node) {
   return new window.LGraphBadge({ text, fgColor: fg, bgColor: bg });
 }
 
+function fitText(ctx, text, width) {
+  if (ctx.measureText(text).width <= width) return text;
+  let n = text.length;
+  while (n > 1 && ctx.measureText(`${text.slice(0, n)}…`).width > width) n--;
+  return `${text.slice(0, n)}…`;
+}
+
+// The reasons under the node, on a dark plate so links do not run through the text; the
+// full text is in the toast and the console.
 function drawDetails(node, ctx) {
   const lines = detailLines(stateOf(node));
   if (!lines.length || node.flags?.collapsed) return;
+  const width = Math.max(node.size[0], 260);
+  const top = node.size[1] + 4;
   ctx.save();
   ctx.font = "11px sans-serif";
+  ctx.fillStyle = "rgba(24, 24, 24, 0.9)";
+  ctx.fillRect(0, top, width, lines.length * 14 + 6);
   ctx.fillStyle = "#f0b36a";
   ctx.textAlign = "left";
   ctx.textBaseline = "top";
-  lines.forEach((line, i) => ctx.fillText(line.length > 90 ? `${line.slice(0, 89)}…` : line, 4, node.size[1] + 6 + i * 14));
+  lines.forEach((line, i) => ctx.fillText(fitText(ctx, line, width - 8), 4, top + 3 + i * 14));
   ctx.restore();
 }
 
