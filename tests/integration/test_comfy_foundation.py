@@ -119,14 +119,17 @@ def test_fullgraph_fallback_on_host_attention(comfy_adapter, accel, sd15_model, 
     # silently reuse that graph-broken code instead of failing.
     torch._dynamo.reset()
     compiled = comfy_adapter.apply_compile(sd15_model, eager_compile(accel, fullgraph=True))
-    out = sample(compiled, TXT2IMG)
+    # The fallback descends one level per model call (a failing unit runs eager for that call,
+    # its children are tried on the next): whole UNet, SpatialTransformer, BasicTransformerBlock,
+    # attention. Two 2-step runs are four calls, enough to reach the attention modules.
+    for run in range(2):
+        assert rel_err(sample(compiled, TXT2IMG), reference(TXT2IMG)) < EXACT, f"run {run}"
     report = comfy_adapter.compile_report(compiled)
     assert report["whole_error"], report
     assert report["status"] == "partial", report
     assert report["units_compiled"] > 0
-    eager_attention = [name for name in report["fallbacks"] if name.split(".")[-1] in ("attn1", "attn2")]
-    assert eager_attention, report["fallbacks"]
-    assert rel_err(out, reference(TXT2IMG)) < EXACT
+    kept_eager = [name.rsplit(".", 1)[-1] for name in report["fallbacks"]]
+    assert kept_eager.count("attn1") == kept_eager.count("attn2") == 16, report["fallbacks"]  # every SD1.5 attention
 
 
 # --- FP16 Cast ------------------------------------------------------------------------------------
