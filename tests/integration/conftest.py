@@ -1,4 +1,4 @@
-"""Fixtures for tests against a real ComfyUI (COMFYUI_PATH); everything skips without one.
+"""Fixtures for tests against a real ComfyUI (COMFYUI_PATH); tests using them skip without one.
 
 Session-scoped, because each costs seconds to minutes on a CPU: the booted host, one
 generated SD1.5-architecture checkpoint (1.7 GB fp16 in a session tmp dir), the MODEL
@@ -16,19 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_harness as harness  # noqa: E402
 
 
-def pytest_collection_modifyitems(config, items):
-    reason = harness.skip_reason()
-    if reason is None:
-        return
-    here = Path(__file__).resolve().parent
-    for item in items:
-        # test_webui_* drive stable-diffusion-webui / Forge, not ComfyUI; they skip on their own terms.
-        if here in Path(str(item.fspath)).resolve().parents and not Path(str(item.fspath)).name.startswith("test_webui_"):
-            item.add_marker(pytest.mark.skip(reason=reason))
-
-
 @pytest.fixture(scope="session")
 def comfy_host() -> harness.Host:
+    """The booted ComfyUI with this pack loaded; every test using it skips without COMFYUI_PATH
+    (the webui integration tests in this folder have their own variables)."""
     reason = harness.skip_reason()
     if reason:
         pytest.skip(reason)
