@@ -7,6 +7,7 @@ checkpoint loader with the full-size SD1.5 architecture (the shared `sd15_model`
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -39,6 +40,15 @@ class Pack:
 @pytest.fixture(scope="module")
 def pack(comfy_host):
     return Pack(comfy_host)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small UNets gain little from threads, and on a busy 2-core machine two threads thrash.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -164,7 +174,7 @@ def test_cases_follow_the_schedule_and_repeat(pack, tiny, baseline, stats, case,
     a, b = run(m, case), run(m, case)
     assert torch.equal(a, b)  # state reset per run
     n = stats[-1]["steps"]
-    assert n == (STEPS if case.denoise == 1.0 else round(STEPS * case.denoise))
+    assert n == STEPS  # ComfyUI samples `steps` steps at any denoise (from a longer schedule)
     sched = pack.full_steps(n, cache_interval=3, schedule=schedule)
     assert stats[-1]["full"] == sum(sched) and stats[-1]["hits"] == n - sum(sched) > 0
     err = harness.rel_err(a, baseline(case))
@@ -188,7 +198,15 @@ def test_cond_and_uncond_batched_apart(pack, tiny, stats, monkeypatch):
     m = pack.deepcache(tiny, interval=3)
     together = run(m)
     calls = []
-    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: (calls.append(1), 0)[1])  # no room: one chunk per call
+    real = mm.get_free_memory
+
+    def no_room_for_a_batch(*a, **k):  # only where the sampler decides how many conds to batch
+        if sys._getframe(1).f_code.co_name == "_calc_cond_batch":
+            calls.append(1)
+            return 0
+        return real(*a, **k)
+
+    monkeypatch.setattr(mm, "get_free_memory", no_room_for_a_batch)
     apart = run(m)
     assert calls and stats[-1]["hits"] == stats[-2]["hits"] > 0
     torch.testing.assert_close(apart, together, rtol=1e-4, atol=1e-5)
@@ -219,7 +237,7 @@ def test_compile_stacks_in_either_order(pack, tiny, stats):
         torch.testing.assert_close(run(after), eager, rtol=1e-4, atol=1e-5)
     assert stats[-1]["hits"] > 0
     unet = tiny.model.diffusion_model
-    paths = {k[1]: cu for k, cu in pack.comfy._compiled[unet].items() if isinstance(k, tuple)}
+    paths = {k[1]: cu for k, cu in pack.comfy._compiled.get(unet, {}).items() if isinstance(k, tuple)}
     assert set(paths) == {"deepcache full d1", "deepcache shallow d1"}
     assert all(cu.report.status in ("compiled", "partial") for cu in paths.values())
     assert pack.comfy.compile_report(after)["status"] in ("compiled", "partial")
