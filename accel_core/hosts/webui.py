@@ -733,6 +733,8 @@ def build_runner(unet: nn.Module, opts: WebuiOptions, device_type: str, progress
     dc = None
     if opts.deepcache_on and feature_module("deepcache") is not None:
         dc = _DeepCacheRun(target, deepcache_config(opts), config, progress)
+        if config is not None:
+            compiled = dc.full  # what runs compiled now: DeepCache's full path (and its shallow one)
     attention = opts.attention if opts.enabled else "auto"
     return _Runner(call, dtype, opts.channels_last and opts.cast_on, attention, dc), compiled, target
 
