@@ -119,6 +119,8 @@ class _Guarded:
         except Exception as e:
             if _is_run_error(e) or not self.holder.config.fallback:
                 raise
+            # A failed conversion still cost time (tracing up to the failure): count it.
+            self.holder.report.compile_seconds += time.perf_counter() - t0
             out = self.eager(*args, **kwargs)  # raises if the inputs themselves are bad
             self.state = "failed"
             self.holder._on_failure(self, e)
