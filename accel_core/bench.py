@@ -229,7 +229,10 @@ class BenchContext:
         self.progress = progress
 
     def wanted(self, name: str) -> bool:
-        return self.cfg.configs is None or any(name.startswith(c) for c in self.cfg.configs) or self.baseline is None
+        configs = self.cfg.configs
+        if configs is None and self.device == "cpu":  # the short default; --all runs every row
+            return name.startswith(CPU_DEFAULT_PREFIXES) or name in CPU_DEFAULT_ROWS or self.baseline is None
+        return configs is None or any(name.startswith(c) for c in configs) or self.baseline is None
 
     def measure(self, name: str, make: Callable[[], Callable], dtype: torch.dtype | None = None, steps: int | None = None,
                 note: str = "", run: Callable | None = None) -> BenchRow | None:
@@ -274,6 +277,12 @@ class BenchContext:
 
 # --- suites ----------------------------------------------------------------------------------
 
+# Rows of the default CPU run (2 cores): the CPU path (bf16 + channels_last + inductor) against
+# fp32 eager, and eager DeepCache; one compile in all. Rows that compile or load more (DeepCache +
+# compile, LoRA swap vs recompile, LCM) run with --all or --configs.
+CPU_DEFAULT_PREFIXES = ("eager", "inductor default")
+CPU_DEFAULT_ROWS = ("deepcache i2", "deepcache i3", "deepcache i5")
+
 SUITES: list[Callable[[BenchContext], Iterable[BenchRow]]] = []
 
 
@@ -297,7 +306,10 @@ def core_suite(ctx: BenchContext):
     modes = ["default"] + (["reduce-overhead"] if ctx.device == "cuda" else [])
     for mode in modes:
         cu = compile(cast_unet, CompileConfig(backend="inductor", mode=mode))
-        yield ctx.measure(f"inductor {mode} + {fast} + channels_last", lambda: unet_caller(cu), dtype=fast_dtype, note=cu.report.status)
+        row = ctx.measure(f"inductor {mode} + {fast} + channels_last", lambda: unet_caller(cu), dtype=fast_dtype)
+        if row is not None:
+            row.note = cu.report.status  # known only once it ran
+        yield row
 
 
 def _suites():

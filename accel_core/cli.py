@@ -14,7 +14,7 @@ def _bench(args) -> int:
 
     try:
         cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, checkpoint=args.checkpoint,
-                          configs=tuple(args.configs) if args.configs else None, out_dir=args.out, seed=args.seed, repeats=args.repeats,
+                          configs=("",) if args.all else (tuple(args.configs) if args.configs else None), out_dir=args.out, seed=args.seed, repeats=args.repeats,
                           host=args.host, comfyui_path=args.comfyui_path)
     except SDAccelError as e:
         print(e, file=sys.stderr)
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--checkpoint", default=None, help="your SD1.x/SDXL .safetensors checkpoint or UNet file")
     b.add_argument("--configs", nargs="*", help="only rows whose names start with these")
+    b.add_argument("--all", action="store_true", help="every row (the CPU default runs the core and DeepCache rows only)")
     b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--repeats", type=int, default=1)
