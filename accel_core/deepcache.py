@@ -269,6 +269,14 @@ class DeepCacheState:
 
 # --- depth ----------------------------------------------------------------------------------
 
+def drop_skipped_control(control, skipped_outputs: int) -> None:
+    """On a shallow step, discard the ControlNet residuals the skipped output blocks would have
+    taken off the end of control["output"], so the blocks that run get their own ones (LDM hosts)."""
+    if control is not None and "output" in control:
+        for _ in range(min(skipped_outputs, len(control["output"]))):
+            control["output"].pop()
+
+
 def skip_count(unet: nn.Module) -> int:
     """How many skip connections (possible cache depths) a UNet has."""
     kind = unet_kind(unet)

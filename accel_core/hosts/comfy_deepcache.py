@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from ..deepcache import _CUDAGRAPH_MODES, DeepCacheConfig, DeepCacheState, check_depth
+from ..deepcache import _CUDAGRAPH_MODES, DeepCacheConfig, DeepCacheState, check_depth, drop_skipped_control
 from ..log import logger
 from .comfy import _check_model, _wrappers_mp, active_compile_config, compiled_path
 
@@ -80,11 +80,7 @@ def _ldm_walk(unet, depth: int, skipped: int, cached, x, timesteps=None, context
             h = p(h, to)
 
     if shallow:
-        # The skipped output blocks would each have taken one ControlNet residual off the end.
-        if control is not None and "output" in control:
-            for _ in range(j0):
-                if len(control["output"]) > 0:
-                    control["output"].pop()
+        drop_skipped_control(control, j0)
         if "transformer_index" in to:
             to["transformer_index"] += skipped
         # Output block patches (FreeU, ...) may change h in place: the kept feature must stay as kept.

@@ -512,6 +512,8 @@ def _forge_walk(unet, depth: int, cached, x, timesteps=None, context=None, y=Non
     modifiers, block patches and ControlNet residuals for the blocks that run."""
     from backend.nn.unet import apply_control, timestep_embedding
 
+    from ..deepcache import drop_skipped_control
+
     shallow = cached is not None
     to = transformer_options
     to["original_shape"] = list(x.shape)
@@ -541,10 +543,7 @@ def _forge_walk(unet, depth: int, cached, x, timesteps=None, context=None, y=Non
         for p in patches.get("input_block_patch_after_skip", ()):
             h = p(h, to)
     if shallow:
-        if control is not None and "output" in control:  # the skipped output blocks' residuals
-            for _ in range(j0):
-                if len(control["output"]) > 0:
-                    control["output"].pop()
+        drop_skipped_control(control, j0)
         h = cached.clone() if "output_block_patch" in patches else cached
     else:
         to["block"] = ("middle", 0)
