@@ -164,7 +164,8 @@ class CompiledUNet:
             self._announced = True
             events.emit("compile_start", backend=self.backend.name, mode=self.config.mode, target=self.report.target)
         if not self._blockwise:
-            return self._whole(*args, **kwargs)
+            with _roomy_recompile_limit():
+                return self._whole(*args, **kwargs)
         with self._units_installed(), _roomy_recompile_limit():
             out = self._entry_eager(*args, **kwargs)
         self._settle()
@@ -234,7 +235,8 @@ class CompiledUNet:
 @contextlib.contextmanager
 def _roomy_recompile_limit():
     # Blockwise compilation compiles one code object (ResBlock.forward, ...) for many
-    # instances and shapes; dynamo's default limit of 8 would silently leave the rest eager.
+    # instances and shapes, and a specialised (dynamic=False) whole UNet gets one entry per
+    # resolution x batch; dynamo's default limit of 8 would silently leave the rest eager.
     # Scoped to our call, so nothing process-wide changes.
     with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
         yield
