@@ -9,7 +9,7 @@ executor runs it. Every row is timed in the same process as the eager baseline i
 with. ms/step is end-to-end sampling time over steps (what a user waits for), so it includes
 ComfyUI's own per-step work outside the UNet.
 
-Diagnostics per row (in the row note and bench.json): dynamo graph breaks, graphs, recompiles
+Diagnostics per row (in the row note and bench.json): dynamo graph breaks, graphs, frames compiled (first compile and recompiles)
 and CUDA-graph skips counted during that row, and `unet` = GPU time spanned by the UNet call
 per step (CUDA events in one extra run), so `ms/step - unet` is the time the sampler spends
 outside the UNet. `SD_ACCEL_BENCH_PROFILE=<row-prefix>` also writes a torch.profiler summary
@@ -150,7 +150,7 @@ class ComfyInputs:
     noise: torch.Tensor
 
 
-def make_inputs(arch: str, side: int, seed: int) -> ComfyInputs:
+def make_inputs(arch: str, side: int, seed: int, batch: int = 1) -> ComfyInputs:
     import comfy.sample
 
     g = torch.Generator().manual_seed(seed)
@@ -162,7 +162,7 @@ def make_inputs(arch: str, side: int, seed: int) -> ComfyInputs:
             extra = {"pooled_output": torch.randn(1, 1280, generator=g) * 0.5, "width": side * 8, "height": side * 8}
         return [[torch.randn(1, 77, cdim, generator=g) * 0.5, extra]]
 
-    latent = torch.zeros(1, 4, side, side)
+    latent = torch.zeros(batch, 4, side, side)
     return ComfyInputs(cond(), cond(), latent, comfy.sample.prepare_noise(latent, seed))
 
 
@@ -176,10 +176,12 @@ def _sync(device: str):
 def _counters() -> dict:
     from torch._dynamo.utils import counters
 
+    # Dynamo keeps no recompile counter: every frame it compiles (first compile or recompile)
+    # is counted in frames/ok, so a delta of 0 over a run means nothing was (re)compiled.
     return {
         "graph_breaks": sum(counters["graph_break"].values()),
         "graphs": counters["stats"].get("unique_graphs", 0),
-        "recompiles": counters["recompiles"].get("total", 0) if "recompiles" in counters else 0,
+        "frames_compiled": counters["frames"].get("ok", 0),
         "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
     }
 
@@ -222,10 +224,11 @@ class ComfyBench:
             return not name.startswith("exp")  # experiments run only when named
         return any(name.startswith(c) for c in self.cfg.configs)
 
-    def sample(self, model, steps: int | None = None, cfg_scale: float | None = None, sampler: str = "euler", scheduler: str = "normal") -> torch.Tensor:
+    def sample(self, model, steps: int | None = None, cfg_scale: float | None = None, sampler: str = "euler", scheduler: str = "normal",
+               inputs: ComfyInputs | None = None) -> torch.Tensor:
         import comfy.sample
 
-        i = self.inputs
+        i = inputs or self.inputs
         return comfy.sample.sample(model, i.noise, steps or self.steps, self.cfg.cfg_scale if cfg_scale is None else cfg_scale,
                                    sampler, scheduler, i.positive, i.negative, i.latent, denoise=1.0, disable_pbar=True, seed=self.cfg.seed)
 
@@ -244,15 +247,7 @@ class ComfyBench:
         if not self.wanted(name):
             return None
         made = []
-        # Each row starts from the same state: nothing loaded, no compiled code, CUDA-graph pools
-        # or dropped models of earlier rows (so peak memory is this row's), peak counter reset.
-        # (ComfyUI itself collects dropped models with gc.collect when it notices them.)
-        self.mm.unload_all_models()
-        torch._dynamo.reset()
-        gc.collect()
-        self.mm.soft_empty_cache()
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        self._fresh()
         before = _counters()
         try:
             with torch.inference_mode(), (row_ctx() if row_ctx else contextlib.nullcontext()):
@@ -312,6 +307,70 @@ class ComfyBench:
         self._done(name)
         return row
 
+    def _fresh(self):
+        # Each row starts from the same state: nothing loaded, no compiled code, CUDA-graph pools
+        # or dropped models of earlier rows (so peak memory is this row's), peak counter reset.
+        # (ComfyUI itself collects dropped models with gc.collect when it notices them.)
+        self.mm.unload_all_models()
+        torch._dynamo.reset()
+        gc.collect()
+        self.mm.soft_empty_cache()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def measure_changes(self, name: str, make: Callable[[], object], phases: list[tuple[str, int, int]], note: str = "") -> BenchRow | None:
+        """What a size change costs: sample at the preset size (first run: compile), time a steady run,
+        then run each phase (label, latent side, batch) in order; per phase, the seconds of its first
+        run and how many frames dynamo compiled for it (0 = reused, 1 = one recompile).
+
+        ms/step and speed-up are the steady run at the preset size; the phases go in the note and
+        in bench.json's diagnostics.
+        """
+        if not self.wanted(name):
+            return None
+        self._fresh()
+        arch = self.preset.arch
+        try:
+            with torch.inference_mode():
+                model = make()
+                t0 = time.perf_counter()
+                self.sample(model)
+                _sync(self.device)
+                first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                out = self.sample(model)
+                _sync(self.device)
+                steady = time.perf_counter() - t0
+                phase_log = []
+                for label, side, batch in phases:
+                    inputs = make_inputs(arch, side, self.cfg.seed, batch)
+                    c0 = _counters()["frames_compiled"]
+                    t0 = time.perf_counter()
+                    self.sample(model, inputs=inputs)
+                    _sync(self.device)
+                    secs = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.sample(model, inputs=inputs)
+                    _sync(self.device)
+                    again = time.perf_counter() - t0
+                    phase_log.append({"phase": label, "latent": side, "batch": batch, "first_run_s": secs,
+                                      "second_run_s": again, "frames_compiled": _counters()["frames_compiled"] - c0})
+                peak = torch.cuda.max_memory_allocated() / 2 ** 20 if self.device == "cuda" else None
+        except Exception as e:
+            logger.exception("SD Accel bench: row %r failed", name)
+            self._done(name)
+            return BenchRow(name, float("nan"), speedup=0.0, steps=self.steps, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
+        ms = steady / self.steps * 1000
+        row = BenchRow(name, ms, steps=self.steps, peak_mem_mb=peak, compile_s=max(0.0, first - steady), note=note)
+        row.speedup = (self.baseline.ms_per_step * self.baseline.steps) / (ms * self.steps) if self.baseline else 1.0
+        row.rel_err = rel_err(out, self.baseline_out) if self.baseline_out is not None else 0.0
+        parts = [f"{p['phase']}: {p['frames_compiled']} compiled frame(s), first run {p['first_run_s']:.1f} s, then {p['second_run_s']:.2f} s"
+                 for p in phase_log]
+        row.note = "; ".join(([note] if note else []) + parts)
+        self.diagnostics[name] = {"phases": phase_log, "first_run_s": first}
+        self._done(name)
+        return row
+
     def _done(self, name):
         if self.progress:
             self.progress(name)
@@ -363,10 +422,15 @@ def _builtin_compile(model, backend: str = "inductor"):
     return out.result[0] if hasattr(out, "result") else out[0]
 
 
-def _our_compile(model, mode: str):
+def _our_compile(model, mode: str, dynamic: bool | None = False):
+    if dynamic is None:  # torch's automatic dynamic (not a node choice): through the adapter
+        from .compile import CompileConfig
+        from .hosts.comfy import apply_compile
+
+        return apply_compile(model, CompileConfig(backend="inductor", mode=mode, dynamic=None))
     from ..nodes.compile import SDAccelCompileUNet
 
-    return SDAccelCompileUNet().apply(model, backend="inductor", mode=mode, dynamic=False, fullgraph=False)[0]
+    return SDAccelCompileUNet().apply(model, backend="inductor", mode=mode, dynamic=dynamic, fullgraph=False)[0]
 
 
 def _our_cast(model, channels_last=True, attention="auto"):
@@ -413,10 +477,20 @@ def rows(b: ComfyBench):
         yield b.measure("SDAccelDeepCache interval 3", lambda: dc(base))
         yield b.measure("SDAccelDeepCache interval 3 + SDAccelCompileUNet reduce-overhead", lambda: _our_compile(dc(base), "reduce-overhead"))
     if _has("..nodes.lcm"):
-        run = _lcm_runner(b, base)
-        eager = "SDAccelLCMLoRASampler 4 steps, cfg 1.5"
-        yield b.measure(eager, lambda: base, steps=LCM_STEPS, run=run, note="rel err vs the 20-step euler baseline: another sampler, not comparable")
-        yield b.measure(eager + " + SDAccelCompileUNet reduce-overhead", ro, steps=LCM_STEPS, run=run, compare_to=eager)
+        lcm_note = "rel err vs the 20-step euler baseline: another sampler, not comparable"
+        for cfg_scale in (1.5, 1.0):  # 1.5: the node's default (UNet batch 2); 1.0 skips the negative pass
+            run = _lcm_runner(b, base, cfg_scale)
+            eager = f"SDAccelLCMLoRASampler 4 steps, cfg {cfg_scale:g}"
+            yield b.measure(eager, lambda: base, steps=LCM_STEPS, run=run, note=lcm_note)
+            yield b.measure(eager + " + SDAccelCompileUNet reduce-overhead", ro, steps=LCM_STEPS, run=run, compare_to=eager)
+            yield b.measure(eager + " + FP16Cast + SDAccelCompileUNet reduce-overhead", ro_cast, steps=LCM_STEPS, run=run, compare_to=eager)
+    # Size changes: the target is at most one recompile per change (and none going back).
+    side, big = b.preset.latent, b.preset.latent * 3 // 2
+    phases = [(f"{side * 8}->{big * 8}", big, 1), (f"back to {side * 8}", side, 1), ("batch 1->2", side, 2)]
+    for dyn, label in ((False, "dynamic off"), (None, "dynamic auto")):
+        yield b.measure_changes(f"SDAccelCompileUNet reduce-overhead, size changes ({label})",
+                                lambda dyn=dyn: _our_compile(base, "reduce-overhead", dyn), phases)
+    yield b.measure_changes("comfy TorchCompileModel (built-in), size changes", lambda: _builtin_compile(base), phases)
     # Experiments (run only when named in --configs): settings on top of the cast + reduce-overhead row.
     yield b.measure("exp: FP16Cast + reduce-overhead + cudnn.benchmark", ro_cast, row_ctx=_cudnn_benchmark)
     yield b.measure("exp: FP16Cast + reduce-overhead + conv1x1-as-mm + coordinate descent", ro_cast,
@@ -444,7 +518,7 @@ def _deepcache(model, interval: int):
 LCM_STEPS = 4
 
 
-def _lcm_runner(b: ComfyBench, base):
+def _lcm_runner(b: ComfyBench, base, cfg_scale: float = 1.5):
     """`run(model)` for LCM rows: our LCM-LoRA sampler node (hot-swaps a LoRA, lcm sampler, sgm_uniform)
     with a seeded random LoRA of LCM-LoRA's layout over every attention-block projection (speed
     does not depend on the LoRA's values; the final latent is compared between LCM rows only)."""
@@ -454,14 +528,16 @@ def _lcm_runner(b: ComfyBench, base):
 
     from ..nodes.lcm import SDAccelLCMLoRASampler
 
-    folder = tempfile.mkdtemp(prefix="sd_accel_bench_lora_")
-    _write_lora(os.path.join(folder, "lcm-bench.safetensors"), base, seed=b.cfg.seed + 1)
-    folder_paths.add_model_folder_path("loras", folder)
+    if not getattr(b, "_lcm_lora_written", False):  # one file for every LCM row
+        folder = tempfile.mkdtemp(prefix="sd_accel_bench_lora_")
+        _write_lora(os.path.join(folder, "lcm-bench.safetensors"), base, seed=b.cfg.seed + 1)
+        folder_paths.add_model_folder_path("loras", folder)
+        b._lcm_lora_written = True
     node, i = SDAccelLCMLoRASampler(), b.inputs
 
     def run(model):
         latent = node.sample(model, i.positive, i.negative, {"samples": i.latent}, "lcm-bench.safetensors", 1.0, b.cfg.seed,
-                             LCM_STEPS, 1.5, 1.0)[0]
+                             LCM_STEPS, cfg_scale, 1.0)[0]
         return latent["samples"]
     return run
 

@@ -3,7 +3,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+
+def resolve_host(host: str, comfyui_path: str | None, checkpoint: str | None, pack_dir: str | None = None) -> str:
+    """`--host auto`: ComfyUI's own loader and sampler when a ComfyUI tree is known (--comfyui-path,
+    $COMFYUI_PATH, or this pack installed in ComfyUI/custom_nodes), else the diffusers UNet."""
+    if host != "auto":
+        return host
+    if checkpoint:  # the ComfyUI host builds its models; a user's file goes through diffusers
+        return "diffusers"
+    if comfyui_path or os.environ.get("COMFYUI_PATH"):
+        return "comfy"
+    pack_dir = pack_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(pack_dir))  # <ComfyUI>/custom_nodes/<pack>
+    if os.path.basename(os.path.dirname(pack_dir)) == "custom_nodes" and os.path.isfile(os.path.join(root, "comfy", "sd.py")):
+        os.environ.setdefault("COMFYUI_PATH", root)  # our own process: tells bench_comfy where the tree is
+        return "comfy"
+    return "diffusers"
 
 
 def _bench(args) -> int:
@@ -15,7 +33,7 @@ def _bench(args) -> int:
     try:
         cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, checkpoint=args.checkpoint,
                           configs=("",) if args.all else (tuple(args.configs) if args.configs else None), out_dir=args.out, seed=args.seed, repeats=args.repeats,
-                          host=args.host, comfyui_path=args.comfyui_path)
+                          host=resolve_host(args.host, args.comfyui_path, args.checkpoint), comfyui_path=args.comfyui_path)
     except SDAccelError as e:
         print(e, file=sys.stderr)
         return 2
@@ -54,8 +72,10 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="baseline vs each acceleration: ms/step, speed-up, relative error, memory, compile time")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    b.add_argument("--host", default="diffusers", choices=["diffusers", "comfy"],
-                   help="diffusers: a diffusers UNet in our own sampling loop; comfy: ComfyUI's loader, nodes and sampler (needs COMFYUI_PATH or --comfyui-path)")
+    b.add_argument("--host", default="auto", choices=["auto", "diffusers", "comfy"],
+                   help="comfy: ComfyUI's loader, nodes and sampler, with its built-in compile node side by side (needs COMFYUI_PATH, "
+                        "--comfyui-path, or this pack inside ComfyUI/custom_nodes); diffusers: a diffusers UNet in our own sampling loop; "
+                        "auto (default): comfy when a ComfyUI tree is known, else diffusers")
     b.add_argument("--comfyui-path", default=None, help="ComfyUI folder for --host comfy (default: $COMFYUI_PATH)")
     b.add_argument("--preset", default="tiny", help="tiny (CPU default), sd15-512, sdxl-1024")
     b.add_argument("--steps", type=int, default=None)

@@ -1,4 +1,6 @@
 """`sd-accel bench --host comfy`: argument and host-path errors (the GPU rows run on a device, not in CI)."""
+import os
+
 import pytest
 
 from sd_accel.accel_core.bench import BenchConfig, run_bench
@@ -27,3 +29,23 @@ def test_comfy_host_refuses_checkpoint_before_importing_comfyui(tmp_path):
     (tmp_path / "comfy" / "sd.py").write_text("raise RuntimeError('must not be imported')\n")
     with pytest.raises(SDAccelError, match="--checkpoint"):
         run_bench(BenchConfig(host="comfy", comfyui_path=str(tmp_path), checkpoint="x.safetensors"))
+
+
+def test_auto_host_picks_comfy_only_when_a_comfyui_tree_is_known(tmp_path, monkeypatch):
+    from sd_accel.accel_core.cli import resolve_host
+
+    monkeypatch.setenv("COMFYUI_PATH", "x")  # recorded, so the value resolve_host sets is undone after the test
+    monkeypatch.delenv("COMFYUI_PATH")
+    loose = tmp_path / "checkout"
+    loose.mkdir()
+    assert resolve_host("auto", None, None, pack_dir=str(loose)) == "diffusers"
+    assert resolve_host("auto", "/x/ComfyUI", None, pack_dir=str(loose)) == "comfy"
+    assert resolve_host("auto", "/x/ComfyUI", "model.safetensors", pack_dir=str(loose)) == "diffusers"
+    assert resolve_host("diffusers", "/x/ComfyUI", None, pack_dir=str(loose)) == "diffusers"
+    installed = tmp_path / "ComfyUI" / "custom_nodes" / "sd_accel"
+    installed.mkdir(parents=True)
+    assert resolve_host("auto", None, None, pack_dir=str(installed)) == "diffusers"  # no comfy/sd.py: not a ComfyUI tree
+    (tmp_path / "ComfyUI" / "comfy").mkdir()
+    (tmp_path / "ComfyUI" / "comfy" / "sd.py").write_text("")
+    assert resolve_host("auto", None, None, pack_dir=str(installed)) == "comfy"
+    assert os.environ["COMFYUI_PATH"] == str(tmp_path / "ComfyUI")
