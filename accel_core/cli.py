@@ -1,4 +1,4 @@
-"""`sd-accel` console script: `sd-accel bench ...`, `sd-accel backends`."""
+"""`sd-accel` console script: `sd-accel bench ...`, `sd-accel backends`, `sd-accel cache`."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,30 @@ def _backends(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    """Show (or --clear) the on-disk compile cache of a host."""
+    from . import compile_cache as cc
+
+    folder = args.dir or cc.default_cache_dir(None)
+    root = args.comfyui_path or os.environ.get("COMFYUI_PATH")
+    if not args.dir and root and not os.environ.get(cc.ENV, "").strip():
+        folder = os.path.join(os.path.abspath(root), "user", cc.SUBDIR)  # ComfyUI's default user directory
+    if folder is None:
+        print(f"the compile cache is switched off (${cc.ENV}={os.environ[cc.ENV]})")
+        return 0
+    files = cc.entries(folder)
+    if args.clear:
+        print(f"removed {cc.clear(folder)} files from {folder}")
+        return 0
+    total = sum(e.size for e in files)
+    print(f"{folder}: {len(files)} files, {total / 2 ** 20:.1f} MB")
+    for e in files:
+        fp = (e.header or {}).get("fingerprint", {})
+        what = f"{len(e.keys)} artifacts, torch {fp.get('torch')}, {fp.get('device')}" if e.header else "unreadable"
+        print(f"  {os.path.basename(e.path)}  {e.size / 2 ** 20:.1f} MB  {what}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sd-accel", description="SD Accel: Stable Diffusion acceleration, measured side by side.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -89,6 +113,13 @@ def main(argv=None) -> int:
     b.set_defaults(fn=_bench)
     s = sub.add_parser("backends", help="which compile backends are available here")
     s.set_defaults(fn=_backends)
+    c = sub.add_parser("cache", help="where torch.compile's caches persist between runs (ComfyUI: <ComfyUI>/user/sd_accel/compile_cache; "
+                                     "webui: <webui>/cache/sd_accel/compile_cache); list or --clear them")
+    c.add_argument("--dir", default=None, help="the cache folder (default: $SD_ACCEL_COMPILE_CACHE, ComfyUI's when --comfyui-path or "
+                                                "$COMFYUI_PATH is given, else ~/.cache/sd_accel/compile_cache)")
+    c.add_argument("--comfyui-path", default=None, help="a ComfyUI folder: its user/sd_accel/compile_cache")
+    c.add_argument("--clear", action="store_true", help="delete the cache files (each is compiled again on next use)")
+    c.set_defaults(fn=_cache)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return args.fn(args)

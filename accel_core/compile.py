@@ -44,6 +44,8 @@ class CompileConfig:
         method: the entry method of the module to compile ("forward"; ComfyUI's UNetModel
             uses "_forward", the body inside its wrapper chain).
         torch_backend: the dynamo backend behind "inductor" ("eager"/"aot_eager" for tests).
+        cache_dir: folder where torch.compile's caches persist between processes (inductor only;
+            see compile_cache; None: no persistence). Hosts fill in their default folder.
     """
 
     backend: str = "auto"
@@ -53,6 +55,7 @@ class CompileConfig:
     fallback: bool = True
     method: str = "forward"
     torch_backend: str = "inductor"
+    cache_dir: str | None = None
 
     def __post_init__(self):
         if self.backend not in CHOICES:
@@ -72,6 +75,7 @@ class CompileReport:
     units_compiled: int = 0
     whole_error: str | None = None
     fallbacks: dict[str, str] = field(default_factory=dict)
+    cache: str = ""  # the on-disk compile cache: what was loaded from it and saved to it
 
     def summary(self) -> str:
         head = f"{self.backend} ({self.mode}) on {self.target}: {self.status}"
@@ -81,6 +85,8 @@ class CompileReport:
             head += f"; whole UNet did not convert ({self.whole_error}); {self.units_compiled} blocks compiled"
         if self.fallbacks:
             head += "; kept eager: " + "; ".join(f"{k} ({v})" for k, v in self.fallbacks.items())
+        if self.cache:
+            head += f"; compile cache: {self.cache}"
         return head
 
     def to_dict(self) -> dict:
@@ -142,6 +148,7 @@ class CompiledUNet:
         self.module_ref = module
         self.config = config
         md = module_dtype(module)
+        self._device = md.device
         self.backend = resolve(config.backend, md.device.type)
         self.report = CompileReport(config.backend, self.backend.name, config.mode, describe(module) + (f" [{name}]" if name else ""))
         if entry is None:
@@ -157,15 +164,20 @@ class CompiledUNet:
         self._units: list[tuple[nn.Module, _Guarded]] = []
         self._blockwise = False
         self._announced = False
+        self._graphs_seen: int | None = None  # dynamo's graph count at the last cache save (None: no cache)
+        self._cache_loaded = ""
 
     # -- calling -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         if not self._announced:
             self._announced = True
             events.emit("compile_start", backend=self.backend.name, mode=self.config.mode, target=self.report.target)
+            self._load_cache()
         if not self._blockwise:
             with _roomy_recompile_limit():
-                return self._whole(*args, **kwargs)
+                out = self._whole(*args, **kwargs)
+            self._save_cache()  # a recompile (new resolution, batch) compiled something new
+            return out
         with self._units_installed(), _roomy_recompile_limit():
             out = self._entry_eager(*args, **kwargs)
         self._settle()
@@ -193,6 +205,7 @@ class CompiledUNet:
         self.report.compile_seconds += seconds
         if guard is self._whole:
             self.report.status = "compiled"
+            self._save_cache()
             events.emit("compile_end", report=self.report.to_dict())
             logger.info("SD Accel: compiled %s", self.report.summary())
         else:
@@ -215,6 +228,29 @@ class CompiledUNet:
             self._units.extend((m, _Guarded(self, n, m.forward, m, guard.depth + 1)) for n, m in children)
         self._progress(guard.name)
 
+    # -- on-disk compile cache (inductor only: onediff and stable-fast keep their own) ----
+    def _load_cache(self):
+        if not self.config.cache_dir or self.backend.name != "inductor" or self.config.torch_backend != "inductor":
+            return
+        from . import compile_cache
+
+        self._cache_loaded = compile_cache.load(self.config.cache_dir, self._device).describe()
+        self.report.cache = self._cache_loaded
+        self._graphs_seen = compile_cache.graphs_compiled()
+
+    def _save_cache(self):
+        if self._graphs_seen is None:
+            return
+        from . import compile_cache
+
+        now = compile_cache.graphs_compiled()
+        if now == self._graphs_seen:  # nothing compiled since the last save: the common, per-step case
+            return
+        self._graphs_seen = now
+        res = compile_cache.save(self.config.cache_dir, self._device)
+        if res.path or res.error:
+            self.report.cache = f"{self._cache_loaded}; {res.describe()}"
+
     def _progress(self, unit: str):
         # Blockwise compilation can take minutes; tell listeners (the ComfyUI badge) how far it is.
         tried = sum(1 for _, g in self._units if g.state != "pending")
@@ -223,6 +259,7 @@ class CompiledUNet:
 
     def _settle(self):
         """After a blockwise call: publish the report when what was compiled or kept eager changed."""
+        self._save_cache()
         now = (self.report.units_compiled, len(self.report.fallbacks))
         if now == self._published:
             return

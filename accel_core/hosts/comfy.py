@@ -15,6 +15,7 @@ import torch
 
 from ..cast import CastConfig, attention_context, cast_copy, resolve_dtype
 from ..compile import CompileConfig, CompiledUNet
+from ..compile_cache import default_cache_dir
 from ..errors import SDAccelError
 from ..log import logger
 from ..unet import LDM, unet_kind
@@ -134,7 +135,8 @@ def apply_compile(model, config: CompileConfig):
     unet = _check_model(model, "Compile UNet")
     if unet is None:
         return model
-    config = replace(config, method="_forward")
+    # cache_dir: compiled graphs persist in ComfyUI's user folder, so the next start reuses them.
+    config = replace(config, method="_forward", cache_dir=config.cache_dir or default_cache_dir("comfy"))
     m = model.clone()
     # LoRA patches applied later (ComfyUI's LoraLoader, our hot-swap) then copy into the
     # existing parameters, so CUDA graphs and other captured storage see the new weights.
@@ -178,8 +180,13 @@ def _channels_last_wrapper(executor, *args, **kwargs):
 
 
 def _unpatched_weights(model, unet) -> dict:
-    """The UNet's weights without any LoRA patches currently applied to the shared module."""
-    out = {}
+    """The UNet's weights without any LoRA patches currently applied to the shared module: the
+    exact copies LoRA Hot-Swap keeps while its deltas stay fused, and ComfyUI's own backups."""
+    from ..lora import lora_state
+
+    state = lora_state(unet)
+    with state.lock:
+        out = dict(state.originals)
     for key, b in getattr(model, "backup", {}).items():
         if key.startswith("diffusion_model."):
             out[key[len("diffusion_model."):]] = b.weight

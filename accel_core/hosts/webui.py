@@ -36,6 +36,7 @@ from torch import nn
 from ..backends import BACKENDS, CHOICES
 from ..cast import ATTENTION, DTYPES, CastConfig, attention_context, cast, resolve_dtype
 from ..compile import MODES, CompileConfig, CompiledUNet, CompileReport
+from ..compile_cache import default_cache_dir
 from ..errors import SDAccelError, choice_error
 from ..log import logger
 from ..unet import LDM, unet_kind
@@ -138,7 +139,8 @@ class WebuiOptions:
             return None
         # SD_ACCEL_DYNAMO_BACKEND=eager|aot_eager runs Dynamo without Inductor: isolates Inductor
         # problems when debugging (and keeps tests fast on CPUs).
-        return CompileConfig(backend=self.backend, mode=self.mode, torch_backend=os.environ.get("SD_ACCEL_DYNAMO_BACKEND", "inductor"))
+        return CompileConfig(backend=self.backend, mode=self.mode, torch_backend=os.environ.get("SD_ACCEL_DYNAMO_BACKEND", "inductor"),
+                             cache_dir=default_cache_dir("webui"))
 
     def cast_config(self) -> CastConfig | None:
         if not self.cast_on:
