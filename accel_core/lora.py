@@ -435,6 +435,7 @@ class LoraState:
         self.params: dict[str, torch.Tensor] = {}  # the tensor object we changed, to notice replacements
         self.signature: dict[str, tuple] = {}  # param -> ((file key, strength), ...) fused into it now
         self.applied: tuple[tuple[LoraSpec, tuple], ...] = ()
+        self.owner: object | None = None  # host bookkeeping: who asked for what is fused (hosts/comfy_lora.py)
         self._targets: _Targets | None = None
         self._resolved: dict[tuple, Resolved] = {}
         self.lock = threading.RLock()

@@ -1,6 +1,6 @@
 import folder_paths
 
-from ..accel_core.hosts import comfy_events, comfy_lora as host
+from ..accel_core.hosts import comfy_lora as host
 from ..accel_core.lcm import LcmConfig
 
 
@@ -31,10 +31,8 @@ class SDAccelLCMLoRASampler:
 
     def sample(self, model, positive, negative, latent_image, lcm_lora_name, strength, seed, steps, cfg, denoise, unique_id=None):
         path = folder_paths.get_full_path_or_raise("loras", lcm_lora_name)
-        if unique_id is not None and hasattr(model, "clone"):  # the browser badge shows this run's it/s
-            model = comfy_events.track(model.clone(), "lcm", unique_id)
         config = LcmConfig(steps=steps, cfg=cfg, strength=strength, denoise=denoise)
-        return (host.lcm_sample(model, positive, negative, latent_image, path, seed, config),)
+        return (host.lcm_sample(model, positive, negative, latent_image, path, seed, config, unique_id),)
 
 
 NODE_CLASS_MAPPINGS = {"SDAccelLCMLoRASampler": SDAccelLCMLoRASampler}

@@ -4,10 +4,12 @@ from ..accel_core.hosts import comfy_events, comfy_lora as host
 
 
 class SDAccelLoRAHotSwap:
-    DESCRIPTION = ("Applies a LoRA to the UNet by fusing it into the weights in place while this model samples, instead of "
+    DESCRIPTION = ("Applies a LoRA to the UNet by fusing it into the weights in place when this model samples, instead of "
                    "ComfyUI's reload-and-repatch. Changing the LoRA, its strength or the set of LoRAs needs no reload and no "
-                   "recompile on a compiled UNet; the original weights are restored exactly after each run. Chain nodes to "
-                   "stack LoRAs. UNet only (use LoraLoader for the text encoder). The swap time is in the log.")
+                   "recompile on a compiled UNet. Like ComfyUI's own LoRAs, it stays in the weights while this model stays "
+                   "loaded (its next run writes nothing); the exact original weights come back before another model of the "
+                   "same checkpoint samples, or when this one is unloaded. Chain nodes to stack LoRAs. UNet only (use "
+                   "LoraLoader for the text encoder). The swap time is in the log.")
     CATEGORY = "SD Accel"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("A clone of the input model that samples with this LoRA (plus any from earlier hot-swap nodes).",)

@@ -180,8 +180,13 @@ def _channels_last_wrapper(executor, *args, **kwargs):
 
 
 def _unpatched_weights(model, unet) -> dict:
-    """The UNet's weights without any LoRA patches currently applied to the shared module."""
-    out = {}
+    """The UNet's weights without any LoRA patches currently applied to the shared module: the
+    exact copies LoRA Hot-Swap keeps while its deltas stay fused, and ComfyUI's own backups."""
+    from ..lora import lora_state
+
+    state = lora_state(unet)
+    with state.lock:
+        out = dict(state.originals)
     for key, b in getattr(model, "backup", {}).items():
         if key.startswith("diffusion_model."):
             out[key[len("diffusion_model."):]] = b.weight

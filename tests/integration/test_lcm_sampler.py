@@ -1,8 +1,11 @@
 """LCM-LoRA Sampler node against a real ComfyUI (COMFYUI_PATH): equals the manual LoraLoader +
-ModelSamplingDiscrete(lcm) + KSampler(lcm, sgm_uniform) path; compiled, cast and DeepCache'd models."""
+ModelSamplingDiscrete(lcm) + KSampler(lcm, sgm_uniform) path; compiled, cast and DeepCache'd models;
+re-executing it (new seed, cfg, denoise) samples the same clone, so its LoRA is not fused again."""
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -41,10 +44,11 @@ def lcm_lora(comfy_host, tiny, tmp_path_factory):
     return "tiny_lcm_lora.safetensors", str(path)
 
 
-def _node(comfy_host, model, name, steps=4, cfg=1.5, denoise=1.0, strength=1.0, case=harness.TXT2IMG, seed=5):
+def _node(comfy_host, model, name, steps=4, cfg=1.5, denoise=1.0, strength=1.0, case=harness.TXT2IMG, seed=5, unique_id=None):
     pos, neg = harness.conditioning()
     with torch.inference_mode():
-        out = comfy_host.node("SDAccelLCMLoRASampler").sample(model, pos, neg, case.latent(), name, strength, seed, steps, cfg, denoise)
+        out = comfy_host.node("SDAccelLCMLoRASampler").sample(model, pos, neg, case.latent(), name, strength, seed, steps, cfg,
+                                                              denoise, unique_id=unique_id)
     return out[0]["samples"].clone()
 
 
@@ -64,13 +68,15 @@ def _manual(comfy_host, model, path, steps=4, cfg=1.5, denoise=1.0, strength=1.0
 @pytest.mark.parametrize("case,steps,cfg", [(harness.TXT2IMG, 4, 1.5), (harness.TXT2IMG, 2, 1.0), (harness.IMG2IMG, 4, 1.5)])
 def test_node_equals_manual_lcm_path(comfy_host, tiny, lcm_lora, case, steps, cfg):
     name, path = lcm_lora
-    before = harness.Snapshot.of(tiny)
     ref = harness.sample(tiny)
+    before = harness.Snapshot.of(tiny)
     out = _node(comfy_host, tiny, name, steps=steps, cfg=cfg, denoise=case.denoise, case=case)
+    # The LoRA stays fused while the node's clone is the loaded model; the input model loads
+    # with its own weights (same Parameter objects and storage), wrappers and options.
+    assert torch.equal(harness.sample(tiny), ref)
     assert before.diff(tiny) == []
     want = _manual(comfy_host, tiny, path, steps=steps, cfg=cfg, denoise=case.denoise, case=case)
     assert harness.rel_err(out, want) < 1e-5
-    assert torch.equal(harness.sample(tiny), ref)  # the input model is back to its own weights
 
 
 def test_core_sampler_matches_comfy(comfy_host, tiny):
@@ -133,6 +139,40 @@ def test_deepcache_switches_itself_off_for_short_runs(comfy_host, tiny, lcm_lora
     assert not any("DeepCache is off" in r.getMessage() for r in caplog.records)
     assert any(r.getMessage().startswith("SD Accel DeepCache: reused") for r in caplog.records)
     assert torch.isfinite(long).all()
+
+
+def test_reexecution_samples_the_same_clone(comfy_host, tiny, lcm_lora, caplog):
+    import comfy.model_management as mm
+
+    name, path = lcm_lora
+    hl = comfy_host.pack_module("accel_core.hosts.comfy_lora")
+    lora = comfy_host.pack_module("accel_core.lora")
+    unet = tiny.model.diffusion_model
+    ref = harness.sample(tiny)
+    inp = tiny.clone()  # an input MODEL this test can drop (a node upstream of the sampler)
+    first = _node(comfy_host, inp, name, seed=5, unique_id="9")
+    fused = dict(lora.lora_state(unet).originals)
+    assert fused
+    with caplog.at_level(logging.DEBUG, logger="sd_accel"):  # new seed, cfg, denoise: nothing to fuse again
+        _node(comfy_host, inp, name, seed=6, cfg=1.2, denoise=0.8, case=harness.IMG2IMG, unique_id="9")
+    assert "already applied" in caplog.text and "weights updated in place" not in caplog.text
+    now = lora.lora_state(unet).originals
+    assert now.keys() == fused.keys() and all(now[k] is fused[k] for k in fused)
+    assert torch.equal(_node(comfy_host, inp, name, seed=5, unique_id="9"), first)
+    clone = hl.lcm_clone(inp, path, 1.0, 4, "9")
+    assert hl.lcm_clone(inp, path, 1.0, 12, "9") is clone  # steps matter only through DeepCache (none here)
+    assert hl.lcm_clone(inp, path, 0.5, 4, "9") is not clone and hl.lcm_clone(inp, path, 1.0, 4, None) is not clone
+    assert clone.model_options["transformer_options"]["sd_accel.nodes"] == {"lcm": "9"}
+    assert "sd_accel.nodes" not in inp.model_options.get("transformer_options", {})  # the input is not tracked
+    # The cache goes with the input, by reference counting (no cycle), and the loaded clone's
+    # LoRA with it; ComfyUI's loaded-model entry moves to a live parent.
+    gone = weakref.ref(inp), weakref.ref(clone)
+    del inp, clone
+    assert all(r() is None for r in gone)
+    assert not lora.lora_state(unet).originals
+    assert not any(lm.is_dead() for lm in mm.current_loaded_models)
+    gc.collect()
+    assert torch.equal(harness.sample(tiny), ref)
 
 
 def test_bad_input(comfy_host, tiny, lcm_lora):

@@ -1,8 +1,15 @@
 """LoRA Hot-Swap node against a real ComfyUI (COMFYUI_PATH): same output as LoraLoader, clones
-kept apart, ComfyUI's own patches untouched, zero recompiles on a compiled model, clear errors."""
+kept apart, ComfyUI's own patches untouched, zero recompiles on a compiled model, clear errors.
+
+The deltas stay fused while the clone that asked for them stays the loaded patcher (as ComfyUI's
+own LoRA patches do): the tests check that the next run of it writes nothing, and that every way
+the clone stops being the loaded one (another clone samples, unload, the clone is dropped)
+restores the exact original weights before anything else sees them."""
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -81,6 +88,16 @@ def _same_weights(model, ref):
     return all(torch.equal(now[k], v) for k, v in ref.items())
 
 
+def _fused(lora, model) -> dict:
+    """param name -> the exact copy hot-swap keeps while its deltas are in the weights (empty: none fused)."""
+    return dict(lora.lora_state(model.model.diffusion_model).originals)
+
+
+def _same_objects(a: dict, b: dict) -> bool:
+    # A restore drops the copies and a re-fuse makes new ones: same objects = no weight was written.
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
+
 def test_nodes_are_registered_with_descriptions_and_tooltips(comfy_host):
     for node_id in ("SDAccelLoRAHotSwap", "SDAccelLCMLoRASampler"):
         cls = comfy_host.nodes.NODE_CLASS_MAPPINGS[node_id]
@@ -124,9 +141,10 @@ def test_chained_swap_strength_remove(comfy_host, tiny, tiny_loras, caplog):
             want = _comfy_lora(want, tiny_loras[name + "_kohya" if name == "c" else name], s)
         want_out = harness.sample(want)  # ComfyUI leaves its LoRA patched in after this run ...
         assert harness.rel_err(harness.sample(hot), want_out) < 1e-5, chain
-        assert _same_weights(tiny, w0)  # ... hot-swap runs end with the exact original weights
+        assert not _same_weights(tiny, w0)  # ... and so does hot-swap, until another clone loads
     assert torch.equal(harness.sample(ab), out_ab)
     assert torch.equal(harness.sample(tiny), ref)
+    assert _same_weights(tiny, w0)
 
 
 def test_strength_zero_returns_the_input_model(comfy_host, tiny, tiny_loras):
@@ -134,7 +152,7 @@ def test_strength_zero_returns_the_input_model(comfy_host, tiny, tiny_loras):
 
 
 @pytest.mark.parametrize("order", ["loraloader_first", "hotswap_first"])
-def test_together_with_comfy_loraloader(comfy_host, tiny, tiny_loras, order):
+def test_together_with_comfy_loraloader(comfy_host, lora, tiny, tiny_loras, order):
     ref, w0 = harness.sample(tiny), _weights(tiny)
     node = comfy_host.node("SDAccelLoRAHotSwap")
     only_comfy = _comfy_lora(tiny, tiny_loras["a"], 0.6)
@@ -146,21 +164,94 @@ def test_together_with_comfy_loraloader(comfy_host, tiny, tiny_loras, order):
     want = harness.sample(_comfy_lora(_comfy_lora(tiny, tiny_loras["a"], 0.6), tiny_loras["b"], 0.9))
     for _ in range(2):
         assert harness.rel_err(harness.sample(mixed), want) < 1e-5
+        # ComfyUI's LoRA patches the same layers: ComfyUI may write its backups over them with
+        # no callback first (unload, lowvram), so such runs restore at cleanup, as before.
+        assert not _fused(lora, tiny)
         assert torch.equal(harness.sample(only_comfy), ref_comfy)  # ComfyUI's backup never captured our deltas
         assert torch.equal(harness.sample(tiny), ref)
     assert _same_weights(tiny, w0)
 
 
-def test_interrupted_run_restores_weights(comfy_host, tiny, tiny_loras):
+@pytest.mark.parametrize("order", ["loraloader_first", "hotswap_first"])
+def test_loraloader_on_other_layers_keeps_the_deltas_fused(comfy_host, lora, tiny, tiny_loras, tmp_path, order):
+    """ComfyUI's patches on ResBlocks, hot-swap on attention: the deltas stay between runs,
+    ComfyUI's backups hold no delta, and an unload undoes both exactly."""
+    import comfy.model_management as mm
+
+    sd = lora.make_random_lora(tiny.model.diffusion_model, "kohya-diffusers", rank=4, seed=4, scope="all", magnitude=1.0,
+                               with_text_encoder=False)
+    res_only = tmp_path / "tiny_res.safetensors"
+    save_file({k: v for k, v in sd.items() if "attentions" not in k}, str(res_only))
+    ref, w0 = harness.sample(tiny), _weights(tiny)
+    node = comfy_host.node("SDAccelLoRAHotSwap")
+    only_comfy = _comfy_lora(tiny, str(res_only), 0.8)
+    ref_comfy = harness.sample(only_comfy)
+    if order == "loraloader_first":
+        mixed = node.apply(only_comfy, "tiny_b.safetensors", 0.9)[0]
+    else:
+        mixed = _comfy_lora(node.apply(tiny, "tiny_b.safetensors", 0.9)[0], str(res_only), 0.8)
+    want = harness.sample(_comfy_lora(_comfy_lora(tiny, str(res_only), 0.8), tiny_loras["b"], 0.9))
+    out = harness.sample(mixed)
+    assert harness.rel_err(out, want) < 1e-5
+    fused = _fused(lora, tiny)
+    assert fused and not any(r in k for k in fused for r in ("in_layers", "out_layers", "emb_layers", "skip_connection"))
+    assert torch.equal(harness.sample(mixed), out) and _same_objects(_fused(lora, tiny), fused)
+    assert torch.equal(harness.sample(only_comfy), ref_comfy)
+    assert torch.equal(harness.sample(mixed), out)
+    mm.unload_all_models()  # ComfyUI restores its layers, then ON_DETACH ours
+    assert not _fused(lora, tiny) and _same_weights(tiny, w0)
+    assert torch.equal(harness.sample(mixed), out)
+    assert torch.equal(harness.sample(tiny), ref) and _same_weights(tiny, w0)
+
+
+def test_next_run_of_the_same_clone_writes_no_weight(comfy_host, lora, tiny, tiny_loras, caplog):
+    ref, w0 = harness.sample(tiny), _weights(tiny)
+    node = comfy_host.node("SDAccelLoRAHotSwap")
+    hot = node.apply(node.apply(tiny, "tiny_a.safetensors", 0.7)[0], "tiny_b.safetensors", -0.4)[0]
+    out = harness.sample(hot)
+    fused = _fused(lora, tiny)
+    params = dict(tiny.model.diffusion_model.named_parameters())
+    assert fused and not _same_weights(tiny, w0)
+    with caplog.at_level(logging.DEBUG, logger="sd_accel"):
+        assert torch.equal(harness.sample(hot), out)
+    assert "already applied" in caplog.text and "weights updated in place" not in caplog.text
+    assert _same_objects(_fused(lora, tiny), fused)
+    assert all(p is params[n] for n, p in tiny.model.diffusion_model.named_parameters())
+    # A clone with the same set over the same ComfyUI patches (what a ModelSamplingDiscrete node
+    # makes of it) takes over without writing; the former owner going then changes nothing.
+    same = hot.clone()
+    assert torch.equal(harness.sample(same), out)
+    assert _same_objects(_fused(lora, tiny), fused)
+    del hot
+    gc.collect()
+    assert _same_objects(_fused(lora, tiny), fused)
+    assert torch.equal(harness.sample(same), out)
+    assert torch.equal(harness.sample(tiny), ref) and _same_weights(tiny, w0) and not _fused(lora, tiny)
+
+
+def test_two_hotswap_clones_alternate(comfy_host, lora, tiny, tiny_loras):
+    ref = harness.sample(tiny)
+    node = comfy_host.node("SDAccelLoRAHotSwap")
+    h1, h2 = node.apply(tiny, "tiny_a.safetensors", 0.7)[0], node.apply(tiny, "tiny_b.safetensors", 1.0)[0]
+    w1 = harness.sample(_comfy_lora(tiny, tiny_loras["a"], 0.7))
+    w2 = harness.sample(_comfy_lora(tiny, tiny_loras["b"], 1.0))
+    for _ in range(2):
+        assert harness.rel_err(harness.sample(h1), w1) < 1e-5
+        assert harness.rel_err(harness.sample(h2), w2) < 1e-5
+    assert torch.equal(harness.sample(tiny), ref)
+
+
+def test_interrupted_run_is_restored_before_the_next_model_loads(comfy_host, lora, tiny, tiny_loras):
     import comfy.patcher_extension as pe
 
-    w0 = _weights(tiny)
+    ref, w0 = harness.sample(tiny), _weights(tiny)
     hot = comfy_host.node("SDAccelLoRAHotSwap").apply(tiny, "tiny_a.safetensors", 1.0)[0]
+    want = harness.sample(_comfy_lora(tiny, tiny_loras["a"], 1.0))
     calls = []
 
     def boom(executor, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) in (2, 6):
             raise RuntimeError("interrupted")
         return executor(*args, **kwargs)
 
@@ -168,7 +259,43 @@ def test_interrupted_run_restores_weights(comfy_host, tiny, tiny_loras):
     broken.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.boom", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         harness.sample(broken)
-    assert _same_weights(tiny, w0)
+    assert _fused(lora, tiny)  # its clone is still the loaded patcher, as after a finished run
+    assert torch.equal(harness.sample(tiny), ref) and _same_weights(tiny, w0)
+    assert harness.rel_err(harness.sample(broken), want) < 1e-5  # calls 3-5: a whole run
+    with pytest.raises(RuntimeError, match="interrupted"):
+        harness.sample(broken)
+    assert harness.rel_err(harness.sample(hot), want) < 1e-5
+    assert torch.equal(harness.sample(tiny), ref) and _same_weights(tiny, w0)
+
+
+def test_unload_restores_the_weights(comfy_host, lora, tiny, tiny_loras):
+    import comfy.model_management as mm
+
+    ref, w0 = harness.sample(tiny), _weights(tiny)
+    hot = comfy_host.node("SDAccelLoRAHotSwap").apply(tiny, "tiny_a.safetensors", 1.0)[0]
+    out = harness.sample(hot)
+    assert _fused(lora, tiny)
+    mm.unload_all_models()  # model_unload -> detach(unpatch_all=True)
+    assert not _fused(lora, tiny) and _same_weights(tiny, w0)
+    assert torch.equal(harness.sample(hot), out)  # loaded and fused again
+    assert torch.equal(harness.sample(tiny), ref)
+
+
+def test_clone_dropped_while_loaded_restores_the_weights(comfy_host, lora, tiny, tiny_loras):
+    import comfy.model_management as mm
+
+    ref, w0 = harness.sample(tiny), _weights(tiny)
+    hot = comfy_host.node("SDAccelLoRAHotSwap").apply(tiny, "tiny_a.safetensors", 1.0)[0]
+    harness.sample(hot)
+    assert _fused(lora, tiny)
+    gone = weakref.ref(hot)
+    del hot
+    gc.collect()
+    assert gone() is None
+    # ComfyUI made the parent the loaded patcher (LoadedModel._switch_parent), with no detach.
+    assert any(lm.model is tiny for lm in mm.current_loaded_models)
+    assert not _fused(lora, tiny) and _same_weights(tiny, w0)
+    assert torch.equal(harness.sample(tiny), ref)
 
 
 def test_compiled_model_swaps_without_recompiling(comfy_host, comfy_adapter, tiny, tiny_loras):
@@ -203,6 +330,26 @@ def test_cast_model_with_hotswap(comfy_host, comfy_adapter, tiny, tiny_loras):
     assert harness.rel_err(out, want) < harness.rel_err(ref_cast, want) / 3
     assert torch.equal(harness.sample(cast), ref_cast)
     assert next(cast.model.diffusion_model.parameters()).dtype == torch.bfloat16
+
+
+def test_cast_copies_the_original_weights_while_deltas_are_fused(comfy_host, comfy_adapter, lora, tiny, tiny_loras):
+    castmod = comfy_host.pack_module("accel_core.cast")
+    config = castmod.CastConfig(dtype="bf16")
+    harness.sample(tiny)  # nothing fused
+    clean = comfy_adapter.apply_cast(tiny, config)
+    node = comfy_host.node("SDAccelLoRAHotSwap")
+    hot = node.apply(tiny, "tiny_a.safetensors", 3.0)[0]
+    harness.sample(hot)
+    fused = _fused(lora, tiny)
+    assert fused
+    want = clean.model.diffusion_model.state_dict()
+    for m in (tiny, hot):  # the plain model and the hot-swap clone, both over the fused UNet
+        cast = comfy_adapter.apply_cast(m, config)
+        got = cast.model.diffusion_model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert _same_objects(_fused(lora, tiny), fused)  # building the casts changed nothing
+    hot_cast = comfy_adapter.apply_cast(hot, config)
+    assert torch.equal(harness.sample(hot_cast), harness.sample(node.apply(clean, "tiny_a.safetensors", 3.0)[0]))
 
 
 # --- bad input ------------------------------------------------------------------------------------
