@@ -422,12 +422,12 @@ def _builtin_compile(model, backend: str = "inductor"):
     return out.result[0] if hasattr(out, "result") else out[0]
 
 
-def _our_compile(model, mode: str, dynamic: bool | None = False):
-    if dynamic is None:  # torch's automatic dynamic (not a node choice): through the adapter
+def _our_compile(model, mode: str, dynamic: bool | None = False, guards: str = "full"):
+    if dynamic is None or guards != "full":  # not node choices: through the adapter
         from .compile import CompileConfig
         from .hosts.comfy import apply_compile
 
-        return apply_compile(model, CompileConfig(backend="inductor", mode=mode, dynamic=None))
+        return apply_compile(model, CompileConfig(backend="inductor", mode=mode, dynamic=dynamic, guards=guards))
     from ..nodes.compile import SDAccelCompileUNet
 
     return SDAccelCompileUNet().apply(model, backend="inductor", mode=mode, dynamic=dynamic, fullgraph=False)[0]
@@ -492,6 +492,7 @@ def rows(b: ComfyBench):
                                 lambda dyn=dyn: _our_compile(base, "reduce-overhead", dyn), phases)
     yield b.measure_changes("comfy TorchCompileModel (built-in), size changes", lambda: _builtin_compile(base), phases)
     # Experiments (run only when named in --configs): settings on top of the cast + reduce-overhead row.
+    yield b.measure("exp: FP16Cast + reduce-overhead + skip-module guards", lambda: _our_compile(_our_cast(base), "reduce-overhead", guards="skip-module"))
     yield b.measure("exp: FP16Cast + reduce-overhead + cudnn.benchmark", ro_cast, row_ctx=_cudnn_benchmark)
     yield b.measure("exp: FP16Cast + reduce-overhead + conv1x1-as-mm + coordinate descent", ro_cast,
                     compile_ctx=_inductor_patch(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False))

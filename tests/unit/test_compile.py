@@ -135,3 +135,21 @@ def test_missing_backend_falls_back_with_one_line(name, caplog):
 
 def test_auto_is_inductor_on_cpu():
     assert resolve("auto", "cpu").name == "inductor"
+
+
+@pytest.mark.parametrize("guards, change_seen", [("full", True), ("skip-module", False)])
+def test_skip_module_guards_trade_later_module_changes_for_cheaper_calls(guards, change_seen):
+    # What the opt-in costs, proven: with dynamo's module guards gone, a submodule replaced after
+    # compiling is not noticed (the old graph keeps running); with full guards it recompiles.
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4)).eval()
+    cu = compile(m, CompileConfig(backend="inductor", torch_backend="eager", guards=guards))
+    x = torch.randn(2, 4)
+    before = cu(x)
+    assert torch.allclose(before, m(x))
+    m[1] = torch.nn.Tanh()
+    after = cu(x)
+    assert torch.allclose(after, m(x)) is change_seen
+    assert torch.allclose(after, before) is not change_seen
+    assert cu.report.status == "compiled"
+    torch._dynamo.reset()
