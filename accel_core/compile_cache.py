@@ -13,6 +13,7 @@ What torch's API does, and how the folder is laid out because of it:
   (`CacheArtifactManager.serialize` appends to one growing buffer). A cache *hit* records the
   entry it hit again (`record_if_present` in FxGraphCache / AOTAutogradCache lookups); a load
   records nothing.
+- Loading a payload saved in several steps needs care (see `_load_payload`).
 - So each save writes one file holding all of this process's artifacts, named by a content
   hash, with a small header listing the artifact keys. A save whose keys are all in files we
   loaded or saved already writes nothing (the warm process that only hit the cache). After a
@@ -85,6 +86,30 @@ def default_cache_dir(host: str | None = None) -> str | None:
     if base is None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(os.path.abspath(base), SUBDIR)
+
+
+def _load_payload(payload: bytes):
+    """`torch.compiler.load_cache_artifacts`, but keeping every chunk of a payload saved in steps.
+
+    save_cache_artifacts appends one (type, artifacts) chunk per type at every call, and
+    load_cache_artifacts turns the chunk list into a dict, so a type saved twice (a process
+    that compiled, saved, then recompiled a new size and saved again) loses all but its last
+    chunk (torch 2.11 and 2.13: `dict(AppendingByteSerializer.to_list(...))`). Merge the chunks
+    with torch's own readers; where those moved, use the public call.
+    """
+    try:
+        from collections import defaultdict
+
+        from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache
+        from torch.utils._appending_byte_serializer import AppendingByteSerializer
+
+        CacheArtifactManager._ensure_cache_artifacts_registered()
+    except (ImportError, AttributeError):
+        return torch.compiler.load_cache_artifacts(payload)
+    merged = defaultdict(list)
+    for kind, artifacts in AppendingByteSerializer.to_list(payload, deserialize_fn=_deserialize_single_cache):
+        merged[kind].extend(artifacts)
+    return CacheArtifactManager.populate_caches(merged)
 
 
 @functools.lru_cache(maxsize=None)
@@ -299,7 +324,7 @@ def load(path: str, device: torch.device | str = "cpu") -> LoadResult:
         for e in entries(f.path, fid):
             try:
                 header, payload = _read(e.path)
-                info = torch.compiler.load_cache_artifacts(payload)
+                info = _load_payload(payload)
                 if info is None:  # torch logged why (it could not un-pickle the payload)
                     raise ValueError("torch could not read the artifacts")
             except Exception as ex:

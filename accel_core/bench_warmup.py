@@ -1,0 +1,181 @@
+"""Warm-up rows for `sd-accel bench --host comfy`: the first compiled run in a fresh process,
+without and then with the on-disk compile cache an earlier process left.
+
+Each measurement is its own Python process (compiled code and torch's in-memory caches do not
+survive in one process's state) with an empty TORCHINDUCTOR_CACHE_DIR of its own, so the warm
+one can only be warm through SD Accel's compile-cache folder:
+- cold: an empty compile-cache folder; the run compiles and saves to it;
+- warm: a second process with the folder the cold one left.
+The child builds the ComfyUI model as `bench_comfy` does, runs ComfyUI eager sampling twice
+(the first loads the model onto the device), applies SDAccelCompileUNet and times its first
+sampling run (load of the cache, dynamo tracing, inductor or cache hits, CUDA-graph
+recording) and the steady run after it. It prints one JSON line.
+
+    python -m sd_accel.accel_core.bench_warmup --preset tiny      # CPU smoke run (COMFYUI_PATH set)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from .bench import BenchConfig, BenchRow
+from .log import logger
+
+MARK = "SD_ACCEL_WARMUP "
+COLD = "warm-up: first compiled run, cold (empty compile cache)"
+WARM = "warm-up: first compiled run, warm (compile cache of the cold process)"
+
+
+def run_child(cfg: BenchConfig, cache_dir: str, inductor_dir: str, mode: str = "reduce-overhead", timeout_s: float = 1800) -> dict:
+    """One fresh process: {"first_s", "steady_s", "eager_s", "counters", "report", ...}, or {"error": ...}."""
+    from . import compile_cache
+    from .bench_comfy import comfy_root
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_dir, COMFYUI_PATH=comfy_root(cfg.comfyui_path))
+    env[compile_cache.ENV] = cache_dir
+    env.pop("TRITON_CACHE_DIR", None)  # Triton's kernels then live under the fresh inductor folder too
+    spec = {"device": cfg.device, "preset": cfg.preset, "steps": cfg.steps, "seed": cfg.seed, "cfg_scale": cfg.cfg_scale, "mode": mode}
+    cmd = [sys.executable, "-m", f"{__package__}.bench_warmup", "--child", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    wall = time.perf_counter() - t0
+    lines = [x for x in p.stdout.splitlines() if x.startswith(MARK)]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {p.returncode}: " + " | ".join(tail)[-400:]}
+    rec = json.loads(lines[-1][len(MARK):])
+    rec["process_wall_s"] = wall
+    return rec
+
+
+def _row(name: str, rec: dict, steps: int) -> BenchRow:
+    if "error" in rec:
+        return BenchRow(name, float("nan"), speedup=0.0, steps=steps, note=f"FAILED: {rec['error']}")
+    c = rec["counters"]
+    ms = rec["steady_s"] / rec["steps"] * 1000
+    note = (f"first compiled run {rec['first_s']:.1f} s (steady {rec['steady_s']:.2f} s, eager {rec['eager_s']:.2f} s); "
+            f"FX graph cache {c['fxgraph_cache_hit']} hit / {c['fxgraph_cache_miss']} miss, "
+            f"AOTAutograd {c['autograd_cache_hit']} hit / {c['autograd_cache_miss']} miss; "
+            f"compile cache: {rec['report'].get('cache') or '-'}; process start to end of first compiled run {rec['process_s']:.0f} s")
+    return BenchRow(name, ms, speedup=rec["eager_s"] / rec["steady_s"], rel_err=rec["rel_err"], peak_mem_mb=rec.get("peak_mem_mb"),
+                    compile_s=max(0.0, rec["first_s"] - rec["steady_s"]), steps=rec["steps"], note=note)
+
+
+def warmup_rows(cfg: BenchConfig, mode: str = "reduce-overhead", diagnostics: dict | None = None, progress=None,
+                timeout_s: float = 1800) -> list[BenchRow]:
+    """Cold then warm first compiled run, each in a fresh process; two BenchRows.
+
+    ms/step, speed-up (over ComfyUI eager) and rel err are the child's own, measured side by side
+    in that process; compile s = first compiled run - steady run; the note names the first-run
+    seconds and the cache hits. `diagnostics` (bench_comfy's `b.diagnostics`) gets each child's
+    record; `progress(name)` is called per row.
+    """
+    from .bench_comfy import PRESETS
+
+    steps = cfg.steps or PRESETS[cfg.preset].steps
+    tmp = tempfile.mkdtemp(prefix="sd_accel_warmup_")
+    cache_dir = os.path.join(tmp, "compile_cache")
+    rows = []
+    try:
+        for name, tag in ((COLD, "cold"), (WARM, "warm")):
+            if rows and math.isnan(rows[0].ms_per_step):
+                rec = {"error": "the cold run failed"}
+            else:
+                rec = run_child(cfg, cache_dir, os.path.join(tmp, f"inductor-{tag}"), mode, timeout_s)
+                from . import compile_cache
+
+                rec["cache_files_after"] = len(compile_cache.entries(cache_dir))
+                rec["cache_bytes_after"] = sum(e.size for e in compile_cache.entries(cache_dir))
+            rows.append(_row(name, rec, steps))
+            if diagnostics is not None:
+                diagnostics[name] = rec
+            logger.info("SD Accel bench: %s: %s", name, rows[-1].note)
+            if progress:
+                progress(name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+# --- the child process --------------------------------------------------------------------------
+
+def _child(spec: dict) -> dict:
+    t_start = time.perf_counter()
+    import torch
+    from torch._dynamo.utils import counters
+
+    from .bench import rel_err
+    from .bench_comfy import PRESETS, ComfyBench, _our_compile, _sync
+    from .hosts.comfy import compile_report
+
+    cfg = BenchConfig(device=spec["device"], preset=spec["preset"], steps=spec["steps"], seed=spec["seed"], cfg_scale=spec["cfg_scale"],
+                      host="comfy")
+    b = ComfyBench(cfg, PRESETS[cfg.preset])
+
+    def timed(model):
+        t0 = time.perf_counter()
+        out = b.sample(model)
+        _sync(b.device)
+        return out, time.perf_counter() - t0
+
+    with torch.inference_mode():
+        timed(b.model)  # loads the model onto the device, warms the libraries
+        ref, eager_s = timed(b.model)
+        m = _our_compile(b.model, spec["mode"])
+        if b.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _, first_s = timed(m)
+        process_s = time.perf_counter() - t_start
+        out, steady_s = timed(m)
+        out, again_s = timed(m)  # CUDA graphs: recorded on an early run; take the better of two
+    steady_s = min(steady_s, again_s)
+    c = {k: counters[g][k] for g, k in (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
+                                         ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"))}
+    c["graphs"] = counters["stats"]["unique_graphs"]
+    return {"first_s": first_s, "steady_s": steady_s, "eager_s": eager_s, "steps": b.steps, "process_s": process_s,
+            "rel_err": rel_err(out, ref), "counters": c, "report": compile_report(m) or {},
+            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if b.device == "cuda" else None,
+            "torch": torch.__version__}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sd_accel.accel_core.bench_warmup", description=__doc__.splitlines()[0])
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--mode", default="reduce-overhead")
+    p.add_argument("--comfyui-path", default=None)
+    args = p.parse_args(argv)
+    if args.child:
+        print(MARK + json.dumps(_child(json.loads(args.child))), flush=True)
+        return 0
+    import logging
+
+    import torch
+
+    from .bench import BenchResult
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, host="comfy", comfyui_path=args.comfyui_path)
+    result = BenchResult(cfg.device, torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU ({os.cpu_count()} cores)",
+                         f"{cfg.preset} (ComfyUI, warm-up rows)", cfg.steps or 0, torch.__version__)
+    diagnostics: dict = {}
+    result.rows = warmup_rows(cfg, args.mode, diagnostics)
+    print(result.table())
+    print(json.dumps(diagnostics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
