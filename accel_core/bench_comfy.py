@@ -484,6 +484,11 @@ def rows(b: ComfyBench):
             yield b.measure(eager, lambda: base, steps=LCM_STEPS, run=run, note=lcm_note)
             yield b.measure(eager + " + SDAccelCompileUNet reduce-overhead", ro, steps=LCM_STEPS, run=run, compare_to=eager)
             yield b.measure(eager + " + FP16Cast + SDAccelCompileUNet reduce-overhead", ro_cast, steps=LCM_STEPS, run=run, compare_to=eager)
+    # Warm-up: the first compiled run in fresh processes, without and with the compile cache.
+    if b.wanted("warm-up"):
+        from .bench_warmup import warmup_rows
+
+        yield from warmup_rows(b.cfg, diagnostics=b.diagnostics, progress=b.progress)
     # Size changes: the target is at most one recompile per change (and none going back).
     side, big = b.preset.latent, b.preset.latent * 3 // 2
     phases = [(f"{side * 8}->{big * 8}", big, 1), (f"back to {side * 8}", side, 1), ("batch 1->2", side, 2)]
