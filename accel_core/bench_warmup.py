@@ -140,10 +140,18 @@ def _child(spec: dict) -> dict:
         out, again_s = timed(m)  # CUDA graphs: recorded on an early run; take the better of two
     steady_s = min(steady_s, again_s)
     c = {k: counters[g][k] for g, k in (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
-                                         ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"))}
+                                         ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"),
+                                         ("aot_autograd", "autograd_cache_bypass"))}
     c["graphs"] = counters["stats"]["unique_graphs"]
+    try:  # where the first run's compile time went (dynamo tracing, AOT, inductor or cache load), seconds per phase
+        from torch._dynamo.utils import compile_times
+
+        heads, values = compile_times(repr="csv", aggregate=True)
+        phases = {h: round(float(v), 2) for h, v in zip(heads, values)}
+    except Exception as e:
+        phases = {"error": f"{type(e).__name__}: {e}"}
     return {"first_s": first_s, "steady_s": steady_s, "eager_s": eager_s, "steps": b.steps, "process_s": process_s,
-            "rel_err": rel_err(out, ref), "counters": c, "report": compile_report(m) or {},
+            "rel_err": rel_err(out, ref), "counters": c, "compile_phases_s": phases, "report": compile_report(m) or {},
             "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if b.device == "cuda" else None,
             "torch": torch.__version__}
 
@@ -165,11 +173,12 @@ def main(argv=None) -> int:
     import torch
 
     from .bench import BenchResult
+    from .bench_comfy import PRESETS
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, host="comfy", comfyui_path=args.comfyui_path)
     result = BenchResult(cfg.device, torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU ({os.cpu_count()} cores)",
-                         f"{cfg.preset} (ComfyUI, warm-up rows)", cfg.steps or 0, torch.__version__)
+                         f"{cfg.preset} (ComfyUI, warm-up rows)", cfg.steps or PRESETS[cfg.preset].steps, torch.__version__)
     diagnostics: dict = {}
     result.rows = warmup_rows(cfg, args.mode, diagnostics)
     print(result.table())

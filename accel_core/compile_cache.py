@@ -272,13 +272,14 @@ class SaveResult:
     size: int = 0
     removed: list[str] = field(default_factory=list)
     error: str | None = None
+    seconds: float = 0.0
 
     def describe(self) -> str:
         if self.error:
             return f"not saved ({self.error})"
         if not self.path:
             return "nothing new to save"
-        return f"saved {self.new} new artifacts ({self.size / 2 ** 20:.1f} MB)"
+        return f"saved {self.new} new artifacts ({self.size / 2 ** 20:.1f} MB, {self.seconds:.1f}s)"
 
 
 class CacheFolder:
@@ -351,6 +352,7 @@ def save(path: str, device: torch.device | str = "cpu", max_bytes: int = MAX_BYT
     if not supported():
         return SaveResult(error="this torch cannot save compile caches")
     f = folder(path)
+    t0 = time.perf_counter()
     try:
         with f.lock:
             out = torch.compiler.save_cache_artifacts()
@@ -379,6 +381,7 @@ def save(path: str, device: torch.device | str = "cpu", max_bytes: int = MAX_BYT
                     except OSError:
                         pass
             res.removed += enforce_cap(f.path, max_bytes, keep=target)
+            res.seconds = time.perf_counter() - t0
             logger.info("SD Accel: compile cache %s to %s", res.describe(), target)
             return res
     except Exception as e:  # a full disk or a read-only folder must not fail the user's run
