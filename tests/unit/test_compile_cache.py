@@ -255,3 +255,22 @@ def test_cli_lists_and_clears(fake, tmp_path, capsys):
     assert "1 files" in out and os.path.basename(path) in out and "2 artifacts" in out
     assert main(["cache", "--dir", str(tmp_path), "--clear"]) == 0
     assert _files(tmp_path) == []
+
+
+def test_warmup_rows_report_both_processes_and_skip_warm_after_a_failed_cold(monkeypatch):
+    from sd_accel.accel_core import bench_warmup as bw
+    from sd_accel.accel_core.bench import BenchConfig
+
+    rec = {"first_s": 12.0, "steady_s": 0.2, "eager_s": 0.5, "steps": 20, "process_s": 30.0, "rel_err": 0.001, "peak_mem_mb": None,
+           "counters": {"fxgraph_cache_hit": 0, "fxgraph_cache_miss": 1, "autograd_cache_hit": 0, "autograd_cache_miss": 1},
+           "report": {"cache": "empty: x; saved 3 new artifacts (1.0 MB, 0.1s)"}}
+    calls = []
+    monkeypatch.setattr(bw, "run_child", lambda cfg, cache_dir, inductor_dir, mode, timeout_s: calls.append((cache_dir, inductor_dir)) or dict(rec))
+    diag = {}
+    cold, warm = bw.warmup_rows(BenchConfig(host="comfy"), diagnostics=diag)
+    assert calls[0][0] == calls[1][0] and calls[0][1] != calls[1][1]  # same compile-cache folder, fresh inductor folders
+    assert cold.compile_s == pytest.approx(11.8) and cold.speedup == pytest.approx(2.5) and "first compiled run 12.0 s" in cold.note
+    assert set(diag) == {bw.COLD, bw.WARM}
+    monkeypatch.setattr(bw, "run_child", lambda *a, **k: {"error": "exit 1: boom"})
+    cold, warm = bw.warmup_rows(BenchConfig(host="comfy"))
+    assert "FAILED: exit 1: boom" in cold.note and "the cold run failed" in warm.note
