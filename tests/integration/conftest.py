@@ -16,6 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_harness as harness  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache_in_tmp(tmp_path_factory):
+    """Compiled graphs of these tests go to a session tmp folder, not into the host tree's user dir
+    (where they would pile up in .hosts/ and travel with every device run)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SD_ACCEL_COMPILE_CACHE", str(tmp_path_factory.mktemp("compile_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def comfy_host() -> harness.Host:
     """The booted ComfyUI with this pack loaded; every test using it skips without COMFYUI_PATH
