@@ -333,26 +333,14 @@ class ComfyBench:
         try:
             with torch.inference_mode():
                 model = make()
-                t0 = time.perf_counter()
-                self.sample(model)
-                _sync(self.device)
-                first = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                out = self.sample(model)
-                _sync(self.device)
-                steady = time.perf_counter() - t0
+                _, first = self._timed(model)
+                out, steady = self._timed(model)
                 phase_log = []
                 for label, side, batch in phases:
                     inputs = make_inputs(arch, side, self.cfg.seed, batch)
                     c0 = _counters()["frames_compiled"]
-                    t0 = time.perf_counter()
-                    self.sample(model, inputs=inputs)
-                    _sync(self.device)
-                    secs = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    self.sample(model, inputs=inputs)
-                    _sync(self.device)
-                    again = time.perf_counter() - t0
+                    _, secs = self._timed(model, inputs)
+                    _, again = self._timed(model, inputs)
                     phase_log.append({"phase": label, "latent": side, "batch": batch, "first_run_s": secs,
                                       "second_run_s": again, "frames_compiled": _counters()["frames_compiled"] - c0})
                 peak = torch.cuda.max_memory_allocated() / 2 ** 20 if self.device == "cuda" else None
@@ -370,6 +358,12 @@ class ComfyBench:
         self.diagnostics[name] = {"phases": phase_log, "first_run_s": first}
         self._done(name)
         return row
+
+    def _timed(self, model, inputs: ComfyInputs | None = None) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        out = self.sample(model, inputs=inputs)
+        _sync(self.device)
+        return out, time.perf_counter() - t0
 
     def _done(self, name):
         if self.progress:
