@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -65,7 +66,7 @@ def _row(name: str, rec: dict, steps: int) -> BenchRow:
     ms = rec["steady_s"] / rec["steps"] * 1000
     note = (f"first compiled run {rec['first_s']:.1f} s (steady {rec['steady_s']:.2f} s, eager {rec['eager_s']:.2f} s); "
             f"FX graph cache {c['fxgraph_cache_hit']} hit / {c['fxgraph_cache_miss']} miss, "
-            f"AOTAutograd {c['autograd_cache_hit']} hit / {c['autograd_cache_miss']} miss; "
+            f"AOTAutograd {c['autograd_cache_hit']} hit / {c['autograd_cache_miss']} miss / {c.get('autograd_cache_bypass', 0)} bypassed; "
             f"compile cache: {rec['report'].get('cache') or '-'}; process start to end of first compiled run {rec['process_s']:.0f} s")
     return BenchRow(name, ms, speedup=rec["eager_s"] / rec["steady_s"], rel_err=rec["rel_err"], peak_mem_mb=rec.get("peak_mem_mb"),
                     compile_s=max(0.0, rec["first_s"] - rec["steady_s"]), steps=rec["steps"], note=note)
@@ -121,6 +122,7 @@ def _child(spec: dict) -> dict:
     cfg = BenchConfig(device=spec["device"], preset=spec["preset"], steps=spec["steps"], seed=spec["seed"], cfg_scale=spec["cfg_scale"],
                       host="comfy")
     b = ComfyBench(cfg, PRESETS[cfg.preset])
+    bypass = _BypassReasons.install()
 
     def timed(model):
         t0 = time.perf_counter()
@@ -153,7 +155,29 @@ def _child(spec: dict) -> dict:
     return {"first_s": first_s, "steady_s": steady_s, "eager_s": eager_s, "steps": b.steps, "process_s": process_s,
             "rel_err": rel_err(out, ref), "counters": c, "compile_phases_s": phases, "report": compile_report(m) or {},
             "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if b.device == "cuda" else None,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "autograd_cache_bypass_reasons": bypass.reasons[:3]}
+
+
+class _BypassReasons(logging.Handler):
+    """Why AOTAutograd's cache was bypassed (torch logs it at INFO only); this child process only."""
+
+    NAME = "torch._functorch._aot_autograd.autograd_cache"
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reasons: list[str] = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith("Bypassing"):
+            self.reasons.append(" ".join(msg.split())[:300])
+
+    @classmethod
+    def install(cls) -> "_BypassReasons":
+        h, log = cls(), logging.getLogger(cls.NAME)
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        return h
 
 
 def main(argv=None) -> int:
@@ -168,8 +192,6 @@ def main(argv=None) -> int:
     if args.child:
         print(MARK + json.dumps(_child(json.loads(args.child))), flush=True)
         return 0
-    import logging
-
     import torch
 
     from .bench import BenchResult

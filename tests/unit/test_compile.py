@@ -153,3 +153,44 @@ def test_skip_module_guards_trade_later_module_changes_for_cheaper_calls(guards,
     assert torch.allclose(after, before) is not change_seen
     assert cu.report.status == "compiled"
     torch._dynamo.reset()
+
+
+class _PriorityAttention(nn.Module):
+    """Attention the way ComfyUI calls it on CUDA (comfy/ops.py): inside sdpa_kernel(..., set_priority=True)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        q, k, v = (t[:, None] for t in self.qkv(x).chunk(3, -1))
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.skipif(not hasattr(torch._inductor.config, "unsafe_marked_cacheable_functions"), reason="torch without the allowlist")
+def test_sdpa_priority_blocks_do_not_bypass_the_autograd_cache(tmp_path, monkeypatch):
+    # Without the allowlist, AOTAutograd refuses to cache graphs holding the sdpa_kernel calls and
+    # every new process re-traces the UNet. Two compiles in "two processes" (dynamo reset, same
+    # on-disk caches): the second must be an AOTAutograd cache hit, with the same result.
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    m, x = _PriorityAttention().eval(), torch.randn(2, 8, 16)
+    outs = []
+    counters.clear()
+    try:
+        for _ in range(2):
+            torch._dynamo.reset()
+            with torch.no_grad():
+                outs.append(compile(m, CompileConfig(backend="inductor"))(x))
+        aot = dict(counters["aot_autograd"])
+    finally:
+        torch._dynamo.reset()
+    assert aot.get("autograd_cache_bypass", 0) == 0, aot
+    assert aot.get("autograd_cache_hit", 0) == 1, aot
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(outs[0], m(x))
