@@ -30,6 +30,7 @@ from .bench import BenchConfig, BenchRow
 from .log import logger
 
 MARK = "SD_ACCEL_WARMUP "
+PROFILE_ENV = "SD_ACCEL_WARMUP_PROFILE"  # a folder: each child writes a torch.profiler table of one steady run
 COLD = "warm-up: first compiled run, cold (empty compile cache)"
 WARM = "warm-up: first compiled run, warm (compile cache of the cold process)"
 
@@ -42,7 +43,8 @@ def run_child(cfg: BenchConfig, cache_dir: str, inductor_dir: str, mode: str = "
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_dir, COMFYUI_PATH=comfy_root(cfg.comfyui_path))
     env[compile_cache.ENV] = cache_dir
     env.pop("TRITON_CACHE_DIR", None)  # Triton's kernels then live under the fresh inductor folder too
-    spec = {"device": cfg.device, "preset": cfg.preset, "steps": cfg.steps, "seed": cfg.seed, "cfg_scale": cfg.cfg_scale, "mode": mode}
+    spec = {"device": cfg.device, "preset": cfg.preset, "steps": cfg.steps, "seed": cfg.seed, "cfg_scale": cfg.cfg_scale, "mode": mode,
+            "tag": os.path.basename(inductor_dir)}
     cmd = [sys.executable, "-m", f"{__package__}.bench_warmup", "--child", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
@@ -140,11 +142,15 @@ def _child(spec: dict) -> dict:
         process_s = time.perf_counter() - t_start
         out, steady_s = timed(m)
         out, again_s = timed(m)  # CUDA graphs: recorded on an early run; take the better of two
+        prof_dir = os.environ.get(PROFILE_ENV)
+        if prof_dir:  # diagnosis: where a steady run's time goes in this process
+            _profile_run(lambda: timed(m), os.path.join(prof_dir, f"profile_{spec.get('tag', 'child')}.txt"), b.device)
     steady_s = min(steady_s, again_s)
     c = {k: counters[g][k] for g, k in (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
                                          ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"),
                                          ("aot_autograd", "autograd_cache_bypass"))}
     c["graphs"] = counters["stats"]["unique_graphs"]
+    c["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     try:  # where the first run's compile time went (dynamo tracing, AOT, inductor or cache load), seconds per phase
         from torch._dynamo.utils import compile_times
 
@@ -156,6 +162,19 @@ def _child(spec: dict) -> dict:
             "rel_err": rel_err(out, ref), "counters": c, "compile_phases_s": phases, "report": compile_report(m) or {},
             "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if b.device == "cuda" else None,
             "torch": torch.__version__, "autograd_cache_bypass_reasons": bypass.reasons[:3]}
+
+
+def _profile_run(run, path: str, device: str):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        run()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+        if device == "cuda":
+            f.write("\n\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70))
 
 
 class _BypassReasons(logging.Handler):
