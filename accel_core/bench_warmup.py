@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from .bench import BenchConfig, BenchRow
@@ -143,8 +144,14 @@ def _child(spec: dict) -> dict:
         out, steady_s = timed(m)
         out, again_s = timed(m)  # CUDA graphs: recorded on an early run; take the better of two
         prof_dir = os.environ.get(PROFILE_ENV)
-        if prof_dir:  # diagnosis: where a steady run's time goes in this process
+        diag = {}
+        if prof_dir:  # diagnosis: where a steady run's time goes in this process, and whether it changes with time
             _profile_run(lambda: timed(m), os.path.join(prof_dir, f"profile_{spec.get('tag', 'child')}.txt"), b.device)
+            diag["later_runs_s"] = [round(timed(m)[1], 3) for _ in range(5)]
+            diag["threads"] = sorted(t.name for t in threading.enumerate())
+            diag["child_processes"] = _child_processes()
+            time.sleep(5)
+            diag["after_5s_pause_s"] = [round(timed(m)[1], 3) for _ in range(3)]
     steady_s = min(steady_s, again_s)
     c = {k: counters[g][k] for g, k in (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
                                          ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"),
@@ -161,7 +168,16 @@ def _child(spec: dict) -> dict:
     return {"first_s": first_s, "steady_s": steady_s, "eager_s": eager_s, "steps": b.steps, "process_s": process_s,
             "rel_err": rel_err(out, ref), "counters": c, "compile_phases_s": phases, "report": compile_report(m) or {},
             "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if b.device == "cuda" else None,
-            "torch": torch.__version__, "autograd_cache_bypass_reasons": bypass.reasons[:3]}
+            "torch": torch.__version__, "autograd_cache_bypass_reasons": bypass.reasons[:3], **diag}
+
+
+def _child_processes() -> list[str]:
+    try:
+        import psutil
+
+        return [" ".join(p.cmdline()[:4])[:120] + f" cpu%={p.cpu_percent(0.2):.0f}" for p in psutil.Process().children(recursive=True)]
+    except Exception as e:
+        return [f"{type(e).__name__}: {e}"]
 
 
 def _profile_run(run, path: str, device: str):
