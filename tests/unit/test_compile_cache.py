@@ -271,6 +271,10 @@ def test_warmup_rows_report_both_processes_and_skip_warm_after_a_failed_cold(mon
     assert calls[0][0] == calls[1][0] and calls[0][1] != calls[1][1]  # same compile-cache folder, fresh inductor folders
     assert cold.compile_s == pytest.approx(11.8) and cold.speedup == pytest.approx(2.5) and "first compiled run 12.0 s" in cold.note
     assert set(diag) == {bw.COLD, bw.WARM}
+    assert "next runs" not in cold.note
+    rec["later_runs_s"] = [0.33, 0.25, 0.2, 0.2]  # a warm process settling while torch's compile workers start
+    cold, warm = bw.warmup_rows(BenchConfig(host="comfy"))
+    assert "steady 0.20 s, next runs 0.33..0.20 s" in warm.note and warm.ms_per_step == pytest.approx(10.0)
     monkeypatch.setattr(bw, "run_child", lambda *a, **k: {"error": "exit 1: boom"})
     cold, warm = bw.warmup_rows(BenchConfig(host="comfy"))
     assert "FAILED: exit 1: boom" in cold.note and "the cold run failed" in warm.note
