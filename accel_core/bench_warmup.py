@@ -144,10 +144,10 @@ def _child(spec: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()
         _, first_s = timed(m)
         process_s = time.perf_counter() - t_start
-        # Steady: the best of the runs after it. Not just the next one: in a warm process the first
-        # few runs after a cache-hit compile are slower (0.33 s falling to 0.15 s over ~1.5 s on an
-        # H200) while torch's compile-worker pool, started by every inductor compile, boots its 16
-        # processes next to the CPU-bound sampler (with TORCHINDUCTOR_COMPILE_THREADS=1 it does not happen).
+        # Steady: the best of the runs after it. Not just the next one: in a warm process the runs
+        # right after a cache-hit compile are slower for a few seconds (0.33-0.40 s instead of 0.15 s
+        # per SD1.5 image on an H200), host-side. It does not happen with TORCHINDUCTOR_COMPILE_THREADS=1
+        # (no compile-worker pool); TORCH_WARM_POOL=0 does not remove it.
         later = [timed(m) for _ in range(STEADY_RUNS)]
         out, steady_s = later[-1][0], min(t for _, t in later)
         later_s = [round(t, 3) for _, t in later]
