@@ -381,21 +381,26 @@ class ComfyBench:
         return sum(s.elapsed_time(e) for s, e in log) / max(1, steps)
 
     def _profile(self, name: str, model, run):
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
-        with profile(activities=acts) as prof:
-            run(model)
-            _sync(self.device)
         safe = "".join(c if c.isalnum() else "_" for c in name)[:40]
         path = os.path.join(self.cfg.out_dir, f"profile_{safe}.txt")
-        os.makedirs(self.cfg.out_dir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
-            if self.device == "cuda":
-                f.write("\n\n")
-                f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if _has_cuda_key(prof) else "self_device_time_total", row_limit=25, max_name_column_width=70))
+        write_profile(lambda: run(model), path, self.device)
         logger.info("SD Accel bench: profile of %r written to %s", name, path)
+
+
+def write_profile(run, path: str, device: str):
+    """torch.profiler tables (by self CPU time, and by GPU time on CUDA) of one `run()`, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        run()
+        _sync(device)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+        if device == "cuda":
+            f.write("\n\n")
+            f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if _has_cuda_key(prof) else "self_device_time_total", row_limit=25, max_name_column_width=70))
 
 
 def _has_cuda_key(prof) -> bool:

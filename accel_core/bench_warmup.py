@@ -122,7 +122,7 @@ def _child(spec: dict) -> dict:
     from torch._dynamo.utils import counters
 
     from .bench import rel_err
-    from .bench_comfy import PRESETS, ComfyBench, _our_compile, _sync
+    from .bench_comfy import PRESETS, ComfyBench, _our_compile, _sync, write_profile
     from .hosts.comfy import compile_report
 
     cfg = BenchConfig(device=spec["device"], preset=spec["preset"], steps=spec["steps"], seed=spec["seed"], cfg_scale=spec["cfg_scale"],
@@ -154,7 +154,7 @@ def _child(spec: dict) -> dict:
         prof_dir = os.environ.get(PROFILE_ENV)
         diag = {}
         if prof_dir:  # diagnosis: where a steady run's time goes in this process, and whether it changes with time
-            _profile_run(lambda: timed(m), os.path.join(prof_dir, f"profile_{spec.get('tag', 'child')}.txt"), b.device)
+            write_profile(lambda: timed(m), os.path.join(prof_dir, f"profile_{spec.get('tag', 'child')}.txt"), b.device)
             diag["profiled_later_runs_s"] = [round(timed(m)[1], 3) for _ in range(5)]
             diag["threads"] = sorted(t.name for t in threading.enumerate())
             diag["child_processes"] = _child_processes()
@@ -185,19 +185,6 @@ def _child_processes() -> list[str]:
         return [" ".join(p.cmdline()[:4])[:120] + f" cpu%={p.cpu_percent(0.2):.0f}" for p in psutil.Process().children(recursive=True)]
     except Exception as e:
         return [f"{type(e).__name__}: {e}"]
-
-
-def _profile_run(run, path: str, device: str):
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
-        run()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
-        if device == "cuda":
-            f.write("\n\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70))
 
 
 class _BypassReasons(logging.Handler):

@@ -49,3 +49,17 @@ def test_auto_host_picks_comfy_only_when_a_comfyui_tree_is_known(tmp_path, monke
     (tmp_path / "ComfyUI" / "comfy" / "sd.py").write_text("")
     assert resolve_host("auto", None, None, pack_dir=str(installed)) == "comfy"
     assert os.environ["COMFYUI_PATH"] == str(tmp_path / "ComfyUI")
+
+
+def test_write_profile_tables_one_run(tmp_path):
+    # The helper behind SD_ACCEL_BENCH_PROFILE and the warm-up child's SD_ACCEL_WARMUP_PROFILE.
+    import torch
+
+    from sd_accel.accel_core.bench_comfy import write_profile
+
+    calls = []
+    path = tmp_path / "sub" / "profile_x.txt"
+    write_profile(lambda: calls.append(torch.ones(8, 8) @ torch.ones(8, 8)), str(path), "cpu")
+    assert len(calls) == 1
+    text = path.read_text()
+    assert "aten::mm" in text and "Self CPU" in text
