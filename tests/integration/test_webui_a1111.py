@@ -1,6 +1,6 @@
 """SD Accel as an extension of a real stable-diffusion-webui (AUTOMATIC1111 1.10.1), booted in-process on the CPU.
 
-Run with the webui venv (see docs/readme/webui.md "Tests"):
+Run with the webui venv (see docs/webui.md "Tests"):
     WEBUI_A1111_PATH=.hosts/webui-a1111-1.10.1 .hosts/venv-a1111/bin/python -m pytest -c tests/pytest.ini tests/integration/test_webui_a1111.py
 The webui's UNet is its own ldm UNetModel (repositories/stable-diffusion-stability-ai), called
 by its own k-diffusion samplers; see webui_harness.py for what is real and what stands in.
@@ -57,10 +57,18 @@ def adapter():
     return importlib.import_module("sd_accel.accel_core.hosts.webui")
 
 
+@pytest.fixture(scope="module")
+def hosts():
+    """The A1111 / Forge installers (accel_core.hosts.webui_hosts) as the extension loaded them."""
+    import importlib
+
+    return importlib.import_module("sd_accel.accel_core.hosts.webui_hosts")
+
+
 @pytest.fixture(autouse=True)
-def _clean(adapter):
+def _clean(hosts):
     yield
-    adapter.finish_generation()
+    hosts.finish_generation()
 
 
 def unet_of(webui):
@@ -204,7 +212,7 @@ def test_deepcache_generation_reuses_features_on_the_planned_steps(webui, adapte
 def test_lora_hot_swap_changes_the_image_and_restores_the_weights(webui, adapter):
     from safetensors.torch import save_file
 
-    from sd_accel.accel_core.lora import make_random_lora
+    from sd_accel.bench.synthetic import make_random_lora
 
     unet = unet_of(webui)
     save_file(make_random_lora(unet, fmt="kohya-ldm", seed=1, magnitude=2.0, with_text_encoder=False), str(webui.lora_dir / "rand_a.safetensors"))
@@ -226,7 +234,7 @@ def test_unknown_lora_is_reported_in_the_infotext(webui):
 def test_lcm_lora_switches_to_the_lcm_sampler(webui):
     from safetensors.torch import save_file
 
-    from sd_accel.accel_core.lora import make_random_lora
+    from sd_accel.bench.synthetic import make_random_lora
 
     save_file(make_random_lora(unet_of(webui), fmt="kohya-ldm", seed=2, with_text_encoder=False), str(webui.lora_dir / "lcm_rand.safetensors"))
     p, res = webui.txt2img(accel(lcm_lora="lcm_rand", lcm_strength=1.0))
@@ -251,7 +259,7 @@ def test_another_extensions_forward_is_respected(webui):
     assert calls and "another extension replaced the UNet's forward" in res.infotexts[0]
 
 
-def test_sd_unet_option_takes_precedence(webui, adapter):
+def test_sd_unet_option_takes_precedence(webui, adapter, hosts):
     from modules import sd_unet
 
     class _Trt:
@@ -259,17 +267,17 @@ def test_sd_unet_option_takes_precedence(webui, adapter):
 
     sd_unet.current_unet = _Trt()
     try:
-        applied = adapter.A1111.apply(webui.model, adapter.WebuiOptions(enabled=True, backend="inductor"))
+        applied = hosts.A1111.apply(webui.model, adapter.WebuiOptions(enabled=True, backend="inductor"))
     finally:
         sd_unet.current_unet = None
     assert "SD Unet 'TRT engine' is active" in applied.status()
     assert "forward" not in unet_of(webui).__dict__
 
 
-def test_checkpoint_change_drops_the_patch(webui, adapter):
+def test_checkpoint_change_drops_the_patch(webui, adapter, hosts):
     from modules import script_callbacks
 
-    adapter.A1111.apply(webui.model, adapter.WebuiOptions(enabled=True, backend="inductor"))
+    hosts.A1111.apply(webui.model, adapter.WebuiOptions(enabled=True, backend="inductor"))
     assert "forward" in unet_of(webui).__dict__
     script_callbacks.model_loaded_callback(webui.model)  # what the webui fires after loading a checkpoint
     assert "forward" not in unet_of(webui).__dict__

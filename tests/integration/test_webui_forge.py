@@ -1,6 +1,6 @@
 """SD Accel as an extension of a real Forge (lllyasviel/stable-diffusion-webui-forge, June 2025), booted in-process on the CPU.
 
-Run with the Forge venv (see docs/readme/webui.md "Tests"):
+Run with the Forge venv (see docs/webui.md "Tests"):
     WEBUI_FORGE_PATH=.hosts/webui-forge .hosts/venv-forge/bin/python -m pytest -c tests/pytest.ini tests/integration/test_webui_forge.py
 The model is Forge's own SD1.5 engine (backend/diffusion_engine/sd15.py: UnetPatcher over KModel
 over IntegratedUNet2DConditionModel) around tiny components; sampling runs through Forge's
@@ -57,10 +57,18 @@ def adapter():
     return importlib.import_module("sd_accel.accel_core.hosts.webui")
 
 
+@pytest.fixture(scope="module")
+def hosts():
+    """The A1111 / Forge installers (accel_core.hosts.webui_hosts) as the extension loaded them."""
+    import importlib
+
+    return importlib.import_module("sd_accel.accel_core.hosts.webui_hosts")
+
+
 @pytest.fixture(autouse=True)
-def _clean(adapter):
+def _clean(hosts):
     yield
-    adapter.finish_generation()
+    hosts.finish_generation()
 
 
 def unet_of(webui):
@@ -154,7 +162,7 @@ def test_cast_is_left_to_forge(webui):
 def test_lora_hot_swap_on_forge_restores_the_weights(webui):
     from safetensors.torch import save_file
 
-    from sd_accel.accel_core.lora import make_random_lora
+    from sd_accel.bench.synthetic import make_random_lora
 
     unet = unet_of(webui)
     save_file(make_random_lora(unet, fmt="kohya-ldm", seed=1, magnitude=2.0, with_text_encoder=False), str(webui.lora_dir / "rand_f.safetensors"))

@@ -1,4 +1,4 @@
-"""GPU measurement of the webui path (not a test; run it by hand, see docs/readme/webui.md "Measured"): A1111's own ldm UNetModel (SD1.5 layout, stable-diffusion-stability-ai
+"""GPU measurement of the webui path (not a test; run it by hand, see docs/webui.md "Measured"): A1111's own ldm UNetModel (SD1.5 layout, stable-diffusion-stability-ai
 at the commit webui 1.10 pins), fp16 weights + CUDA autocast as A1111 runs it, the SDP attention A1111's
 "sdp" optimization installs, 20 Euler steps with CFG (batch 2), 512x512 (64x64 latent).
 
@@ -31,6 +31,7 @@ pkg = importlib.util.module_from_spec(spec)
 sys.modules["sd_accel"] = pkg
 spec.loader.exec_module(pkg)
 from sd_accel.accel_core.hosts import webui as W  # noqa: E402
+from sd_accel.accel_core.hosts.webui_hosts import A1111  # noqa: E402
 
 from ldm.modules import attention as ldm_attention  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
@@ -101,7 +102,7 @@ def sync():
 
 def timed(label, opts):
     sd = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet))
-    applied = W.A1111.apply(sd, opts, progress=lambda: (den.step, den.total)) if opts is not None else None
+    applied = A1111.apply(sd, opts, progress=lambda: (den.step, den.total)) if opts is not None else None
     sync()
     t0 = time.perf_counter()
     out = sample()
@@ -114,7 +115,7 @@ def timed(label, opts):
         out = sample()
         sync()
         best = min(best, time.perf_counter() - t0)
-    W.A1111.undo()
+    A1111.undo()
     assert "forward" not in unet.__dict__
     rep = applied.compile_report.to_dict() if applied is not None and applied.compile_report is not None else None
     return {"name": label, "s_per_image": best, "ms_per_step": best / STEPS * 1000, "first_run_s": first, "compile": rep and rep["status"]}, out

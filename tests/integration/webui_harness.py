@@ -20,7 +20,7 @@ tests run uses torchvision); transformers' classes are imported before it goes o
 so transformers itself sees no torchvision.
 
 Environment: the webui's Python requirements (gradio etc.) in a venv that sees the system
-torch, see docs/readme/webui.md "Tests". Without them, or without WEBUI_A1111_PATH /
+torch, see docs/webui.md "Tests". Without them, or without WEBUI_A1111_PATH /
 WEBUI_FORGE_PATH, the tests skip with the reason.
 """
 from __future__ import annotations
@@ -87,12 +87,12 @@ def skip_reason(kind: str) -> str | None:
     env = {"a1111": "WEBUI_A1111_PATH", "forge": "WEBUI_FORGE_PATH"}[kind]
     path = root(kind)
     if path is None:
-        return f"{env} is not set (a stable-diffusion-webui {'1.10' if kind == 'a1111' else 'Forge'} checkout; see docs/readme/webui.md)"
+        return f"{env} is not set (a stable-diffusion-webui {'1.10' if kind == 'a1111' else 'Forge'} checkout; see docs/webui.md)"
     if not (path / "modules" / "initialize.py").is_file():
         return f"{env}={path} is not a webui checkout (no modules/initialize.py)"
     for module in ("gradio", "omegaconf", "pytorch_lightning", "cv2", "skimage"):
         if importlib.util.find_spec(module) is None:
-            return f"the webui's Python requirements are not installed here ({module} is missing); run these tests with the venv described in docs/readme/webui.md"
+            return f"the webui's Python requirements are not installed here ({module} is missing); run these tests with the venv described in docs/webui.md"
     if kind == "a1111" and not (path / "repositories" / "stable-diffusion-stability-ai" / "ldm").is_dir():
         return f"{path}/repositories/stable-diffusion-stability-ai is missing (the ldm package webui 1.10 clones at start-up)"
     return None

@@ -15,6 +15,8 @@ from torch import nn
 from sd_accel.accel_core.compile import CompileReport
 from sd_accel.accel_core.deepcache import DeepCacheConfig, full_steps
 from sd_accel.accel_core.hosts import webui as w
+from sd_accel.accel_core.hosts import webui_hosts as hosts
+from sd_accel.accel_core.hosts.webui_runner import Runner
 
 
 class _Seq(nn.Sequential):
@@ -76,45 +78,45 @@ def xs():
 def _eager_dynamo(monkeypatch):
     monkeypatch.setenv("SD_ACCEL_DYNAMO_BACKEND", "eager")  # Dynamo without Inductor: same graphs, seconds not minutes
     yield
-    w.finish_generation()
+    hosts.finish_generation()
     w.clear_caches()
 
 
 def test_compile_swaps_forward_for_the_generation_and_undo_restores(tiny, xs):
     with torch.no_grad():
         ref = tiny(*xs)
-        applied = w.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
-        assert isinstance(tiny.__dict__.get("forward"), w._Runner)
+        applied = hosts.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
+        assert isinstance(tiny.__dict__.get("forward"), Runner)
         out = tiny(*xs)
         assert torch.allclose(out, ref, atol=1e-6)
         assert applied.compile_report is not None and applied.compile_report.status == "compiled"
         assert applied.status() is None
-        assert w.A1111.undo() is True
+        assert hosts.A1111.undo() is True
         assert "forward" not in tiny.__dict__
         assert torch.equal(tiny(*xs), ref)
-        assert w.A1111.undo() is False  # idempotent
+        assert hosts.A1111.undo() is False  # idempotent
 
 
 def test_apply_is_idempotent_per_options_and_reuses_compiled(tiny):
     sd = _sd_model(tiny)
     opts = w.WebuiOptions(enabled=True, backend="inductor")
-    w.A1111.apply(sd, opts)
+    hosts.A1111.apply(sd, opts)
     runner = tiny.forward
-    w.A1111.apply(sd, opts)  # process_batch then process_before_every_sampling
+    hosts.A1111.apply(sd, opts)  # process_batch then process_before_every_sampling
     assert tiny.forward is runner
-    compiled = w.A1111.compiled
-    w.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor", attention="math"))
+    compiled = hosts.A1111.compiled
+    hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor", attention="math"))
     assert tiny.forward is not runner
-    assert w.A1111.compiled is compiled  # same UNet, same CompileConfig: the compiled callable is kept
-    w.A1111.undo()
-    w.A1111.apply(sd, opts)
-    assert w.A1111.compiled is compiled
+    assert hosts.A1111.compiled is compiled  # same UNet, same CompileConfig: the compiled callable is kept
+    hosts.A1111.undo()
+    hosts.A1111.apply(sd, opts)
+    assert hosts.A1111.compiled is compiled
 
 
 def test_switched_off_leaves_the_webui_path(tiny):
     sd = _sd_model(tiny)
-    w.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor"))
-    assert w.A1111.apply(sd, w.WebuiOptions(enabled=False, backend="inductor")) is None
+    hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor"))
+    assert hosts.A1111.apply(sd, w.WebuiOptions(enabled=False, backend="inductor")) is None
     assert "forward" not in tiny.__dict__
     assert w.last_applied() is None
 
@@ -122,24 +124,24 @@ def test_switched_off_leaves_the_webui_path(tiny):
 def test_another_extensions_forward_is_left_alone(tiny, xs):
     theirs = lambda *a, **k: "controlnet"  # noqa: E731
     tiny.forward = theirs
-    applied = w.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
+    applied = hosts.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
     assert tiny.__dict__["forward"] is theirs
     assert "another extension" in applied.status()
 
 
 def test_undo_does_not_remove_a_forward_installed_after_ours(tiny, caplog):
-    w.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
+    hosts.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
     later = lambda *a, **k: None  # noqa: E731
     tiny.forward = later
     with caplog.at_level(logging.WARNING, logger="sd_accel"):
-        assert w.A1111.undo() is False
+        assert hosts.A1111.undo() is False
     assert tiny.__dict__["forward"] is later
     assert "replaced by something else" in caplog.text
 
 
 def test_non_unet_model_is_not_touched():
     sd = _sd_model(nn.Linear(2, 2))
-    applied = w.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor"))
+    applied = hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor"))
     assert "not an SD1.x" in applied.status()
     assert "forward" not in sd.model.diffusion_model.__dict__
 
@@ -150,7 +152,7 @@ def test_cast_copy_leaves_the_original_and_follows_weight_changes(tiny, xs):
     ptr, dtype = p0.data_ptr(), p0.dtype
     with torch.no_grad():
         ref = tiny(*xs)
-        w.A1111.apply(sd, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True))
+        hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True))
         out = tiny(*xs)
         assert out.dtype == ref.dtype  # the webui gets its own dtype back
         err = float((out - ref).norm() / ref.norm())
@@ -159,10 +161,10 @@ def test_cast_copy_leaves_the_original_and_follows_weight_changes(tiny, xs):
         assert next(copy1.parameters()).dtype == torch.bfloat16
         assert copy1.out[0].weight.dtype == torch.float32  # norms stay fp32 (GroupNorm32 on CPU)
         assert (p0.data_ptr(), p0.dtype) == (ptr, dtype)
-        w.A1111.undo()
-        w.A1111.apply(sd, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True))
+        hosts.A1111.undo()
+        hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True))
         assert w.cast_copy_for(tiny, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True).cast_config()) is copy1
-        w.A1111.undo()
+        hosts.A1111.undo()
         p0.add_(1.0)  # the webui loaded other weights into the same module (or patched them)
         copy2 = w.cast_copy_for(tiny, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True).cast_config())
         assert copy2 is not copy1
@@ -174,9 +176,9 @@ def test_artifacts_die_with_the_checkpoint(xs):
     unet = TinyLDM().eval()
     sd = _sd_model(unet)
     with torch.no_grad():
-        w.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor", dtype="bf16"))
+        hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor", dtype="bf16"))
         unet(*xs)
-    w.A1111.undo()
+    hosts.A1111.undo()
     assert len(w.cache_state()) == 2  # the UNet and its cast copy, each with a compiled callable or a copy
     ref = weakref.ref(unet)
     del unet, sd
@@ -270,13 +272,13 @@ def test_forge_clone_routes_through_the_compiled_unet_for_the_call(tiny, xs):
     seen = []
 
     def theirs(apply_model, args):
-        seen.append(isinstance(apply_model.__self__.diffusion_model.__dict__.get("forward"), w._Runner))
+        seen.append(isinstance(apply_model.__self__.diffusion_model.__dict__.get("forward"), Runner))
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     patcher = _Patcher(_KModel(tiny))
     patcher.set_model_unet_function_wrapper(theirs)
     before = dict(patcher.model_options)
-    m, applied = w.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor"))
+    m, applied = hosts.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor"))
     assert m is not patcher and patcher.model_options == before
     x, t, ctx = xs
     with torch.no_grad():
@@ -291,18 +293,18 @@ def test_forge_clone_routes_through_the_compiled_unet_for_the_call(tiny, xs):
 
 
 def test_forge_cast_is_declined_with_a_note(tiny):
-    m, applied = w.apply_forge(_Patcher(_KModel(tiny)), w.WebuiOptions(enabled=True, dtype="fp16"))
+    m, applied = hosts.apply_forge(_Patcher(_KModel(tiny)), w.WebuiOptions(enabled=True, dtype="fp16"))
     assert "Diffusion in Low Bits" in applied.status()
     assert next(tiny.parameters()).dtype == torch.float32
 
 
 def test_forge_non_unet_passes_through():
     patcher = _Patcher(_KModel(nn.Linear(2, 2)))
-    m, applied = w.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor"))
+    m, applied = hosts.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor"))
     assert m is patcher and "Flux and SD3 run unchanged" in applied.status()
 
 
 def test_forge_off_is_the_input():
     patcher = _Patcher(_KModel(TinyLDM()))
-    m, applied = w.apply_forge(patcher, w.WebuiOptions())
+    m, applied = hosts.apply_forge(patcher, w.WebuiOptions())
     assert m is patcher and applied is None
