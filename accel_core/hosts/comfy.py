@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import uuid
+import weakref
 from dataclasses import replace
 
 import torch
@@ -66,15 +68,81 @@ def _wrappers_mp():
     return pe.WrappersMP
 
 
+_HOOKS = ("add_wrapper_with_key", "remove_wrappers_with_key", "add_callback_with_key", "remove_callbacks_with_key", "set_attachments", "get_attachment")
+_WRAPPER_KINDS = ("OUTER_SAMPLE", "APPLY_MODEL", "DIFFUSION_MODEL")
+
+
+def _missing_hooks(model) -> list[str]:
+    """The host extension points SD Accel installs through that this MODEL / ComfyUI lacks."""
+    try:
+        import comfy.patcher_extension as pe
+    except ImportError:
+        return ["comfy.patcher_extension"]
+    missing = [h for h in _HOOKS if not callable(getattr(model, h, None))]
+    missing += [f"WrappersMP.{k}" for k in _WRAPPER_KINDS if not hasattr(getattr(pe, "WrappersMP", None), k)]
+    return missing + [f"CallbacksMP.{k}" for k in ("ON_PRE_RUN", "ON_CLEANUP", "ON_DETACH") if not hasattr(getattr(pe, "CallbacksMP", None), k)]
+
+
 def _check_model(model, node: str):
-    """The LDM UNet inside a ComfyUI MODEL, or None (with a warning) for other model families."""
+    """The LDM UNet inside a ComfyUI MODEL, or None (with a warning) when SD Accel cannot patch it."""
     if not hasattr(model, "clone") or not hasattr(model, "get_model_object"):
         raise SDAccelError(f"SD Accel {node}: expected a ComfyUI MODEL (ModelPatcher), found {type(model).__name__}. Connect the MODEL output of a loader.")
+    missing = _missing_hooks(model)
+    if missing:
+        logger.warning("SD Accel %s: this ComfyUI lacks extension points SD Accel needs (%s); passing the model through unchanged. "
+                       "Update ComfyUI or SD Accel.", node, ", ".join(missing))
+        return None
     unet = model.get_model_object("diffusion_model")
     if unet_kind(unet) != LDM:
         logger.warning("SD Accel %s: %s is not a UNet SD Accel knows (SD1.x/SD2.x/SDXL); passing the model through unchanged.", node, type(unet).__name__)
         return None
     return unet
+
+
+# --- DynamicVRAM ------------------------------------------------------------------------------
+# ComfyUI's DynamicVRAM patcher (on by default on NVIDIA since ~0.16) keeps the weights in
+# read-only memory-mapped files and casts them per call: nothing may be written into them.
+# Features that change weights (compile's in-place LoRA updates, FP16 Cast's copy, hot-swap's
+# fused deltas) run on a classic copy, rebuilt from the checkpoint file as ComfyUI's own
+# TorchCompileModel does. One classic copy per dynamic model: all our clones of it share it, as
+# clones share a model, so compiled code and fused weights carry over between nodes and runs.
+_classic: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _clone_params(model) -> frozenset:
+    try:
+        return frozenset(inspect.signature(model.clone).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def is_dynamic(model) -> bool:
+    probe = getattr(model, "is_dynamic", None)
+    return bool(probe()) if callable(probe) else False
+
+
+def patchable_clone(model, node: str):
+    """A clone of `model` whose weights SD Accel may change, or None (with one warning) when there is none."""
+    if not is_dynamic(model):
+        return model.clone()
+    params = _clone_params(model)
+    if "disable_dynamic" not in params:
+        logger.warning("SD Accel %s: this MODEL uses DynamicVRAM and this ComfyUI offers no way to make a regular copy of it; "
+                       "passing the model through unchanged. Start ComfyUI with --disable-dynamic-vram to use this node.", node)
+        return None
+    shared = "model_override" in params and callable(getattr(model, "get_clone_model_override", None))
+    override = _classic.get(model.model) if shared else None
+    try:
+        m = model.clone(disable_dynamic=True, model_override=override) if shared else model.clone(disable_dynamic=True)
+    except RuntimeError as e:  # no cached_patcher_init: the model was not loaded from a file by a core loader
+        logger.warning("SD Accel %s: this MODEL uses DynamicVRAM and ComfyUI cannot rebuild it as a regular model (%s); passing the "
+                       "model through unchanged. Load it with a core loader (Load Checkpoint, Load Diffusion Model) or start "
+                       "ComfyUI with --disable-dynamic-vram.", node, e)
+        return None
+    if shared and override is None:
+        _classic[model.model] = m.get_clone_model_override()
+        logger.info("SD Accel %s: DynamicVRAM model: made a regular copy from the checkpoint file (SD Accel's nodes share it).", node)
+    return m
 
 
 def compiled_for(unet: torch.nn.Module, config: CompileConfig) -> CompiledUNet:
@@ -137,7 +205,9 @@ def apply_compile(model, config: CompileConfig):
         return model
     # cache_dir: compiled graphs persist in ComfyUI's user folder, so the next start reuses them.
     config = replace(config, method="_forward", cache_dir=config.cache_dir or default_cache_dir("comfy"))
-    m = model.clone()
+    m = patchable_clone(model, "Compile UNet")
+    if m is None:
+        return model
     # LoRA patches applied later (ComfyUI's LoraLoader, our hot-swap) then copy into the
     # existing parameters, so CUDA graphs and other captured storage see the new weights.
     m.weight_inplace_update = True
@@ -219,13 +289,16 @@ def apply_cast(model, config: CastConfig):
 
     device_type = torch.device(model.load_device).type
     dtype = resolve_dtype(config.dtype, device_type)
-    m = model.clone()
+    copies = dtype != next(unet.parameters()).dtype or config.channels_last
+    m = patchable_clone(model, "FP16 Cast") if copies else model.clone()
+    if m is None:
+        return model
     wmp = _wrappers_mp()
     m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = functools.partial(_attention_override, config.attention)
-    current = next(unet.parameters()).dtype
-    if dtype != current or config.channels_last:
-        base = model.model
-        new_unet = cast_copy(unet, dtype, config.channels_last, source=_unpatched_weights(model, unet))
+    if copies:
+        base = m.model
+        unet = base.diffusion_model
+        new_unet = cast_copy(unet, dtype, config.channels_last, source=_unpatched_weights(m, unet))
         new_unet.dtype = dtype
         new_base = copy.copy(base)
         for d in ("_modules", "_parameters", "_buffers"):
@@ -236,6 +309,9 @@ def apply_cast(model, config: CastConfig):
         new_base.device = model.offload_device
         m.model = new_base
         m.backup, m.object_patches_backup = {}, {}
+        for name, empty in (("backup_buffers", {}), ("pinned", set())):  # ComfyUI >= 0.1x keeps these per model too
+            if hasattr(m, name):
+                setattr(m, name, empty)
         m.size = 0
         m.patches_uuid = uuid.uuid4()
         if "manual_cast_dtype" in m.object_patches:

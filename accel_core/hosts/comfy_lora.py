@@ -45,7 +45,7 @@ from ..errors import SDAccelError
 from ..lcm import DEEPCACHE_MIN_STEPS, LcmConfig, deepcache_helps
 from ..log import logger
 from ..lora import LoraConfig, LoraSpec, apply_loras, lora_state, read_lora
-from .comfy import _check_model
+from .comfy import _check_model, patchable_clone
 
 LORA_KEY = "sd_accel.lora"
 DEEPCACHE_KEY = "sd_accel.deepcache"
@@ -206,11 +206,13 @@ def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None =
     prev = hotswap_set(model)
     config = config or (prev.config if prev else LoraConfig())
     lf = read_lora(path)
-    lora_state(unet).resolve(lf, config)  # raises SDAccelError (how many layers matched) for another architecture
     if strength == 0:
         return model  # like LoraLoader: strength 0 is the input model
+    m = patchable_clone(model, "LoRA Hot-Swap")  # fused deltas need weights we may write (DynamicVRAM: a regular copy)
+    if m is None:
+        return model
+    lora_state(m.model.diffusion_model).resolve(lf, config)  # raises SDAccelError (how many layers matched) for another architecture
     wanted = (prev or HotSwapSet((), config)).plus(LoraSpec(str(path), float(strength)))
-    m = model.clone()
     m.set_attachments(LORA_KEY, wanted)
     cmp = _callbacks_mp()
     for kind, fn in ((cmp.ON_PRE_RUN, _on_pre_run), (cmp.ON_CLEANUP, _on_cleanup), (cmp.ON_DETACH, _on_detach)):
