@@ -1,15 +1,20 @@
 // SD Accel ComfyUI extension: a status badge on our nodes (compiling / compiled / fell back,
 // last run's it/s and DeepCache hit ratio), the fallback reasons under the node, and toasts
-// when compilation starts, ends or falls back. The state logic lives in sdaccel_state.js.
+// when compilation starts, ends or falls back. The state logic lives in sdaccel_state.js,
+// the probes of what this frontend offers in sdaccel_caps.js.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  EVENTS, PREFIX, StatusStore, badgeColors, badgeText, detailLines, flattenGraph, isOurNodeType,
+  EVENTS, PREFIX, StatusStore, badgeColors, badgeText, detailLines, detailToast, flattenGraph, isOurNodeType, phaseOf,
 } from "./sdaccel_state.js";
+import { announceBadges, badgeMode, settingReader, toaster } from "./sdaccel_caps.js";
 
 const TOAST_SETTING = "SDAccel.Toasts";
 const store = new StatusStore();
 const pathIds = new WeakMap(); // node object -> the id the server uses for it (subgraph paths)
+const badges = new WeakMap(); // node object -> its one LGraphBadge (a click hit-tests the drawn instance)
+const readSetting = settingReader(app);
+const toast = toaster(app);
 let ticker = null;
 
 function graphNodes() {
@@ -22,35 +27,29 @@ function stateOf(node) {
   return store.get(pathIds.get(node) ?? String(node.id));
 }
 
-function redraw() {
+function redraw(nodes = []) {
   app.graph?.setDirtyCanvas?.(true, true);
   app.canvas?.setDirty?.(true, true);
+  for (const node of nodes) announceBadges(node);
 }
 
 function toastsEnabled() {
   try {
-    const value = app.extensionManager?.setting?.get?.(TOAST_SETTING) ?? app.ui?.settings?.getSettingValue?.(TOAST_SETTING);
-    return value !== false;
+    return readSetting(TOAST_SETTING) !== false;
   } catch {
     return true;
   }
 }
 
 function showToast(t) {
-  if (!t || !toastsEnabled()) return;
-  const toast = app.extensionManager?.toast;
-  if (toast?.add) {
-    toast.add(t);
-  } else {
-    (t.severity === "warn" ? console.warn : console.info)(`${t.summary}: ${t.detail}`);
-  }
+  if (t && toastsEnabled()) toast(t);
 }
 
 // While something compiles the badge shows the elapsed time: repaint once a second.
 function keepTicking() {
   if (store.anyCompiling() && ticker === null) {
     ticker = setInterval(() => {
-      redraw();
+      redraw(graphNodes().filter(({ node }) => phaseOf(stateOf(node)) === "compiling").map(({ node }) => node));
       if (!store.anyCompiling()) {
         clearInterval(ticker);
         ticker = null;
@@ -60,17 +59,34 @@ function keepTicking() {
 }
 
 function onEvent(event, detail) {
-  const { toast } = store.apply(event, detail, graphNodes());
+  const nodes = graphNodes();
+  const { targets, toast } = store.apply(event, detail, nodes);
   showToast(toast);
   keepTicking();
-  redraw();
+  const hit = new Set(targets);
+  redraw(nodes.filter(({ id }) => hit.has(id)).map(({ node }) => node));
 }
 
+// One badge object per node, updated in place: the canvas hit-tests a click against the
+// instance it drew, and Nodes 2.0 re-reads the getter when told the badges changed.
 function badgeFor(node) {
   const state = stateOf(node);
-  const text = badgeText(state);
   const { fg, bg } = badgeColors(state);
-  return new window.LGraphBadge({ text, fgColor: fg, bgColor: bg });
+  let badge = badges.get(node);
+  if (!badge) {
+    badge = new window.LGraphBadge({ text: "" });
+    badge.onClick = () => showDetails(node); // frontends with clickable badges (1.49's canvas and Nodes 2.0)
+    badges.set(node, badge);
+  }
+  badge.text = badgeText(state);
+  badge.fgColor = fg;
+  badge.bgColor = bg;
+  return badge;
+}
+
+function showDetails(node) {
+  const t = detailToast(stateOf(node));
+  if (t) toast(t); // asked for by a click: shown even with the notifications setting off
 }
 
 function fitText(ctx, text, width) {
@@ -81,7 +97,8 @@ function fitText(ctx, text, width) {
 }
 
 // The reasons under the node, on a dark plate so links do not run through the text; the
-// full text is in the toast and the console.
+// full text is in the toast and the console. Nodes 2.0 never calls onDrawForeground: there a
+// click on the badge shows them.
 function drawDetails(node, ctx) {
   const lines = detailLines(stateOf(node));
   if (!lines.length || node.flags?.collapsed) return;
@@ -129,7 +146,7 @@ app.registerExtension({
 
   nodeCreated(node) {
     if (!isOurNodeType(node.comfyClass ?? node.type)) return;
-    if (Array.isArray(node.badges) && typeof window.LGraphBadge === "function") {
+    if (badgeMode(node) === "badges") {
       node.badges.push(() => badgeFor(node));
     } else {
       const draw = node.onDrawForeground;

@@ -282,6 +282,14 @@ export function detailLines(state, max = 4) {
   return lines;
 }
 
+/** The reasons as a toast (a click on the badge): Nodes 2.0 draws no lines under the node. */
+export function detailToast(state) {
+  const lines = detailLines(state, 12);
+  if (!lines.length) return null;
+  const severity = phaseOf(state) === "eager" || phaseOf(state) === "fallback" ? "warn" : "info";
+  return { severity, summary: `SD Accel: ${badgeText(state) || "status"}`, detail: lines.join("\n"), life: 12000 };
+}
+
 /** [{id, type, node}] of a graph's nodes, with nodes inside subgraphs under the ids the
  * server uses for them ("<subgraph node id>:<inner id>"). */
 export function flattenGraph(graph, prefix = "", depth = 0) {

@@ -169,3 +169,17 @@ test("flattenGraph names subgraph nodes the way the server does", () => {
   const graph = { _nodes: [{ id: 1, type: "KSampler" }, { id: 12, type: "Sub", subgraph: inner }] };
   assert.deepEqual(S.flattenGraph(graph).map((n) => [n.id, n.type]), [["1", "KSampler"], ["12", "Sub"], ["12:2", "SDAccelCompileUNet"]]);
 });
+
+test("a click on the badge gets the reasons as a toast; nothing to say, no toast", () => {
+  const store = new S.StatusStore(clock().now);
+  store.apply("node_applied", { node: "5", nodes: NODES }, GRAPH);
+  assert.equal(S.detailToast(store.get("5")), null);
+  const fb = report({ status: "eager", whole_error: "Unsupported: open",
+    fallbacks: Object.fromEntries(Array.from({ length: 8 }, (_, i) => [`input_blocks.${i}`, "Unsupported: open"])) });
+  store.apply("fallback", { nodes: NODES, report: fb }, GRAPH);
+  const t = S.detailToast(store.get("5"));
+  assert.equal(t.severity, "warn");
+  assert.equal(t.summary, "SD Accel: ✗ not compiled (eager)");
+  assert.equal(t.detail.split("\n").length, 9, "more lines than under the node (4), the whole UNet's first");
+  assert.match(t.detail, /^whole UNet: Unsupported: open\neager input_blocks\.0/);
+});
