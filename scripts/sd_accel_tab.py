@@ -73,7 +73,7 @@ def clear_cache():
 
 def run_benchmark(source, device, steps, rows):
     """Generator for the Benchmark button: progress lines, then the table, chart and JSON path."""
-    from sd_accel.accel_core.bench import run_bench
+    from sd_accel.bench.run import bench_config, run_bench
     from sd_accel.accel_core.errors import SDAccelError
 
     if not _bench_lock.acquire(blocking=False):
@@ -88,7 +88,7 @@ def run_benchmark(source, device, steps, rows):
                 return
         out_dir = os.path.join(shared.data_path, "outputs", "sd-accel-bench") if hasattr(shared, "data_path") else "sd-accel-bench"
         try:
-            cfg = webui.bench_config(device=device, preset=preset, steps=int(steps) or None, checkpoint=checkpoint, rows=rows, out_dir=out_dir)
+            cfg = bench_config(device=device, preset=preset, steps=int(steps) or None, checkpoint=checkpoint, rows=rows, out_dir=out_dir)
         except SDAccelError as e:
             yield str(e), None, None, None
             return

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import comfy_harness as harness
+from sd_accel.bench.synthetic import make_random_lora  # seeded random LoRAs in the real key formats
 from test_lora_hotswap import TINY_SD15  # noqa: F401  (same tiny layout)
 
 
@@ -39,7 +40,7 @@ def lcm_lora(comfy_host, tiny, tmp_path_factory):
     lora = comfy_host.pack_module("accel_core.lora")
     folder = tmp_path_factory.mktemp("lcm_loras")
     path = folder / "tiny_lcm_lora.safetensors"
-    save_file(lora.make_random_lora(tiny.model.diffusion_model, "kohya-diffusers", rank=8, seed=11, scope="all", magnitude=1.0), str(path))
+    save_file(make_random_lora(tiny.model.diffusion_model, "kohya-diffusers", rank=8, seed=11, scope="all", magnitude=1.0), str(path))
     folder_paths.add_model_folder_path("loras", str(folder))
     return "tiny_lcm_lora.safetensors", str(path)
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import comfy_harness as harness
+from sd_accel.bench.synthetic import make_random_lora  # seeded random LoRAs in the real key formats
 
 TINY_SD15 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
                  transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
@@ -65,7 +66,7 @@ def tiny_loras(tiny, lora, tmp_path_factory):
     for name, fmt, seed, scope in (("a", "kohya-diffusers", 1, "all"), ("b", "kohya-ldm", 2, "attn"), ("c", "peft", 3, "all"),
                                    ("c_kohya", "kohya-diffusers", 3, "all")):
         path = folder / f"tiny_{name}.safetensors"
-        save_file(lora.make_random_lora(unet, fmt, rank=4, seed=seed, scope=scope, magnitude=1.0), str(path))
+        save_file(make_random_lora(unet, fmt, rank=4, seed=seed, scope=scope, magnitude=1.0), str(path))
         files[name] = str(path)
     folder_paths.add_model_folder_path("loras", str(folder))
     return files
@@ -178,7 +179,7 @@ def test_loraloader_on_other_layers_keeps_the_deltas_fused(comfy_host, lora, tin
     ComfyUI's backups hold no delta, and an unload undoes both exactly."""
     import comfy.model_management as mm
 
-    sd = lora.make_random_lora(tiny.model.diffusion_model, "kohya-diffusers", rank=4, seed=4, scope="all", magnitude=1.0,
+    sd = make_random_lora(tiny.model.diffusion_model, "kohya-diffusers", rank=4, seed=4, scope="all", magnitude=1.0,
                                with_text_encoder=False)
     res_only = tmp_path / "tiny_res.safetensors"
     save_file({k: v for k, v in sd.items() if "attentions" not in k}, str(res_only))
@@ -369,7 +370,7 @@ def test_sdxl_lora_on_sd15_names_the_match_count(comfy_host, hl, lora, sd15_mode
     with torch.device("meta"):
         xl = mc.get_model({}, "", device=torch.device("meta")).diffusion_model
     path = tmp_path / "sdxl_style.safetensors"
-    save_file(lora.make_random_lora(xl, "kohya-ldm", rank=1, dtype=torch.float16), str(path))
+    save_file(make_random_lora(xl, "kohya-ldm", rank=1, dtype=torch.float16), str(path))
     before = harness.Snapshot.of(sd15_model)
     with pytest.raises(Exception) as e:
         hl.apply_hotswap(sd15_model, str(path), 1.0)

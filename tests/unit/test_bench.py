@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 from sd_accel.accel_core import SDAccelError
-from sd_accel.accel_core.bench import BenchConfig, run_bench
-from sd_accel.accel_core.checkpoint import load_unet_state_dict
-from sd_accel.accel_core.cli import main
+from sd_accel.bench import BenchConfig, run_bench
+from sd_accel.bench.models import load_unet_state_dict
+from sd_accel.bench.cli import main
 
 
 def test_bench_eager_rows_write_json_and_png(tmp_path):

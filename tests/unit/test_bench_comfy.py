@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from sd_accel.accel_core.bench import BenchConfig, run_bench
-from sd_accel.accel_core.cli import main
+from sd_accel.bench import BenchConfig, run_bench
+from sd_accel.bench.cli import main
 from sd_accel.accel_core.errors import SDAccelError
 
 
@@ -32,7 +32,7 @@ def test_comfy_host_refuses_checkpoint_before_importing_comfyui(tmp_path):
 
 
 def test_auto_host_picks_comfy_only_when_a_comfyui_tree_is_known(tmp_path, monkeypatch):
-    from sd_accel.accel_core.cli import resolve_host
+    from sd_accel.bench.cli import resolve_host
 
     monkeypatch.setenv("COMFYUI_PATH", "x")  # recorded, so the value resolve_host sets is undone after the test
     monkeypatch.delenv("COMFYUI_PATH")
@@ -55,7 +55,7 @@ def test_write_profile_tables_one_run(tmp_path):
     # The helper behind SD_ACCEL_BENCH_PROFILE and the warm-up child's SD_ACCEL_WARMUP_PROFILE.
     import torch
 
-    from sd_accel.accel_core.bench_comfy import write_profile
+    from sd_accel.bench.comfy import write_profile
 
     calls = []
     path = tmp_path / "sub" / "profile_x.txt"

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from sd_accel.accel_core.hosts import comfy_lora as hl
-from sd_accel.accel_core.lora import LoraSpec, lora_state, make_random_lora
+from sd_accel.accel_core.lora import LoraSpec, lora_state
+from sd_accel.bench.synthetic import make_random_lora
 
 
 class Patcher:

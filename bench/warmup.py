@@ -6,12 +6,12 @@ survive in one process's state) with an empty TORCHINDUCTOR_CACHE_DIR of its own
 one can only be warm through SD Accel's compile-cache folder:
 - cold: an empty compile-cache folder; the run compiles and saves to it;
 - warm: a second process with the folder the cold one left.
-The child builds the ComfyUI model as `bench_comfy` does, runs ComfyUI eager sampling twice
+The child builds the ComfyUI model as `bench.comfy` does, runs ComfyUI eager sampling twice
 (the first loads the model onto the device), applies SDAccelCompileUNet and times its first
 sampling run (load of the cache, dynamo tracing, inductor or cache hits, CUDA-graph
 recording) and the steady run after it. It prints one JSON line.
 
-    python -m sd_accel.accel_core.bench_warmup --preset tiny      # CPU smoke run (COMFYUI_PATH set)
+    python -m sd_accel.bench.warmup --preset tiny      # CPU smoke run (COMFYUI_PATH set)
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import tempfile
 import threading
 import time
 
-from .bench import BenchConfig, BenchRow
-from .log import logger
+from ..accel_core.log import logger
+from .measure import BenchConfig, BenchRow
 
 MARK = "SD_ACCEL_WARMUP "
 STEADY_RUNS = 8  # runs after the first compiled one; steady = their best
@@ -39,15 +39,15 @@ WARM = "warm-up: first compiled run, warm (compile cache of the cold process)"
 
 def run_child(cfg: BenchConfig, cache_dir: str, inductor_dir: str, mode: str = "reduce-overhead", timeout_s: float = 1800) -> dict:
     """One fresh process: {"first_s", "steady_s", "eager_s", "counters", "report", ...}, or {"error": ...}."""
-    from . import compile_cache
-    from .bench_comfy import comfy_root
+    from ..accel_core import compile_cache
+    from .comfy import comfy_root
 
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_dir, COMFYUI_PATH=comfy_root(cfg.comfyui_path))
     env[compile_cache.ENV] = cache_dir
     env.pop("TRITON_CACHE_DIR", None)  # Triton's kernels then live under the fresh inductor folder too
     spec = {"device": cfg.device, "preset": cfg.preset, "steps": cfg.steps, "seed": cfg.seed, "cfg_scale": cfg.cfg_scale, "mode": mode,
             "tag": os.path.basename(inductor_dir)}
-    cmd = [sys.executable, "-m", f"{__package__}.bench_warmup", "--child", json.dumps(spec)]
+    cmd = [sys.executable, "-m", f"{__package__}.warmup", "--child", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -84,10 +84,10 @@ def warmup_rows(cfg: BenchConfig, mode: str = "reduce-overhead", diagnostics: di
 
     ms/step, speed-up (over ComfyUI eager) and rel err are the child's own, measured side by side
     in that process; compile s = first compiled run - steady run; the note names the first-run
-    seconds and the cache hits. `diagnostics` (bench_comfy's `b.diagnostics`) gets each child's
+    seconds and the cache hits. `diagnostics` (`ComfyBench.diagnostics`) gets each child's
     record; `progress(name)` is called per row.
     """
-    from .bench_comfy import PRESETS
+    from .comfy import PRESETS
 
     steps = cfg.steps or PRESETS[cfg.preset].steps
     tmp = tempfile.mkdtemp(prefix="sd_accel_warmup_")
@@ -99,7 +99,7 @@ def warmup_rows(cfg: BenchConfig, mode: str = "reduce-overhead", diagnostics: di
                 rec = {"error": "the cold run failed"}
             else:
                 rec = run_child(cfg, cache_dir, os.path.join(tmp, f"inductor-{tag}"), mode, timeout_s)
-                from . import compile_cache
+                from ..accel_core import compile_cache
 
                 rec["cache_files_after"] = len(compile_cache.entries(cache_dir))
                 rec["cache_bytes_after"] = sum(e.size for e in compile_cache.entries(cache_dir))
@@ -121,9 +121,9 @@ def _child(spec: dict) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
-    from .bench import rel_err
-    from .bench_comfy import PRESETS, ComfyBench, _our_compile, _sync, write_profile
-    from .hosts.comfy import compile_report
+    from ..accel_core.hosts.comfy import compile_report
+    from .comfy import PRESETS, ComfyBench, _our_compile, _sync, write_profile
+    from .measure import rel_err
 
     cfg = BenchConfig(device=spec["device"], preset=spec["preset"], steps=spec["steps"], seed=spec["seed"], cfg_scale=spec["cfg_scale"],
                       host="comfy")
@@ -210,7 +210,7 @@ class _BypassReasons(logging.Handler):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sd_accel.accel_core.bench_warmup", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sd_accel.bench.warmup", description=__doc__.splitlines()[0])
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="tiny")
@@ -223,8 +223,8 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from .bench import BenchResult
-    from .bench_comfy import PRESETS
+    from .measure import BenchResult
+    from .comfy import PRESETS
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, host="comfy", comfyui_path=args.comfyui_path)

@@ -19,7 +19,7 @@ def resolve_host(host: str, comfyui_path: str | None, checkpoint: str | None, pa
     pack_dir = pack_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     root = os.path.dirname(os.path.dirname(pack_dir))  # <ComfyUI>/custom_nodes/<pack>
     if os.path.basename(os.path.dirname(pack_dir)) == "custom_nodes" and os.path.isfile(os.path.join(root, "comfy", "sd.py")):
-        os.environ.setdefault("COMFYUI_PATH", root)  # our own process: tells bench_comfy where the tree is
+        os.environ.setdefault("COMFYUI_PATH", root)  # our own process: tells bench.comfy where the tree is
         return "comfy"
     return "diffusers"
 
@@ -27,8 +27,9 @@ def resolve_host(host: str, comfyui_path: str | None, checkpoint: str | None, pa
 def _bench(args) -> int:
     from tqdm import tqdm
 
-    from .bench import BenchConfig, run_bench
-    from .errors import SDAccelError
+    from ..accel_core.errors import SDAccelError
+    from .measure import BenchConfig
+    from .run import run_bench
 
     try:
         cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, checkpoint=args.checkpoint,
@@ -58,7 +59,7 @@ def _bench(args) -> int:
 def _backends(args) -> int:
     import torch
 
-    from .backends import BACKENDS
+    from ..accel_core.backends import BACKENDS
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for name, b in BACKENDS.items():
@@ -69,7 +70,7 @@ def _backends(args) -> int:
 
 def _cache(args) -> int:
     """Show (or --clear) the on-disk compile cache of a host."""
-    from . import compile_cache as cc
+    from ..accel_core import compile_cache as cc
 
     folder = args.dir or cc.default_cache_dir(None)
     root = args.comfyui_path or os.environ.get("COMFYUI_PATH")
