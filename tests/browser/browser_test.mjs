@@ -10,6 +10,9 @@
 //   registered and the graph converts to a prompt.
 // config.mode "run": load config.workflow, apply config.overrides (tiny checkpoint, 64x64,
 //   few steps), queue it, wait for the SD Accel badges to reach a final state, save screenshots.
+//   Then again with config.rerun (must not recompile), and, where the frontend has the Nodes 2.0
+//   renderer (setting Comfy.VueNodes.Enabled), once more with it on: the badges must show in its
+//   DOM, which renders them once and re-reads them only when told they changed.
 // Prints one JSON line "RESULT {...}" for the runner.
 import { readFileSync, writeFileSync, readdirSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
@@ -119,13 +122,22 @@ async function toasts(page) {
   return page.evaluate(() => [...document.querySelectorAll(".p-toast-message")].map((el) => el.innerText.replace(/\s+/g, " ").trim()));
 }
 
+// Nodes 2.0: the text of each of our nodes' DOM element (badges included), by node id.
+async function domTexts(page) {
+  return page.evaluate(() => Object.fromEntries(window.comfyAPI.app.app.graph._nodes
+    .filter((n) => (n.comfyClass ?? n.type).startsWith("SDAccel"))
+    .map((n) => [String(n.id), document.querySelector(`[data-node-id="${n.id}"]`)?.innerText.replace(/\s+/g, " ") ?? null])));
+}
+
 async function setWidgets(page, overrides) {
   await page.evaluate((overrides) => {
     const app = window.comfyAPI.app.app;
     for (const node of app.graph._nodes) {
       for (const [wname, value] of Object.entries(overrides[node.comfyClass ?? node.type] ?? {})) {
         const w = node.widgets?.find((x) => x.name === wname);
-        if (w) w.value = value;
+        // setValue is what a user's edit runs (callbacks; 1.49 clears the missing-model mark there).
+        if (w?.setValue) w.setValue(value, { node, canvas: app.canvas });
+        else if (w) w.value = value;
       }
     }
     app.graph.setDirtyCanvas(true, true);
@@ -142,8 +154,10 @@ async function queueAndWait(page, label) {
   await page.evaluate(() => window.comfyAPI.app.app.queuePrompt(0, 1));
   let sawCompiling = null;
   let final = null;
+  const seenToasts = new Set(); // a toast lives 5-12 s: collect them while the run goes
   while (Date.now() - t0 < cfg.timeoutS * 1000) {
     await page.waitForTimeout(1000);
+    for (const t of await toasts(page)) seenToasts.add(t);
     const badges = await ourBadges(page);
     const compiling = badges.find((b) => b.badges.some((t) => t.includes("compiling")));
     if (compiling && !sawCompiling) {
@@ -162,11 +176,11 @@ async function queueAndWait(page, label) {
     }
   }
   await page.waitForTimeout(300);
-  const seenToasts = await toasts(page);
+  for (const t of await toasts(page)) seenToasts.add(t);
   await page.screenshot({ path: join(cfg.outDir, `${label}.png`) });
   await page.screenshot({ path: join(cfg.outDir, `${label}-chain.png`), clip: { x: 60, y: 95, width: 1340, height: 180 } });
   const events = await page.evaluate((first) => window.__sdaccelTest.events.slice(first).map((e) => ({ name: e.name, detail: e.detail })), first);
-  return { seconds: (Date.now() - t0) / 1000, sawCompiling, final, toasts: seenToasts, events };
+  return { seconds: (Date.now() - t0) / 1000, sawCompiling, final, toasts: [...seenToasts], events };
 }
 
 async function run(page) {
@@ -191,7 +205,27 @@ async function run(page) {
   // The same graph again with another seed and LoRA strength: no recompile expected.
   await setWidgets(page, cfg.rerun);
   const rerun = await queueAndWait(page, "rerun");
-  return { ...first, rerun };
+  if (!rerun.final || !cfg.vueRun) return { ...first, rerun, vue: null };
+  return { ...first, rerun, vue: await vueRun(page, wf) };
+}
+
+// The workflow loaded afresh (no SD Accel state in the tab) under Nodes 2.0 and queued with
+// another seed: the badges must reach the DOM. Skipped where the frontend has no such setting.
+async function vueRun(page, wf) {
+  const has = await page.evaluate(async () => {
+    const setting = window.comfyAPI.app.app.extensionManager?.setting;
+    if (typeof setting?.get?.("Comfy.VueNodes.Enabled") !== "boolean") return false;
+    await setting.set("Comfy.VueNodes.Enabled", true);
+    return true;
+  });
+  if (!has) return { skipped: "this frontend has no Comfy.VueNodes.Enabled setting" };
+  await page.evaluate((wf) => window.comfyAPI.app.app.loadGraphData(wf), wf);
+  await page.waitForFunction(() => document.querySelector("[data-node-id]"), null, { timeout: 30_000 });
+  await setWidgets(page, { ...cfg.overrides, ...cfg.vueRun });
+  const before = await domTexts(page);
+  const run = await queueAndWait(page, "vue");
+  await page.waitForTimeout(700); // Vue renders on its next tick
+  return { ...run, domBefore: before, dom: await domTexts(page), badgesNow: await ourBadges(page) };
 }
 
 const { browser, page, log } = await openComfy();

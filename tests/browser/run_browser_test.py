@@ -11,10 +11,22 @@ at the small checkpoint (64x64, 4 steps), queues it and waits until the SD Accel
 final state with the run's it/s. Screenshots and logs go to --out (default .site/browser-test/,
 git-ignored). Exits non-zero on any failure.
 
+It then queues the same graph with a new seed and LoRA strength (nothing may recompile) and,
+where the frontend has the Nodes 2.0 renderer (setting Comfy.VueNodes.Enabled), reloads it
+with that renderer on and queues once more: every badge must reach the node's DOM.
+
 Needs: COMFYUI_PATH with ComfyUI's Python requirements; /usr/bin/chromium (`apt-get install -y
-chromium`); node and npm. playwright-core (npm) and the frontend version ComfyUI pins (pip,
-`comfyui-frontend-package`, static files only) are installed on first use into git-ignored
-folders. Set COMFYUI_FRONTEND_ROOT to use an unpacked frontend instead.
+chromium`); node and npm. playwright-core (npm, into tests/browser/node_modules) is installed on
+first use. The frontend is the version the host's requirements.txt pins
+(`comfyui-frontend-package==X`), installed on first use with `pip install --no-deps --target
+.site/fe-X` (static files only, nothing on sys.path) and handed to ComfyUI with
+--front-end-root. Each host gets its own folder, so the three test hosts run side by side:
+
+    for v in 0.3.64 0.8.0 0.33.0; do   # frontends 1.27.10, 1.35.9, 1.49.6
+      COMFYUI_PATH=.hosts/ComfyUI-$v python3 tests/browser/run_browser_test.py --out .site/bt-$v
+    done
+
+Set COMFYUI_FRONTEND_ROOT to use another unpacked frontend (its static/ folder) instead.
 """
 from __future__ import annotations
 
@@ -49,6 +61,7 @@ RERUN_OVERRIDES = {  # then queued again: a new seed and LoRA strength must not 
     "KSampler": {"seed": 7},
     "SDAccelLoRAHotSwap": {"strength_model": 0.5},
 }
+VUE_OVERRIDES = {"KSampler": {"seed": 11}}  # last, reloaded under Nodes 2.0 (RUN_OVERRIDES + this)
 
 
 def fail(msg: str) -> None:
@@ -180,6 +193,8 @@ def check_run(result: dict) -> list[str]:
         problems.append("the sdaccel.status extension was not registered in the frontend")
     if not final:
         return problems + ["the run did not finish before the timeout"]
+    if not any(t.startswith("SD Accel") for t in result.get("toasts", [])):
+        problems.append(f"no SD Accel toast showed during the first run: {result.get('toasts')}")
     if final["done"] != "execution_success":
         problems.append(f"the prompt ended with {final['done']}: {final.get('error')}")
     names = [e["name"] for e in result["events"]]
@@ -210,6 +225,27 @@ def check_run(result: dict) -> list[str]:
         problems.append("the second run recompiled (a new seed and LoRA strength must not)")
     elif "sdaccel.run_stats" not in names:
         problems.append("the second run sent no run_stats")
+    return problems + check_vue(result.get("vue"))
+
+
+def check_vue(vue: dict | None) -> list[str]:
+    """Nodes 2.0: every badge text our getter returns must be in that node's DOM."""
+    if vue is None or vue.get("skipped"):
+        return []
+    if not vue.get("final") or vue["final"]["done"] != "execution_success":
+        return [f"the Nodes 2.0 run did not finish: {(vue.get('final') or {}).get('done')}"]
+    problems = []
+    if "sdaccel.compile_start" in [e["name"] for e in vue["events"]]:
+        problems.append("the Nodes 2.0 run recompiled")
+    for b in vue["badgesNow"]:
+        ours = [t for t in b["badges"] if t != "sd-accel"]
+        dom = vue["dom"].get(b["id"])
+        if dom is None:
+            problems.append(f"Nodes 2.0 rendered no element for {b['type']} (node {b['id']})")
+        elif not ours:
+            problems.append(f"{b['type']} has no SD Accel badge after the Nodes 2.0 run")
+        elif not all(t in dom for t in ours):
+            problems.append(f"Nodes 2.0 shows a stale badge on {b['type']}: wants {ours!r}, the DOM has {dom!r}")
     return problems
 
 
@@ -267,11 +303,15 @@ def main() -> None:
             if w["missing"] or w["broken"] or w["promptNodes"] != w["nodes"]:
                 problems.append(f"{w['file']} does not load: missing {w['missing']}, broken {w['broken']}")
         run = browser({**common, "mode": "run", "workflow": args.workflow, "overrides": overrides,
-                       "rerun": RERUN_OVERRIDES, "timeoutS": args.timeout}, out, "run", 2 * args.timeout + 300)
+                       "rerun": RERUN_OVERRIDES, "vueRun": VUE_OVERRIDES, "timeoutS": args.timeout},
+                      out, "run", 3 * args.timeout + 300)
         problems += check_run(run)
         print(f"frontend {run.get('frontend')}")
-        for label, r in (("first run", run), ("second run", run.get("rerun"))):
-            if not r:
+        vue = run.get("vue") or {}
+        if vue.get("skipped"):
+            print(f"Nodes 2.0 run: skipped, {vue['skipped']}")
+        for label, r in (("first run", run), ("second run", run.get("rerun")), ("Nodes 2.0 run (reloaded, new seed)", vue)):
+            if not r or r.get("skipped"):
                 continue
             print(f"{label}: prompt took {r['seconds']:.0f} s; sampling: {rate_of(r)}")
             if r.get("sawCompiling"):
@@ -279,9 +319,11 @@ def main() -> None:
                 print(f"   compiling badge from {r['sawCompiling']['afterS']:.0f} s in: {texts[:2]} ... {texts[-2:]} ({len(texts)} states)")
             for b in (r.get("final") or {}).get("badges", []):
                 print(f"   {b['type']}: {' | '.join(b['badges'])}")
+            for node_id, text in (r.get("dom") or {}).items():
+                print(f"   DOM of node {node_id}: {text}")
             for t in r.get("toasts", []):
                 print(f"   toast: {t}")
-        print(f"   screenshots: {out}/final-compiling.png, final.png, final-chain.png, rerun.png")
+        print(f"   screenshots: {out}/final-compiling.png, final.png, final-chain.png, rerun.png, vue.png")
         if problems:
             fail("; ".join(problems))
         print("browser test passed")

@@ -3,6 +3,7 @@ node ids (the literal mappings the Manager's scanner parses), node_list.json, he
 example workflows, and web/ holding nothing the server would load by mistake."""
 import ast
 import json
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,5 +66,15 @@ def test_web_holds_only_extension_modules_and_help_pages():
     for js in (REPO / "web").glob("*.js"):
         if js.name != "sdaccel.js":  # helpers are imported by the extension, never register one themselves
             assert "registerExtension" not in js.read_text(), js.name
-    state = (REPO / "web" / "sdaccel_state.js").read_text()
-    assert "import " not in state, "sdaccel_state.js must stay import-free (tests/js loads it without a frontend)"
+    for js in (REPO / "web").glob("*.js"):
+        if js.name != "sdaccel.js":  # tests/js loads the helpers as data: URLs, with no frontend to import from
+            assert not re.search(r"^\s*import\b", js.read_text(), re.M), f"{js.name} must stay import-free"
+
+
+def test_the_extension_imports_only_helpers_that_ship_and_what_they_export():
+    ext = (REPO / "web" / "sdaccel.js").read_text()
+    for names, module in re.findall(r"import \{([^}]*)\} from \"\./([\w.]+)\"", ext):
+        src = (REPO / "web" / module).read_text()
+        for name in (n.strip() for n in names.split(",") if n.strip()):
+            assert re.search(rf"^export (?:function|const|class) {name}\b", src, re.M), f"sdaccel.js imports {name} from {module}, which does not export it"
+    assert re.search(r'from "\./sdaccel_caps\.js"', ext) and re.search(r'from "\./sdaccel_state\.js"', ext)
