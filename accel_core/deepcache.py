@@ -14,10 +14,11 @@ Shallower is faster and further from the full result.
 
 The decision full/shallow is made here, in eager Python, outside any compiled code. The
 full path (which also hands back the feature to keep) and the shallow path are two separate
-callables; with compile each is compiled once (`accel_core.compile(..., entry=...)`).
+callables (the walks in `unet/`); with compile each is compiled once (`cut_paths`).
 
-Hosts: ComfyUI's UNetModel through `hosts/comfy_deepcache.py`; diffusers'
-UNet2DConditionModel through `deepcache(unet, config)` here.
+One runner (`DeepCacheRunner`: step decision, kept features, counts) serves every host:
+ComfyUI through `hosts/comfy_deepcache.py`, A1111 and Forge through `hosts/webui.py`,
+diffusers' UNet2DConditionModel through `deepcache(unet, config)` here.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ from torch import nn
 from . import events
 from .errors import SDAccelError, choice_error
 from .log import logger
-from .unet import DIFFUSERS, LDM, unet_kind
+from .registry import compiled_for
+from .unet import DIFFUSERS, skip_count, unet_kind
+from .unet import diffusers as dwalk
 
 SCHEDULES = ("uniform", "non-uniform")
 # Non-uniform schedule: full steps packed around this point of the window (as a fraction of it)
@@ -269,24 +272,6 @@ class DeepCacheState:
 
 # --- depth ----------------------------------------------------------------------------------
 
-def drop_skipped_control(control, skipped_outputs: int) -> None:
-    """On a shallow step, discard the ControlNet residuals the skipped output blocks would have
-    taken off the end of control["output"], so the blocks that run get their own ones (LDM hosts)."""
-    if control is not None and "output" in control:
-        for _ in range(min(skipped_outputs, len(control["output"]))):
-            control["output"].pop()
-
-
-def skip_count(unet: nn.Module) -> int:
-    """How many skip connections (possible cache depths) a UNet has."""
-    kind = unet_kind(unet)
-    if kind == LDM:
-        return len(unet.input_blocks)
-    if kind == DIFFUSERS:
-        return 1 + sum(len(b.resnets) + (1 if getattr(b, "downsamplers", None) else 0) for b in unet.down_blocks)
-    raise SDAccelError(f"SD Accel DeepCache: expected an SD UNet (ComfyUI/LDM UNetModel or diffusers UNet2DConditionModel), found {type(unet).__name__}. DeepCache supports SD1.x, SD2.x and SDXL UNets.")
-
-
 def check_depth(unet: nn.Module, config: DeepCacheConfig) -> None:
     n = skip_count(unet)
     if config.cache_depth >= n:
@@ -294,141 +279,129 @@ def check_depth(unet: nn.Module, config: DeepCacheConfig) -> None:
                            f"Pick a cache_depth between 0 and {n - 1}; the model was left unchanged.")
 
 
-# --- diffusers UNet2DConditionModel ------------------------------------------------------------
+# --- the runner every host uses ------------------------------------------------------------------
 
-_DIFFUSERS_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
-_DIFFUSERS_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+@dataclass(frozen=True)
+class DeepCachePaths:
+    """A UNet cut at one depth: `full(*args)` -> (output, feature to keep), `shallow(kept, *args)` -> output.
 
-
-def _check_diffusers(unet: nn.Module) -> None:
-    bad = [type(b).__name__ for b in unet.down_blocks if type(b).__name__ not in _DIFFUSERS_DOWN]
-    bad += [type(b).__name__ for b in unet.up_blocks if type(b).__name__ not in _DIFFUSERS_UP]
-    if bad:
-        raise SDAccelError(f"SD Accel DeepCache: this diffusers UNet has blocks DeepCache does not know ({', '.join(sorted(set(bad)))}); expected the SD1.x/SD2.x/SDXL blocks "
-                           f"{', '.join(_DIFFUSERS_DOWN + _DIFFUSERS_UP)}. Use an SD1.x, SD2.x or SDXL UNet.")
-    if unet.config.addition_embed_type == "image_hint":
-        raise SDAccelError("SD Accel DeepCache: UNets with addition_embed_type='image_hint' (Kandinsky) are not supported; expected an SD1.x/SD2.x/SDXL UNet.")
-    n_up = sum(len(b.resnets) for b in unet.up_blocks)
-    if n_up != skip_count(unet):
-        raise SDAccelError(f"SD Accel DeepCache: the UNet's up path has {n_up} layers but its down path {skip_count(unet)} skip connections; expected them equal as in SD UNets.")
-
-
-def _freeu_on(block) -> bool:
-    return bool(getattr(block, "s1", None) and getattr(block, "s2", None) and getattr(block, "b1", None) and getattr(block, "b2", None))
-
-
-def _diffusers_walk(unet, depth: int, cached, sample, timestep, encoder_hidden_states=None, class_labels=None, timestep_cond=None,
-                    attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None, encoder_attention_mask=None):
-    """UNet2DConditionModel.forward (diffusers 0.2x-0.4x, without ControlNet/adapter residuals or GLIGEN),
-    walked layer by layer and cut at skip `depth`.
-
-    Full (`cached` None): returns (output, the feature entering the up-layer that consumes skip
-    `depth`). Shallow: runs conv_in and the down layers producing skips 0..depth, then the up
-    layers from that one on, starting from `cached`; returns the output.
+    `copy_kept`: their outputs live in a CUDA-graph pool that the next replay overwrites, so
+    the kept feature is copied out.
     """
-    shallow = cached is not None
-    n_skips = 1 + sum(len(b.resnets) + (1 if b.downsamplers is not None else 0) for b in unet.down_blocks)
-    u0 = n_skips - 1 - depth  # the up-layer (counted over all up blocks) that consumes skip `depth`
-    up_factor = 2 ** unet.num_upsamplers
-    forward_upsample_size = any(s % up_factor != 0 for s in sample.shape[-2:])
-    upsample_size = None
-    if attention_mask is not None:
-        attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
-    if encoder_attention_mask is not None:
-        encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
-    if unet.config.center_input_sample:
-        sample = 2 * sample - 1.0
 
-    t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
-    emb = unet.time_embedding(t_emb, timestep_cond)
-    class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)
-    if class_emb is not None:
-        emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
-    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
-    emb = emb + aug_emb if aug_emb is not None else emb
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    ehs = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
-    attn_kw = dict(encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs, attention_mask=attention_mask,
-                   encoder_attention_mask=encoder_attention_mask, return_dict=False)
-
-    h = unet.conv_in(sample)
-    skips = [h]
-    for block in unet.down_blocks:
-        attns = getattr(block, "attentions", None)
-        for j, resnet in enumerate(block.resnets):
-            if shallow and len(skips) > depth:
-                break
-            h = resnet(h, emb)
-            if attns is not None:
-                h = attns[j](h, **attn_kw)[0]
-            skips.append(h)
-        if block.downsamplers is not None and not (shallow and len(skips) > depth):
-            for ds in block.downsamplers:
-                h = ds(h)
-            skips.append(h)
-        if shallow and len(skips) > depth:
-            break
-
-    if shallow:
-        h = cached
-    elif unet.mid_block is not None:
-        if getattr(unet.mid_block, "has_cross_attention", False):
-            h = unet.mid_block(h, emb, encoder_hidden_states=ehs, attention_mask=attention_mask,
-                               cross_attention_kwargs=cross_attention_kwargs, encoder_attention_mask=encoder_attention_mask)
-        else:
-            h = unet.mid_block(h, emb)
-
-    captured = None
-    u = 0
-    for i, block in enumerate(unet.up_blocks):
-        n_res = len(block.resnets)
-        first = max(0, u0 - u) if shallow else 0
-        if first >= n_res:
-            u += n_res
-            continue
-        consumed = n_res - first
-        res = skips[-consumed:]
-        skips = skips[:-consumed]
-        if i < len(unet.up_blocks) - 1 and forward_upsample_size:
-            upsample_size = skips[-1].shape[2:]
-        freeu = _freeu_on(block)
-        attns = getattr(block, "attentions", None)
-        for j in range(first, n_res):
-            if u + j == u0:
-                if not shallow:
-                    captured = h
-                if freeu:  # FreeU scales h in place: keep the kept feature intact
-                    h = h.clone()
-            r = res[-1]
-            res = res[:-1]
-            if freeu:
-                from diffusers.utils.torch_utils import apply_freeu
-
-                h, r = apply_freeu(block.resolution_idx, h, r, s1=block.s1, s2=block.s2, b1=block.b1, b2=block.b2)
-            h = torch.cat([h, r], dim=1)
-            h = block.resnets[j](h, emb)
-            if attns is not None:
-                h = attns[j](h, **attn_kw)[0]
-        if block.upsamplers is not None:
-            for up in block.upsamplers:
-                h = up(h, upsample_size)
-        u += n_res
-
-    if unet.conv_norm_out:
-        h = unet.conv_norm_out(h)
-        h = unet.conv_act(h)
-    out = unet.conv_out(h)
-    return out if shallow else (out, captured)
+    full: Callable
+    shallow: Callable
+    copy_kept: bool = False
 
 
-def _diffusers_full(unet, depth, *args, **kwargs):
-    return _diffusers_walk(unet, depth, None, *args, **kwargs)
+def cut_paths(module: nn.Module, depth: int, full: Callable, shallow: Callable, compile_config=None) -> DeepCachePaths:
+    """The two paths over `module`: eager, or each compiled once with `compile_config` (kept in the registry)."""
+    if compile_config is None:
+        return DeepCachePaths(full, shallow)
+    return DeepCachePaths(compiled_for(module, compile_config, f"deepcache full d{depth}", full),
+                          compiled_for(module, compile_config, f"deepcache shallow d{depth}", shallow),
+                          copy_kept=compile_config.mode in _CUDAGRAPH_MODES)
 
 
-def _diffusers_shallow(unet, depth, cached, *args, **kwargs):
-    return _diffusers_walk(unet, depth, cached, *args, **kwargs)
+class DeepCacheRunner:
+    """DeepCache's per-call decision for every host: which path runs, what is kept, what is counted.
 
+    The host says where a call is in the run, one of two ways:
+    - the run's schedule (sigmas, timesteps) to `begin`, and each call's value to `step_at`
+      (ComfyUI, diffusers);
+    - the sampler's own step counter to `step_from_progress` (the webui's denoiser), which
+      also notices a new pass (hires fix, next batch) and tells calls within a step apart;
+    and which cond chunks the batch holds (`keys`). `select` then returns the callable for the
+    call: the full path, which keeps its feature, or the shallow one from the kept feature.
+    All of it runs in eager Python, outside compiled code. A copy (ComfyUI deep-copies model
+    options on every clone) is a fresh runner: kept features belong to one run.
+    """
+
+    def __init__(self, config: DeepCacheConfig, paths: DeepCachePaths | None = None):
+        self.config, self.paths = config, paths
+        self.state = DeepCacheState(config)
+        self.runs: list[dict] = []  # the stats of the runs finished so far
+        self._counter: list | None = None  # [total, step, calls in that step] when driven by step_from_progress
+
+    def fresh(self) -> "DeepCacheRunner":
+        return DeepCacheRunner(self.config, self.paths)
+
+    def __deepcopy__(self, memo):
+        return self.fresh()
+
+    @property
+    def running(self) -> bool:
+        return self.state.running
+
+    # -- run boundaries -----------------------------------------------------------------
+    def begin(self, schedule: Sequence[float] = (), n_steps: int | None = None) -> "DeepCacheRunner":
+        """Start a run over `schedule` (decreasing sigmas or timesteps; empty: the host gives it on the first call)."""
+        self.state.begin(schedule, n_steps)
+        self._counter = None
+        return self
+
+    def finish(self) -> dict | None:
+        """End the run (one log line, a `deepcache_stats` event); its stats, or None when none was running."""
+        if not self.state.running:
+            return None
+        stats = self.state.finish()
+        self.runs.append(stats)
+        return stats
+
+    @contextlib.contextmanager
+    def run(self, schedule: Sequence[float], n_steps: int | None = None):
+        self.begin(schedule, n_steps)
+        try:
+            yield self
+        finally:
+            self.finish()
+
+    def disable(self, reason: str, step: int | None = None) -> None:
+        """Caching off for the rest of the run (one log line); `step` is counted as a full one."""
+        self.state.disable(reason)
+        if step is not None:
+            self.state.mark(step, True)
+
+    # -- where a call is ----------------------------------------------------------------
+    def step_at(self, value: float) -> int:
+        return self.state.step_of(value)
+
+    def step_from_progress(self, step: int, total: int) -> tuple[int, tuple]:
+        """(step, keys) of a call told by the sampler's counter. A new run starts when the total
+        changes or the step goes back; calls within a step (cond, uncond) are keyed by order."""
+        c = self._counter
+        if c is None or total != c[0] or step < c[1] or not self.state.running:
+            self.finish()
+            self.begin(list(range(total, 0, -1)), total)
+            c = self._counter = [total, -1, 0]
+        if step != c[1]:
+            c[1], c[2] = step, 0
+        c[2] += 1
+        return step, (f"call{c[2] - 1}",)
+
+    # -- per call -----------------------------------------------------------------------
+    def select(self, step: int, keys: Sequence, x: torch.Tensor, paths: DeepCachePaths | None = None) -> Callable:
+        """The callable for this call, taking the UNet's arguments: the full path (keeping the feature
+        of chunks `keys` at `step`) or the shallow path from the feature kept for them."""
+        paths = paths or self.paths
+        st = self.state
+        st.check_metadata(x)
+        cached = None if st.wants_full(step) else st.lookup(keys, x.shape[0])
+        st.mark(step, cached is None)
+        if cached is not None:
+            return functools.partial(paths.shallow, cached)
+
+        def full(*args, **kwargs):
+            out, kept = paths.full(*args, **kwargs)
+            st.store(keys, kept.clone() if paths.copy_kept else kept, step)
+            return out
+        return full
+
+    def __call__(self, step: int, keys: Sequence, x: torch.Tensor, *args, **kwargs):
+        return self.select(step, keys, x)(x, *args, **kwargs)
+
+
+# --- diffusers UNet2DConditionModel ------------------------------------------------------------
 
 class DeepCacheUNet:
     """A diffusers UNet2DConditionModel with DeepCache: call it like the UNet.
@@ -440,24 +413,21 @@ class DeepCacheUNet:
 
     def __init__(self, unet: nn.Module, config: DeepCacheConfig, compile=None):
         self.unet, self.config, self.compile_config = unet, config, compile
-        self.state = DeepCacheState(config)
-        full = functools.partial(_diffusers_full, unet, config.cache_depth)
-        shallow = functools.partial(_diffusers_shallow, unet, config.cache_depth)
-        if compile is not None:
-            from .compile import compile as _compile
+        d = config.cache_depth
+        paths = cut_paths(unet, d, functools.partial(dwalk.full, unet, d), functools.partial(dwalk.shallow, unet, d), compile)
+        self.full_path, self.shallow_path = paths.full, paths.shallow
+        self.runner = DeepCacheRunner(config, paths)
 
-            full = _compile(unet, compile, entry=full, name=f"deepcache full d{config.cache_depth}")
-            shallow = _compile(unet, compile, entry=shallow, name=f"deepcache shallow d{config.cache_depth}")
-        self.full_path, self.shallow_path = full, shallow
-        self._copy_kept = compile is not None and compile.mode in _CUDAGRAPH_MODES
+    @property
+    def state(self) -> DeepCacheState:
+        return self.runner.state
 
     def begin(self, timesteps) -> "DeepCacheUNet":
-        ts = timesteps.detach().flatten().float().cpu().tolist() if isinstance(timesteps, torch.Tensor) else [float(t) for t in timesteps]
-        self.state.begin(ts)
+        self.runner.begin(_floats(timesteps))
         return self
 
     def finish(self) -> dict:
-        return self.state.finish()
+        return self.runner.finish() or self.state.stats()
 
     @contextlib.contextmanager
     def run(self, timesteps):
@@ -471,31 +441,19 @@ class DeepCacheUNet:
                  cross_attention_kwargs=None, added_cond_kwargs=None, down_block_additional_residuals=None,
                  mid_block_additional_residual=None, down_intrablock_additional_residuals=None, encoder_attention_mask=None,
                  return_dict: bool = True):
-        st = self.state
-        if not st.running:
+        if not self.runner.running:
             raise SDAccelError("SD Accel DeepCache: the step of this UNet call is unknown; expected `dc.begin(scheduler.timesteps)` (or `with dc.run(scheduler.timesteps):`) "
                                "before sampling. Call it once per image with the timesteps the scheduler will use.")
         kw = dict(class_labels=class_labels, timestep_cond=timestep_cond, attention_mask=attention_mask, cross_attention_kwargs=cross_attention_kwargs,
                   added_cond_kwargs=added_cond_kwargs, encoder_attention_mask=encoder_attention_mask)
         t = timestep if isinstance(timestep, torch.Tensor) else torch.tensor(float(timestep))
-        step = st.step_of(float(t.flatten()[0]))
-        extras = down_block_additional_residuals is not None or mid_block_additional_residual is not None or down_intrablock_additional_residuals is not None
-        if extras or (cross_attention_kwargs or {}).get("gligen") is not None:
-            st.disable("ControlNet/T2I-adapter residuals or GLIGEN inputs reach the UNet, and DeepCache does not replay them on shallow steps")
-            st.mark(step, True)
-            return self.unet(sample, timestep, encoder_hidden_states, class_labels=class_labels, timestep_cond=timestep_cond, attention_mask=attention_mask,
-                             cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
-                             down_block_additional_residuals=down_block_additional_residuals, mid_block_additional_residual=mid_block_additional_residual,
-                             down_intrablock_additional_residuals=down_intrablock_additional_residuals, encoder_attention_mask=encoder_attention_mask, return_dict=return_dict)
-        st.check_metadata(sample)
-        keys = ("all",)
-        cached = None if st.wants_full(step) else st.lookup(keys, sample.shape[0])
-        if cached is None:
-            out, kept = self.full_path(sample, timestep, encoder_hidden_states, **kw)
-            st.store(keys, kept.clone() if self._copy_kept else kept, step)
-        else:
-            out = self.shallow_path(cached, sample, timestep, encoder_hidden_states, **kw)
-        st.mark(step, cached is None)
+        step = self.runner.step_at(float(t.flatten()[0]))
+        extras = dict(down_block_additional_residuals=down_block_additional_residuals, mid_block_additional_residual=mid_block_additional_residual,
+                      down_intrablock_additional_residuals=down_intrablock_additional_residuals)
+        if any(v is not None for v in extras.values()) or (cross_attention_kwargs or {}).get("gligen") is not None:
+            self.runner.disable("ControlNet/T2I-adapter residuals or GLIGEN inputs reach the UNet, and DeepCache does not replay them on shallow steps", step)
+            return self.unet(sample, timestep, encoder_hidden_states, **kw, **extras, return_dict=return_dict)
+        out = self.runner(step, ("all",), sample, timestep, encoder_hidden_states, **kw)
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -503,12 +461,18 @@ class DeepCacheUNet:
         return UNet2DConditionOutput(sample=out)
 
 
+def _floats(values) -> list[float]:
+    if isinstance(values, torch.Tensor):
+        return values.detach().flatten().float().cpu().tolist()
+    return [float(v) for v in values]
+
+
 def deepcache(unet: nn.Module, config: DeepCacheConfig | None = None, *, compile=None) -> DeepCacheUNet:
     """DeepCache for a diffusers UNet2DConditionModel: a callable used in place of the UNet.
 
     The UNet itself is not modified. `compile` (a CompileConfig) compiles the full and the
     shallow paths, each once, with per-block fallback. ComfyUI models go through the node
-    (`hosts/comfy_deepcache.apply_deepcache`).
+    (`hosts/comfy_deepcache.apply_deepcache`), the webui through its extension.
 
     Example:
         >>> dc = deepcache(pipe.unet, DeepCacheConfig(cache_interval=3, cache_depth=0))
@@ -520,9 +484,10 @@ def deepcache(unet: nn.Module, config: DeepCacheConfig | None = None, *, compile
     if unet_kind(unet) != DIFFUSERS:
         raise SDAccelError(f"SD Accel DeepCache: deepcache() takes a diffusers UNet2DConditionModel, found {type(unet).__name__}. "
                            "For ComfyUI use the DeepCache (SD Accel) node.")
-    _check_diffusers(unet)
+    dwalk.check(unet)
     check_depth(unet, config)
     return DeepCacheUNet(unet, config, compile=compile)
 
 
-__all__ = ["DeepCacheConfig", "DeepCacheState", "DeepCacheUNet", "deepcache", "full_steps", "skip_count", "check_depth", "SCHEDULES"]
+__all__ = ["DeepCacheConfig", "DeepCacheState", "DeepCacheRunner", "DeepCachePaths", "cut_paths", "DeepCacheUNet", "deepcache", "full_steps",
+           "skip_count", "check_depth", "SCHEDULES"]

@@ -6,6 +6,9 @@ Two families share most of the pack's logic:
   middle_block, output_blocks, time_embed, out.
 - "diffusers": `UNet2DConditionModel`: conv_in, time_embedding, down_blocks, mid_block,
   up_blocks, conv_norm_out, conv_out.
+
+One forward walk per family, for DeepCache's cut runs: `unet.ldm` (ComfyUI, A1111, Forge,
+host differences through a hooks object) and `unet.diffusers`.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..errors import SDAccelError
 
 LDM = "ldm"
 DIFFUSERS = "diffusers"
@@ -27,6 +32,17 @@ def unet_kind(module) -> str | None:
     if all(hasattr(module, a) for a in ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out")):
         return DIFFUSERS
     return None
+
+
+def skip_count(unet) -> int:
+    """How many skip connections (DeepCache's possible cut depths) a UNet has."""
+    kind = unet_kind(unet)
+    if kind == LDM:
+        return len(unet.input_blocks)
+    if kind == DIFFUSERS:
+        return 1 + sum(len(b.resnets) + (1 if getattr(b, "downsamplers", None) else 0) for b in unet.down_blocks)
+    raise SDAccelError(f"SD Accel: expected an SD UNet (ComfyUI/LDM UNetModel or diffusers UNet2DConditionModel), found {type(unet).__name__}. "
+                       "SD Accel supports SD1.x, SD2.x and SDXL UNets.")
 
 
 def describe(module) -> str:

@@ -6,8 +6,8 @@ checkpoint loader with the full-size SD1.5 architecture (the shared `sd15_model`
 """
 from __future__ import annotations
 
+import inspect
 import math
-import sys
 
 import pytest
 import torch
@@ -25,6 +25,8 @@ class Pack:
         self.host = host
         self.dc = host.pack_module("accel_core.hosts.comfy_deepcache")
         self.core = host.pack_module("accel_core.deepcache")
+        self.ldm = host.pack_module("accel_core.unet.ldm")
+        self.registry = host.pack_module("accel_core.registry")
         self.comfy = host.pack_module("accel_core.hosts.comfy")
         self.compile = host.pack_module("accel_core.compile")
         self.events = host.pack_module("accel_core.events")
@@ -124,33 +126,97 @@ def _copy(control):
     return {k: list(v) for k, v in control.items()}
 
 
-def test_paths_replay_forward_with_control_and_patches(pack, tiny):
-    unet = tiny.model.diffusion_model
+def _host_calls(patch_name: str) -> bool:
+    """Whether this ComfyUI's own UNetModel._forward calls a block patch (middle_block_after_patch: 0.33)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    return patch_name in inspect.getsource(UNetModel._forward)
+
+
+def _inputs():
     g = torch.Generator().manual_seed(0)
-    x, t, ctx = torch.randn(2, 4, SIZE, SIZE, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768, generator=g)
+    return torch.randn(2, 4, SIZE, SIZE, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768, generator=g)
+
+
+def _check_paths(pack, unet, x, t, ctx, control, options, ref):
+    """The plain walk is `ref`; at every depth the full path is too, and the shallow path from its kept feature."""
+    hooks = pack.dc.COMFY
+    with torch.no_grad():
+        assert torch.equal(pack.ldm.forward(unet, hooks, x, t, ctx, None, _copy(control), options()), ref)
+        for d in range(len(unet.input_blocks)):
+            full, shallow = pack.ldm.paths(unet, hooks, d)
+            out, kept = full(x, t, ctx, None, _copy(control), options())
+            assert torch.equal(out, ref), d
+            keep = kept.clone()
+            for _ in range(2):  # twice: the kept feature survives in-place patches
+                to = options()
+                assert torch.equal(shallow(kept, x, t, ctx, None, _copy(control), to), ref), d
+            assert torch.equal(kept, keep)
+            assert to["transformer_index"] == 16  # as after the full walk: SD1.5 has 16 spatial transformers
+
+
+def test_paths_replay_forward_with_control_and_patches(pack, tiny):
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    unet = tiny.model.diffusion_model
+    x, t, ctx = _inputs()
     control = _control(unet, x, t, ctx)
+    seen = []
 
     def freeu_like(h, hsp, to):  # scales h in place, as FreeU does
         h[:, : h.shape[1] // 2] *= 1.1
         return h, hsp
 
+    def resblock_patch(layer, x, emb, *rest):  # forward_timestep_embed_patch: replaces how a layer type is called
+        seen.append(1)
+        return layer(x, emb) * 0.99
+
     def options():
-        return {"patches": {"output_block_patch": [freeu_like], "emb_patch": [lambda e, mc, to: e * 1.01]},
+        return {"patches": {"output_block_patch": [freeu_like], "emb_patch": [lambda e, mc, to: e * 1.01],
+                            "forward_timestep_embed_patch": [(ResBlock, resblock_patch)]},
                 "patches_replace": {}}
 
     with torch.no_grad():
         ref = unet._forward(x, t, ctx, None, _copy(control), options())
-        for d in range(len(unet.input_blocks)):
-            skipped = pack.dc._skipped_transformers(unet, d)
-            out, kept = pack.dc._ldm_full(unet, d, skipped, x, t, ctx, None, _copy(control), options())
-            assert torch.equal(out, ref), d
-            keep = kept.clone()
-            for _ in range(2):  # twice: the kept feature survives the in-place patch
-                to = options()
-                shallow = pack.dc._ldm_shallow(unet, d, skipped, kept, x, t, ctx, None, _copy(control), to)
-                assert torch.equal(shallow, ref), d
-            assert torch.equal(kept, keep)
-            assert to["transformer_index"] == 16  # as after the full walk: SD1.5 has 16 spatial transformers
+    assert seen
+    _check_paths(pack, unet, x, t, ctx, control, options, ref)
+
+
+def test_middle_block_after_patch_is_honoured(pack, tiny):
+    if not _host_calls("middle_block_after_patch"):
+        pytest.skip("this ComfyUI's UNetModel._forward has no middle_block_after_patch (ComfyUI 0.33 has)")
+    unet = tiny.model.diffusion_model
+    x, t, ctx = _inputs()
+    control = _control(unet, x, t, ctx)
+    keys = []
+
+    def after_middle(args):
+        keys.append(sorted(args))
+        return {**args, "h": args["h"] * 0.5 + 0.1}
+
+    def options():
+        return {"patches": {"middle_block_after_patch": [after_middle]}}
+
+    with torch.no_grad():
+        ref = unet._forward(x, t, ctx, None, _copy(control), options())
+        assert not torch.equal(ref, unet._forward(x, t, ctx, None, _copy(control), {}))  # the patch changes the result
+    keys.clear()
+    _check_paths(pack, unet, x, t, ctx, control, options, ref)
+    assert keys and keys[0] == ["context", "emb", "h", "timesteps", "transformer_options", "x", "y"]
+
+
+def test_output_patch_that_merges_the_skip_itself(pack, tiny):
+    """An output_block_patch returning hsp=None (SUPIR) has concatenated the skip itself: no second cat."""
+    unet = tiny.model.diffusion_model
+    x, t, ctx = _inputs()
+    control = _control(unet, x, t, ctx)
+
+    def merge(h, hsp, to):
+        return torch.cat([h, hsp], dim=1), None
+
+    with torch.no_grad():
+        ref = unet._forward(x, t, ctx, None, _copy(control), {})  # what the merge amounts to, on every host
+    _check_paths(pack, unet, x, t, ctx, control, lambda: {"patches": {"output_block_patch": [merge]}}, ref)
 
 
 # --- sampling through KSampler ------------------------------------------------------------------
@@ -192,23 +258,56 @@ def test_multi_call_sampler_is_keyed_on_sigma(pack, tiny, baseline, stats):
     assert 0 < harness.rel_err(out, baseline(sampler="heun")) < 0.05
 
 
+def _record_batches(model) -> list[int]:
+    """A DIFFUSION_MODEL wrapper on `model` that records the batch of every UNet call."""
+    import comfy.patcher_extension as pe
+
+    seen = []
+
+    def record(executor, *args, **kwargs):
+        seen.append(args[0].shape[0])
+        return executor(*args, **kwargs)
+
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test.batches", record)
+    return seen
+
+
+def _no_room_to_batch_conds(monkeypatch):
+    """Make the sampler's free-memory probe report nothing free, so it runs cond and uncond apart.
+
+    ComfyUI 0.33 asks the model's patcher (`get_free_memory`); earlier ones ask model_management
+    through comfy.samplers, which is given a view of it with that one function replaced.
+    """
+    import comfy.model_patcher
+    import comfy.samplers
+
+    if hasattr(comfy.model_patcher.ModelPatcher, "get_free_memory"):
+        monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "get_free_memory", lambda self, *a, **k: 0)
+    else:
+        mm = comfy.samplers.model_management
+
+        class NoRoom:
+            def __getattr__(self, name):
+                return getattr(mm, name)
+
+            @staticmethod
+            def get_free_memory(*a, **k):
+                return 0
+
+        monkeypatch.setattr(comfy.samplers, "model_management", NoRoom())
+
+
 def test_cond_and_uncond_batched_apart(pack, tiny, stats, monkeypatch):
-    import comfy.model_management as mm
-
     m = pack.deepcache(tiny, interval=3)
+    batches = _record_batches(m)
     together = run(m)
-    calls = []
-    real = mm.get_free_memory
-
-    def no_room_for_a_batch(*a, **k):  # only where the sampler decides how many conds to batch
-        if sys._getframe(1).f_code.co_name == "_calc_cond_batch":
-            calls.append(1)
-            return 0
-        return real(*a, **k)
-
-    monkeypatch.setattr(mm, "get_free_memory", no_room_for_a_batch)
+    assert set(batches) == {2}  # cond and uncond in one batch
+    hits = stats[-1]["hits"]
+    batches.clear()
+    _no_room_to_batch_conds(monkeypatch)
     apart = run(m)
-    assert calls and stats[-1]["hits"] == stats[-2]["hits"] > 0
+    assert set(batches) == {1} and len(batches) == 2 * STEPS  # one call per cond and step
+    assert stats[-1]["hits"] == hits > 0  # each cond chunk finds its own kept feature
     torch.testing.assert_close(apart, together, rtol=1e-4, atol=1e-5)
 
 
@@ -237,7 +336,7 @@ def test_compile_stacks_in_either_order(pack, tiny, stats):
         torch.testing.assert_close(run(after), eager, rtol=1e-4, atol=1e-5)
     assert stats[-1]["hits"] > 0
     unet = tiny.model.diffusion_model
-    paths = {k[1]: cu for k, cu in pack.comfy._compiled.get(unet, {}).items() if isinstance(k, tuple)}
+    paths = {k[1]: cu for k, cu in pack.registry.compiled_of(unet).items() if isinstance(k, tuple)}
     assert set(paths) == {"deepcache full d1", "deepcache shallow d1"}
     assert all(cu.report.status in ("compiled", "partial") for cu in paths.values())
     assert pack.comfy.compile_report(after)["status"] in ("compiled", "partial")
