@@ -80,18 +80,18 @@ def unet_of(webui):
 def test_extension_is_loaded_by_the_webui_loader(webui):
     from modules import extensions, script_callbacks, scripts, shared
 
-    ours = [d for d in scripts.scripts_data if "sd-accel" in d.path]
+    ours = [d for d in scripts.scripts_data if webui.is_ours(d.path)]
     assert [Path(d.path).name for d in ours] == ["sd_accel_script.py"]
     ext = next(e for e in extensions.extensions if e.name == "sd-accel")
     assert ext.metadata.canonical_name == "sd-accel"  # metadata.ini [Extension] Name
-    registered = {k: [c.script for c in v if "sd-accel" in c.script] for k, v in script_callbacks.callback_map.items()}
+    registered = {k: [c.script for c in v if webui.is_ours(c.script)] for k, v in script_callbacks.callback_map.items()}
     assert any(s.endswith("sd_accel_tab.py") for s in registered["callbacks_ui_tabs"])
     for kind in ("callbacks_ui_settings", "callbacks_before_ui", "callbacks_model_loaded", "callbacks_script_unloaded"):
         assert any(s.endswith("sd_accel_script.py") for s in registered[kind]), kind
     for key in ("sd_accel_enabled", "sd_accel_backend", "sd_accel_deepcache_interval"):
         assert key in shared.opts.data_labels and shared.opts.data_labels[key].section[0] == "sd_accel"
     # The extension imports its folder as `sd_accel` (unique), not as a top-level `accel_core`.
-    assert sys.modules["sd_accel"].__file__.startswith(str(webui.data_dir / "extensions" / "sd-accel"))
+    assert sys.modules["sd_accel"].__file__.startswith(str(webui.extension_dir))
 
 
 def test_accordion_tab_and_paste_fields_are_built_with_real_gradio(webui, adapter):

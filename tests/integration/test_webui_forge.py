@@ -84,9 +84,9 @@ def base_patcher(webui):
 def test_extension_is_loaded_by_forges_loader(webui, adapter):
     from modules import infotext_utils, script_callbacks, scripts, shared
 
-    ours = [d for d in scripts.scripts_data if "sd-accel" in d.path]
+    ours = [d for d in scripts.scripts_data if webui.is_ours(d.path)]
     assert [Path(d.path).name for d in ours] == ["sd_accel_script.py"]
-    registered = {k: [c.script for c in v if "sd-accel" in c.script] for k, v in script_callbacks.callback_map.items()}
+    registered = {k: [c.script for c in v if webui.is_ours(c.script)] for k, v in script_callbacks.callback_map.items()}
     assert any(s.endswith("sd_accel_tab.py") for s in registered["callbacks_ui_tabs"])
     assert "sd_accel_backend" in shared.opts.data_labels
     script = webui.our_script
@@ -96,7 +96,7 @@ def test_extension_is_loaded_by_forges_loader(webui, adapter):
     xyz = next(d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py")
     assert "[SD Accel] DeepCache interval" in {a.label for a in xyz.axis_options}
     # Forge keeps extension roots on sys.path; SD Accel still imports itself under its unique name.
-    assert sys.modules["sd_accel"].__file__.startswith(str(webui.data_dir / "extensions" / "sd-accel"))
+    assert sys.modules["sd_accel"].__file__.startswith(str(webui.extension_dir))
 
 
 def test_off_leaves_forge_alone(webui):

@@ -33,6 +33,7 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+EXTENSION = "sd-accel"  # the folder name under extensions/ (metadata.ini names the extension the same)
 
 STANDIN = '''"""CPU test stand-in for torchvision: names resolve, using one raises ImportError."""
 
@@ -95,6 +96,13 @@ def skip_reason(kind: str) -> str | None:
             return f"the webui's Python requirements are not installed here ({module} is missing); run these tests with the venv described in docs/webui.md"
     if kind == "a1111" and not (path / "repositories" / "stable-diffusion-stability-ai" / "ldm").is_dir():
         return f"{path}/repositories/stable-diffusion-stability-ai is missing (the ldm package webui 1.10 clones at start-up)"
+    if kind == "forge" and not (path / "repositories" / "huggingface_guess" / "huggingface_guess").is_dir():
+        return f"{path}/repositories/huggingface_guess is missing (the package Forge clones at start-up; see docs/webui.md \"Tests\")"
+    if kind == "a1111":
+        try:
+            _tokenizer_files()
+        except FileNotFoundError as e:
+            return str(e)
     return None
 
 
@@ -119,7 +127,8 @@ def _tokenizer_files() -> Path:
         d = host / "comfy" / "sd1_tokenizer"
         if (d / "vocab.json").is_file():
             return d
-    raise FileNotFoundError("no CLIP tokenizer files (comfy/sd1_tokenizer of a ComfyUI checkout under .hosts/ or COMFYUI_PATH)")
+    raise FileNotFoundError("A1111's tiny model needs the CLIP tokenizer files (vocab.json, merges.txt), taken from a ComfyUI tree's "
+                            "comfy/sd1_tokenizer: materialize one under .hosts/ComfyUI-* or set COMFYUI_PATH (see docs/webui.md \"Tests\")")
 
 
 class Webui:
@@ -131,6 +140,15 @@ class Webui:
 
     def mod(self, name: str):
         return importlib.import_module(f"modules.{name}")
+
+    @property
+    def extension_dir(self) -> Path:
+        return self.data_dir / "extensions" / EXTENSION
+
+    def is_ours(self, path: str) -> bool:
+        """Whether a script path the webui reports is one of SD Accel's, by folder (not by a name that a checkout may share)."""
+        p = Path(os.path.abspath(path))
+        return p.parent == self.extension_dir / "scripts" or p.resolve().parent == REPO / "scripts"
 
     @property
     def our_script(self):
@@ -194,7 +212,7 @@ def boot(kind: str, path: Path, data_dir: Path, standin_dir: Path, extra_argv=()
     sys.path.insert(0, str(write_torchvision_standin(standin_dir)))
     ext = data_dir / "extensions"
     ext.mkdir(parents=True, exist_ok=True)
-    link = ext / "sd-accel"
+    link = ext / EXTENSION
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
     os.environ.setdefault("SD_ACCEL_DYNAMO_BACKEND", "eager")
