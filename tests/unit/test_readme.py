@@ -109,16 +109,18 @@ def test_no_words_about_how_the_work_was_organised(page):
     assert not found, f"{page.relative_to(ROOT)} speaks of how the work was organised, not of the software: {found}"
 
 
-def test_readme_python_imports_resolve():
-    """Every `from sd_accel... import ...` in the README's Python blocks names something that exists."""
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_example_imports_resolve(page):
+    """Every `from sd_accel... import ...` in a page's Python blocks names something that exists."""
     import ast
     import importlib
 
-    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
-    assert blocks, "README.md shows no Python example"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)
+    if page == README:
+        assert blocks, "README.md shows no Python example"
     for block in blocks:
         for node in ast.walk(ast.parse(block)):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sd_accel"):
                 mod = importlib.import_module(node.module)
                 missing = [a.name for a in node.names if not hasattr(mod, a.name)]
-                assert not missing, f"README.md imports {missing} from {node.module}, which has no such names"
+                assert not missing, f"{page.relative_to(ROOT)} imports {missing} from {node.module}, which has no such names"
