@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import torch
 
+from .. import registry
 from ..cast import CastConfig, attention_context, cast_copy, resolve_dtype
 from ..compile import CompileConfig, CompiledUNet
 from ..compile_cache import default_cache_dir
@@ -25,41 +26,6 @@ from ..unet import LDM, unet_kind
 COMPILE_KEY = "sd_accel.compile"
 CAST_KEY = "sd_accel.cast"
 _MISSING = object()
-
-class _PerUnet(dict):
-    """{CompileConfig or (config, name): CompiledUNet} of one UNet. Copies of the UNet (FP16 Cast
-    deep-copies it) start with none: compiled code is bound to the module it was made for."""
-
-    def __deepcopy__(self, memo):
-        return _PerUnet()
-
-    def __copy__(self):
-        return _PerUnet()
-
-
-class _Registry:
-    """unet -> _PerUnet, kept on the UNet itself (attribute `_sd_accel_compiled`).
-
-    A CompiledUNet references its UNet, so a WeakKeyDictionary keyed by the UNet would keep
-    every UNet it ever saw alive (a dropped FP16 Cast copy kept its ~1.6 GB of GPU weights:
-    seen in `sd-accel bench --host comfy` on an H200). On the UNet, the pair is a cycle
-    that Python's garbage collector frees together once the model is dropped.
-    """
-
-    ATTR = "_sd_accel_compiled"
-
-    def get(self, unet, default=None):
-        return unet.__dict__.get(self.ATTR, default)
-
-    def setdefault(self, unet, default):
-        per_unet = unet.__dict__.get(self.ATTR)
-        if per_unet is None:
-            per_unet = _PerUnet(default)
-            object.__setattr__(unet, self.ATTR, per_unet)  # plain attribute: no state_dict entry, no nn.Module hooks
-        return per_unet
-
-
-_compiled = _Registry()
 
 
 def _wrappers_mp():
@@ -146,20 +112,8 @@ def patchable_clone(model, node: str):
 
 
 def compiled_for(unet: torch.nn.Module, config: CompileConfig) -> CompiledUNet:
-    per_unet = _compiled.setdefault(unet, {})
-    if config not in per_unet:
-        per_unet[config] = CompiledUNet(unet, config)
-    return per_unet[config]
-
-
-def compiled_path(unet: torch.nn.Module, config: CompileConfig, name: str, entry) -> CompiledUNet:
-    """Another callable over `unet`'s blocks (DeepCache's full and shallow paths), compiled once per
-    (unet, config, name) with the same fallback; shares the registry (and lifetime) of compiled_for."""
-    per_unet = _compiled.setdefault(unet, {})
-    key = (config, name)
-    if key not in per_unet:
-        per_unet[key] = CompiledUNet(unet, config, entry=entry, name=name)
-    return per_unet[key]
+    # In the core's registry, on the shared UNet: every clone of the model reuses it (see accel_core/registry.py).
+    return registry.compiled_for(unet, config)
 
 
 def active_compile_config(transformer_options: dict) -> CompileConfig | None:
@@ -224,7 +178,7 @@ def compile_report(model) -> dict | None:
     if config is None:
         return None
     # Only this model's config: other clones of the same checkpoint may be compiled differently.
-    reports = [cu.report for key, cu in _compiled.get(unet, {}).items() if key == config or (isinstance(key, tuple) and key[0] == config)]
+    reports = [cu.report for key, cu in registry.compiled_of(unet).items() if registry.key_config(key) == config]
     # DeepCache runs its own compiled paths; the plain one may then never have been called.
     for r in reports:
         if r.status != "pending":
