@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sd_accel.accel_core import CompileConfig, SDAccelError, events
-from sd_accel.accel_core.deepcache import DeepCacheConfig, DeepCacheState, deepcache, full_steps, skip_count
+from sd_accel.accel_core.deepcache import DeepCacheConfig, DeepCacheRunner, DeepCacheState, deepcache, full_steps, skip_count
 from sd_accel.accel_core.unet.diffusers import full as _diffusers_full, shallow as _diffusers_shallow
 
 EAGER = dict(backend="inductor", torch_backend="eager")
@@ -196,6 +196,7 @@ def test_freeu_does_not_spoil_the_kept_feature(unet):
 
 def test_interval_one_is_the_baseline_exactly(unet):
     dc = deepcache(unet, DeepCacheConfig(cache_interval=1))
+    assert isinstance(dc.runner, DeepCacheRunner)  # the runner every host uses
     assert torch.equal(run_dc(dc), sample_loop(plain(unet)))
     assert dc.state.stats()["hits"] == 0
 
@@ -300,3 +301,4 @@ def test_bench_rows(tmp_path):
     rows = {r.name: r for r in res.rows}
     assert list(rows) == ["eager fp32 (baseline)", "deepcache i2"]
     assert 0 < rows["deepcache i2"].rel_err < 0.1 and "1/3 steps shallow" in rows["deepcache i2"].note
+
