@@ -5,9 +5,9 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  EVENTS, PREFIX, StatusStore, badgeColors, badgeText, detailLines, detailToast, flattenGraph, isOurNodeType, phaseOf,
+  EVENTS, PREFIX, StatusStore, badgeColors, badgeText, detailLines, detailToast, flattenGraph, isOurNodeType,
 } from "./sdaccel_state.js";
-import { announceBadges, badgeMode, settingReader, toaster } from "./sdaccel_caps.js";
+import { badgeMode, reactiveCell, settingReader, toaster } from "./sdaccel_caps.js";
 
 const TOAST_SETTING = "SDAccel.Toasts";
 const store = new StatusStore();
@@ -16,6 +16,7 @@ const badges = new WeakMap(); // node object -> its one LGraphBadge (a click hit
 const readSetting = settingReader(app);
 const toast = toaster(app);
 let ticker = null;
+let changes = { n: 0 }; // made reactive in setup(), once the extension manager exists
 
 function graphNodes() {
   const nodes = flattenGraph(app.graph);
@@ -27,10 +28,10 @@ function stateOf(node) {
   return store.get(pathIds.get(node) ?? String(node.id));
 }
 
-function redraw(nodes = []) {
+function redraw() {
   app.graph?.setDirtyCanvas?.(true, true);
   app.canvas?.setDirty?.(true, true);
-  for (const node of nodes) announceBadges(node);
+  changes.n++; // Nodes 2.0 re-reads the badges
 }
 
 function toastsEnabled() {
@@ -49,7 +50,7 @@ function showToast(t) {
 function keepTicking() {
   if (store.anyCompiling() && ticker === null) {
     ticker = setInterval(() => {
-      redraw(graphNodes().filter(({ node }) => phaseOf(stateOf(node)) === "compiling").map(({ node }) => node));
+      redraw();
       if (!store.anyCompiling()) {
         clearInterval(ticker);
         ticker = null;
@@ -59,17 +60,16 @@ function keepTicking() {
 }
 
 function onEvent(event, detail) {
-  const nodes = graphNodes();
-  const { targets, toast } = store.apply(event, detail, nodes);
+  const { toast } = store.apply(event, detail, graphNodes());
   showToast(toast);
   keepTicking();
-  const hit = new Set(targets);
-  redraw(nodes.filter(({ id }) => hit.has(id)).map(({ node }) => node));
+  redraw();
 }
 
 // One badge object per node, updated in place: the canvas hit-tests a click against the
-// instance it drew, and Nodes 2.0 re-reads the getter when told the badges changed.
+// instance it drew. Reading `changes.n` makes Nodes 2.0 call this again after each change.
 function badgeFor(node) {
+  void changes.n;
   const state = stateOf(node);
   const { fg, bg } = badgeColors(state);
   let badge = badges.get(node);
@@ -135,6 +135,7 @@ app.registerExtension({
   ],
 
   async setup() {
+    changes = reactiveCell(app.extensionManager);
     for (const event of EVENTS) {
       api.addEventListener(PREFIX + event, (e) => onEvent(event, e.detail));
     }

@@ -28,15 +28,22 @@ export function badgeMode(node, g = globalThis) {
   return Array.isArray(node?.badges) && typeof g?.LGraphBadge === "function" ? "badges" : "draw";
 }
 
-/** Tell the frontend that a node's badges changed. The canvas renderer repaints on
- * setDirty; the Nodes 2.0 renderer copies the badges into its own node data and re-reads
- * them on this graph trigger (the one the frontend sends for its own price badges).
- * Frontends without that listener ignore it. Returns whether a trigger was sent. */
-export function announceBadges(node) {
-  const graph = node?.graph;
-  if (typeof graph?.trigger !== "function") return false;
-  graph.trigger("node:property:changed", {
-    type: "node:property:changed", nodeId: node.id, property: "badges", oldValue: node.badges, newValue: node.badges,
-  });
-  return true;
+/** A cell whose changes the Nodes 2.0 renderer notices. That renderer reads a badge getter
+ * inside a Vue computed that runs again only when something reactive it read has changed, and
+ * it has no signal for "an extension badge changed" (1.49 re-reads only its own price badges).
+ * Vue hands back any object stored into a reactive one as a reactive proxy; the extension
+ * manager is a Pinia store, so a plain object passed through it once comes back reactive. A
+ * getter that reads `cell.n` is then re-run whenever `cell.n` changes. Without such a store,
+ * a plain object: nothing to notify, nothing lost (the canvas repaints on setDirty). */
+export function reactiveCell(store, key = "__sdaccelCell") {
+  const cell = { n: 0 };
+  if (!store || typeof store !== "object") return cell;
+  try {
+    store[key] = cell;
+    const back = store[key];
+    delete store[key];
+    return back && typeof back === "object" ? back : cell;
+  } catch {
+    return cell;
+  }
 }

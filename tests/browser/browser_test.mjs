@@ -221,7 +221,9 @@ async function vueRun(page, wf) {
   if (!has) return { skipped: "this frontend has no Comfy.VueNodes.Enabled setting" };
   await page.evaluate((wf) => window.comfyAPI.app.app.loadGraphData(wf), wf);
   await page.waitForFunction(() => document.querySelector("[data-node-id]"), null, { timeout: 30_000 });
-  await setWidgets(page, { ...cfg.overrides, ...cfg.vueRun });
+  const overrides = { ...cfg.overrides };
+  for (const [type, widgets] of Object.entries(cfg.vueRun)) overrides[type] = { ...overrides[type], ...widgets };
+  await setWidgets(page, overrides);
   const before = await domTexts(page);
   const run = await queueAndWait(page, "vue");
   await page.waitForTimeout(700); // Vue renders on its next tick

@@ -52,21 +52,36 @@ test("badges go into node.badges only where the frontend exports LGraphBadge", (
   assert.equal(C.badgeMode({}, { LGraphBadge }), "draw", "an old node without a badge list");
 });
 
-test("a badge change is announced as the graph trigger Nodes 2.0 listens to", () => {
-  const seen = [];
-  const node = { id: 5, badges: [() => ({ text: "t" })], graph: { trigger: (action, param) => seen.push([action, param]) } };
-  assert.equal(C.announceBadges(node), true);
-  assert.equal(seen.length, 1);
-  const [action, param] = seen[0];
-  assert.equal(action, "node:property:changed");
-  // 1.27 hands `param` to onTrigger as is, 1.35/1.49 spread it into {type, ...param}: both read these keys.
-  assert.deepEqual({ ...param, newValue: undefined, oldValue: undefined },
-    { type: "node:property:changed", nodeId: 5, property: "badges", newValue: undefined, oldValue: undefined });
-  assert.equal(param.newValue, node.badges);
+test("the change cell is what a reactive store hands back, and the store keeps no trace", () => {
+  // A stand-in for Vue's deep reactivity: a store that wraps what is read back from it.
+  const wrapped = new WeakMap();
+  const raw = {};
+  let wraps = 0;
+  let last = null;
+  const store = new Proxy(raw, {
+    get(t, k) {
+      const v = t[k];
+      if (!v || typeof v !== "object") return v;
+      if (!wrapped.has(v)) {
+        last = new Proxy(v, {});
+        wrapped.set(v, last);
+        wraps++;
+      }
+      return wrapped.get(v);
+    },
+  });
+  const cell = C.reactiveCell(store);
+  assert.equal(wraps, 1, "the cell was read back through the store");
+  assert.equal(cell, last, "what the store handed back is what the badges read");
+  assert.deepEqual(Object.keys(raw), [], "and removed from it");
+  assert.equal(cell.n, 0);
+  cell.n++;
+  assert.equal(cell.n, 1);
 });
 
-test("no graph, or a graph without trigger: nothing announced, nothing thrown", () => {
-  assert.equal(C.announceBadges({ id: 1 }), false);
-  assert.equal(C.announceBadges({ id: 1, graph: {} }), false);
-  assert.equal(C.announceBadges(null), false);
+test("no store, or one that refuses writes: a plain cell, nothing thrown", () => {
+  assert.deepEqual(C.reactiveCell(undefined), { n: 0 });
+  assert.deepEqual(C.reactiveCell(Object.freeze({})), { n: 0 });
+  const throwing = new Proxy({}, { set() { throw new Error("read-only store"); } });
+  assert.deepEqual(C.reactiveCell(throwing), { n: 0 });
 });
