@@ -26,6 +26,7 @@ def resolve_host(host: str, comfyui_path: str | None, checkpoint: str | None, pa
 
 def _bench(args) -> int:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from ..accel_core.errors import SDAccelError
     from .measure import BenchConfig
@@ -33,27 +34,42 @@ def _bench(args) -> int:
 
     try:
         cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, checkpoint=args.checkpoint,
-                          configs=("",) if args.all else (tuple(args.configs) if args.configs else None), out_dir=args.out, seed=args.seed, repeats=args.repeats,
+                          configs=("",) if args.all else (tuple(args.configs) if args.configs is not None else None), out_dir=args.out,
+                          seed=args.seed, repeats=args.repeats, threads=args.threads, cfg_scale=args.cfg_scale,
                           host=resolve_host(args.host, args.comfyui_path, args.checkpoint), comfyui_path=args.comfyui_path)
     except SDAccelError as e:
         print(e, file=sys.stderr)
         return 2
-    bar = tqdm(desc="sd-accel bench", unit="config", disable=args.no_progress)
+    bar = tqdm(desc="sd-accel bench", unit="row", disable=args.no_progress)
 
     def progress(name):
         bar.set_postfix_str(name[:40])
         bar.update(1)
 
     try:
-        result = run_bench(cfg, progress=progress)
+        with logging_redirect_tqdm():  # our own log lines go above the bar, not through it
+            result = run_bench(cfg, progress=progress)
     except SDAccelError as e:
         bar.close()
         print(e, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted; the rows measured so far are in {os.path.join(cfg.out_dir, 'bench.json')} (marked incomplete)", file=sys.stderr)
+        return 130
     bar.close()
+    from .capture import Caught
+
+    for line in Caught.lines_of(result.warnings):
+        print(line, file=sys.stderr)
     print(result.table())
+    if result.busy:
+        print(f"\nwarning: the machine looks busy ({result.busy_reason}); these numbers are noisy. "
+              "Rerun when it is idle, or with more --repeats.", file=sys.stderr)
+    if result.failed:
+        print(f"\n{len(result.failed)} row(s) failed: {', '.join(result.failed)} (errors in the table and in bench.json)", file=sys.stderr)
     print(f"\nwrote {result.json_path}" + (f" and {result.png_path}" if result.png_path else ""))
-    return 0
+    return 1 if result.failed else 0
 
 
 def _backends(args) -> int:
@@ -92,30 +108,77 @@ def _cache(args) -> int:
     return 0
 
 
+def _count(what: str, minimum: int = 1):
+    """argparse type: a whole number >= minimum, with a message that says what was expected and found."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {what} (a whole number of at least {minimum}), found {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expects {what} (a whole number of at least {minimum}), found {value}")
+        return value
+    return parse
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number (e.g. 7.0), found {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expects a finite number of 0 or more, found {text}")
+    return value
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or "") or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="sd-accel", description="SD Accel: Stable Diffusion acceleration, measured side by side.")
+    from .measure import DEFAULT_REPEATS, default_threads
+    from .models import PRESETS
+
+    p = argparse.ArgumentParser(prog="sd-accel", description="SD Accel: Stable Diffusion acceleration, measured side by side.",
+                                formatter_class=_Help)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="baseline vs each acceleration: ms/step, speed-up, relative error, memory, compile time")
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b = sub.add_parser("bench", help="baseline vs each acceleration: ms/step (median, min-max), speed-up, relative error, memory, compile time",
+                       formatter_class=_Help, description="Times the unaccelerated baseline and each acceleration side by side in one process. "
+                       "Each row: one warm-up run, then --repeats timed runs (median and min-max). Writes bench.json and bench.png.")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the UNet runs")
     b.add_argument("--host", default="auto", choices=["auto", "diffusers", "comfy"],
                    help="comfy: ComfyUI's loader, nodes and sampler, with its built-in compile node side by side (needs COMFYUI_PATH, "
                         "--comfyui-path, or this pack inside ComfyUI/custom_nodes); diffusers: a diffusers UNet in our own sampling loop; "
-                        "auto (default): comfy when a ComfyUI tree is known, else diffusers")
+                        "auto: comfy when a ComfyUI tree is known, else diffusers")
     b.add_argument("--comfyui-path", default=None, help="ComfyUI folder for --host comfy (default: $COMFYUI_PATH)")
-    b.add_argument("--preset", default="tiny", help="tiny (CPU default), sd15-512, sdxl-1024")
-    b.add_argument("--steps", type=int, default=None)
-    b.add_argument("--checkpoint", default=None, help="your SD1.x/SDXL .safetensors checkpoint or UNet file")
-    b.add_argument("--configs", nargs="*", help="only rows whose names start with these")
+    b.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="model and size: tiny (an SD1.5-layout UNet with narrow widths, 128x128: the CPU default), sd15-512, sdxl-1024")
+    b.add_argument("--steps", type=_count("the number of sampling steps"), default=None,
+                   help="sampling steps per run (default: the preset's: " + ", ".join(f"{k} {v.steps}" for k, v in PRESETS.items()) + ")")
+    b.add_argument("--repeats", type=_count("the number of timed runs per row"), default=DEFAULT_REPEATS,
+                   help="timed runs per row after its warm-up run; the row shows their median and min-max")
+    b.add_argument("--threads", type=_count("the number of CPU threads"), default=None,
+                   help=f"torch CPU threads for the whole run, recorded in bench.json (default: half this machine's cores, {default_threads()} here: "
+                        "a thread per core stalls whenever another process runs)")
+    b.add_argument("--checkpoint", default=None, help="your SD1.x/SDXL .safetensors checkpoint or UNet file (default: seeded random weights)")
+    b.add_argument("--configs", nargs="+", metavar="PREFIX", default=None,
+                   help="only rows whose names start with these (the baseline always runs); a prefix that matches no row lists the rows "
+                        "(default: the CPU default rows on --device cpu, every row on cuda)")
     b.add_argument("--all", action="store_true", help="every row (the CPU default runs the core and DeepCache rows only)")
     b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--repeats", type=int, default=1)
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--seed", type=_count("a seed", 0), default=0, help="seed of the random weights, latent and conditioning")
+    b.add_argument("--cfg-scale", type=_scale, default=7.0, help="classifier-free guidance scale (cond and uncond run as one batch of 2)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=_bench)
-    s = sub.add_parser("backends", help="which compile backends are available here")
+    s = sub.add_parser("backends", help="which compile backends are available here", formatter_class=_Help)
     s.set_defaults(fn=_backends)
     c = sub.add_parser("cache", help="where torch.compile's caches persist between runs (ComfyUI: <ComfyUI>/user/sd_accel/compile_cache; "
-                                     "webui: <webui>/cache/sd_accel/compile_cache); list or --clear them")
+                                     "webui: <webui>/cache/sd_accel/compile_cache); list or --clear them", formatter_class=_Help)
     c.add_argument("--dir", default=None, help="the cache folder (default: $SD_ACCEL_COMPILE_CACHE, ComfyUI's when --comfyui-path or "
                                                 "$COMFYUI_PATH is given, else ~/.cache/sd_accel/compile_cache)")
     c.add_argument("--comfyui-path", default=None, help="a ComfyUI folder: its user/sd_accel/compile_cache")

@@ -35,7 +35,7 @@ import torch
 
 from ..accel_core.errors import SDAccelError
 from ..accel_core.log import logger
-from .measure import BenchConfig, BenchRow, rel_err
+from .measure import BenchConfig, BenchRow, compare, failed_row, rel_err, time_runs, timed_row
 
 # UNet configs as comfy/model_detection.py writes them (identical in ComfyUI 0.3.64 and 0.8.0).
 SD15_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
@@ -260,12 +260,8 @@ class ComfyBench:
                     out = run(model)
                 _sync(self.device)
                 first = time.perf_counter() - t0
-                best = math.inf
-                for _ in range(max(1, self.cfg.repeats)):
-                    t0 = time.perf_counter()
-                    out = run(model)
-                    _sync(self.device)
-                    best = min(best, time.perf_counter() - t0)
+                timing = time_runs(lambda: run(model), self.cfg.repeats, self.device, warm_up=False)
+                timing.first_s, out = first, timing.out
                 peak = torch.cuda.max_memory_allocated() / 2 ** 20 if self.device == "cuda" else None
                 diag = _delta(before, _counters())
                 try:  # diagnostics never fail a row
@@ -279,15 +275,15 @@ class ComfyBench:
             if name == BASELINE:
                 raise
             logger.exception("SD Accel bench: row %r failed", name)
-            row = BenchRow(name, float("nan"), speedup=0.0, steps=steps or self.steps, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
+            row = failed_row(name, steps or self.steps, e)
             self._done(name)
             return row
-        ms = best / steps * 1000
-        row = BenchRow(name, ms, steps=steps, peak_mem_mb=peak, compile_s=max(0.0, first - best), note=note)
+        row = timed_row(name, timing, steps, peak_mem_mb=peak, note=note)
         if self.baseline is None:
             self.baseline, self.baseline_out = row, out
+            compare(row, row)  # 1.0, and the baseline's own spread
         else:
-            row.speedup = (self.baseline.ms_per_step * self.baseline.steps) / (ms * steps)
+            compare(row, self.baseline)
             ref = self.outputs.get(compare_to, self.baseline_out)
             row.rel_err = rel_err(out, ref)
             if compare_to:
@@ -347,10 +343,11 @@ class ComfyBench:
         except Exception as e:
             logger.exception("SD Accel bench: row %r failed", name)
             self._done(name)
-            return BenchRow(name, float("nan"), speedup=0.0, steps=self.steps, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
-        ms = steady / self.steps * 1000
-        row = BenchRow(name, ms, steps=self.steps, peak_mem_mb=peak, compile_s=max(0.0, first - steady), note=note)
-        row.speedup = (self.baseline.ms_per_step * self.baseline.steps) / (ms * self.steps) if self.baseline else 1.0
+            return failed_row(name, self.steps, e)
+        row = BenchRow(name, steady / self.steps * 1000, steps=self.steps, peak_mem_mb=peak, compile_s=max(0.0, first - steady), note=note,
+                       runs=1)  # one steady run: the phases are the point of this row
+        if self.baseline:
+            compare(row, self.baseline)
         row.rel_err = rel_err(out, self.baseline_out) if self.baseline_out is not None else 0.0
         parts = [f"{p['phase']}: {p['frames_compiled']} compiled frame(s), first run {p['first_run_s']:.1f} s, then {p['second_run_s']:.2f} s"
                  for p in phase_log]

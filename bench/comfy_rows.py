@@ -5,18 +5,16 @@ The harness (model, inputs, timing, diagnostics) is in `comfy.py`; this file say
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-from dataclasses import asdict
 from typing import Callable
 
 import torch
 
 from ..accel_core.errors import SDAccelError
 from ..accel_core.log import logger
-from .chart import write_chart
 from .comfy import BASELINE, PRESETS, ComfyBench, _builtin_compile, _inductor_patch, _our_cast, _our_compile, comfy_version
-from .measure import BenchConfig, BenchResult
+from .measure import BenchConfig, BenchResult, check_configs
+from .warmup import COLD, WARM, warmup_rows
 
 def rows(b: ComfyBench):
     base = b.model
@@ -43,9 +41,7 @@ def rows(b: ComfyBench):
             yield b.measure(eager + " + SDAccelCompileUNet reduce-overhead", ro, steps=LCM_STEPS, run=run, compare_to=eager)
             yield b.measure(eager + " + FP16Cast + SDAccelCompileUNet reduce-overhead", ro_cast, steps=LCM_STEPS, run=run, compare_to=eager)
     # Warm-up: the first compiled run in fresh processes, without and with the compile cache.
-    if b.wanted("warm-up"):
-        from .warmup import warmup_rows
-
+    if b.wanted(COLD) or b.wanted(WARM):
         yield from warmup_rows(b.cfg, diagnostics=b.diagnostics, progress=b.progress)
     # Size changes: the target is at most one recompile per change (and none going back).
     side, big = b.preset.latent, b.preset.latent * 3 // 2
@@ -134,33 +130,44 @@ def _cudnn_benchmark():
         torch.backends.cudnn.benchmark = prev
 
 
-def run_comfy_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
-    """Run the ComfyUI-host rows; write bench.json (after every row) and bench.png into cfg.out_dir."""
-    if cfg.checkpoint:
-        raise SDAccelError("SD Accel bench --host comfy: --checkpoint is not supported with the ComfyUI host yet; it builds the real architecture with seeded random weights. Drop --checkpoint, or use --host diffusers.")
-    preset = PRESETS[cfg.preset]
-    b = ComfyBench(cfg, preset, progress)
-    name = torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    result = BenchResult(cfg.device, name, f"{cfg.preset} (ComfyUI {comfy_version(b.root)}, euler/normal, cfg {cfg.cfg_scale:g})",
-                         b.steps, torch.__version__)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    result.json_path = os.path.join(cfg.out_dir, "bench.json")
-    for row in rows(b):
-        if row is None:
-            continue
-        result.rows.append(row)
-        _write_json(result, cfg, b)
-        logger.info("SD Accel bench: %s: %.2f ms/step, %.2fx, rel err %.4f, %s", row.name, row.ms_per_step, row.speedup, row.rel_err, row.note)
-    result.png_path = write_chart(result, os.path.join(cfg.out_dir, "bench.png")) if result.rows else None
-    _write_json(result, cfg, b)
-    return result
+def row_names(device: str) -> list[str]:
+    """Every row `rows` can measure on `device`, in order (what --configs is checked against)."""
+    names = [BASELINE, "comfy TorchCompileModel (built-in, inductor)", "SDAccelCompileUNet inductor default"]
+    if device != "cuda":
+        return names
+    ro = "SDAccelCompileUNet reduce-overhead"
+    names += ["comfy TorchCompileModel (built-in, cudagraphs)", "SDAccelCompileUNet inductor reduce-overhead",
+              "SDAccelFP16Cast channels_last + SDAccelCompileUNet reduce-overhead",
+              "SDAccelDeepCache interval 3", "SDAccelDeepCache interval 3 + " + ro]
+    for cfg_scale in (1.5, 1.0):
+        eager = f"SDAccelLCMLoRASampler 4 steps, cfg {cfg_scale:g}"
+        names += [eager, eager + " + " + ro, eager + " + FP16Cast + " + ro]
+    names += [COLD, WARM, f"{ro}, size changes (dynamic off)", f"{ro}, size changes (dynamic auto)",
+              "comfy TorchCompileModel (built-in), size changes", "exp: FP16Cast + reduce-overhead + skip-module guards",
+              "exp: FP16Cast + reduce-overhead + cudnn.benchmark", "exp: FP16Cast + reduce-overhead + conv1x1-as-mm + coordinate descent"]
+    return names
 
 
-def _write_json(result: BenchResult, cfg: BenchConfig, b: ComfyBench):
-    data = {**{k: v for k, v in asdict(result).items() if k != "rows"}, "host": "comfy", "comfyui": comfy_version(b.root),
-            "config": asdict(cfg), "rows": [asdict(r) for r in result.rows], "diagnostics": b.diagnostics}
-    with open(result.json_path, "w") as f:
-        json.dump(data, f, indent=2)
+class ComfySession:
+    """The ComfyUI host, as run_bench drives it: the result header, the rows, the extra JSON fields."""
+
+    def __init__(self, cfg: BenchConfig, progress: Callable[[str], None] | None = None):
+        if cfg.checkpoint:
+            raise SDAccelError("SD Accel bench --host comfy: --checkpoint is not supported with the ComfyUI host yet; it builds the real "
+                               "architecture with seeded random weights. Drop --checkpoint, or use --host diffusers.")
+        check_configs(cfg.configs, row_names(cfg.device))
+        self.b = b = ComfyBench(cfg, PRESETS[cfg.preset], progress)
+        name = torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        self.result = BenchResult(cfg.device, name, f"{cfg.preset} (ComfyUI {comfy_version(b.root)}, euler/normal, cfg {cfg.cfg_scale:g})",
+                                  b.steps, torch.__version__)
+        self.extra = {"host": "comfy", "comfyui": comfy_version(b.root), "diagnostics": b.diagnostics}
+
+    def rows(self):
+        for row in rows(self.b):
+            if row is not None:
+                logger.info("SD Accel bench: %s: %.2f ms/step, %.2fx, rel err %.4f, %s", row.name, row.ms_per_step, row.speedup,
+                            row.rel_err, row.note)
+                yield row
 
 
-__all__ = ["run_comfy_bench", "rows"]
+__all__ = ["ComfySession", "rows", "row_names"]

@@ -1,14 +1,17 @@
 """What `sd-accel bench` measures with: its config, rows and result, the inputs, the sampling loop
 and `BenchContext.measure`, which times a row in the same process as the baseline it is compared with.
+
+Each row is one warm-up run (compiles) and then `repeats` timed runs: the row shows their median
+and their min-max, so a spread says how far to trust it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
+import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -16,6 +19,12 @@ from ..accel_core.errors import SDAccelError, choice_error
 from .models import PRESETS, Preset, build_unet
 
 HOSTS = ("diffusers", "comfy")
+DEVICES = ("cpu", "cuda")
+DEFAULT_REPEATS = 5
+# A row whose timed runs differ by more than this fraction of their median, or a 1-minute load
+# average above this many runnable tasks per core when the run starts, marks the machine busy.
+BUSY_SPREAD = 0.25
+BUSY_LOAD_PER_CORE = 0.5
 
 # Rows of the default CPU run (2 cores): the CPU path (bf16 + channels_last + inductor) against
 # fp32 eager, and eager DeepCache; one compile in all. Rows that compile or load more (DeepCache +
@@ -24,41 +33,159 @@ CPU_DEFAULT_PREFIXES = ("eager", "inductor default")
 CPU_DEFAULT_ROWS = ("deepcache i2", "deepcache i3", "deepcache i5")
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """Half the cores: OpenMP threads wait at every barrier for the slowest one, so a thread per core
+    turns any other process on the machine into stalls; with headroom the rows stay comparable."""
+    return max(1, available_cores() // 2)
+
+
+def _at_least_one(value, flag: str, what: str, todo: str):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SDAccelError(f"SD Accel bench: {flag} expects {what} (a whole number of at least 1), found {value!r}. {todo}")
+
+
 @dataclass
 class BenchConfig:
     device: str = "cpu"
     preset: str = "tiny"
-    steps: int | None = None
+    steps: int | None = None  # None: the preset's
     cfg_scale: float = 7.0
     checkpoint: str | None = None
-    configs: tuple[str, ...] | None = None  # row names to run (prefix match); None = all available
+    configs: tuple[str, ...] | None = None  # row names to run (prefix match); None = the default rows
     out_dir: str = "bench-out"
     seed: int = 0
-    repeats: int = 1
+    repeats: int = DEFAULT_REPEATS  # timed runs per row, after one warm-up run
     host: str = "diffusers"  # "diffusers" (a diffusers UNet, our own Euler loop) or "comfy" (ComfyUI's loader and sampler)
     comfyui_path: str | None = None  # host "comfy": the ComfyUI folder (default: $COMFYUI_PATH)
+    threads: int | None = None  # torch CPU threads for the run (None: default_threads()), restored after
 
     def __post_init__(self):
         if self.host not in HOSTS:
             raise choice_error("host", self.host, HOSTS)
         if self.preset not in PRESETS:
             raise choice_error("preset", self.preset, PRESETS)
-        if self.device not in ("cpu", "cuda"):
-            raise choice_error("device", self.device, ("cpu", "cuda"))
+        if self.device not in DEVICES:
+            raise choice_error("device", self.device, DEVICES)
+        if self.steps is not None:
+            _at_least_one(self.steps, "--steps", "the number of sampling steps",
+                          f"Give 1 or more, or leave it out for the preset's {PRESETS[self.preset].steps}.")
+        _at_least_one(self.repeats, "--repeats", "the number of timed runs per row",
+                      f"Give 1 or more ({DEFAULT_REPEATS}, the default, shows a spread; 1 shows none).")
+        if self.threads is not None:
+            _at_least_one(self.threads, "--threads", "the number of CPU threads",
+                          f"Give 1 to {available_cores()} (this machine's cores), or leave it out for {default_threads()}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise SDAccelError(f"SD Accel bench: --seed expects a whole number of 0 or more, found {self.seed!r}. Give e.g. --seed 0.")
+        if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)) or not 0 <= self.cfg_scale < math.inf:
+            raise SDAccelError(f"SD Accel bench: the CFG scale expects a finite number of 0 or more, found {self.cfg_scale!r}. Give e.g. 7.0.")
+        if self.configs is not None:
+            if isinstance(self.configs, str) or not all(isinstance(c, str) for c in self.configs):
+                raise SDAccelError(f"SD Accel bench: --configs expects row-name prefixes (strings), found {self.configs!r}. "
+                                   "Give e.g. --configs eager deepcache.")
+            self.configs = tuple(self.configs)
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise SDAccelError(f"SD Accel bench: --out expects a folder for bench.json and bench.png, found {self.out_dir!r}. Give e.g. --out bench-out.")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise SDAccelError("SD Accel bench: --device cuda was asked for, but torch sees no CUDA device. Run with --device cpu, or on a machine with an NVIDIA GPU and a CUDA build of torch.")
+
+
+def check_configs(configs: tuple[str, ...] | None, names: list[str]):
+    """Every --configs prefix must match a row this run can measure."""
+    unmatched = [c for c in configs or () if not any(n.startswith(c) for n in names)]
+    if unmatched:
+        listed = "\n  ".join(names)
+        raise SDAccelError(f"SD Accel bench: --configs {' '.join(repr(c) for c in unmatched)} matches no row. Expected the start of a row "
+                           f"name; the rows of this run (device and host as given) are:\n  {listed}\nGive one or more of these (or their first words), or --all.")
 
 
 @dataclass
 class BenchRow:
     name: str
-    ms_per_step: float
-    speedup: float = 1.0
+    ms_per_step: float  # median of the timed runs (NaN when failed)
+    speedup: float = 1.0  # end to end (time per image) against the baseline's median
     rel_err: float = 0.0
     peak_mem_mb: float | None = None
-    compile_s: float = 0.0
+    compile_s: float = 0.0  # first run - fastest run
     steps: int = 0
     note: str = ""
+    ms_min: float | None = None  # fastest and slowest timed run, per step
+    ms_max: float | None = None
+    runs: int = 0  # timed runs behind the median
+    speedup_min: float | None = None  # against the slowest / fastest run of this row
+    speedup_max: float | None = None
+    failed: bool = False
+    error: str = ""
+
+    @property
+    def spread(self) -> float:
+        """(slowest - fastest) / median of the timed runs; 0 with fewer than 2 runs."""
+        if self.failed or self.runs < 2 or not self.ms_per_step:
+            return 0.0
+        return (self.ms_max - self.ms_min) / self.ms_per_step
+
+
+@dataclass
+class Timing:
+    first_s: float
+    runs_s: list[float]
+    out: torch.Tensor | None = None
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_runs(run: Callable[[], torch.Tensor], repeats: int, device: str, warm_up: bool = True) -> Timing:
+    """One warm-up run (compiles, captures graphs; skipped with warm_up=False), then `repeats` timed runs."""
+    first, out = 0.0, None
+    if warm_up:
+        t0 = time.perf_counter()
+        out = run()
+        _sync(device)
+        first = time.perf_counter() - t0
+    runs = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = run()
+        _sync(device)
+        runs.append(time.perf_counter() - t0)
+    return Timing(first, runs, out)
+
+
+def timed_row(name: str, timing: Timing, steps: int, **kw) -> BenchRow:
+    med = statistics.median(timing.runs_s)
+    return BenchRow(name, med / steps * 1000, steps=steps, compile_s=max(0.0, timing.first_s - min(timing.runs_s)),
+                    ms_min=min(timing.runs_s) / steps * 1000, ms_max=max(timing.runs_s) / steps * 1000, runs=len(timing.runs_s), **kw)
+
+
+def compare(row: BenchRow, base: BenchRow):
+    """Speed-up of `row` over `base`, end to end (time per image), so rows with fewer steps compare fairly."""
+    per_image = base.ms_per_step * base.steps
+    row.speedup = per_image / (row.ms_per_step * row.steps)
+    if row.ms_min and row.ms_max:
+        row.speedup_min, row.speedup_max = per_image / (row.ms_max * row.steps), per_image / (row.ms_min * row.steps)
+
+
+def failed_row(name: str, steps: int, e: BaseException) -> BenchRow:
+    msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    return BenchRow(name, float("nan"), speedup=0.0, steps=steps, note=f"FAILED: {msg}", failed=True, error=msg)
+
+
+def busy_reason(load_start: float | None, cores: int, rows: list[BenchRow]) -> str:
+    """Why the numbers look disturbed (the load when the run started, or a row's spread); "" when they do not."""
+    reasons = []
+    if load_start is not None and load_start > BUSY_LOAD_PER_CORE * cores:
+        reasons.append(f"load average {load_start:.1f} on {cores} core(s) when the run started")
+    noisy = [r for r in rows if r.runs >= 3 and r.spread > BUSY_SPREAD]
+    if noisy:
+        worst = max(noisy, key=lambda r: r.spread)
+        reasons.append(f"{len(noisy)} row(s) varied by more than {BUSY_SPREAD:.0%} between runs (up to {worst.spread:.0%}, {worst.name!r})")
+    return "; ".join(reasons)
 
 
 @dataclass
@@ -71,13 +198,36 @@ class BenchResult:
     rows: list[BenchRow] = field(default_factory=list)
     json_path: str | None = None
     png_path: str | None = None
+    repeats: int = 1
+    threads: int | None = None
+    cores: int | None = None
+    load_avg_start: float | None = None
+    load_avg_end: float | None = None
+    busy: bool = False
+    busy_reason: str = ""
+    complete: bool = False  # False while running, and when the run stopped early (see error)
+    error: str = ""
+    warnings: list[dict] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [r.name for r in self.rows if r.failed]
 
     def table(self) -> str:
-        head = f"{'configuration':<40} {'ms/step':>9} {'speed-up':>9} {'rel err':>9} {'peak MB':>9} {'compile s':>10}  note"
-        lines = [f"SD Accel bench: {self.preset}, {self.steps} steps, CFG batch 2, on {self.device_name} (torch {self.torch})", head, "-" * len(head)]
+        head = (f"{'configuration':<44} {'ms/step':>9} {'min-max':>15} {'speed-up':>9} {'(range)':>13} {'rel err':>8} {'peak MB':>8} "
+                f"{'compile s':>9}  note")
+        threads = f", {self.threads} threads" if self.threads else ""
+        lines = [f"SD Accel bench: {self.preset}, {self.steps} steps, CFG batch 2, on {self.device_name} (torch {self.torch}{threads}); "
+                 f"median of {self.repeats} timed run(s) per row after a warm-up run", head, "-" * len(head)]
         for r in self.rows:
-            mem = f"{r.peak_mem_mb:9.0f}" if r.peak_mem_mb is not None else f"{'-':>9}"
-            lines.append(f"{r.name:<40} {r.ms_per_step:9.2f} {r.speedup:8.2f}x {r.rel_err:9.4f} {mem} {r.compile_s:10.1f}  {r.note}")
+            if r.failed:
+                lines.append(f"{r.name:<44} {'FAILED':>9}  {r.error}")
+                continue
+            mem = f"{r.peak_mem_mb:8.0f}" if r.peak_mem_mb is not None else f"{'-':>8}"
+            spread = f"{r.ms_min:.2f}-{r.ms_max:.2f}" if r.ms_min is not None and r.runs > 1 else "-"
+            srange = f"{r.speedup_min:.2f}-{r.speedup_max:.2f}" if r.speedup_min is not None and r.runs > 1 else "-"
+            lines.append(f"{r.name:<44} {r.ms_per_step:9.2f} {spread:>15} {r.speedup:8.2f}x {srange:>13} {r.rel_err:8.4f} {mem} "
+                         f"{r.compile_s:9.1f}  {r.note}")
         return "\n".join(lines)
 
 
@@ -140,11 +290,6 @@ def unet_caller(module) -> Callable:
 
 # --- measuring -------------------------------------------------------------------------------
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
@@ -170,11 +315,18 @@ class BenchContext:
             return name.startswith(CPU_DEFAULT_PREFIXES) or name in CPU_DEFAULT_ROWS or self.baseline is None
         return configs is None or any(name.startswith(c) for c in configs) or self.baseline is None
 
+    def done(self, row: BenchRow) -> BenchRow:
+        self.rows[row.name] = row
+        if self.progress:
+            self.progress(row.name)
+        return row
+
     def measure(self, name: str, make: Callable[[], Callable], dtype: torch.dtype | None = None, steps: int | None = None,
                 note: str = "", run: Callable | None = None) -> BenchRow | None:
-        """Time full sampling runs of the callable `make()` returns; the first run is warm-up (compile).
+        """Time full sampling runs of the callable `make()` returns (see `time_runs`).
 
         `run(call)` overrides the sampling loop (suites with their own schedules); it returns the final latent.
+        A row that raises comes back marked failed; the baseline's failure ends the run (nothing to compare with).
         """
         if not self.wanted(name):
             return None
@@ -184,28 +336,20 @@ class BenchContext:
         if self.device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            call = make()
-            out = run(call)  # warm-up: compiles, captures graphs
-            _sync(self.device)
-            first = time.perf_counter() - t0
-            best = math.inf
-            for _ in range(max(1, self.cfg.repeats)):
-                t0 = time.perf_counter()
-                out = run(call)
-                _sync(self.device)
-                best = min(best, time.perf_counter() - t0)
-        ms = best / steps * 1000
+        try:
+            with torch.inference_mode():
+                call = make()
+                timing = time_runs(lambda: run(call), self.cfg.repeats, self.device)
+        except Exception as e:
+            if self.baseline is None:
+                raise
+            return self.done(failed_row(name, steps, e))
         peak = torch.cuda.max_memory_allocated() / 2 ** 20 if self.device == "cuda" else None
-        row = BenchRow(name, ms, steps=steps, peak_mem_mb=peak, compile_s=max(0.0, first - best), note=note)
+        row = timed_row(name, timing, steps, peak_mem_mb=peak, note=note)
         if self.baseline is None:
-            self.baseline, self.baseline_out = row, out
+            self.baseline, self.baseline_out = row, timing.out
+            compare(row, row)  # 1.0, and the baseline's own spread
         else:
-            # Speed-up is end to end (time per image), so rows with fewer steps compare fairly.
-            row.speedup = (self.baseline.ms_per_step * self.baseline.steps) / (ms * steps)
-            row.rel_err = rel_err(out, self.baseline_out)
-        self.rows[name] = row
-        if self.progress:
-            self.progress(name)
-        return row
+            compare(row, self.baseline)
+            row.rel_err = rel_err(timing.out, self.baseline_out)
+        return self.done(row)

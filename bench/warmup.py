@@ -65,7 +65,7 @@ def run_child(cfg: BenchConfig, cache_dir: str, inductor_dir: str, mode: str = "
 
 def _row(name: str, rec: dict, steps: int) -> BenchRow:
     if "error" in rec:
-        return BenchRow(name, float("nan"), speedup=0.0, steps=steps, note=f"FAILED: {rec['error']}")
+        return BenchRow(name, float("nan"), speedup=0.0, steps=steps, note=f"FAILED: {rec['error']}", failed=True, error=rec["error"])
     c = rec["counters"]
     ms = rec["steady_s"] / rec["steps"] * 1000
     later = rec.get("later_runs_s") or []
