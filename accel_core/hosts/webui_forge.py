@@ -11,8 +11,8 @@ import weakref
 from dataclasses import replace
 
 from ..errors import SDAccelError
+from ..registry import compiled_for
 from ..unet import LDM, unet_kind
-from .webui import compiled_for  # the registry part (moving to core)
 from .webui_lora import fuse_loras, lora_specs
 from .webui_options import OFF, WebuiOptions, deepcache_config
 from .webui_runner import MISSING, Runner, build_runner

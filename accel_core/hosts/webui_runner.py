@@ -12,7 +12,9 @@ from torch import nn
 
 from ..cast import attention_context, resolve_dtype
 from ..compile import CompiledUNet
-from .webui import _DeepCacheRun, cast_copy_for, compiled_for  # the registry and DeepCache parts (moving to core)
+from ..registry import compiled_for
+from .webui import cast_copy_for
+from .webui_deepcache import DeepCacheRun
 from .webui_options import WebuiOptions, deepcache_config
 from .webui_status import feature_module
 
@@ -26,7 +28,7 @@ class Runner:
     UNet through `__call__` (that would come back here): it calls the class forward.
     """
 
-    def __init__(self, call, dtype: torch.dtype | None, channels_last: bool, attention: str, deepcache: _DeepCacheRun | None = None):
+    def __init__(self, call, dtype: torch.dtype | None, channels_last: bool, attention: str, deepcache: DeepCacheRun | None = None):
         self.call, self.dtype, self.channels_last, self.attention = call, dtype, channels_last, attention
         self.deepcache = deepcache
 
@@ -72,7 +74,7 @@ def build_runner(unet: nn.Module, opts: WebuiOptions, device_type: str, progress
     call = compiled if compiled is not None else class_forward(target)
     dc = None
     if opts.deepcache_on and feature_module("deepcache") is not None:
-        dc = _DeepCacheRun(target, deepcache_config(opts), config, progress)
+        dc = DeepCacheRun(target, deepcache_config(opts), config, progress)
         if config is not None:
             compiled = dc.full  # what runs compiled now: DeepCache's full path (and its shallow one)
     attention = opts.attention if opts.enabled else "auto"
