@@ -68,7 +68,8 @@ def test_hotswap_and_cast_share_the_copy_and_leave_the_input(comfy_host, dyn, sd
     assert before.diff(dyn) == []
 
 
-def test_dynamic_model_that_cannot_be_rebuilt_passes_through(comfy_host, dyn, caplog):
+def test_dynamic_model_that_cannot_be_rebuilt_passes_through(comfy_host, dyn, sd15_checkpoint, caplog):
+    dyn = _dynamic_looking(harness.load_checkpoint(sd15_checkpoint))  # a model no SD Accel node has copied yet
     dyn.cached_patcher_init = None  # built in memory, not by a core loader
     for node_id, inputs in (("SDAccelCompileUNet", ("inductor", "default", False, False)), ("SDAccelFP16Cast", ("bf16", True, "auto"))):
         caplog.clear()
