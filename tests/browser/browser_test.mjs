@@ -210,15 +210,18 @@ async function run(page) {
 }
 
 // The workflow loaded afresh (no SD Accel state in the tab) under Nodes 2.0 and queued with
-// another seed: the badges must reach the DOM. Skipped where the frontend has no such setting.
+// another seed: the badges must reach the DOM. Skipped where users cannot turn Nodes 2.0 on.
 async function vueRun(page, wf) {
-  const has = await page.evaluate(async () => {
+  const skipped = await page.evaluate(async () => {
     const setting = window.comfyAPI.app.app.extensionManager?.setting;
-    if (typeof setting?.get?.("Comfy.VueNodes.Enabled") !== "boolean") return false;
+    const def = setting?.settings?.["Comfy.VueNodes.Enabled"];
+    if (!def) return "this frontend has no Comfy.VueNodes.Enabled setting";
+    // 1.27 has it hidden (a developer toggle whose nodes draw no badges at all); users reach it where it is shown.
+    if (def.type === "hidden") return "Comfy.VueNodes.Enabled is a hidden setting in this frontend";
     await setting.set("Comfy.VueNodes.Enabled", true);
-    return true;
+    return null;
   });
-  if (!has) return { skipped: "this frontend has no Comfy.VueNodes.Enabled setting" };
+  if (skipped) return { skipped };
   await page.evaluate((wf) => window.comfyAPI.app.app.loadGraphData(wf), wf);
   await page.waitForFunction(() => document.querySelector("[data-node-id]"), null, { timeout: 30_000 });
   const overrides = { ...cfg.overrides };

@@ -72,7 +72,7 @@ def fail(msg: str) -> None:
 def comfy_root() -> Path:
     value = os.environ.get("COMFYUI_PATH")
     if not value or not (Path(value) / "main.py").is_file():
-        fail("COMFYUI_PATH is not set to a ComfyUI checkout (it needs main.py); see DESIGN.md, Tests")
+        fail("COMFYUI_PATH is not set to a ComfyUI checkout (it needs main.py); see docs/testing.md")
     return Path(value).resolve()
 
 
@@ -147,7 +147,7 @@ def prepare_base(root: Path, base: Path) -> None:
 
 
 def start_comfy(root: Path, base: Path, front: Path, port: int, log: Path) -> subprocess.Popen:
-    # The torchvision stub (CPU machines, see DESIGN.md) goes last on sys.path.
+    # The torchvision stand-ins (CPU machines, see docs/testing.md) go last on sys.path.
     launcher = ("import runpy, sys; stubs = sys.argv.pop(1); sys.path.append(stubs); "
                 "sys.argv[0] = 'main.py'; runpy.run_path('main.py', run_name='__main__')")
     cmd = [sys.executable, "-c", launcher, str(root / "_cpu_stubs"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
