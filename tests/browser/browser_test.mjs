@@ -12,7 +12,8 @@
 //   few steps), queue it, wait for the SD Accel badges to reach a final state, save screenshots.
 //   Then again with config.rerun (must not recompile), and, where the frontend has the Nodes 2.0
 //   renderer (setting Comfy.VueNodes.Enabled), once more with it on: the badges must show in its
-//   DOM, which renders them once and re-reads them only when told they changed.
+//   DOM, which renders them once and re-reads them only when told they changed, and a click on
+//   the badge must show the fallback reasons (not drawn under a Nodes 2.0 node) as a toast.
 // Prints one JSON line "RESULT {...}" for the runner.
 import { readFileSync, writeFileSync, readdirSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
@@ -230,7 +231,34 @@ async function vueRun(page, wf) {
   const before = await domTexts(page);
   const run = await queueAndWait(page, "vue");
   await page.waitForTimeout(700); // Vue renders on its next tick
-  return { ...run, domBefore: before, dom: await domTexts(page), badgesNow: await ourBadges(page) };
+  const dom = await domTexts(page);
+  const badgesNow = await ourBadges(page);
+  return { ...run, domBefore: before, dom, badgesNow, click: await clickForReasons(page) };
+}
+
+// Nodes 2.0 draws no reason lines under the node; a click on the badge shows them as a toast.
+// The fallback is played in the page (the tiny UNet compiles whole on the CPU with FP16 Cast).
+async function clickForReasons(page) {
+  const id = await page.evaluate(() => {
+    const node = window.comfyAPI.app.app.graph._nodes.find((n) => n.comfyClass === "SDAccelCompileUNet");
+    window.comfyAPI.api.api.dispatchEvent(new CustomEvent("sdaccel.fallback", { detail: {
+      nodes: { compile: String(node.id) }, report: { status: "partial", requested: "auto", backend: "inductor", mode: "default",
+        units_compiled: 3, whole_error: "played by the browser test", fallbacks: { "input_blocks.1": "reason played by the browser test" } },
+    } }));
+    return String(node.id);
+  });
+  const badge = page.locator(`[data-node-id="${id}"]`).getByText("⚠ partial", { exact: false }).first();
+  try {
+    await badge.waitFor({ timeout: 5000 });
+  } catch {
+    return { error: "the partial badge did not show in the node's HTML" };
+  }
+  const shown = new Set(await toasts(page));
+  await badge.click();
+  await page.waitForTimeout(800);
+  const added = (await toasts(page)).filter((t) => !shown.has(t));
+  await page.screenshot({ path: join(cfg.outDir, "vue-click.png") });
+  return { toasts: added };
 }
 
 const { browser, page, log } = await openComfy();

@@ -13,7 +13,8 @@ git-ignored). Exits non-zero on any failure.
 
 It then queues the same graph with a new seed and LoRA strength (nothing may recompile) and,
 where the frontend has the Nodes 2.0 renderer (setting Comfy.VueNodes.Enabled), reloads it
-with that renderer on and queues once more: every badge must reach the node's DOM.
+with that renderer on and queues once more: every badge must reach the node's DOM, and a
+click on the badge of a (played) partial compile must show the reasons as a toast.
 
 Needs: COMFYUI_PATH with ComfyUI's Python requirements; /usr/bin/chromium (`apt-get install -y
 chromium`); node and npm. playwright-core (npm, into tests/browser/node_modules) is installed on
@@ -246,6 +247,11 @@ def check_vue(vue: dict | None) -> list[str]:
             problems.append(f"{b['type']} has no SD Accel badge after the Nodes 2.0 run")
         elif not all(t in dom for t in ours):
             problems.append(f"Nodes 2.0 shows a stale badge on {b['type']}: wants {ours!r}, the DOM has {dom!r}")
+    click = vue.get("click") or {}
+    if click.get("error"):
+        problems.append(f"Nodes 2.0: {click['error']}")
+    elif not any(t.startswith("SD Accel: ⚠ partial") and "reason played by the browser test" in t for t in click.get("toasts", [])):
+        problems.append(f"Nodes 2.0: a click on the partial badge showed no toast with the reasons: {click.get('toasts')}")
     return problems
 
 
@@ -321,9 +327,11 @@ def main() -> None:
                 print(f"   {b['type']}: {' | '.join(b['badges'])}")
             for node_id, text in (r.get("dom") or {}).items():
                 print(f"   DOM of node {node_id}: {text}")
+            for t in (r.get("click") or {}).get("toasts", []):
+                print(f"   toast after a click on the badge: {t}")
             for t in r.get("toasts", []):
                 print(f"   toast: {t}")
-        print(f"   screenshots: {out}/final-compiling.png, final.png, final-chain.png, rerun.png, vue.png")
+        print(f"   screenshots: {out}/final-compiling.png, final.png, final-chain.png, rerun.png, vue.png, vue-click.png")
         if problems:
             fail("; ".join(problems))
         print("browser test passed")
