@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import choice_error
+from .errors import check_flag, choice_error
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 ATTENTION = ("auto", "flash", "efficient", "math")
@@ -37,6 +37,7 @@ class CastConfig:
             raise choice_error("dtype", self.dtype, DTYPES)
         if self.attention not in ATTENTION:
             raise choice_error("attention", self.attention, ATTENTION)
+        check_flag("cast", "channels_last", self.channels_last, "Use True on GPUs and CPUs with fast NHWC convolutions (most), else False.")
 
 
 def resolve_dtype(name: str, device_type: str) -> torch.dtype:

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import events
 from .backends import BACKENDS, CHOICES, resolve
-from .errors import SDAccelError, choice_error
+from .errors import SDAccelError, check_flag, choice_error
 from .log import logger
 from .unet import compile_units, describe, module_dtype, split_unit
 
@@ -71,6 +71,15 @@ class CompileConfig:
             raise choice_error("mode", self.mode, MODES)
         if self.guards not in GUARDS:
             raise choice_error("guards", self.guards, GUARDS)
+        if not (self.dynamic is None or isinstance(self.dynamic, bool)):
+            raise SDAccelError(f"SD Accel compile: dynamic must be True, False or None, found {self.dynamic!r}. "
+                               "Use False (specialise on shapes: fastest) or None (let torch decide when sizes change).")
+        check_flag("compile", "fullgraph", self.fullgraph, "Use False unless you want one graph or an error.")
+        check_flag("compile", "fallback", self.fallback, "Use True: blocks that do not compile stay eager.")
+        if not isinstance(self.method, str) or not self.method.isidentifier():
+            raise SDAccelError(f"SD Accel compile: method must be the name of the module's entry method, found {self.method!r}. Use \"forward\".")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise SDAccelError(f"SD Accel compile: cache_dir must be a folder path (str) or None, found {self.cache_dir!r}. Pass str(path), or None.")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .errors import SDAccelError
+from .errors import SDAccelError, check_range
 
 ORIGINAL_STEPS = 50  # LCM's distillation schedule (ModelSamplingDiscreteDistilled.original_timesteps)
 SIGMA_DATA = 0.5
@@ -50,10 +50,9 @@ class LcmConfig:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= ORIGINAL_STEPS:
             raise SDAccelError(f"SD Accel LCM: steps must be a whole number from 1 to {ORIGINAL_STEPS}, found {self.steps!r}. "
                                "LCM-LoRA is made for 2-8 steps; use 4.")
-        if not 0.0 < self.denoise <= 1.0:
-            raise SDAccelError(f"SD Accel LCM: denoise must be in (0, 1], found {self.denoise!r}. Use 1.0 for txt2img.")
-        if self.cfg < 0:
-            raise SDAccelError(f"SD Accel LCM: cfg must be >= 0, found {self.cfg!r}. LCM-LoRA wants 1.0-2.0.")
+        check_range("LCM", "denoise", self.denoise, 0.0, 1.0, "Use 1.0 for txt2img.", lo_open=True)
+        check_range("LCM", "cfg", self.cfg, 0.0, 100.0, "LCM-LoRA wants 1.0-2.0.")
+        check_range("LCM", "strength", self.strength, -100.0, 100.0, "Use 1.0, the LCM-LoRA as trained.")
 
 
 def deepcache_helps(steps: int, cache_interval: int) -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import SDAccelError, choice_error
+from .errors import SDAccelError, check_range, choice_error
 from .log import logger
 from .unet import DIFFUSERS, LDM, unet_kind
 
@@ -59,6 +59,9 @@ class LoraSpec:
     path: str
     strength: float = 1.0
 
+    def __post_init__(self):
+        check_range("LoRA", f"the strength of {self.path!r}", self.strength, -100.0, 100.0, "Use 1.0 for the LoRA as trained, 0 to leave it out.")
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -76,6 +79,7 @@ class LoraConfig:
     def __post_init__(self):
         if self.backup_device not in BACKUP_DEVICES:
             raise choice_error("backup device", self.backup_device, BACKUP_DEVICES)
+        check_range("LoRA", "min_match", self.min_match, 0.0, 1.0, "Use 0.5 (half the file's UNet layers must fit the model).", lo_open=True)
 
 
 @dataclass

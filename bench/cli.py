@@ -30,13 +30,14 @@ def _bench(args) -> int:
 
     from ..accel_core.errors import SDAccelError
     from .measure import BenchConfig
-    from .run import run_bench
+    from .run import check_rows, run_bench
 
     try:
         cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, checkpoint=args.checkpoint,
                           configs=("",) if args.all else (tuple(args.configs) if args.configs is not None else None), out_dir=args.out,
                           seed=args.seed, repeats=args.repeats, threads=args.threads, cfg_scale=args.cfg_scale,
                           host=resolve_host(args.host, args.comfyui_path, args.checkpoint), comfyui_path=args.comfyui_path)
+        check_rows(cfg)
     except SDAccelError as e:
         print(e, file=sys.stderr)
         return 2
@@ -108,15 +109,15 @@ def _cache(args) -> int:
     return 0
 
 
-def _count(what: str, minimum: int = 1):
-    """argparse type: a whole number >= minimum, with a message that says what was expected and found."""
+def _count(what: str, todo: str, minimum: int = 1):
+    """argparse type: a whole number >= minimum; the message says what was expected, what was found, what to do."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expects {what} (a whole number of at least {minimum}), found {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expects {what} (a whole number of at least {minimum}), found {value}")
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expects {what} (a whole number of at least {minimum}), found {text!r}; {todo}")
         return value
     return parse
 
@@ -125,9 +126,9 @@ def _scale(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a number (e.g. 7.0), found {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expects a finite number of 0 or more, found {text}")
+        value = None
+    if value is None or not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expects a finite number of 0 or more, found {text!r}; give e.g. --cfg-scale 7")
     return value
 
 
@@ -140,7 +141,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from .measure import DEFAULT_REPEATS, default_threads
     from .models import PRESETS
 
@@ -158,11 +159,11 @@ def main(argv=None) -> int:
     b.add_argument("--comfyui-path", default=None, help="ComfyUI folder for --host comfy (default: $COMFYUI_PATH)")
     b.add_argument("--preset", default="tiny", choices=list(PRESETS),
                    help="model and size: tiny (an SD1.5-layout UNet with narrow widths, 128x128: the CPU default), sd15-512, sdxl-1024")
-    b.add_argument("--steps", type=_count("the number of sampling steps"), default=None,
+    b.add_argument("--steps", type=_count("the number of sampling steps", "give e.g. --steps 8, or leave it out for the preset's"), default=None,
                    help="sampling steps per run (default: the preset's: " + ", ".join(f"{k} {v.steps}" for k, v in PRESETS.items()) + ")")
-    b.add_argument("--repeats", type=_count("the number of timed runs per row"), default=DEFAULT_REPEATS,
+    b.add_argument("--repeats", type=_count("the number of timed runs per row", "give e.g. --repeats 5 (1 shows no spread)"), default=DEFAULT_REPEATS,
                    help="timed runs per row after its warm-up run; the row shows their median and min-max")
-    b.add_argument("--threads", type=_count("the number of CPU threads"), default=None,
+    b.add_argument("--threads", type=_count("the number of CPU threads", "give e.g. --threads 1, or leave it out"), default=None,
                    help=f"torch CPU threads for the whole run, recorded in bench.json (default: half this machine's cores, {default_threads()} here: "
                         "a thread per core stalls whenever another process runs)")
     b.add_argument("--checkpoint", default=None, help="your SD1.x/SDXL .safetensors checkpoint or UNet file (default: seeded random weights)")
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
                         "(default: the CPU default rows on --device cpu, every row on cuda)")
     b.add_argument("--all", action="store_true", help="every row (the CPU default runs the core and DeepCache rows only)")
     b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
-    b.add_argument("--seed", type=_count("a seed", 0), default=0, help="seed of the random weights, latent and conditioning")
+    b.add_argument("--seed", type=_count("a seed", "give e.g. --seed 0", 0), default=0, help="seed of the random weights, latent and conditioning")
     b.add_argument("--cfg-scale", type=_scale, default=7.0, help="classifier-free guidance scale (cond and uncond run as one batch of 2)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=_bench)
@@ -184,7 +185,11 @@ def main(argv=None) -> int:
     c.add_argument("--comfyui-path", default=None, help="a ComfyUI folder: its user/sd_accel/compile_cache")
     c.add_argument("--clear", action="store_true", help="delete the cache files (each is compiled again on next use)")
     c.set_defaults(fn=_cache)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return args.fn(args)
 

@@ -13,7 +13,7 @@ import torch
 from ..accel_core.errors import SDAccelError
 from ..accel_core.log import logger
 from .comfy import BASELINE, PRESETS, ComfyBench, _builtin_compile, _inductor_patch, _our_cast, _our_compile, comfy_version
-from .measure import BenchConfig, BenchResult, check_configs
+from .measure import BenchConfig, BenchResult
 from .warmup import COLD, WARM, warmup_rows
 
 def rows(b: ComfyBench):
@@ -155,7 +155,6 @@ class ComfySession:
         if cfg.checkpoint:
             raise SDAccelError("SD Accel bench --host comfy: --checkpoint is not supported with the ComfyUI host yet; it builds the real "
                                "architecture with seeded random weights. Drop --checkpoint, or use --host diffusers.")
-        check_configs(cfg.configs, row_names(cfg.device))
         self.b = b = ComfyBench(cfg, PRESETS[cfg.preset], progress)
         name = torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
         self.result = BenchResult(cfg.device, name, f"{cfg.preset} (ComfyUI {comfy_version(b.root)}, euler/normal, cfg {cfg.cfg_scale:g})",

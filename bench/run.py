@@ -29,6 +29,17 @@ def bench_config(*, device: str, preset: str, steps: int | None, checkpoint: str
     return BenchConfig(device=device, preset=preset, steps=steps or None, checkpoint=checkpoint, configs=configs, out_dir=out_dir)
 
 
+def check_rows(cfg: BenchConfig):
+    """--configs against the rows this host and device can measure (before anything is loaded)."""
+    if cfg.host == "comfy":
+        from .comfy_rows import row_names as comfy_row_names
+
+        names = comfy_row_names(cfg.device)
+    else:
+        names = row_names(cfg.device, cfg.cfg_scale)
+    check_configs(cfg.configs, names)
+
+
 def _load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
@@ -48,7 +59,6 @@ class _DiffusersSession:
     """The diffusers host: a diffusers UNet in our own sampling loop, the suites of suites.py."""
 
     def __init__(self, cfg: BenchConfig, progress):
-        check_configs(cfg.configs, row_names(cfg.device, cfg.cfg_scale))
         self.cfg, self.ctx = cfg, BenchContext(cfg, PRESETS[cfg.preset], progress)
         name = torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
         self.result = BenchResult(cfg.device, name, cfg.preset, self.ctx.steps, torch.__version__)
@@ -83,6 +93,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     Library warnings are held back and listed in `result.warnings`; torch's thread count is pinned
     for the run and restored after.
     """
+    check_rows(cfg)
     load_start = _load()
     with pinned_threads(cfg.threads or default_threads()) as threads, captured() as caught:
         if cfg.host == "comfy":
@@ -118,4 +129,4 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     return result
 
 
-__all__ = ["run_bench", "bench_config", "pinned_threads", "write_json"]
+__all__ = ["run_bench", "bench_config", "check_rows", "pinned_threads", "write_json"]
