@@ -1,7 +1,7 @@
 """The webui's "SD Accel" accordion as options: WebuiOptions, its fields, and parsing of what the UI sends.
 
-Pure data (no webui, no torch beyond the configs): the scripts, the infotext and both host
-installers read the same frozen dataclass.
+Plain data (no webui imports): the scripts, the infotext and both host installers read the
+same frozen dataclass, and turn it into the core's configs through its methods.
 """
 from __future__ import annotations
 

@@ -32,6 +32,13 @@ def accel(**kw) -> list:
     return [values[n] for n in w.UI_FIELDS]
 
 
+def compiled_of(unet) -> dict:
+    """The UNet's compiled callables in the core registry (of the `sd_accel` the extension loaded)."""
+    import importlib
+
+    return importlib.import_module("sd_accel.accel_core.registry").compiled_of(unet)
+
+
 def image(res) -> np.ndarray:
     return np.asarray(res.images[0]).astype(np.float64)
 
@@ -152,9 +159,9 @@ def test_compile_matches_and_is_undone_after_the_generation(webui, adapter):
     state = adapter.cache_state()
     assert any(c["status"] == "compiled" for e in state for c in e["compiled"])
     # A second generation reuses the compiled callable (no recompilation of the UNet).
-    compiled = next(iter(adapter._Artifacts.of(unet_of(webui)).compiled.values()))
+    compiled = next(iter(compiled_of(unet_of(webui)).values()))
     p2, res2 = webui.txt2img(accel(backend="inductor"))
-    assert next(iter(adapter._Artifacts.of(unet_of(webui)).compiled.values())) is compiled
+    assert next(iter(compiled_of(unet_of(webui)).values())) is compiled
     assert np.array_equal(image(res2), image(res))
 
 

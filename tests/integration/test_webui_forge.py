@@ -33,6 +33,13 @@ def accel(**kw) -> list:
     return [values[n] for n in w.UI_FIELDS]
 
 
+def compiled_of(unet) -> dict:
+    """The UNet's compiled callables in the core registry (of the `sd_accel` the extension loaded)."""
+    import importlib
+
+    return importlib.import_module("sd_accel.accel_core.registry").compiled_of(unet)
+
+
 def image(res) -> np.ndarray:
     return np.asarray(res.images[0]).astype(np.float64)
 
@@ -112,7 +119,7 @@ def test_compile_on_a_clone_of_forges_unet_patcher(webui, adapter):
     assert "SD Accel compile: inductor default" in res.infotexts[0]
     assert base_patcher(webui).model_options == before  # the clone got the wrapper, not Forge's own patcher
     assert "forward" not in unet_of(webui).__dict__
-    compiled = adapter._Artifacts.of(unet_of(webui)).compiled
+    compiled = compiled_of(unet_of(webui))
     assert any(cu.report.status == "compiled" for cu in compiled.values())
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from sd_accel.accel_core import registry
 from sd_accel.accel_core.compile import CompileReport
 from sd_accel.accel_core.deepcache import DeepCacheConfig, full_steps
 from sd_accel.accel_core.hosts import webui as w
-from sd_accel.accel_core.hosts import webui_hosts as hosts
+from sd_accel.accel_core.hosts import webui_deepcache, webui_hosts as hosts
 from sd_accel.accel_core.hosts.webui_runner import Runner
 
 
@@ -191,7 +192,7 @@ def test_artifacts_die_with_the_checkpoint(xs):
 def test_artifacts_are_not_copied_with_the_unet(tiny):
     w.compiled_for(tiny, w.WebuiOptions(enabled=True, backend="inductor").compile_config())
     dup = copy.deepcopy(tiny)
-    assert not w._Artifacts.of(dup).compiled
+    assert not registry.compiled_of(dup)
 
 
 def test_clear_caches(tiny):
@@ -224,7 +225,7 @@ def test_deepcache_follows_the_denoiser_step_and_restarts_per_pass(tiny, xs):
 
     pos = {"v": None}
     cfg = DeepCacheConfig(cache_interval=3, cache_depth=0)
-    run = w._DeepCacheRun(tiny, cfg, None, lambda: pos["v"], paths=(full, shallow))
+    run = webui_deepcache.DeepCacheRun(tiny, cfg, None, lambda: pos["v"], paths=(full, shallow))
     x = xs[0]
     run(x)  # no sampler progress known: plain full forward
     assert calls == ["full"]
