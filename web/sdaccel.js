@@ -7,7 +7,7 @@ import { api } from "../../scripts/api.js";
 import {
   EVENTS, PREFIX, StatusStore, badgeColors, badgeText, detailLines, detailToast, flattenGraph, isOurNodeType,
 } from "./sdaccel_state.js";
-import { badgeMode, reactiveCell, settingReader, toaster } from "./sdaccel_caps.js";
+import { badgeMode, reactiveCell, rootGraphOf, settingReader, toaster } from "./sdaccel_caps.js";
 
 const TOAST_SETTING = "SDAccel.Toasts";
 const store = new StatusStore();
@@ -19,7 +19,7 @@ let ticker = null;
 let changes = { n: 0 }; // made reactive in setup(), once the extension manager exists
 
 function graphNodes() {
-  const nodes = flattenGraph(app.graph);
+  const nodes = flattenGraph(rootGraphOf(app));
   for (const { id, node } of nodes) pathIds.set(node, id);
   return nodes;
 }
@@ -29,7 +29,7 @@ function stateOf(node) {
 }
 
 function redraw() {
-  app.graph?.setDirtyCanvas?.(true, true);
+  rootGraphOf(app)?.setDirtyCanvas?.(true, true);
   app.canvas?.setDirty?.(true, true);
   changes.n++; // Nodes 2.0 re-reads the badges
 }

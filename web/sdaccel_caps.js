@@ -2,6 +2,12 @@
 // over, never from its version number (frontends 1.27 to 1.49 differ in these places).
 // Import-free, like sdaccel_state.js: tests/js runs it against fakes shaped like each frontend.
 
+/** The workflow's root graph: `app.rootGraph` where the frontend has it (1.35 on; `app.graph`
+ * is its deprecated alias there), else `app.graph`. Subgraphs hang below it. */
+export function rootGraphOf(app) {
+  return app && "rootGraph" in app ? app.rootGraph : app?.graph;
+}
+
 /** A setting reader: the extension manager's setting store, else the legacy settings dialog. */
 export function settingReader(app) {
   return (id) => {

@@ -11,6 +11,16 @@ const load = async (name) => {
 };
 const C = await load("sdaccel_caps.js");
 
+test("the root graph: app.rootGraph where the frontend has it, else app.graph", () => {
+  class App135 {
+    get rootGraph() { return "root"; }
+    get graph() { return "deprecated alias"; }
+  }
+  assert.equal(C.rootGraphOf(new App135()), "root");
+  assert.equal(C.rootGraphOf({ graph: "g127" }), "g127");
+  assert.equal(C.rootGraphOf(undefined), undefined);
+});
+
 test("settings come from the extension manager's store when it has one", () => {
   const app = { extensionManager: { setting: { get: (id) => (id === "SDAccel.Toasts" ? false : undefined) } },
     ui: { settings: { getSettingValue: () => true } } };
