@@ -1,5 +1,5 @@
 from ..accel_core.cast import ATTENTION, DTYPES, CastConfig
-from ..accel_core.hosts import comfy as host, comfy_events
+from ..accel_core.hosts import comfy_cast as host, comfy_events
 
 
 class SDAccelFP16Cast:

@@ -1,6 +1,6 @@
 import folder_paths
 
-from ..accel_core.hosts import comfy_lora as host
+from ..accel_core.hosts import comfy_lcm as host
 from ..accel_core.lcm import LcmConfig
 
 

@@ -6,17 +6,14 @@ instead of recompiling, and they go when the UNet goes.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
-import uuid
 import weakref
 from dataclasses import replace
 
 import torch
 
 from .. import registry
-from ..cast import CastConfig, attention_context, cast_copy, resolve_dtype
 from ..compile import CompileConfig, CompiledUNet
 from ..compile_cache import default_cache_dir
 from ..errors import SDAccelError
@@ -24,7 +21,6 @@ from ..log import logger
 from ..unet import LDM, unet_kind
 
 COMPILE_KEY = "sd_accel.compile"
-CAST_KEY = "sd_accel.cast"
 _MISSING = object()
 
 
@@ -184,96 +180,3 @@ def compile_report(model) -> dict | None:
         if r.status != "pending":
             return r.to_dict()
     return reports[0].to_dict() if reports else None
-
-
-# --- cast -------------------------------------------------------------------------------------
-
-def _attention_override(attention: str, func, *args, **kwargs):
-    # transformer_options["optimized_attention_override"] (ComfyUI >= 0.3.6x): called instead of
-    # the attention function the host picked at start-up, for this model only.
-    from comfy.ldm.modules.attention import attention_pytorch
-
-    with attention_context(attention):
-        return attention_pytorch(*args, **kwargs)
-
-
-def _channels_last_wrapper(executor, *args, **kwargs):
-    # DIFFUSION_MODEL wrapper: feed the UNet NHWC activations to match its channels_last weights.
-    x = args[0].contiguous(memory_format=torch.channels_last) if args and args[0].dim() == 4 else args[0]
-    return executor(x, *args[1:], **kwargs)
-
-
-def _unpatched_weights(model, unet) -> dict:
-    """The UNet's weights without any LoRA patches currently applied to the shared module: the
-    exact copies LoRA Hot-Swap keeps while its deltas stay fused, and ComfyUI's own backups."""
-    from ..lora import lora_state
-
-    state = lora_state(unet)
-    with state.lock:
-        out = dict(state.originals)
-    for key, b in getattr(model, "backup", {}).items():
-        if key.startswith("diffusion_model."):
-            out[key[len("diffusion_model."):]] = b.weight
-    return out
-
-
-def _reset_load_markers(module):
-    # Markers ComfyUI keeps on the (shared) module about what it loaded; a fresh copy has loaded nothing.
-    for name, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0), ("model_lowvram", False),
-                        ("current_weight_patches_uuid", None), ("model_offload_buffer_memory", 0)):
-        if hasattr(module, name):
-            setattr(module, name, value)
-    for sub in module.modules():
-        if getattr(sub, "comfy_patched_weights", False):
-            sub.comfy_patched_weights = False
-        if hasattr(sub, "weight_function"):
-            sub.weight_function = []
-            sub.bias_function = []
-        if hasattr(sub, "prev_comfy_cast_weights"):
-            sub.comfy_cast_weights = sub.prev_comfy_cast_weights
-            del sub.prev_comfy_cast_weights
-
-
-def apply_cast(model, config: CastConfig):
-    """Clone `model`; give the clone its own UNet copy in the requested dtype / memory format and attention kernel."""
-    unet = _check_model(model, "FP16 Cast")
-    if unet is None:
-        return model
-    import comfy.model_management as mm
-
-    device_type = torch.device(model.load_device).type
-    dtype = resolve_dtype(config.dtype, device_type)
-    copies = dtype != next(unet.parameters()).dtype or config.channels_last
-    m = patchable_clone(model, "FP16 Cast") if copies else model.clone()
-    if m is None:
-        return model
-    wmp = _wrappers_mp()
-    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = functools.partial(_attention_override, config.attention)
-    if copies:
-        base = m.model
-        unet = base.diffusion_model
-        new_unet = cast_copy(unet, dtype, config.channels_last, source=_unpatched_weights(m, unet))
-        new_unet.dtype = dtype
-        new_base = copy.copy(base)
-        for d in ("_modules", "_parameters", "_buffers"):
-            setattr(new_base, d, dict(getattr(base, d)))
-        new_base.diffusion_model = new_unet
-        new_base.manual_cast_dtype = None  # the weights now are the compute dtype
-        _reset_load_markers(new_base)
-        new_base.device = model.offload_device
-        m.model = new_base
-        m.backup, m.object_patches_backup = {}, {}
-        for name, empty in (("backup_buffers", {}), ("pinned", set())):  # ComfyUI >= 0.1x keeps these per model too
-            if hasattr(m, name):
-                setattr(m, name, empty)
-        m.size = 0
-        m.patches_uuid = uuid.uuid4()
-        if "manual_cast_dtype" in m.object_patches:
-            m.object_patches.pop("manual_cast_dtype")
-        m.force_cast_weights = False
-        if mm.get_torch_device().type == "cpu" and dtype == torch.float16:
-            logger.warning("SD Accel FP16 Cast: fp16 on the CPU is slow in PyTorch; bf16 (or auto) is the fast choice there.")
-    m.remove_wrappers_with_key(wmp.DIFFUSION_MODEL, CAST_KEY)
-    if config.channels_last:
-        m.add_wrapper_with_key(wmp.DIFFUSION_MODEL, CAST_KEY, _channels_last_wrapper)
-    return m

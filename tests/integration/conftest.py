@@ -43,6 +43,12 @@ def comfy_adapter(comfy_host):
 
 
 @pytest.fixture(scope="session")
+def comfy_cast(comfy_host):
+    """accel_core.hosts.comfy_cast (FP16 Cast's installer) as ComfyUI loaded it."""
+    return comfy_host.pack_module("accel_core.hosts.comfy_cast")
+
+
+@pytest.fixture(scope="session")
 def accel(comfy_host):
     """The pack's accel_core modules as ComfyUI loaded them: .compile, .cast, .errors."""
     class _Accel:

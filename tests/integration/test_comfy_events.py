@@ -102,9 +102,9 @@ def test_run_events_name_the_nodes_that_built_the_model(comfy, model):
 def test_chained_nodes_accumulate_and_input_stays_clean(comfy, model):
     from sd_accel.accel_core.cast import CastConfig
     from sd_accel.accel_core.compile import CompileConfig
-    from sd_accel.accel_core.hosts import comfy as host, comfy_events
+    from sd_accel.accel_core.hosts import comfy as host, comfy_cast, comfy_events
 
-    cast = comfy_events.track(host.apply_cast(model, CastConfig(dtype="fp32", channels_last=False)), "cast", "4", source=model)
+    cast = comfy_events.track(comfy_cast.apply_cast(model, CastConfig(dtype="fp32", channels_last=False)), "cast", "4", source=model)
     comp = comfy_events.track(host.apply_compile(cast, CompileConfig(torch_backend="eager")), "compile", "5", source=cast)
     assert comfy_events.tracked_nodes(comp) == {"cast": "4", "compile": "5"}
     assert comfy_events.tracked_nodes(cast) == {"cast": "4"}

@@ -105,7 +105,7 @@ def test_core_sampler_matches_comfy(comfy_host, tiny):
     assert harness.rel_err(got, want) < 1e-4
 
 
-def test_compiled_and_cast_models(comfy_host, comfy_adapter, tiny, lcm_lora):
+def test_compiled_and_cast_models(comfy_cast, comfy_host, comfy_adapter, tiny, lcm_lora):
     name, path = lcm_lora
     cc = comfy_host.pack_module("accel_core.compile")
     castmod = comfy_host.pack_module("accel_core.cast")
@@ -116,7 +116,7 @@ def test_compiled_and_cast_models(comfy_host, comfy_adapter, tiny, lcm_lora):
     with torch._dynamo.config.patch(error_on_recompile=True):  # new strength: fused in place, no recompile
         assert harness.rel_err(_node(comfy_host, compiled, name, strength=0.5), _node(comfy_host, tiny, name, strength=0.5)) < 1e-5
     torch._dynamo.reset()
-    cast = comfy_adapter.apply_cast(tiny, castmod.CastConfig(dtype="bf16"))
+    cast = comfy_cast.apply_cast(tiny, castmod.CastConfig(dtype="bf16"))
     out = _node(comfy_host, cast, name)
     assert torch.isfinite(out).all() and harness.rel_err(out, eager) < 5e-2
 
@@ -146,7 +146,7 @@ def test_reexecution_samples_the_same_clone(comfy_host, tiny, lcm_lora, caplog):
     import comfy.model_management as mm
 
     name, path = lcm_lora
-    hl = comfy_host.pack_module("accel_core.hosts.comfy_lora")
+    hl = comfy_host.pack_module("accel_core.hosts.comfy_lcm")
     lora = comfy_host.pack_module("accel_core.lora")
     unet = tiny.model.diffusion_model
     ref = harness.sample(tiny)

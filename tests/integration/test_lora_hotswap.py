@@ -320,9 +320,9 @@ def test_compiled_model_swaps_without_recompiling(comfy_host, comfy_adapter, tin
     torch._dynamo.reset()
 
 
-def test_cast_model_with_hotswap(comfy_host, comfy_adapter, tiny, tiny_loras):
+def test_cast_model_with_hotswap(comfy_cast, comfy_host, comfy_adapter, tiny, tiny_loras):
     castmod = comfy_host.pack_module("accel_core.cast")
-    cast = comfy_adapter.apply_cast(tiny, castmod.CastConfig(dtype="bf16", channels_last=True))
+    cast = comfy_cast.apply_cast(tiny, castmod.CastConfig(dtype="bf16", channels_last=True))
     ref_cast = harness.sample(cast)
     hot = comfy_host.node("SDAccelLoRAHotSwap").apply(cast, "tiny_a.safetensors", 3.0)[0]
     out = harness.sample(hot)
@@ -333,11 +333,11 @@ def test_cast_model_with_hotswap(comfy_host, comfy_adapter, tiny, tiny_loras):
     assert next(cast.model.diffusion_model.parameters()).dtype == torch.bfloat16
 
 
-def test_cast_copies_the_original_weights_while_deltas_are_fused(comfy_host, comfy_adapter, lora, tiny, tiny_loras):
+def test_cast_copies_the_original_weights_while_deltas_are_fused(comfy_cast, comfy_host, comfy_adapter, lora, tiny, tiny_loras):
     castmod = comfy_host.pack_module("accel_core.cast")
     config = castmod.CastConfig(dtype="bf16")
     harness.sample(tiny)  # nothing fused
-    clean = comfy_adapter.apply_cast(tiny, config)
+    clean = comfy_cast.apply_cast(tiny, config)
     node = comfy_host.node("SDAccelLoRAHotSwap")
     hot = node.apply(tiny, "tiny_a.safetensors", 3.0)[0]
     harness.sample(hot)
@@ -345,11 +345,11 @@ def test_cast_copies_the_original_weights_while_deltas_are_fused(comfy_host, com
     assert fused
     want = clean.model.diffusion_model.state_dict()
     for m in (tiny, hot):  # the plain model and the hot-swap clone, both over the fused UNet
-        cast = comfy_adapter.apply_cast(m, config)
+        cast = comfy_cast.apply_cast(m, config)
         got = cast.model.diffusion_model.state_dict()
         assert all(torch.equal(got[k], v) for k, v in want.items())
     assert _same_objects(_fused(lora, tiny), fused)  # building the casts changed nothing
-    hot_cast = comfy_adapter.apply_cast(hot, config)
+    hot_cast = comfy_cast.apply_cast(hot, config)
     assert torch.equal(harness.sample(hot_cast), harness.sample(node.apply(clean, "tiny_a.safetensors", 3.0)[0]))
 
 
