@@ -45,7 +45,9 @@ class _Hold(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or record.name == OURS or record.name.startswith(OURS + "."):
             return True
-        self.caught.add(record.name, record.getMessage())
+        if not getattr(record, "_sd_accel_held", False):  # one record passes every handler's filter: count it once
+            record._sd_accel_held = True
+            self.caught.add(record.name, record.getMessage())
         return False
 
 

@@ -1,0 +1,115 @@
+"""`sd-accel`: every argument is checked with a message, --help shows every default, the console
+script and `python -m sd_accel.bench` both work."""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sd_accel.bench.cli import build_parser, main
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["bench"]
+
+
+@pytest.mark.parametrize("args,found", [
+    (["--steps", "0"], "--steps: expects the number of sampling steps (a whole number of at least 1), found '0'"),
+    (["--steps", "-3"], "found '-3'"),
+    (["--steps", "ten"], "found 'ten'"),
+    (["--repeats", "0"], "--repeats: expects the number of timed runs per row (a whole number of at least 1), found '0'"),
+    (["--threads", "0"], "--threads: expects the number of CPU threads"),
+    (["--seed", "-1"], "--seed: expects a seed (a whole number of at least 0), found '-1'"),
+    (["--cfg-scale", "nan"], "--cfg-scale: expects a finite number of 0 or more, found 'nan'"),
+    (["--cfg-scale", "-2"], "found '-2'"),
+    (["--preset", "sd3"], "invalid choice: 'sd3'"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+    (["--configs"], "expected at least one argument"),
+])
+def test_bad_arguments_are_refused_with_what_was_expected_and_found(args, found, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert found in err, err
+    if "expects" in found:
+        assert "; give " in err  # and what to do
+
+
+def test_configs_matching_no_row_lists_the_rows_before_loading_anything(tmp_path, capsys, monkeypatch):
+    import sd_accel.bench.measure as measure
+
+    monkeypatch.setattr(measure, "build_unet", lambda *a, **k: pytest.fail("the UNet was built before --configs was checked"))
+    assert main(["bench", "--configs", "nope", "eager", "zz", "--no-progress", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--configs 'nope' 'zz' matches no row" in err
+    for row in ("eager fp32 (baseline)", "inductor default + bf16 + channels_last", "deepcache i3", "lora hot-swap", "lcm-lora 4 steps"):
+        assert row in err
+    assert "Give one or more of these" in err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_help_shows_every_option_with_help_text_and_its_default():
+    parser = _bench_parser()
+    fmt = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings} has no help text"
+        shown = fmt._get_help_string(action) % {"default": action.default}
+        assert "default" in shown, f"{action.option_strings}: --help does not show the default: {shown!r}"
+    text = " ".join(parser.format_help().split()).replace("- ", "-")  # undo argparse's wrapping
+    for needle in ("(default: cpu)", "(default: 5)", "(default: bench-out)", "(default: 0)", "(default: 7.0)", "(default: tiny)",
+                   "the preset's: tiny 8", "(default: auto)"):
+        assert needle in text, needle
+
+
+def test_every_subcommand_option_has_help():
+    for name, sub in next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices.items():
+        for action in sub._actions:
+            assert action.help, f"sd-accel {name} {action.option_strings}: no help text"
+
+
+def test_module_and_console_script_entry_points():
+    r = subprocess.run([sys.executable, "-m", "sd_accel.bench", "bench", "--help"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "--repeats" in r.stdout, r.stderr
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["sd-accel"] == "sd_accel.bench.cli:main"
+    pkgs = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "sd_accel.bench" in pkgs
+
+
+def test_a_failed_row_makes_the_exit_status_1_and_is_listed(tmp_path, capsys, monkeypatch):
+    import sd_accel.bench.run as run
+    from sd_accel.bench.measure import BenchRow
+
+    def suite(ctx):
+        yield ctx.done(BenchRow("eager fp32 (baseline)", 10.0, steps=1, runs=1, ms_min=10.0, ms_max=10.0))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(run, "SUITES", (suite,))
+    monkeypatch.setattr(run, "BenchContext", _FakeContext)
+    assert main(["bench", "--no-progress", "--out", str(tmp_path), "--steps", "1", "--repeats", "1"]) == 1
+    out = capsys.readouterr()
+    assert "row(s) failed: suite (its remaining rows)" in out.err and "FAILED" in out.out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["complete"] and data["failed"] == ["suite (its remaining rows)"]
+    assert data["rows"][1]["failed"] and data["rows"][1]["ms_per_step"] is None and "RuntimeError: boom" in data["rows"][1]["error"]
+
+
+class _FakeContext:
+    """A BenchContext without a UNet (the rows come from the test's suite)."""
+
+    def __init__(self, cfg, preset, progress=None):
+        self.cfg, self.preset, self.device, self.steps, self.progress = cfg, preset, cfg.device, cfg.steps or preset.steps, progress
+        self.baseline, self.rows = None, {}
+
+    def done(self, row):
+        self.baseline = self.baseline or row
+        self.rows[row.name] = row
+        return row
