@@ -156,7 +156,7 @@ def _check_paths(pack, unet, x, t, ctx, control, options, ref):
 
 
 def test_paths_replay_forward_with_control_and_patches(pack, tiny):
-    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
 
     unet = tiny.model.diffusion_model
     x, t, ctx = _inputs()
@@ -167,13 +167,13 @@ def test_paths_replay_forward_with_control_and_patches(pack, tiny):
         h[:, : h.shape[1] // 2] *= 1.1
         return h, hsp
 
-    def resblock_patch(layer, x, emb, *rest):  # forward_timestep_embed_patch: replaces how a layer type is called
+    def downsample_patch(layer, x, emb, *rest):  # forward_timestep_embed_patch: replaces how a layer type is called
         seen.append(1)
-        return layer(x, emb) * 0.99
+        return layer(x) * 0.99
 
     def options():
         return {"patches": {"output_block_patch": [freeu_like], "emb_patch": [lambda e, mc, to: e * 1.01],
-                            "forward_timestep_embed_patch": [(ResBlock, resblock_patch)]},
+                            "forward_timestep_embed_patch": [(Downsample, downsample_patch)]},
                 "patches_replace": {}}
 
     with torch.no_grad():
