@@ -17,7 +17,7 @@ from torch import nn
 from ..compile import CompiledUNet
 from ..log import logger
 from ..unet import LDM, unet_kind
-from .webui import _weights_token
+from .webui_cache import _weights_token
 from .webui_lora import fuse_loras, lora_specs, restore_loras, webui_lora_active
 from .webui_options import WebuiOptions
 from .webui_runner import MISSING, Runner, build_runner

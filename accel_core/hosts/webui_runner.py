@@ -13,7 +13,7 @@ from torch import nn
 from ..cast import attention_context, resolve_dtype
 from ..compile import CompiledUNet
 from ..registry import compiled_for
-from .webui import cast_copy_for
+from .webui_cache import cast_copy_for
 from .webui_deepcache import DeepCacheRun
 from .webui_options import WebuiOptions, deepcache_config
 from .webui_status import feature_module
