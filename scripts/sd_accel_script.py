@@ -45,7 +45,12 @@ _LABELS = {
     "deepcache_depth": "DeepCache depth",
     "deepcache_start": "DeepCache start",
     "deepcache_end": "DeepCache end",
+    "lcm_strength": "LCM-LoRA strength",
 }
+# The same choices and slider ranges in the accordion and on the Settings page.
+_CHOICES = {"backend": webui.BACKEND_CHOICES, "mode": webui.MODES, "dtype": webui.DTYPE_CHOICES, "attention": webui.ATTENTION}
+_RANGES = {"deepcache_interval": (1, 10, 1), "deepcache_depth": (0, 11, 1), "deepcache_start": (0.0, 1.0, 0.01),
+           "deepcache_end": (0.0, 1.0, 0.01), "lcm_strength": (0.0, 2.0, 0.05)}
 
 
 def _option_key(name):
@@ -89,22 +94,27 @@ class SDAccelScript(scripts.Script):
 
         d = _defaults()
         missing = webui.feature_status()
+
+        def field(name):  # a Dropdown, Slider or Checkbox for one option, with its default and element id
+            kw = dict(value=getattr(d, name), label=_LABELS[name], elem_id=self.elem_id(f"sd_accel_{name}"))
+            if name in _CHOICES:
+                return gr.Dropdown(list(_CHOICES[name]), **kw)
+            if name in _RANGES:
+                lo, hi, step = _RANGES[name]
+                return gr.Slider(lo, hi, step=step, **kw)
+            return gr.Checkbox(**kw)
+
         with InputAccordion(d.enabled, label="SD Accel", elem_id=self.elem_id("sd_accel")) as enabled:
             with gr.Row():
-                backend = gr.Dropdown(list(webui.BACKEND_CHOICES), value=d.backend, label=_LABELS["backend"], elem_id=self.elem_id("sd_accel_backend"))
-                mode = gr.Dropdown(list(webui.MODES), value=d.mode, label=_LABELS["mode"], elem_id=self.elem_id("sd_accel_mode"))
-                attention = gr.Dropdown(list(webui.ATTENTION), value=d.attention, label=_LABELS["attention"], elem_id=self.elem_id("sd_accel_attention"))
+                backend, mode, attention = field("backend"), field("mode"), field("attention")
             with gr.Row():
-                dtype = gr.Dropdown(list(webui.DTYPE_CHOICES), value=d.dtype, label=_LABELS["dtype"], elem_id=self.elem_id("sd_accel_dtype"))
-                channels_last = gr.Checkbox(value=d.channels_last, label=_LABELS["channels_last"], elem_id=self.elem_id("sd_accel_channels_last"))
+                dtype, channels_last = field("dtype"), field("channels_last")
             with gr.Row():
-                dc_interval = gr.Slider(1, 10, value=d.deepcache_interval, step=1, label=_LABELS["deepcache_interval"], elem_id=self.elem_id("sd_accel_deepcache_interval"))
-                dc_depth = gr.Slider(0, 11, value=d.deepcache_depth, step=1, label=_LABELS["deepcache_depth"], elem_id=self.elem_id("sd_accel_deepcache_depth"))
-                dc_start = gr.Slider(0.0, 1.0, value=d.deepcache_start, step=0.01, label=_LABELS["deepcache_start"], elem_id=self.elem_id("sd_accel_deepcache_start"))
-                dc_end = gr.Slider(0.0, 1.0, value=d.deepcache_end, step=0.01, label=_LABELS["deepcache_end"], elem_id=self.elem_id("sd_accel_deepcache_end"))
+                dc_interval, dc_depth = field("deepcache_interval"), field("deepcache_depth")
+                dc_start, dc_end = field("deepcache_start"), field("deepcache_end")
             with gr.Row():
                 lcm_lora = gr.Dropdown(_lora_names(), value=d.lcm_lora, label="LCM-LoRA", allow_custom_value=True, elem_id=self.elem_id("sd_accel_lcm_lora"))
-                lcm_strength = gr.Slider(0.0, 2.0, value=d.lcm_strength, step=0.05, label="LCM-LoRA strength", elem_id=self.elem_id("sd_accel_lcm_strength"))
+                lcm_strength = field("lcm_strength")
             loras = gr.Textbox(value=webui.format_loras(d.loras), label="LoRA hot-swap (name:weight, comma separated)", placeholder="my_style:0.8, detail:0.5",
                                elem_id=self.elem_id("sd_accel_loras"))
             notes = [m for m in missing.values() if m]
@@ -207,19 +217,15 @@ def on_ui_settings():
     from modules.options import OptionInfo  # shared.OptionInfo on both hosts; imported where it is defined
 
     d = webui.WebuiOptions()
-    choices = {"backend": webui.BACKEND_CHOICES, "mode": webui.MODES, "dtype": webui.DTYPE_CHOICES, "attention": webui.ATTENTION}
     for name in webui.SETTINGS_FIELDS:
-        default = getattr(d, name)
-        if name in choices:
-            info = OptionInfo(default, f"Default: {_LABELS[name]}", gr.Dropdown, {"choices": list(choices[name])}, section=SECTION)
-        elif isinstance(default, bool):
-            info = OptionInfo(default, f"Default: {_LABELS[name]}", gr.Checkbox, section=SECTION)
-        elif name == "deepcache_interval":
-            info = OptionInfo(default, f"Default: {_LABELS[name]}", gr.Slider, {"minimum": 1, "maximum": 10, "step": 1}, section=SECTION)
-        elif name == "deepcache_depth":
-            info = OptionInfo(default, f"Default: {_LABELS[name]}", gr.Slider, {"minimum": 0, "maximum": 11, "step": 1}, section=SECTION)
+        label = f"Default: {_LABELS[name]}"
+        if name in _CHOICES:
+            info = OptionInfo(getattr(d, name), label, gr.Dropdown, {"choices": list(_CHOICES[name])}, section=SECTION)
+        elif name in _RANGES:
+            lo, hi, step = _RANGES[name]
+            info = OptionInfo(getattr(d, name), label, gr.Slider, {"minimum": lo, "maximum": hi, "step": step}, section=SECTION)
         else:
-            info = OptionInfo(default, f"Default: {_LABELS[name]}", gr.Slider, {"minimum": 0.0, "maximum": 1.0, "step": 0.01}, section=SECTION)
+            info = OptionInfo(getattr(d, name), label, gr.Checkbox, section=SECTION)
         shared.opts.add_option(_option_key(name), info)
 
 
@@ -237,10 +243,7 @@ def _add_xyz_axes():
     if xyz is None:
         return
     axes = [
-        xyz.AxisOption("[SD Accel] Compile backend", str, _override("backend", str), choices=lambda: list(webui.BACKEND_CHOICES)),
-        xyz.AxisOption("[SD Accel] Compile mode", str, _override("mode", str), choices=lambda: list(webui.MODES)),
-        xyz.AxisOption("[SD Accel] UNet dtype", str, _override("dtype", str), choices=lambda: list(webui.DTYPE_CHOICES)),
-        xyz.AxisOption("[SD Accel] Attention kernel", str, _override("attention", str), choices=lambda: list(webui.ATTENTION)),
+        *(xyz.AxisOption(f"[SD Accel] {_LABELS[n]}", str, _override(n, str), choices=lambda n=n: list(_CHOICES[n])) for n in _CHOICES),
         xyz.AxisOption("[SD Accel] DeepCache interval", int, _override("deepcache_interval", int)),
         xyz.AxisOption("[SD Accel] DeepCache depth", int, _override("deepcache_depth", int)),
         xyz.AxisOption("[SD Accel] LCM-LoRA strength", float, _override("lcm_strength", float)),

@@ -111,16 +111,22 @@ def test_accordion_tab_and_paste_fields_are_built_with_real_gradio(webui, adapte
         assert [adapter.infotext_field(n) for n in adapter.UI_FIELDS] == [k for k in fields if k in ours.paste_field_names]
     img2img = next(s for s in scripts.scripts_img2img.alwayson_scripts if s.title() == "SD Accel")
     assert img2img.paste_field_names == ours.paste_field_names  # "Send to img2img" pairs the components
+    depth = [b for b in webui.demo.blocks.values() if str(getattr(b, "elem_id", "")).endswith("sd_accel_deepcache_depth")]
+    assert depth and all((b.minimum, b.maximum, b.step) == (0, 11, 1) for b in depth)  # txt2img and img2img
     tabs = [t for t in webui.demo.blocks.values() if getattr(t, "elem_id", None) == "sd_accel_bench_run"]
     assert tabs, "the SD Accel tab's Benchmark button is part of the UI"
 
 
-def test_xyz_plot_has_sd_accel_axes(webui):
+def test_xyz_plot_has_sd_accel_axes(webui, adapter):
     from modules import scripts
 
     xyz = next(d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py")
     axes = {a.label: a for a in xyz.axis_options if a.label.startswith("[SD Accel]")}
     assert {"[SD Accel] Compile backend", "[SD Accel] DeepCache interval", "[SD Accel] LoRA hot-swap"} <= set(axes)
+    # Each choice axis lists its own option's choices.
+    for label, choices in (("Compile backend", adapter.BACKEND_CHOICES), ("Compile mode", adapter.MODES),
+                           ("UNet dtype", adapter.DTYPE_CHOICES), ("Attention kernel", adapter.ATTENTION)):
+        assert axes[f"[SD Accel] {label}"].choices() == list(choices), label
     p = type("P", (), {})()
     axes["[SD Accel] DeepCache interval"].apply(p, "3", None)
     axes["[SD Accel] Compile backend"].apply(p, "inductor", None)
