@@ -2,6 +2,8 @@
 spread (its slowest and fastest timed run against the baseline's median)."""
 from __future__ import annotations
 
+import textwrap
+
 from .measure import BenchResult
 
 
@@ -16,7 +18,7 @@ def write_chart(result: BenchResult, path: str) -> str | None:
     from matplotlib.figure import Figure
 
     rows = result.rows[::-1]
-    fig = Figure(figsize=(10, 0.5 * len(rows) + 1.7))
+    fig = Figure(figsize=(10, 0.5 * len(rows) + 2.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     names = [r.name for r in rows]
@@ -36,7 +38,7 @@ def write_chart(result: BenchResult, path: str) -> str | None:
     threads = f", {result.threads} threads" if result.threads else ""
     title = f"SD Accel bench: {result.preset}, {result.steps} steps, {result.device_name}{threads}"
     if result.busy:
-        title += "\nBUSY MACHINE: " + result.busy_reason[:110]
+        title += "\n" + textwrap.fill("BUSY MACHINE, noisy numbers: " + result.busy_reason, 110)
     ax.set_title(title, fontsize=9, color="#a00" if result.busy else "black")
     ax.set_xlim(0, max([s + h for s, h in zip(speed, hi)] + [1.0]) * 1.7)
     fig.tight_layout()

@@ -37,11 +37,11 @@ def _bench(args) -> int:
                           configs=("",) if args.all else (tuple(args.configs) if args.configs is not None else None), out_dir=args.out,
                           seed=args.seed, repeats=args.repeats, threads=args.threads, cfg_scale=args.cfg_scale,
                           host=resolve_host(args.host, args.comfyui_path, args.checkpoint), comfyui_path=args.comfyui_path)
-        check_rows(cfg)
+        planned = check_rows(cfg)
     except SDAccelError as e:
         print(e, file=sys.stderr)
         return 2
-    bar = tqdm(desc="sd-accel bench", unit="row", disable=args.no_progress)
+    bar = tqdm(desc="sd-accel bench", unit="row", total=len(planned), disable=args.no_progress)
 
     def progress(name):
         bar.set_postfix_str(name[:40])

@@ -18,7 +18,8 @@ import torch
 from ..accel_core.errors import SDAccelError
 from .capture import captured
 from .chart import write_chart
-from .measure import BenchConfig, BenchContext, BenchResult, available_cores, busy_reason, check_configs, default_threads, failed_row
+from .measure import (CPU_DEFAULT_PREFIXES, CPU_DEFAULT_ROWS, BenchConfig, BenchContext, BenchResult, available_cores, busy_reason,
+                      check_configs, default_threads, failed_row)
 from .models import PRESETS
 from .suites import SUITES, baseline_name, row_names
 
@@ -29,15 +30,26 @@ def bench_config(*, device: str, preset: str, steps: int | None, checkpoint: str
     return BenchConfig(device=device, preset=preset, steps=steps or None, checkpoint=checkpoint, configs=configs, out_dir=out_dir)
 
 
-def check_rows(cfg: BenchConfig):
-    """--configs against the rows this host and device can measure (before anything is loaded)."""
+def _catalogue(cfg: BenchConfig) -> list[str]:
     if cfg.host == "comfy":
         from .comfy_rows import row_names as comfy_row_names
 
-        names = comfy_row_names(cfg.device)
-    else:
-        names = row_names(cfg.device, cfg.cfg_scale)
+        return comfy_row_names(cfg.device)
+    return row_names(cfg.device, cfg.cfg_scale)
+
+
+def check_rows(cfg: BenchConfig) -> list[str]:
+    """--configs against the rows this host and device can measure (before anything is loaded);
+    returns the rows the run will measure, about (for the progress bar)."""
+    names = _catalogue(cfg)
     check_configs(cfg.configs, names)
+    if cfg.configs:
+        return [n for i, n in enumerate(names) if i == 0 or n.startswith(cfg.configs)]
+    if cfg.host == "comfy":
+        return [n for n in names if not n.startswith("exp")]
+    if cfg.device == "cpu":
+        return [n for n in names if n.startswith(CPU_DEFAULT_PREFIXES) or n in CPU_DEFAULT_ROWS]
+    return names
 
 
 def _load() -> float | None:
