@@ -1,9 +1,8 @@
 """SD Accel for stable-diffusion-webui (AUTOMATIC1111) and Forge: the "SD Accel" accordion in txt2img and img2img.
 
-Thin glue: options come from the accordion (or the XYZ plot) through `accel_core.hosts.webui`
-(options, infotext, status); everything is applied by `accel_core.hosts.webui_hosts` (the A1111
-and Forge installers). Each image's infotext records what was applied, and pasting it back
-restores the accordion.
+Thin glue: options come from the accordion (or the XYZ plot), everything is applied by
+`accel_core.hosts.webui` (the A1111 and Forge installers behind it). Each image's infotext
+records what was applied, and pasting it back restores the accordion.
 """
 import functools
 import importlib
@@ -29,10 +28,10 @@ def _pack():
         mod = importlib.util.module_from_spec(spec)
         sys.modules["sd_accel"] = mod
         spec.loader.exec_module(mod)
-    return importlib.import_module("sd_accel.accel_core.hosts.webui"), importlib.import_module("sd_accel.accel_core.hosts.webui_hosts")
+    return importlib.import_module("sd_accel.accel_core.hosts.webui")
 
 
-webui, hosts = _pack()  # options, infotext, status; the A1111 and Forge installers
+webui = _pack()
 SECTION = ("sd_accel", "SD Accel")
 _LABELS = {
     "enabled": "Enable SD Accel",
@@ -132,7 +131,7 @@ class SDAccelScript(scripts.Script):
         return webui.with_overrides(opts, getattr(p, "sd_accel_overrides", None))
 
     def process(self, p, *args):
-        hosts.finish_generation()  # a generation that was interrupted never reached postprocess
+        webui.finish_generation()  # a generation that was interrupted never reached postprocess
         p.sd_accel_applied = None
         try:
             opts = self._options(p, args)
@@ -154,24 +153,24 @@ class SDAccelScript(scripts.Script):
     def _apply(self, p):
         opts = getattr(p, "sd_accel_options", None)
         if opts is None or not opts.active:
-            hosts.A1111.undo()
+            webui.A1111.undo()
             return
         progress = functools.partial(_denoiser_progress, p)
         try:
-            if hosts.is_forge(p.sd_model):
-                unet, applied = hosts.apply_forge(p.sd_model.forge_objects.unet, opts, lora_dir=p.sd_accel_lora_dir, progress=progress)
+            if webui.is_forge(p.sd_model):
+                unet, applied = webui.apply_forge(p.sd_model.forge_objects.unet, opts, lora_dir=p.sd_accel_lora_dir, progress=progress)
                 p.sd_model.forge_objects.unet = unet
             else:
-                applied = hosts.A1111.apply(p.sd_model, opts, lora_dir=p.sd_accel_lora_dir, progress=progress)
+                applied = webui.A1111.apply(p.sd_model, opts, lora_dir=p.sd_accel_lora_dir, progress=progress)
         except webui.SDAccelError as e:
-            hosts.finish_generation()
+            webui.finish_generation()
             self._error(p, e)
             return
         p.sd_accel_applied = applied
 
     def process_batch(self, p, *args, **kwargs):
         # A1111 before 1.10 has no process_before_every_sampling; applying is idempotent.
-        if not hosts.is_forge(p.sd_model):
+        if not webui.is_forge(p.sd_model):
             self._apply(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
@@ -185,7 +184,7 @@ class SDAccelScript(scripts.Script):
             p.extra_generation_params[webui.K_STATUS] = status
 
     def postprocess(self, p, processed, *args):
-        stats = hosts.finish_generation()
+        stats = webui.finish_generation()
         p.sd_accel_deepcache_runs = stats["deepcache"]
         for run in stats["deepcache"]:
             print(f"SD Accel DeepCache: reused deep features on {run['hits']}/{run['hits'] + run['full']} UNet calls "
@@ -254,10 +253,10 @@ def _add_xyz_axes():
 
 
 def _on_model_loaded(sd_model):
-    hosts.finish_generation()
+    webui.finish_generation()
 
 
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_before_ui(_add_xyz_axes)
 script_callbacks.on_model_loaded(_on_model_loaded)
-script_callbacks.on_script_unloaded(hosts.finish_generation)
+script_callbacks.on_script_unloaded(webui.finish_generation)

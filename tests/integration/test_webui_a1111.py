@@ -64,18 +64,10 @@ def adapter():
     return importlib.import_module("sd_accel.accel_core.hosts.webui")
 
 
-@pytest.fixture(scope="module")
-def hosts():
-    """The A1111 / Forge installers (accel_core.hosts.webui_hosts) as the extension loaded them."""
-    import importlib
-
-    return importlib.import_module("sd_accel.accel_core.hosts.webui_hosts")
-
-
 @pytest.fixture(autouse=True)
-def _clean(hosts):
+def _clean(adapter):
     yield
-    hosts.finish_generation()
+    adapter.finish_generation()
 
 
 def unet_of(webui):
@@ -272,7 +264,7 @@ def test_another_extensions_forward_is_respected(webui):
     assert calls and "another extension replaced the UNet's forward" in res.infotexts[0]
 
 
-def test_sd_unet_option_takes_precedence(webui, adapter, hosts):
+def test_sd_unet_option_takes_precedence(webui, adapter):
     from modules import sd_unet
 
     class _Trt:
@@ -280,17 +272,17 @@ def test_sd_unet_option_takes_precedence(webui, adapter, hosts):
 
     sd_unet.current_unet = _Trt()
     try:
-        applied = hosts.A1111.apply(webui.model, adapter.WebuiOptions(enabled=True, backend="inductor"))
+        applied = adapter.A1111.apply(webui.model, adapter.WebuiOptions(enabled=True, backend="inductor"))
     finally:
         sd_unet.current_unet = None
     assert "SD Unet 'TRT engine' is active" in applied.status()
     assert "forward" not in unet_of(webui).__dict__
 
 
-def test_checkpoint_change_drops_the_patch(webui, adapter, hosts):
+def test_checkpoint_change_drops_the_patch(webui, adapter):
     from modules import script_callbacks
 
-    hosts.A1111.apply(webui.model, adapter.WebuiOptions(enabled=True, backend="inductor"))
+    adapter.A1111.apply(webui.model, adapter.WebuiOptions(enabled=True, backend="inductor"))
     assert "forward" in unet_of(webui).__dict__
     script_callbacks.model_loaded_callback(webui.model)  # what the webui fires after loading a checkpoint
     assert "forward" not in unet_of(webui).__dict__

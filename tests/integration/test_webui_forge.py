@@ -64,18 +64,10 @@ def adapter():
     return importlib.import_module("sd_accel.accel_core.hosts.webui")
 
 
-@pytest.fixture(scope="module")
-def hosts():
-    """The A1111 / Forge installers (accel_core.hosts.webui_hosts) as the extension loaded them."""
-    import importlib
-
-    return importlib.import_module("sd_accel.accel_core.hosts.webui_hosts")
-
-
 @pytest.fixture(autouse=True)
-def _clean(hosts):
+def _clean(adapter):
     yield
-    hosts.finish_generation()
+    adapter.finish_generation()
 
 
 def unet_of(webui):

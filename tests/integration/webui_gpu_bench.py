@@ -31,7 +31,6 @@ pkg = importlib.util.module_from_spec(spec)
 sys.modules["sd_accel"] = pkg
 spec.loader.exec_module(pkg)
 from sd_accel.accel_core.hosts import webui as W  # noqa: E402
-from sd_accel.accel_core.hosts.webui_hosts import A1111  # noqa: E402
 
 from ldm.modules import attention as ldm_attention  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
@@ -102,7 +101,7 @@ def sync():
 
 def timed(label, opts):
     sd = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet))
-    applied = A1111.apply(sd, opts, progress=lambda: (den.step, den.total)) if opts is not None else None
+    applied = W.A1111.apply(sd, opts, progress=lambda: (den.step, den.total)) if opts is not None else None
     sync()
     t0 = time.perf_counter()
     out = sample()
@@ -115,7 +114,7 @@ def timed(label, opts):
         out = sample()
         sync()
         best = min(best, time.perf_counter() - t0)
-    A1111.undo()
+    W.A1111.undo()
     assert "forward" not in unet.__dict__
     rep = applied.compile_report.to_dict() if applied is not None and applied.compile_report is not None else None
     return {"name": label, "s_per_image": best, "ms_per_step": best / STEPS * 1000, "first_run_s": first, "compile": rep and rep["status"]}, out
