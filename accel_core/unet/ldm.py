@@ -60,6 +60,7 @@ class LdmHooks:
             block call; `name` ("input", "middle" or None for output blocks, whose residual
             goes on the skip) says which ControlNet residual to add after it.
         out(unet, h, x, to): the final layers and the output dtype.
+        apply_control(h, control, name): add the next ControlNet residual (the host's own function).
     """
 
     patches: frozenset = frozenset()
