@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sd_accel.accel_core.deepcache import DeepCacheConfig, DeepCachePaths, DeepCacheRunner, cut_paths, full_steps
-from sd_accel.accel_core.hosts.webui_deepcache import DeepCacheRun
+from sd_accel.accel_core.hosts.webui_deepcache import A1111, FORGE, DeepCacheRun
 from sd_accel.accel_core.unet import ldm
 
 
@@ -41,14 +41,15 @@ class SpatialTransformer(torch.nn.Module):  # the hosts' class name: it counts t
 
 
 class Block(torch.nn.Sequential):
-    def forward(self, h, emb, context, to, output_shape=None):
+    def forward(self, h, emb, context, to=None, output_shape=None):
+        to = {"transformer_index": 0} if to is None else to  # A1111's blocks take no options
         for layer in self:
             if isinstance(layer, Res):
                 h = layer(h, emb)
             elif isinstance(layer, SpatialTransformer):
                 h = layer(h, context, to)
             elif isinstance(layer, torch.nn.Upsample):
-                h = torch.nn.functional.interpolate(h, size=tuple(output_shape[2:]))
+                h = torch.nn.functional.interpolate(h, size=tuple(output_shape[2:])) if output_shape else torch.nn.functional.interpolate(h, scale_factor=2)
             else:
                 h = layer(h)
         return h
@@ -210,3 +211,32 @@ def test_the_runner_copies_the_kept_feature_under_cuda_graphs():
         runner(0, ("all",), torch.zeros(1, 2))
         assert (runner.state.lookup(("all",), 1) is kept) is not copy_kept
         torch.testing.assert_close(runner(1, ("all",), torch.zeros(1, 2)), kept)
+
+
+def test_webui_hooks_on_the_fake_host(fake):
+    """A1111's calling convention reproduces the plain forward; Forge's block modifiers and group-norm
+    wrapper (either spelling) run around every block, on full and shallow runs alike."""
+    unet, x, t, c = fake
+    with torch.no_grad():
+        ref = unet(x, t, c)
+        assert torch.equal(ldm.forward(unet, A1111, x, t, c), ref)
+        full, shallow = ldm.paths(unet, A1111, 2)
+        assert torch.equal(shallow(full(x, t, c)[1], x, t, c), ref)
+    seen = []
+
+    def modifier(h, when, to):
+        seen.append((to["block"], when))
+        return h * 1.01 if when == "after" else h
+
+    def options(key="groupnorm_wrapper"):
+        return {"block_modifiers": [modifier], key: lambda norm, h, to: norm(h) * 0.5}
+
+    with torch.no_grad():
+        forge = ldm.forward(unet, FORGE, x, t, c, None, None, options())
+        assert not torch.equal(forge, ref)
+        assert torch.equal(ldm.forward(unet, FORGE, x, t, c, None, None, options("group_norm_wrapper")), forge)
+        assert seen[-2:] == [(("last", 0), "before"), (("last", 0), "after")] and len(seen) == 2 * (4 + 1 + 4 + 1) * 2
+        for d in range(len(unet.input_blocks)):
+            full, shallow = ldm.paths(unet, FORGE, d)
+            out, kept = full(x, t, c, None, None, options())
+            assert torch.equal(out, forge) and torch.equal(shallow(kept, x, t, c, None, None, options()), forge), d
