@@ -84,9 +84,14 @@ def import_comfy(path: str, device: str):
 
     if device == "cpu":
         args.cpu = True  # read when comfy.model_management is first imported
-    import comfy.model_management as mm
-    import comfy.sample  # noqa: F401
-    import comfy.sd  # noqa: F401
+    try:
+        import comfy.model_management as mm
+        import comfy.sample  # noqa: F401
+        import comfy.sd  # noqa: F401
+    except ImportError as e:
+        raise SDAccelError(f"SD Accel bench --host comfy: ComfyUI at {path} does not import here ({type(e).__name__}: {e}). "
+                           f"Expected ComfyUI's requirements in this Python; install them with torch pinned "
+                           f"(pip install -r {os.path.join(path, 'requirements.txt')} -c <a file holding torch==<your version>>).") from e
 
     if device == "cuda" and mm.get_torch_device().type != "cuda":
         raise SDAccelError(f"SD Accel bench: --device cuda was asked for, but ComfyUI picked {mm.get_torch_device()} (was it imported earlier with --cpu?).")

@@ -63,3 +63,19 @@ def test_write_profile_tables_one_run(tmp_path):
     assert len(calls) == 1
     text = path.read_text()
     assert "aten::mm" in text and "Self CPU" in text
+
+
+def test_a_comfyui_that_does_not_import_is_a_message_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    for name, text in {"__init__.py": "", "sd.py": "", "cli_args.py": "class A:\n    cpu = False\nargs = A()\n",
+                       "model_management.py": "import a_requirement_that_is_missing\n"}.items():
+        (comfy / name).write_text(text)
+    r = subprocess.run([sys.executable, "-m", "sd_accel.bench", "bench", "--host", "comfy", "--comfyui-path", str(tmp_path),
+                        "--no-progress", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "does not import here (ModuleNotFoundError: No module named 'a_requirement_that_is_missing')" in r.stderr
+    assert "requirements.txt" in r.stderr and "Traceback" not in r.stderr
