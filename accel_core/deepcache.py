@@ -128,10 +128,9 @@ def full_steps(n: int, config: DeepCacheConfig) -> list[bool]:
 class DeepCacheState:
     """What one sampling run knows: its schedule, the kept deep features, and counts.
 
-    Hosts start it per run (`begin`) and close it (`finish`), which logs one line and emits
-    `deepcache_stats`. The kept features are dropped when the input's shape, dtype or device
-    change. A fresh `DeepCacheState` holds no tensors, so copying one (ComfyUI deep-copies
-    model options on every clone) is cheap.
+    The runner (`DeepCacheRunner`) starts it per run (`begin`) and closes it (`finish`), which
+    logs one line and emits `deepcache_stats`. The kept features are dropped when the input's
+    shape, dtype or device change. A copy starts empty: kept features belong to one run.
     """
 
     def __init__(self, config: DeepCacheConfig, depth_label: str = ""):
