@@ -14,7 +14,7 @@ from ..errors import SDAccelError
 from ..registry import compiled_for
 from ..unet import LDM, unet_kind
 from .webui_lora import fuse_loras, lora_specs
-from .webui_options import OFF, WebuiOptions, deepcache_config
+from .webui_options import OFF, WebuiOptions
 from .webui_runner import MISSING, Runner, build_runner
 from .webui_status import Applied, feature_module, record, unavailable_notes
 
@@ -85,7 +85,7 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, lora_dir: str | None = None
     if opts.deepcache_on and feature_module("deepcache") is not None:
         from ..deepcache import check_depth
 
-        check_depth(unet, deepcache_config(opts))
+        check_depth(unet, opts.deepcache_config())
     m = unet_patcher.clone()
     wrapper = _ForgeWrapper(opts, m.model_options.get("model_function_wrapper"), specs=specs, progress=progress)
     m.set_model_unet_function_wrapper(wrapper)

@@ -119,6 +119,13 @@ class WebuiOptions:
             return None
         return CastConfig(dtype="auto" if self.dtype == OFF else self.dtype, channels_last=self.channels_last, attention=self.attention)
 
+    def deepcache_config(self):
+        """The DeepCacheConfig these options ask for (whether or not DeepCache is on: the depth is checked before sampling)."""
+        from ..deepcache import DeepCacheConfig  # lazily: a copy of SD Accel may lack the DeepCache module
+
+        return DeepCacheConfig(cache_interval=self.deepcache_interval, cache_depth=self.deepcache_depth,
+                               start_percent=self.deepcache_start, end_percent=self.deepcache_end)
+
 
 # The accordion's components, in the order `Script.ui` returns them (= the order of *args).
 UI_FIELDS = tuple(f.name for f in dataclasses.fields(WebuiOptions))
@@ -180,12 +187,5 @@ def with_overrides(opts: WebuiOptions, overrides: dict | None) -> WebuiOptions:
     return replace(opts, **values)
 
 
-def deepcache_config(opts: WebuiOptions):
-    from ..deepcache import DeepCacheConfig
-
-    return DeepCacheConfig(cache_interval=opts.deepcache_interval, cache_depth=opts.deepcache_depth,
-                           start_percent=opts.deepcache_start, end_percent=opts.deepcache_end)
-
-
 __all__ = ["OFF", "BACKEND_CHOICES", "DTYPE_CHOICES", "NO_LORA", "ATTENTION", "MODES", "WebuiOptions", "UI_FIELDS", "SETTINGS_FIELDS",
-           "parse_loras", "format_loras", "format_num", "options_from_args", "with_overrides", "deepcache_config"]
+           "parse_loras", "format_loras", "format_num", "options_from_args", "with_overrides"]

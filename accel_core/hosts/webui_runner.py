@@ -15,7 +15,7 @@ from ..compile import CompiledUNet
 from ..registry import compiled_for
 from .webui_cache import cast_copy_for
 from .webui_deepcache import DeepCacheRun
-from .webui_options import WebuiOptions, deepcache_config
+from .webui_options import WebuiOptions
 from .webui_status import feature_module
 
 MISSING = object()  # "the module had no instance forward" (None could be one)
@@ -74,7 +74,7 @@ def build_runner(unet: nn.Module, opts: WebuiOptions, device_type: str, progress
     call = compiled if compiled is not None else class_forward(target)
     dc = None
     if opts.deepcache_on and feature_module("deepcache") is not None:
-        dc = DeepCacheRun(target, deepcache_config(opts), config, progress)
+        dc = DeepCacheRun(target, opts.deepcache_config(), config, progress)
         if config is not None:
             compiled = dc.full  # what runs compiled now: DeepCache's full path (and its shallow one)
     attention = opts.attention if opts.enabled else "auto"

@@ -138,6 +138,8 @@ def test_compile_config_follows_options(monkeypatch):
     cfg = w.WebuiOptions(enabled=True, backend="inductor", mode="reduce-overhead").compile_config()
     assert (cfg.backend, cfg.mode, cfg.torch_backend) == ("inductor", "reduce-overhead", "eager")
     assert w.WebuiOptions(enabled=True, dtype="off", channels_last=True).cast_config().dtype == "auto"
+    dc = w.WebuiOptions(enabled=True, deepcache_interval=3, deepcache_depth=2, deepcache_start=0.1, deepcache_end=0.9).deepcache_config()
+    assert (dc.cache_interval, dc.cache_depth, dc.start_percent, dc.end_percent) == (3, 2, 0.1, 0.9)
 
 
 def test_lora_files_and_specs(tmp_path):
