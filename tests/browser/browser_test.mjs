@@ -31,7 +31,7 @@ async function openComfy() {
   const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
   const log = [];
   page.on("console", (m) => log.push(`[${m.type()}] ${m.text()}`));
-  page.on("pageerror", (e) => log.push(`[pageerror] ${e.message}`));
+  page.on("pageerror", (e) => log.push(`[pageerror] ${(e.stack ?? e.message).split("\n").slice(0, 4).join(" | ")}`));
   await page.goto(cfg.url, { waitUntil: "domcontentloaded" });
   await page.waitForFunction(() => {
     const app = window.comfyAPI?.app?.app;
