@@ -1,4 +1,4 @@
-"""Forge installer: a keyed `model_function_wrapper` on a clone of Forge's UNet patcher, per sampling pass.
+"""Forge installer: a `model_function_wrapper` (chained to any earlier one) on a clone of Forge's UNet patcher, per pass.
 
 `process_before_every_sampling` hands us `p.sd_model.forge_objects.unet`; Forge resets it from
 `forge_objects_after_applying_lora` before every pass (hires fix is a second one), so the
