@@ -176,10 +176,10 @@ def lora_suite(ctx: BenchContext):
     hot = timed_row(LORA_ROWS[0], Timing(t_hot, [t_hot]), steps, rel_err=rel_err(out_swap, ref),
                     note=f"swap {t_swap * 1000:.1f} ms for {rep.layers_changed} weights, {recompiles} recompiles; "
                          f"{t_re / t_hot:.1f}x faster than reload + recompile")
-    re = timed_row(LORA_ROWS[1], Timing(t_re, [t_re]), steps, rel_err=rel_err(out_re, ref),
+    reload = timed_row(LORA_ROWS[1], Timing(t_re, [t_re]), steps, rel_err=rel_err(out_re, ref),
                    note="fresh weights, fuse, compile from scratch, one run")
-    re.compile_s = max(0.0, t_re - t_run)
-    for row in (hot, re):
+    reload.compile_s = max(0.0, t_re - t_run)
+    for row in (hot, reload):
         if ctx.baseline:
             compare(row, ctx.baseline)
         yield ctx.done(row)
