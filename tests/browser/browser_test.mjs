@@ -206,8 +206,56 @@ async function run(page) {
   // The same graph again with another seed and LoRA strength: no recompile expected.
   await setWidgets(page, cfg.rerun);
   const rerun = await queueAndWait(page, "rerun");
-  if (!rerun.final || !cfg.vueRun) return { ...first, rerun, vue: null };
-  return { ...first, rerun, vue: await vueRun(page, wf) };
+  if (!rerun.final) return { ...first, rerun, vue: null };
+  const canvasClick = await clickCanvasBadge(page);
+  return { ...first, rerun, canvasClick, vue: cfg.vueRun ? await vueRun(page, wf) : null };
+}
+
+// The fallback a partial compile reports, played in the page for the compile node `id` (the
+// tiny UNet compiles whole on the CPU with FP16 Cast, so a real one does not happen here).
+async function playFallback(page) {
+  return page.evaluate(() => {
+    const node = window.comfyAPI.app.app.graph._nodes.find((n) => n.comfyClass === "SDAccelCompileUNet");
+    window.comfyAPI.api.api.dispatchEvent(new CustomEvent("sdaccel.fallback", { detail: {
+      nodes: { compile: String(node.id) }, report: { status: "partial", requested: "auto", backend: "inductor", mode: "default",
+        units_compiled: 3, whole_error: "played by the browser test", fallbacks: { "input_blocks.1": "reason played by the browser test" } },
+    } }));
+    return String(node.id);
+  });
+}
+
+// Toasts that appear within a moment of `act`.
+async function toastsAfter(page, act, shot) {
+  const shown = new Set(await toasts(page));
+  await act();
+  await page.waitForTimeout(800);
+  const added = (await toasts(page)).filter((t) => !shown.has(t));
+  await page.screenshot({ path: join(cfg.outDir, shot) });
+  return added;
+}
+
+// Classic canvas: where the frontend's badges take clicks (an LGraphBadge has an onClick
+// slot, 1.49), a click on the partial badge must show the reasons.
+async function clickCanvasBadge(page) {
+  const clickable = await page.evaluate(() => {
+    const LGraphBadge = window.LGraphBadge;
+    return typeof LGraphBadge === "function" && Object.hasOwn(new LGraphBadge({ text: "" }), "onClick");
+  });
+  if (!clickable) return { skipped: "this frontend's canvas badges take no clicks" };
+  const id = await playFallback(page);
+  await page.waitForTimeout(1200); // drawn at least once, so the badge knows where it is
+  const at = await page.evaluate((id) => {
+    const app = window.comfyAPI.app.app;
+    const node = app.graph._nodes.find((n) => String(n.id) === id);
+    const badge = node.badges.map((b) => (typeof b === "function" ? b() : b)).find((b) => b.text?.startsWith("⚠ partial"));
+    if (!badge) return null;
+    const [x, y, w, h] = badge.boundingRect;
+    const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + x + w / 2, node.pos[1] + y + h / 2]);
+    const r = app.canvas.canvas.getBoundingClientRect();
+    return { x: r.left + cx, y: r.top + cy };
+  }, id);
+  if (!at) return { error: "the partial badge is not on the compile node" };
+  return { toasts: await toastsAfter(page, () => page.mouse.click(at.x, at.y), "canvas-click.png"), at };
 }
 
 // The workflow loaded afresh (no SD Accel state in the tab) under Nodes 2.0 and queued with
@@ -237,28 +285,15 @@ async function vueRun(page, wf) {
 }
 
 // Nodes 2.0 draws no reason lines under the node; a click on the badge shows them as a toast.
-// The fallback is played in the page (the tiny UNet compiles whole on the CPU with FP16 Cast).
 async function clickForReasons(page) {
-  const id = await page.evaluate(() => {
-    const node = window.comfyAPI.app.app.graph._nodes.find((n) => n.comfyClass === "SDAccelCompileUNet");
-    window.comfyAPI.api.api.dispatchEvent(new CustomEvent("sdaccel.fallback", { detail: {
-      nodes: { compile: String(node.id) }, report: { status: "partial", requested: "auto", backend: "inductor", mode: "default",
-        units_compiled: 3, whole_error: "played by the browser test", fallbacks: { "input_blocks.1": "reason played by the browser test" } },
-    } }));
-    return String(node.id);
-  });
+  const id = await playFallback(page);
   const badge = page.locator(`[data-node-id="${id}"]`).getByText("⚠ partial", { exact: false }).first();
   try {
     await badge.waitFor({ timeout: 5000 });
   } catch {
     return { error: "the partial badge did not show in the node's HTML" };
   }
-  const shown = new Set(await toasts(page));
-  await badge.click();
-  await page.waitForTimeout(800);
-  const added = (await toasts(page)).filter((t) => !shown.has(t));
-  await page.screenshot({ path: join(cfg.outDir, "vue-click.png") });
-  return { toasts: added };
+  return { toasts: await toastsAfter(page, () => badge.click(), "vue-click.png") };
 }
 
 const { browser, page, log } = await openComfy();

@@ -14,7 +14,8 @@ git-ignored). Exits non-zero on any failure.
 It then queues the same graph with a new seed and LoRA strength (nothing may recompile) and,
 where the frontend has the Nodes 2.0 renderer (setting Comfy.VueNodes.Enabled), reloads it
 with that renderer on and queues once more: every badge must reach the node's DOM, and a
-click on the badge of a (played) partial compile must show the reasons as a toast.
+click on the badge of a (played) partial compile must show the reasons as a toast (so must
+one on the classic canvas, where the frontend's badges take clicks).
 
 Needs: COMFYUI_PATH with ComfyUI's Python requirements; /usr/bin/chromium (`apt-get install -y
 chromium`); node and npm. playwright-core (npm, into tests/browser/node_modules) is installed on
@@ -226,7 +227,7 @@ def check_run(result: dict) -> list[str]:
         problems.append("the second run recompiled (a new seed and LoRA strength must not)")
     elif "sdaccel.run_stats" not in names:
         problems.append("the second run sent no run_stats")
-    return problems + check_vue(result.get("vue"))
+    return problems + check_click("classic canvas", result.get("canvasClick")) + check_vue(result.get("vue"))
 
 
 def check_vue(vue: dict | None) -> list[str]:
@@ -247,12 +248,18 @@ def check_vue(vue: dict | None) -> list[str]:
             problems.append(f"{b['type']} has no SD Accel badge after the Nodes 2.0 run")
         elif not all(t in dom for t in ours):
             problems.append(f"Nodes 2.0 shows a stale badge on {b['type']}: wants {ours!r}, the DOM has {dom!r}")
-    click = vue.get("click") or {}
+    return problems + check_click("Nodes 2.0", vue.get("click"))
+
+
+def check_click(where: str, click: dict | None) -> list[str]:
+    """A click on the (played) partial-compile badge must show its reasons as a toast."""
+    if click is None or click.get("skipped"):
+        return []
     if click.get("error"):
-        problems.append(f"Nodes 2.0: {click['error']}")
-    elif not any(t.startswith("SD Accel: ⚠ partial") and "reason played by the browser test" in t for t in click.get("toasts", [])):
-        problems.append(f"Nodes 2.0: a click on the partial badge showed no toast with the reasons: {click.get('toasts')}")
-    return problems
+        return [f"{where}: {click['error']}"]
+    if not any(t.startswith("SD Accel: ⚠ partial") and "reason played by the browser test" in t for t in click.get("toasts", [])):
+        return [f"{where}: a click on the partial badge showed no toast with the reasons: {click.get('toasts')}"]
+    return []
 
 
 def rate_of(run: dict) -> str:
@@ -316,6 +323,8 @@ def main() -> None:
         vue = run.get("vue") or {}
         if vue.get("skipped"):
             print(f"Nodes 2.0 run: skipped, {vue['skipped']}")
+        click = run.get("canvasClick") or {}
+        print(f"click on a canvas badge: {click.get('skipped') or click.get('error') or click.get('toasts')}")
         for label, r in (("first run", run), ("second run", run.get("rerun")), ("Nodes 2.0 run (reloaded, new seed)", vue)):
             if not r or r.get("skipped"):
                 continue
@@ -331,7 +340,7 @@ def main() -> None:
                 print(f"   toast after a click on the badge: {t}")
             for t in r.get("toasts", []):
                 print(f"   toast: {t}")
-        print(f"   screenshots: {out}/final-compiling.png, final.png, final-chain.png, rerun.png, vue.png, vue-click.png")
+        print(f"   screenshots: {out}/final-compiling.png, final.png, final-chain.png, rerun.png, canvas-click.png, vue.png, vue-click.png")
         if problems:
             fail("; ".join(problems))
         print("browser test passed")
