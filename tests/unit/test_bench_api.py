@@ -167,3 +167,23 @@ def test_the_readme_diffusers_snippet_runs_as_written(tmp_path, monkeypatch):
         assert changed, "the snippet's LoRA changed no weight"
         accel_core.apply_loras(unet, [])
         assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+def test_no_core_host_or_node_file_imports_the_bench():
+    """bench imports core, hosts and nodes; none of them imports bench (not even lazily, in a function)."""
+    import ast
+
+    offenders = []
+    files = [ROOT / "__init__.py", *(ROOT / "accel_core").rglob("*.py"), *(ROOT / "nodes").rglob("*.py")]
+    for path in files:
+        package = ["sd_accel", *path.relative_to(ROOT).parent.parts]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                names = [".".join(base + ([node.module] if node.module else []) + ([a.name] if not node.module else [])) for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n == "sd_accel.bench" or n.startswith("sd_accel.bench.")]
+    assert len(files) > 20 and not offenders, offenders
