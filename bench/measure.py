@@ -87,6 +87,9 @@ class BenchConfig:
                 raise SDAccelError(f"SD Accel bench: --configs expects row-name prefixes (strings), found {self.configs!r}. "
                                    "Give e.g. --configs eager deepcache.")
             self.configs = tuple(self.configs)
+        for flag, value in (("--checkpoint", self.checkpoint), ("--comfyui-path", self.comfyui_path)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise SDAccelError(f"SD Accel bench: {flag} expects a path, found {value!r}. Give the path, or leave the option out.")
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise SDAccelError(f"SD Accel bench: --out expects a folder for bench.json and bench.png, found {self.out_dir!r}. Give e.g. --out bench-out.")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -54,6 +54,8 @@ def test_bench_config_from_the_webui_tab(tmp_path):
     (dict(cfg_scale=float("inf")), "CFG scale expects a finite number"),
     (dict(configs="eager"), "--configs expects row-name prefixes"),
     (dict(out_dir=""), "--out expects a folder"),
+    (dict(checkpoint=3), "--checkpoint expects a path, found 3"),
+    (dict(comfyui_path=""), "--comfyui-path expects a path"),
     (dict(device="tpu"), "unknown device 'tpu'"),
 ])
 def test_bench_config_rejects_bad_values(kw, match):
