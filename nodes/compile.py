@@ -17,7 +17,7 @@ class SDAccelCompileUNet:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to accelerate (SD1.x, SD2.x, SDXL)."}),
             "backend": (list(CHOICES), {"default": "auto", "tooltip": "auto picks the best installed: stable-fast, onediff, then inductor."}),
-            "mode": (list(MODES), {"default": "reduce-overhead", "tooltip": "reduce-overhead adds CUDA graphs: 2.4x over eager on SD1.5 (H200), one graph per resolution/batch; default: no CUDA graphs (1.5x); max-autotune takes minutes to compile. On the CPU there are no CUDA graphs, so reduce-overhead equals default."}),
+            "mode": (list(MODES), {"default": "reduce-overhead", "tooltip": "reduce-overhead adds CUDA graphs (the fastest; one graph per resolution and batch size); default: no CUDA graphs; max-autotune takes minutes to compile. On the CPU there are no CUDA graphs, so reduce-overhead equals default."}),
             "dynamic": ("BOOLEAN", {"default": False, "tooltip": "Compile for varying sizes at once (fewer recompiles, slightly slower kernels)."}),
             "fullgraph": ("BOOLEAN", {"default": False, "tooltip": "Require one graph per compiled unit; failures fall back block by block."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}

@@ -4,8 +4,8 @@ from ..accel_core.hosts import comfy_deepcache as host, comfy_events
 
 class SDAccelDeepCache:
     DESCRIPTION = ("DeepCache: runs the full UNet only every N steps; in between only its shallow blocks run, reusing the deep "
-                   "features kept from the last full step (Ma et al., 2023). About 1.5-2.5x faster sampling at interval 3 with "
-                   "little quality loss. Stacks with Compile UNet in either order; works with CFG, img2img, inpainting and ControlNet.")
+                   "features kept from the last full step (Ma et al., 2023). Higher intervals are faster and drift further from "
+                   "the full result. Stacks with Compile UNet in either order; works with CFG, img2img, inpainting and ControlNet.")
     CATEGORY = "SD Accel"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("A clone of the input model with DeepCache; the input model is unchanged.",)
