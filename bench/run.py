@@ -92,7 +92,7 @@ def write_json(result: BenchResult, cfg: BenchConfig, extra: dict):
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
     data = {**{k: v for k, v in asdict(result).items() if k != "rows"}, "failed": result.failed, "config": asdict(cfg), **extra,
-            "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in result.rows]}
+            "rows": [{**{k: clean(v) for k, v in asdict(r).items()}, "spread": r.spread} for r in result.rows]}
     tmp = result.json_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)

@@ -28,6 +28,7 @@ def test_bench_eager_rows_write_json_and_png(tmp_path):
         assert r.speedup_min <= r.speedup <= r.speedup_max
     data = json.loads((tmp_path / "bench.json").read_text())
     assert [r["name"] for r in data["rows"]] == names and data["device"] == "cpu"
+    assert all(r["spread"] == pytest.approx((r["ms_max"] - r["ms_min"]) / r["ms_per_step"]) for r in data["rows"])
     assert data["png_path"] == str(tmp_path / "bench.png") == res.png_path and data["json_path"] == res.json_path
     assert data["threads"] == 1 and data["repeats"] == 3 and data["complete"] is True and data["failed"] == []
     assert isinstance(data["busy"], bool) and "busy_reason" in data and "load_avg_start" in data
