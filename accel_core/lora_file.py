@@ -1,0 +1,151 @@
+"""LoRA files: read a .safetensors LoRA into per-layer (up, down, alpha, mid) factors.
+
+Formats: kohya / A1111 (`lora_unet_<name>.lora_up/lora_down/alpha`, LDM or diffusers module
+names), diffusers / PEFT (`<name>.lora_A/lora_B`, optional `unet.` or `base_model.model.`
+prefix), the older diffusers attention-processor format (`...processor.to_q_lora.up`), LoCon
+convolutions (including `lora_mid`). Text-encoder keys are counted and skipped. A file is read
+once per (path, size, mtime).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import SDAccelError
+
+# (up suffix, down suffix) pairs in the formats users have; the first that matches a key wins.
+_PAIRS = (
+    (".lora_up.weight", ".lora_down.weight"),  # kohya / A1111 / LyCORIS LoCon
+    (".lora_B.weight", ".lora_A.weight"),  # PEFT / diffusers
+    (".lora_B.default.weight", ".lora_A.default.weight"),  # PEFT state dict saved with the adapter name
+    ("_lora.up.weight", "_lora.down.weight"),  # old diffusers attention processors
+    (".lora.up.weight", ".lora.down.weight"),
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+)
+_MID = ".lora_mid.weight"
+_ALPHA = ".alpha"
+_DORA = (".dora_scale", ".lora_magnitude_vector")
+_OTHER_ADAPTERS = {"hada_w": "LoHa", "lokr_w": "LoKr", "oft_": "OFT", ".diff": "full weight diff", "a1.weight": "GLoRA"}
+_UNET_PREFIXES = ("lora_unet_", "lycoris_", "base_model.model.", "unet.", "model.diffusion_model.", "diffusion_model.")
+_TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te_text_model", "te1_", "te2_", "lycoris_te")
+
+
+# --- files -------------------------------------------------------------------------------------
+
+@dataclass
+class LoraLayer:
+    """One low-rank pair from a file. delta = scale * up @ (mid) @ down."""
+
+    base: str
+    up: torch.Tensor
+    down: torch.Tensor
+    mid: torch.Tensor | None = None
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.alpha is not None else 1.0
+
+    def _on(self, device) -> tuple:
+        # Factors stay on the weight's device after the first use: ComfyUI applies per run, and
+        # host-to-device copies of hundreds of small tensors would dominate the swap time.
+        device = torch.device(device)
+        cached = self.__dict__.get("_dev")
+        if cached is None or cached[0] != device:
+            cached = (device, self.up.to(device), self.down.to(device), None if self.mid is None else self.mid.to(device))
+            self.__dict__["_dev"] = cached
+        return cached[1:]
+
+    def delta(self, shape: torch.Size, device, dtype=torch.float32) -> torch.Tensor:
+        up, down, mid = self._on(device)
+        up, down = up.to(dtype), down.to(dtype)
+        if mid is not None:  # LoCon Tucker: fold mid into down, as ComfyUI/LyCORIS do
+            mid = mid.to(dtype)
+            final = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
+            down = torch.mm(down.transpose(0, 1).flatten(1), mid.transpose(0, 1).flatten(1)).reshape(final).transpose(0, 1)
+        return (up.flatten(1) @ down.flatten(1)).reshape(shape) * self.scale
+
+
+@dataclass
+class LoraFile:
+    path: str
+    key: tuple  # (real path, mtime, size): identity of the file's contents
+    layers: dict[str, LoraLayer]
+    text_encoder_keys: int = 0
+    unused: dict[str, int] = field(default_factory=dict)  # kind -> key count
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+def read_lora(path: str) -> LoraFile:
+    """Parse a LoRA .safetensors file (cached by path, mtime and size)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        raise SDAccelError(f"SD Accel LoRA: file {str(path)!r} does not exist. Expected the path of a LoRA .safetensors file "
+                           "(in ComfyUI: a file in models/loras).")
+    return _read_cached(_file_key(str(path)), str(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_cached(key: tuple, path: str) -> LoraFile:
+    from .checkpoint import read_safetensors
+
+    return parse_lora(read_safetensors(path, "LoRA"), path, key)
+
+
+def parse_lora(sd: dict[str, torch.Tensor], path: str = "<state dict>", key: tuple | None = None) -> LoraFile:
+    """Group a LoRA state dict into layers; count text-encoder and unsupported keys."""
+    used: set[str] = set()
+    layers: dict[str, LoraLayer] = {}
+    for k in sd:
+        for up_s, down_s in _PAIRS:
+            if k.endswith(up_s):
+                base = k[: -len(up_s)]
+                down_k = base + down_s
+                if down_k not in sd:
+                    break
+                alpha = sd.get(base + _ALPHA)
+                mid = sd.get(base + _MID)
+                layers[base] = LoraLayer(base, sd[k], sd[down_k], mid, float(alpha.float()) if alpha is not None else None)
+                used.update(x for x in (k, down_k, base + _ALPHA, base + _MID) if x in sd)
+                break
+    te = [b for b in layers if b.startswith(_TE_PREFIXES)]
+    for b in te:
+        del layers[b]
+    unused: dict[str, int] = collections.Counter()
+    for k in sd:
+        if k in used:
+            continue
+        if k.startswith(_TE_PREFIXES):
+            continue
+        kind = next((v for s, v in _OTHER_ADAPTERS.items() if s in k), None)
+        if kind is None and any(d in k for d in _DORA):
+            kind = "DoRA"
+        unused[kind or "unknown"] += 1
+    te_keys = sum(1 for k in sd if k.startswith(_TE_PREFIXES))
+    lf = LoraFile(path, key or (path,), layers, te_keys, dict(unused))
+    if unused.get("DoRA"):
+        raise SDAccelError(f"SD Accel LoRA: {lf.name} is a DoRA ({unused['DoRA']} magnitude keys). Hot-swap fuses plain LoRA/LoCon "
+                           "deltas only, because DoRA's normalisation cannot be stacked and removed exactly. Use ComfyUI's "
+                           "LoraLoaderModelOnly for this file.")
+    if not layers:
+        found = ", ".join(f"{n} {k}" for k, n in unused.items()) or "none"
+        sample = ", ".join(list(sd)[:3])
+        raise SDAccelError(f"SD Accel LoRA: {lf.name} holds no UNet LoRA layers (expected key pairs like "
+                           f"'lora_unet_..lora_up.weight/lora_down.weight' or '..lora_A.weight/lora_B.weight'; found {len(sd)} keys: "
+                           f"{te_keys} text-encoder, other kinds: {found}; e.g. {sample}). LoHa/LoKr/OFT files need ComfyUI's LoraLoader.")
+    return lf
