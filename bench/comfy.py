@@ -135,13 +135,30 @@ def unet_state_dict(arch: str, seed: int, device: str, dtype: torch.dtype) -> di
     return sd
 
 
+def checkpoint_file(arch: str, seed: int, device: str, dtype: torch.dtype) -> str:
+    """The generated checkpoint as a safetensors file (written once per arch/seed/device/dtype in the temp folder).
+
+    Loaded from a file, as ComfyUI's loader nodes do: a DynamicVRAM ComfyUI rebuilds a regular
+    copy of a model from its file (`clone(disable_dynamic=True)`), which SD Accel's weight-changing
+    nodes and the built-in TorchCompileModel need.
+    """
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = os.path.join(tempfile.gettempdir(), f"sd_accel_bench_{arch}_{seed}_{device}_{str(dtype).split('.')[-1]}.safetensors")
+    if not os.path.exists(path):
+        sd = {k: v.contiguous().cpu() for k, v in unet_state_dict(arch, seed, device, dtype).items()}
+        save_file(sd, path + ".part")
+        os.replace(path + ".part", path)
+    return path
+
+
 def load_model(arch: str, seed: int, device: str):
     import comfy.sd
 
     dtype = torch.float16 if device == "cuda" else torch.float32
-    sd = unet_state_dict(arch, seed, device, dtype)
-    out = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)
-    del sd
+    out = comfy.sd.load_checkpoint_guess_config(checkpoint_file(arch, seed, device, dtype), output_vae=False, output_clip=False)
     if out is None or out[0] is None:
         raise SDAccelError("SD Accel bench: ComfyUI did not recognise the generated state dict as a UNet; this ComfyUI version's model detection differs from what the benchmark expects.")
     return out[0]
