@@ -106,6 +106,14 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     for the run and restored after.
     """
     check_rows(cfg)
+    try:  # before anything is loaded: a folder we cannot write is bad input, not a crash at the end
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, ".sd-accel-write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SDAccelError(f"SD Accel bench: --out {cfg.out_dir!r} is not a folder this process can write ({type(e).__name__}: {e.strerror or e}). "
+                           "Expected a writable folder for bench.json and bench.png; give another --out.") from e
     load_start = _load()
     with pinned_threads(cfg.threads or default_threads()) as threads, captured() as caught:
         if cfg.host == "comfy":
@@ -116,7 +124,6 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             session = _DiffusersSession(cfg, progress)
         result = session.result
         result.repeats, result.threads, result.cores, result.load_avg_start = cfg.repeats, threads, available_cores(), load_start
-        os.makedirs(cfg.out_dir, exist_ok=True)
         result.json_path = os.path.join(cfg.out_dir, "bench.json")
         try:
             for row in session.rows():

@@ -113,3 +113,14 @@ class _FakeContext:
         self.baseline = self.baseline or row
         self.rows[row.name] = row
         return row
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    import sd_accel.bench.measure as measure
+
+    monkeypatch.setattr(measure, "build_unet", lambda *a, **k: pytest.fail("the UNet was built before --out was checked"))
+    a_file = tmp_path / "bench-out"
+    a_file.write_text("not a folder")
+    assert main(["bench", "--out", str(a_file), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{a_file}' is not a folder this process can write" in err and "give another --out" in err
