@@ -167,10 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"torch CPU threads for the whole run, recorded in bench.json (default: half this machine's cores, {default_threads()} here: "
                         "a thread per core stalls whenever another process runs)")
     b.add_argument("--checkpoint", default=None, help="your SD1.x/SDXL .safetensors checkpoint or UNet file (default: seeded random weights)")
-    b.add_argument("--configs", nargs="+", metavar="PREFIX", default=None,
+    which = b.add_mutually_exclusive_group()
+    which.add_argument("--configs", nargs="+", metavar="PREFIX", default=None,
                    help="only rows whose names start with these (the baseline always runs); a prefix that matches no row lists the rows "
                         "(default: the CPU default rows on --device cpu, every row on cuda)")
-    b.add_argument("--all", action="store_true", help="every row (the CPU default runs the core and DeepCache rows only)")
+    which.add_argument("--all", action="store_true", help="every row (the CPU default runs the core and DeepCache rows only)")
     b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     b.add_argument("--seed", type=_count("a seed", "give e.g. --seed 0", 0), default=0, help="seed of the random weights, latent and conditioning")
     b.add_argument("--cfg-scale", type=_scale, default=7.0, help="classifier-free guidance scale (cond and uncond run as one batch of 2)")

@@ -27,6 +27,7 @@ def _bench_parser() -> argparse.ArgumentParser:
     (["--preset", "sd3"], "invalid choice: 'sd3'"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--configs"], "expected at least one argument"),
+    (["--all", "--configs", "eager"], "argument --configs: not allowed with argument --all"),
 ])
 def test_bad_arguments_are_refused_with_what_was_expected_and_found(args, found, capsys):
     with pytest.raises(SystemExit) as e:
