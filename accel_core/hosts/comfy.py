@@ -148,6 +148,31 @@ def _compile_wrapper(config: CompileConfig, executor, *args, **kwargs):
         _restore_attr(unet, "_forward", prev)
 
 
+def _sdpa_attention(func, *args, **kwargs):
+    # transformer_options["optimized_attention_override"] of a compiled clone whose host picked an
+    # attention that asks for free memory on every call (sub-quadratic, split: ComfyUI's choice on
+    # the CPU). Traced, that probe is guarded on, so the frame recompiles whenever free memory
+    # changes; PyTorch's SDPA computes the same attention and compiles cleanly.
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
+def _host_attention_name() -> str:
+    import comfy.ldm.modules.attention as attn
+
+    return getattr(getattr(attn, "optimized_attention", None), "__name__", "attention")
+
+
+def _host_attention_probes_memory() -> bool:
+    import comfy.ldm.modules.attention as attn
+
+    if not hasattr(attn, "wrap_attn") or not hasattr(attn, "attention_pytorch"):  # no per-model override in this ComfyUI
+        return False
+    chosen = getattr(attn, "optimized_attention", None)
+    return any(chosen is getattr(attn, name, None) for name in ("attention_sub_quad", "attention_split"))
+
+
 def apply_compile(model, config: CompileConfig):
     """Clone `model` and install a keyed compile wrapper on the clone."""
     unet = _check_model(model, "Compile UNet")
@@ -161,6 +186,11 @@ def apply_compile(model, config: CompileConfig):
     # LoRA patches applied later (ComfyUI's LoraLoader, our hot-swap) then copy into the
     # existing parameters, so CUDA graphs and other captured storage see the new weights.
     m.weight_inplace_update = True
+    to = m.model_options.setdefault("transformer_options", {})
+    if "optimized_attention_override" not in to and _host_attention_probes_memory():
+        to["optimized_attention_override"] = _sdpa_attention  # a user's or FP16 Cast's choice stays
+        logger.info("SD Accel Compile UNet: the compiled model uses PyTorch SDPA attention (ComfyUI's %s asks for free memory "
+                    "on every call, which a compiled graph would recompile on).", _host_attention_name())
     wmp = _wrappers_mp()
     m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
     m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))

@@ -110,15 +110,38 @@ def test_lora_changes_output(comfy_host, sd15_model, reference, lora_name):
     assert rel_err(with_lora, reference(TXT2IMG)) > 30 * CLOSE
 
 
+def _host_attention(func, *args, **kwargs):
+    """A user's optimized_attention_override that keeps the attention ComfyUI picked."""
+    return func(*args, **kwargs)
+
+
+def test_compiled_model_gets_an_attention_that_compiles(comfy_host, comfy_adapter, accel, sd15_model, reference):
+    """ComfyUI's CPU attention (sub-quadratic) asks for free memory on every call; the compiled
+    clone gets SDPA instead, so the whole UNet converts even with fullgraph=True. The input keeps its own."""
+    import comfy.ldm.modules.attention as attn
+
+    if attn.optimized_attention is not getattr(attn, "attention_sub_quad", None):
+        pytest.skip(f"this ComfyUI picked {attn.optimized_attention.__name__}, not sub-quadratic attention")
+    torch._dynamo.reset()
+    before = Snapshot.of(sd15_model)
+    compiled = comfy_adapter.apply_compile(sd15_model, eager_compile(accel, fullgraph=True))
+    assert rel_err(sample(compiled, TXT2IMG), reference(TXT2IMG)) < CLOSE
+    report = comfy_adapter.compile_report(compiled)
+    assert report["status"] == "compiled" and not report["whole_error"], report
+    assert before.diff(sd15_model) == []
+
+
 def test_fullgraph_fallback_on_host_attention(comfy_adapter, accel, sd15_model, reference):
-    """On the CPU ComfyUI runs sub-quadratic attention, which asks psutil for free memory: dynamo
-    cannot trace that with fullgraph=True. The whole UNet fails, blocks compile one by one, and
-    the attention modules stay eager, named in the report; the output is unchanged."""
+    """With the user's own choice of ComfyUI's CPU attention (sub-quadratic), which asks psutil for
+    free memory, dynamo cannot trace it with fullgraph=True. The whole UNet fails, blocks compile
+    one by one, and the attention modules stay eager, named in the report; the output is unchanged."""
     # Dynamo caches per code object and fullgraph is not part of the guard: after an earlier
     # fullgraph=False compile of UNetModel._forward (other tests), the fullgraph=True one would
     # silently reuse that graph-broken code instead of failing.
     torch._dynamo.reset()
-    compiled = comfy_adapter.apply_compile(sd15_model, eager_compile(accel, fullgraph=True))
+    model = sd15_model.clone()
+    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _host_attention
+    compiled = comfy_adapter.apply_compile(model, eager_compile(accel, fullgraph=True))
     # The fallback descends one level per model call (a failing unit runs eager for that call,
     # its children are tried on the next): whole UNet, SpatialTransformer, BasicTransformerBlock,
     # attention. Two 2-step runs are four calls, enough to reach the attention modules.
