@@ -52,6 +52,17 @@ def check_rows(cfg: BenchConfig) -> list[str]:
     return names
 
 
+def _check_out(folder: str):
+    """Before anything is loaded (and without creating it yet): --out must be a folder this process can write."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)  # the folder is created later, inside its nearest existing parent
+    why = "it is not a folder" if not os.path.isdir(path) else ("this process may not write there" if not os.access(path, os.W_OK | os.X_OK) else "")
+    if why:
+        raise SDAccelError(f"SD Accel bench: --out {folder!r} cannot hold bench.json and bench.png: {why} ({path}). "
+                           "Expected a writable folder (it is created if missing); give another --out.")
+
+
 def _load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
@@ -106,14 +117,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     for the run and restored after.
     """
     check_rows(cfg)
-    try:  # before anything is loaded: a folder we cannot write is bad input, not a crash at the end
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        probe = os.path.join(cfg.out_dir, ".sd-accel-write-test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SDAccelError(f"SD Accel bench: --out {cfg.out_dir!r} is not a folder this process can write ({type(e).__name__}: {e.strerror or e}). "
-                           "Expected a writable folder for bench.json and bench.png; give another --out.") from e
+    _check_out(cfg.out_dir)
     load_start = _load()
     with pinned_threads(cfg.threads or default_threads()) as threads, captured() as caught:
         if cfg.host == "comfy":
@@ -122,6 +126,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             session = ComfySession(cfg, progress)
         else:
             session = _DiffusersSession(cfg, progress)
+        os.makedirs(cfg.out_dir, exist_ok=True)
         result = session.result
         result.repeats, result.threads, result.cores, result.load_avg_start = cfg.repeats, threads, available_cores(), load_start
         result.json_path = os.path.join(cfg.out_dir, "bench.json")

@@ -124,4 +124,13 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_run(tmp_path
     a_file.write_text("not a folder")
     assert main(["bench", "--out", str(a_file), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"--out '{a_file}' is not a folder this process can write" in err and "give another --out" in err
+    assert f"--out '{a_file}' cannot hold bench.json and bench.png: it is not a folder" in err and "give another --out" in err
+    assert main(["bench", "--out", str(a_file / "sub"), "--no-progress"]) == 2  # below a file: refused too
+    assert "it is not a folder" in capsys.readouterr().err
+
+
+def test_a_refused_run_leaves_no_output_folder_behind(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--host", "comfy", "--comfyui-path", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    assert "is not a ComfyUI tree" in capsys.readouterr().err
+    assert not (tmp_path / "bench-out").exists()
