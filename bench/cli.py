@@ -89,12 +89,23 @@ def _cache(args) -> int:
     """Show (or --clear) the on-disk compile cache of a host."""
     from ..accel_core import compile_cache as cc
 
+    if args.comfyui_path and not os.path.isdir(os.path.join(args.comfyui_path, "comfy")):
+        print(f"sd-accel cache: --comfyui-path {args.comfyui_path!r} is not a ComfyUI folder (expected comfy/ inside it). "
+              "Give the ComfyUI folder, or --dir with the cache folder itself.", file=sys.stderr)
+        return 2
+    if args.dir and os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        print(f"sd-accel cache: --dir {args.dir!r} is a file; expected the compile-cache folder. Give the folder "
+              f"(default: ${cc.ENV}, else ~/.cache/sd_accel/compile_cache).", file=sys.stderr)
+        return 2
     folder = args.dir or cc.default_cache_dir(None)
     root = args.comfyui_path or os.environ.get("COMFYUI_PATH")
     if not args.dir and root and not os.environ.get(cc.ENV, "").strip():
         folder = os.path.join(os.path.abspath(root), "user", cc.SUBDIR)  # ComfyUI's default user directory
     if folder is None:
         print(f"the compile cache is switched off (${cc.ENV}={os.environ[cc.ENV]})")
+        return 0
+    if not os.path.isdir(folder):
+        print(f"{folder}: does not exist yet (nothing compiled there so far)")
         return 0
     files = cc.entries(folder)
     if args.clear:

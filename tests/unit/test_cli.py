@@ -134,3 +134,14 @@ def test_a_refused_run_leaves_no_output_folder_behind(tmp_path, capsys, monkeypa
     assert main(["bench", "--host", "comfy", "--comfyui-path", str(tmp_path / "nowhere"), "--no-progress"]) == 2
     assert "is not a ComfyUI tree" in capsys.readouterr().err
     assert not (tmp_path / "bench-out").exists()
+
+
+def test_cache_command_checks_its_folders(tmp_path, capsys):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    assert main(["cache", "--dir", str(a_file)]) == 2
+    assert "is a file; expected the compile-cache folder" in capsys.readouterr().err
+    assert main(["cache", "--comfyui-path", str(tmp_path)]) == 2
+    assert "is not a ComfyUI folder (expected comfy/ inside it)" in capsys.readouterr().err
+    assert main(["cache", "--dir", str(tmp_path / "none")]) == 0
+    assert "does not exist yet" in capsys.readouterr().out
