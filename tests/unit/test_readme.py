@@ -65,7 +65,14 @@ def test_relative_links_resolve(page):
 
 
 def _top_dirs() -> set[str]:
-    return {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")} | {".ci"}
+    """The repository's own top-level folders (tracked files), not ignored outputs such as bench-out/."""
+    import subprocess
+
+    try:
+        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an sdist): folders with a tracked-looking layout
+        return {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in ("bench-out", "build")} | {".ci"}
+    return {f.split("/")[0] for f in files if "/" in f}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
