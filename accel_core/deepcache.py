@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import events
-from .errors import SDAccelError, choice_error
+from .errors import SDAccelError, check_range, choice_error
 from .log import logger
 from .registry import compiled_for
 from .unet import DIFFUSERS, skip_count, unet_kind
@@ -73,8 +73,8 @@ class DeepCacheConfig:
             raise SDAccelError(f"SD Accel DeepCache: cache_interval must be a whole number of steps >= 1, found {self.cache_interval!r}. Use 1 to turn caching off, 3 for the paper's default.")
         if isinstance(self.cache_depth, bool) or not isinstance(self.cache_depth, int) or self.cache_depth < 0:
             raise SDAccelError(f"SD Accel DeepCache: cache_depth must be a skip-connection index >= 0, found {self.cache_depth!r}. Use 0 (shallowest, fastest) unless you want more quality.")
-        if not (0.0 <= self.start_percent <= 1.0 and 0.0 <= self.end_percent <= 1.0):
-            raise SDAccelError(f"SD Accel DeepCache: start_percent and end_percent are fractions of the run between 0 and 1, found {self.start_percent} and {self.end_percent}. Use e.g. 0.0 and 1.0.")
+        for name in ("start_percent", "end_percent"):
+            check_range("DeepCache", name, getattr(self, name), 0.0, 1.0, "It is a fraction of the run's steps: use e.g. 0.0 and 1.0.")
         if self.start_percent >= self.end_percent:
             raise SDAccelError(f"SD Accel DeepCache: start_percent ({self.start_percent}) must be below end_percent ({self.end_percent}); no step would be cached. Set start_percent < end_percent, e.g. 0.0 and 1.0.")
         if self.schedule not in SCHEDULES:

@@ -97,7 +97,7 @@ def _one_thread():
     (dict(cache_depth=-1), "cache_depth"),
     (dict(start_percent=0.5, end_percent=0.5), "must be below end_percent"),
     (dict(start_percent=0.8, end_percent=0.2), "must be below end_percent"),
-    (dict(end_percent=1.5), "between 0 and 1"),
+    (dict(end_percent=1.5), r"end_percent must be a number in \[0, 1\]"),
     (dict(schedule="random"), "unknown schedule 'random'"),
 ])
 def test_bad_config_is_a_clear_error(kw, match):
