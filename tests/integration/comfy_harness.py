@@ -59,8 +59,7 @@ def skip_reason() -> str | None:
     """Why the integration tests cannot run here, or None."""
     root = host_root()
     if root is None:
-        return (f"{ENV} is not set: point it at a ComfyUI source tree (see DESIGN.md, Tests: "
-                "materialize-host.sh writes one into .hosts/) to run the integration tests")
+        return f"{ENV} is not set: point it at a ComfyUI source tree to run the integration tests (see docs/testing.md)"
     if not (root / "nodes.py").is_file() or not (root / "comfy").is_dir():
         return f"{ENV}={root} is not a ComfyUI tree (no nodes.py / comfy/ there)"
     return None

@@ -11,7 +11,7 @@ import torch
 
 COMFY = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFY or not Path(COMFY, "comfy").is_dir(),
-                                reason="COMFYUI_PATH is not set to a ComfyUI checkout (see README: integration tests)")
+                                reason="COMFYUI_PATH is not set to a ComfyUI checkout (see docs/testing.md)")
 
 TINY_SD15 = dict(
     image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1, 1], channel_mult=[1, 2],

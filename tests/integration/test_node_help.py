@@ -14,7 +14,7 @@ import pytest
 COMFY = os.environ.get("COMFYUI_PATH")
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not COMFY or not Path(COMFY, "comfy").is_dir(),
-                                reason="COMFYUI_PATH is not set to a ComfyUI checkout (see README: integration tests)")
+                                reason="COMFYUI_PATH is not set to a ComfyUI checkout (see docs/testing.md)")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
