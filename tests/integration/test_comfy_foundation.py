@@ -153,6 +153,11 @@ def test_fullgraph_fallback_on_host_attention(comfy_adapter, accel, sd15_model, 
     assert report["units_compiled"] > 0
     kept_eager = [name.rsplit(".", 1)[-1] for name in report["fallbacks"]]
     assert kept_eager.count("attn1") == kept_eager.count("attn2") == 16, report["fallbacks"]  # every SD1.5 attention
+    # `model` and its compiled clone die together at the end of this test: ComfyUI's loaded-model
+    # entry would find no live parent to switch to, so unload it while both live.
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
 
 
 # --- FP16 Cast ------------------------------------------------------------------------------------
