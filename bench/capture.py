@@ -1,7 +1,9 @@
 """Library warnings during a benchmark run: held back and summarised once, not printed into the progress bar.
 
 Python warnings (`warnings.warn`) and WARNING log records of other libraries (torch, diffusers,
-...) are counted per distinct message; SD Accel's own log lines pass through unchanged.
+...) are counted per distinct message. SD Accel's own warnings pass through; its per-run info
+lines (a DeepCache schedule after every sampling run) are dropped, since the table's note column
+says the same once per row.
 """
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ class _Hold(logging.Filter):
         self.caught = caught
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or record.name == OURS or record.name.startswith(OURS + "."):
+        if record.name == OURS or record.name.startswith(OURS + "."):
+            return record.levelno >= logging.WARNING
+        if record.levelno < logging.WARNING:
             return True
         if not getattr(record, "_sd_accel_held", False):  # one record passes every handler's filter: count it once
             record._sd_accel_held = True
