@@ -72,11 +72,13 @@ def _defaults() -> "webui.WebuiOptions":
 
 
 def _lora_names():
-    return [webui.NO_LORA] + sorted(webui.lora_files(_lora_dir()))
+    return [webui.NO_LORA] + sorted(webui.lora_files(_lora_dirs()))
 
 
-def _lora_dir():
-    return getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(shared.models_path, "Lora")
+def _lora_dirs():
+    """The webui's LoRA folders: --lora-dir, then Forge Neo's --lora-dirs (a list)."""
+    first = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(shared.models_path, "Lora")
+    return [first, *(getattr(shared.cmd_opts, "lora_dirs", None) or [])]
 
 
 class SDAccelScript(scripts.Script):
@@ -140,7 +142,7 @@ class SDAccelScript(scripts.Script):
             p.sd_accel_options = None
             return
         p.sd_accel_options = opts
-        p.sd_accel_lora_dir = _lora_dir()
+        p.sd_accel_lora_dirs = _lora_dirs()
         p.extra_generation_params.update(webui.to_infotext(opts))
         if opts.lcm_on:
             _use_lcm_sampler(p)
@@ -158,10 +160,10 @@ class SDAccelScript(scripts.Script):
         progress = functools.partial(_denoiser_progress, p)
         try:
             if webui.is_forge(p.sd_model):
-                unet, applied = webui.apply_forge(p.sd_model.forge_objects.unet, opts, lora_dir=p.sd_accel_lora_dir, progress=progress)
+                unet, applied = webui.apply_forge(p.sd_model.forge_objects.unet, opts, lora_dirs=p.sd_accel_lora_dirs, progress=progress)
                 p.sd_model.forge_objects.unet = unet
             else:
-                applied = webui.A1111.apply(p.sd_model, opts, lora_dir=p.sd_accel_lora_dir, progress=progress)
+                applied = webui.A1111.apply(p.sd_model, opts, lora_dirs=p.sd_accel_lora_dirs, progress=progress)
         except webui.SDAccelError as e:
             webui.finish_generation()
             self._error(p, e)

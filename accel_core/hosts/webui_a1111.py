@@ -20,6 +20,7 @@ from ..unet import LDM, unet_kind
 from .webui_cache import _weights_token
 from .webui_lora import fuse_loras, lora_specs, restore_loras, webui_lora_active
 from .webui_options import WebuiOptions
+from .webui_quant import A1111_HINT, check_quantized
 from .webui_runner import MISSING, Runner, build_runner
 from .webui_status import Applied, feature_module, record, unavailable_notes
 
@@ -45,10 +46,11 @@ class A1111Patch:
     def active(self) -> bool:
         return self.runner is not None and self.unet_ref is not None and self.unet_ref() is not None
 
-    def apply(self, sd_model, opts: WebuiOptions, *, lora_dir: str | None = None, progress=None) -> Applied | None:
+    def apply(self, sd_model, opts: WebuiOptions, *, lora_dirs=None, progress=None) -> Applied | None:
         """Route `sd_model`'s UNet through SD Accel for the coming sampling (idempotent per options).
 
-        `progress()` -> (step, total) of the sampler's denoiser, for DeepCache.
+        `progress()` -> (step, total) of the sampler's denoiser, for DeepCache; `lora_dirs`: the
+        webui's LoRA folder(s).
         """
         if not opts.active:
             self.undo()
@@ -74,12 +76,14 @@ class A1111Patch:
         if self.active and self.unet_ref() is unet and self.key == key:
             applied.compile_report = self.compiled.report if self.compiled is not None else None
             return record(applied)
+        if not opts.cast_on:
+            check_quantized(unet, opts, A1111_HINT)  # with a cast, compile and LoRAs run on a float copy
         self.undo()
         device_type = next(unet.parameters()).device.type
         needs_runner = opts.compile_on or opts.cast_on or opts.attention_on or (opts.deepcache_on and feature_module("deepcache") is not None)
         runner, compiled, target = build_runner(unet, opts, device_type, progress) if needs_runner else (None, None, unet)
         applied.compile_report = compiled.report if compiled is not None else None
-        self._apply_loras(target, opts, lora_dir, applied)
+        self._apply_loras(target, opts, lora_dirs, applied)
         if runner is not None:
             self.prev = unet.__dict__.get("forward", MISSING)
             unet.forward = runner  # a plain callable: nn.Module.__setattr__ keeps it in __dict__
@@ -87,13 +91,13 @@ class A1111Patch:
         return record(applied)
 
     @staticmethod
-    def _apply_loras(target, opts, lora_dir, applied):
+    def _apply_loras(target, opts, lora_dirs, applied):
         if not (opts.loras_on or opts.lcm_on) or feature_module("lora") is None:
             return
         if webui_lora_active(target):
             applied.notes.append("LoRA hot-swap not applied: the prompt's <lora:...> networks are active on the same weights; use one or the other")
             return
-        applied.lora = fuse_loras(target, lora_specs(opts, lora_dir))
+        applied.lora = fuse_loras(target, lora_specs(opts, lora_dirs))
 
     def undo(self) -> bool:
         """Take SD Accel's forward off the UNet and its LoRAs out of the weights. True when a forward was removed."""

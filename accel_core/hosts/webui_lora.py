@@ -18,24 +18,35 @@ LORA_EXTS = (".safetensors",)
 _fused: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def lora_files(lora_dir: str | None) -> dict[str, str]:
-    """LoRA name (file name without extension, as the webui shows it) -> path, from the webui's LoRA folder."""
+def _dirs(lora_dirs) -> list[str]:
+    if not lora_dirs:
+        return []
+    return [lora_dirs] if isinstance(lora_dirs, (str, os.PathLike)) else [d for d in lora_dirs if d]
+
+
+def lora_files(lora_dirs) -> dict[str, str]:
+    """LoRA name (file name without extension, as the webui shows it) -> path, from the webui's LoRA folder(s).
+
+    `lora_dirs`: one folder, or several (`--lora-dir` first, then Forge Neo's `--lora-dirs`);
+    a name found in an earlier folder wins, as in the webui's own list.
+    """
     out: dict[str, str] = {}
-    if not lora_dir or not os.path.isdir(lora_dir):
-        return out
-    for base, _, files in sorted(os.walk(lora_dir, followlinks=True)):
-        for f in sorted(files):
-            stem, ext = os.path.splitext(f)
-            if ext.lower() in LORA_EXTS:
-                out.setdefault(stem, os.path.join(base, f))
+    for lora_dir in _dirs(lora_dirs):
+        if not os.path.isdir(lora_dir):
+            continue
+        for base, _, files in sorted(os.walk(lora_dir, followlinks=True)):
+            for f in sorted(files):
+                stem, ext = os.path.splitext(f)
+                if ext.lower() in LORA_EXTS:
+                    out.setdefault(stem, os.path.join(base, f))
     return out
 
 
-def lora_specs(opts: WebuiOptions, lora_dir: str | None) -> list:
-    """The LoraSpecs (hot-swap list plus the LCM-LoRA) named by `opts`, resolved in `lora_dir`."""
+def lora_specs(opts: WebuiOptions, lora_dirs) -> list:
+    """The LoraSpecs (hot-swap list plus the LCM-LoRA) named by `opts`, resolved in the LoRA folder(s) `lora_dirs`."""
     from ..lora import LoraSpec
 
-    files = lora_files(lora_dir)
+    files = lora_files(lora_dirs)
     wanted = list(opts.loras) if opts.loras_on else []
     if opts.lcm_on:
         wanted.append((opts.lcm_lora, opts.lcm_strength))
@@ -44,8 +55,9 @@ def lora_specs(opts: WebuiOptions, lora_dir: str | None) -> list:
         path = files.get(name) or (name if os.path.isfile(name) else None)
         if path is None:
             known = ", ".join(sorted(files)[:12]) or "none"
-            raise SDAccelError(f"SD Accel: LoRA {name!r} is not in the webui's LoRA folder ({lora_dir}); found: {known}. "
-                               "Use a file name from that folder (without .safetensors), or a full path to a .safetensors file.")
+            where = ", ".join(str(d) for d in _dirs(lora_dirs)) or "none set"
+            raise SDAccelError(f"SD Accel: LoRA {name!r} is not in the webui's LoRA folders ({where}); found: {known}. "
+                               "Use a file name from those folders (without .safetensors), or a full path to a .safetensors file.")
         specs.append(LoraSpec(path, float(strength)))
     return specs
 

@@ -16,7 +16,7 @@ from sd_accel.accel_core import registry
 from sd_accel.accel_core.compile import CompileReport
 from sd_accel.accel_core.deepcache import DeepCacheConfig, full_steps
 from sd_accel.accel_core.hosts import webui as w
-from sd_accel.accel_core.hosts import webui_deepcache, webui_hosts as hosts
+from sd_accel.accel_core.hosts import webui_deepcache, webui_forge, webui_hosts as hosts
 from sd_accel.accel_core.hosts.webui_runner import Runner
 
 
@@ -309,3 +309,109 @@ def test_forge_off_is_the_input():
     patcher = _Patcher(_KModel(TinyLDM()))
     m, applied = hosts.apply_forge(patcher, w.WebuiOptions())
     assert m is patcher and applied is None
+
+
+# --- Forge Neo: its Torch Compile Integrated wraps apply_model; quantized UNets ----------------------
+
+def _neo_compile(kmodel, preset="dynamic", with_wraps=True):
+    """What Neo's sd_forge_compile script does in process_batch: a plain function as the KModel's apply_model."""
+    import functools
+
+    orig = kmodel.apply_model
+
+    def apply_model_with_compile(*args, **kwargs):
+        return orig(*args, **kwargs)
+
+    kmodel.apply_model = functools.wraps(orig)(apply_model_with_compile) if with_wraps else apply_model_with_compile
+    kmodel._torch_compile_config = (preset,)
+    return kmodel.apply_model
+
+
+def _call(m, xs):
+    x, t, ctx = xs
+    wrapper = m.model_options["model_function_wrapper"]
+    with torch.no_grad():
+        return wrapper(m.model.apply_model, {"input": x, "timestep": t, "c": {"c_crossattn": ctx}, "cond_or_uncond": [0, 1]})
+
+
+def test_forge_wrapper_takes_a_plain_function_as_apply_model(tiny, xs):
+    # A script that wraps apply_model after SD Accel's wrapper is installed (no __self__, no __wrapped__):
+    # the wrapper finds the UNet through the patcher's model and never raises.
+    kmodel = _KModel(tiny)
+    m, applied = hosts.apply_forge(_Patcher(kmodel), w.WebuiOptions(enabled=True, backend="inductor"))
+    _neo_compile(kmodel, with_wraps=False)
+    with torch.no_grad():
+        ref = tiny(*xs)
+    out = _call(m, xs)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert "forward" not in tiny.__dict__
+
+
+def test_forge_steps_aside_for_neos_compile_with_a_note(tiny, xs):
+    kmodel = _KModel(tiny)
+    _neo_compile(kmodel, preset="max-autotune")
+    patcher = _Patcher(kmodel)
+    assert webui_forge.host_compile(kmodel) == "Forge Neo's Torch Compile Integrated (preset max-autotune)"
+    m, applied = hosts.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor", deepcache_interval=3, attention="math"))
+    assert m is patcher  # nothing of SD Accel's left to apply: Forge's own patcher, untouched
+    status = applied.status()
+    assert "compile and DeepCache and attention kernel not applied" in status and "preset max-autotune" in status and "Disable" in status
+    assert registry.compiled_of(tiny) == {}
+    assert "forward" not in tiny.__dict__
+    assert webui_forge.host_compile(_KModel(tiny)) is None
+
+
+def test_forge_wrapper_under_neos_compile_calls_through(tiny, xs):
+    # With only LoRAs left, the wrapper runs apply_model as Forge would (a wrapped one too) and never swaps the forward.
+    kmodel = _KModel(tiny)
+    _neo_compile(kmodel)
+    wrapper = webui_forge._ForgeWrapper(w.WebuiOptions(enabled=True), kmodel=kmodel, specs=None, swap=False)
+    with torch.no_grad():
+        ref = tiny(*xs)
+        x, t, ctx = xs
+        out = wrapper(kmodel.apply_model, {"input": x, "timestep": t, "c": {"c_crossattn": ctx}, "cond_or_uncond": [0, 1]})
+    assert torch.equal(out, ref) and "forward" not in tiny.__dict__
+
+
+class _GGUFParam(nn.Parameter):
+    """Stands for Forge's ParameterGGUF (backend/operations_gguf.py): packed uint8 data, the quant type on the parameter."""
+
+    class Q4_K:  # noqa: N801 (gguf's own class name)
+        pass
+
+    def __new__(cls, data):
+        p = super().__new__(cls, data, requires_grad=False)
+        p.gguf_cls = cls.Q4_K
+        return p
+
+
+@pytest.mark.parametrize("quantize, found", [
+    (lambda conv: setattr(conv, "weight", nn.Parameter(conv.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)), "float8_e4m3fn"),
+    (lambda conv: setattr(conv, "weight", nn.Parameter(torch.zeros(conv.weight.shape, dtype=torch.int8), requires_grad=False)), "int8"),
+    (lambda conv: setattr(conv, "weight", _GGUFParam(torch.zeros(64, dtype=torch.uint8))), "GGUF Q4_K"),
+])
+def test_quantized_unet_is_refused_for_compile_and_loras_untouched(tiny, quantize, found):
+    quantize(tiny.input_blocks[1][0])
+    patcher = _Patcher(_KModel(tiny))
+    before = dict(patcher.model_options)
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    for opts in (w.WebuiOptions(enabled=True, backend="inductor"), w.WebuiOptions(enabled=True, loras=(("style", 1.0),))):
+        with pytest.raises(w.SDAccelError) as e:
+            hosts.apply_forge(patcher, opts)
+        msg = str(e.value)
+        assert found in msg and "input_blocks.1.0.weight" in msg  # what was found
+        assert "fp16, bf16 or fp32" in msg and "Diffusion in Low Bits" in msg and "not changed" in msg  # expected, what to do
+        assert patcher.model_options == before and not hosts.forge_passes
+        assert registry.compiled_of(tiny) == {}
+    assert all(torch.equal(v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v, state[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else state[k])
+               for k, v in tiny.state_dict().items())
+    with pytest.raises(w.SDAccelError, match="FP8 weight"):
+        hosts.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
+    assert "forward" not in tiny.__dict__
+
+
+def test_plain_unets_are_not_quantized(tiny):
+    from sd_accel.accel_core.hosts.webui_quant import quantized_storage
+
+    assert quantized_storage(tiny) is None
+    assert quantized_storage(tiny.to(torch.bfloat16)) is None

@@ -156,6 +156,26 @@ def test_lora_files_and_specs(tmp_path):
     assert w.lora_files(str(tmp_path / "absent")) == {}
 
 
+def test_loras_under_every_lora_folder(tmp_path):
+    # Forge Neo: --lora-dir plus --lora-dirs (a list); the first folder wins a name found in both.
+    first, second, third = tmp_path / "Lora", tmp_path / "comfy_loras", tmp_path / "more"
+    for d in (first, second, third):
+        d.mkdir()
+    (first / "style.safetensors").write_bytes(b"x")
+    (second / "style.safetensors").write_bytes(b"x")
+    (second / "detail.safetensors").write_bytes(b"x")
+    (third / "lcm.safetensors").write_bytes(b"x")
+    dirs = [str(first), str(second), str(third)]
+    files = w.lora_files(dirs)
+    assert files == {"style": str(first / "style.safetensors"), "detail": str(second / "detail.safetensors"), "lcm": str(third / "lcm.safetensors")}
+    specs = w.lora_specs(w.WebuiOptions(enabled=True, loras=(("detail", 0.5),), lcm_lora="lcm"), dirs)
+    assert [s.path for s in specs] == [files["detail"], files["lcm"]]
+    with pytest.raises(SDAccelError) as e:
+        w.lora_specs(w.WebuiOptions(enabled=True, loras=(("missing", 1.0),)), dirs)
+    assert all(d in str(e.value) for d in dirs) and "detail" in str(e.value)
+    assert w.lora_files([str(tmp_path / "absent"), None]) == {}
+
+
 def test_backend_table_lists_every_backend():
     rows = w.backend_table()
     assert [r[0] for r in rows] == list(BACKENDS)
