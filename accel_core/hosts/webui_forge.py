@@ -36,8 +36,8 @@ def host_compile(kmodel) -> str | None:
     KModel.apply_model is a method; a script that wraps it sets an instance attribute.
     """
     wrapped = vars(kmodel).get("apply_model") if isinstance(kmodel, nn.Module) else None
-    if wrapped is None:
-        return None
+    if wrapped is None or (getattr(wrapped, "__self__", None) is kmodel and getattr(wrapped, "__func__", None) is getattr(type(kmodel), "apply_model", None)):
+        return None  # none, or the model's own method put back (Neo's compile set to Disable does that)
     preset = getattr(kmodel, "_torch_compile_config", None)  # set by Neo's sd_forge_compile script
     if preset:
         return f"Forge Neo's Torch Compile Integrated (preset {preset[0] if isinstance(preset, tuple) else preset})"

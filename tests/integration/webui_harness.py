@@ -25,8 +25,10 @@ WEBUI_FORGE_PATH, the tests skip with the reason.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import types
@@ -78,26 +80,150 @@ def write_torchvision_standin(dest: Path) -> Path:
     return dest
 
 
+# --- set-up: the commands docs/webui.md shows, and the checks that name them when something is missing ------------
+
+A1111_R = ".hosts/webui-a1111-1.10.1/repositories"
+SETUP = {
+    "a1111": {
+        "env": "WEBUI_A1111_PATH", "label": "AUTOMATIC1111 1.10.1", "path": ".hosts/webui-a1111-1.10.1", "venv": ".hosts/venv-a1111",
+        "test": "tests/integration/test_webui_a1111.py",
+        "tree": ["git clone --depth 1 --branch v1.10.1 https://github.com/AUTOMATIC1111/stable-diffusion-webui .hosts/webui-a1111-1.10.1"],
+        "repositories": {
+            "stable-diffusion-stability-ai/ldm": [
+                f"git clone https://github.com/Stability-AI/stablediffusion {A1111_R}/stable-diffusion-stability-ai",
+                f"git -C {A1111_R}/stable-diffusion-stability-ai checkout cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf"],
+            "generative-models/sgm": [
+                f"git clone https://github.com/Stability-AI/generative-models {A1111_R}/generative-models",
+                f"git -C {A1111_R}/generative-models checkout 45c443b316737a4ab6e40413d7794a7f5657c19f"],
+            "k-diffusion/k_diffusion": [
+                f"git clone https://github.com/crowsonkb/k-diffusion {A1111_R}/k-diffusion",
+                f"git -C {A1111_R}/k-diffusion checkout ab527a9a6d347f364e3d185ba6d714e22d80cb3c"],
+        },
+        "venv_lines": [
+            "python3 -m venv --system-site-packages .hosts/venv-a1111",
+            ".hosts/venv-a1111/bin/pip install -c constraints-cpu.txt gradio==3.41.2 fastapi==0.94.0 httpx==0.24.1 omegaconf==2.2.3 "
+            "pytorch_lightning==1.9.4 \"setuptools<81\" transformers==4.30.2 \"tokenizers<0.14\" \"huggingface-hub<1.0\" diskcache GitPython "
+            "jsonmerge inflection piexif lark blendmodes opencv-python-headless scikit-image",
+            ".hosts/venv-a1111/bin/pip install --no-deps torchmetrics==0.11.4 open-clip-torch==2.20.0 openai-clip ftfy timm==0.9.2 "
+            "pillow-avif-plugin resize-right torchdiffeq tomesd clean-fid kornia==0.6.7 spandrel==0.3.4 facexlib diffusers==0.31.0 "
+            "peft==0.6.2 accelerate==0.21.0",
+        ],
+    },
+    "forge": {
+        "env": "WEBUI_FORGE_PATH", "label": "Forge (June 2025)", "path": ".hosts/webui-forge", "venv": ".hosts/venv-forge",
+        "test": "tests/integration/test_webui_forge.py",
+        "tree": ["git clone https://github.com/lllyasviel/stable-diffusion-webui-forge .hosts/webui-forge",
+                 "git -C .hosts/webui-forge checkout dfdcbab"],
+        "repositories": {
+            "huggingface_guess/huggingface_guess": [
+                "git clone https://github.com/lllyasviel/huggingface_guess .hosts/webui-forge/repositories/huggingface_guess",
+                "git -C .hosts/webui-forge/repositories/huggingface_guess checkout 84826248b49bb7ca754c73293299c4d4e23a548d"],
+        },
+        "venv_lines": [
+            "python3 -m venv --system-site-packages .hosts/venv-forge",
+            ".hosts/venv-forge/bin/pip install -c constraints-cpu.txt gradio==4.40.0 fastapi==0.104.1 pydantic==2.8.2 httpx==0.24.1 "
+            "omegaconf==2.2.3 pytorch_lightning==1.9.4 \"setuptools<81\" transformers==4.46.1 huggingface-hub==0.26.2 diffusers==0.31.0 "
+            "peft==0.13.2 accelerate==0.31.0 diskcache GitPython jsonmerge inflection piexif lark blendmodes opencv-python-headless "
+            "scikit-image gradio_rangeslider==0.0.6 gradio_imageslider==0.0.20 loadimg==0.1.2",
+            ".hosts/venv-forge/bin/pip install --no-deps torchmetrics==0.11.4 open-clip-torch==2.20.0 ftfy timm==0.9.2 pillow-avif-plugin "
+            "resize-right torchdiffeq tomesd clean-fid kornia==0.6.7 spandrel==0.3.4 spandrel-extra-arches==0.1.1 facexlib",
+        ],
+    },
+    "neo": {
+        # Neo vendors huggingface_guess, k_diffusion and gguf (modules_forge/packages): no repositories/ to clone.
+        "env": "WEBUI_NEO_PATH", "label": "Forge Neo", "path": ".hosts/webui-neo", "venv": ".hosts/venv-neo",
+        "test": "tests/integration/test_webui_neo.py",
+        "tree": ["git clone --depth 1 --branch neo https://github.com/Haoming02/sd-webui-forge-classic .hosts/webui-neo"],
+        "repositories": {},
+        "requirements_less": ("setuptools",),  # its requirements.txt is installed, all but these pins
+        "venv_lines": [
+            "python3.13 -m venv .hosts/venv-neo",
+            # In the order of Neo's own launcher (torch, then gradio, then requirements.txt, which moves Pillow past
+            # gradio's pin), without its setuptools 69 pin: torch 2.13 needs setuptools >= 77.
+            ".hosts/venv-neo/bin/pip install -c constraints-cpu.txt torch==2.13.0 torchvision==0.28.0",
+            ".hosts/venv-neo/bin/pip install -c constraints-cpu.txt gradio==4.40.0 gradio_rangeslider==0.0.8",
+            "grep -v '^setuptools==' .hosts/webui-neo/requirements.txt > .hosts/neo-requirements.txt",
+            ".hosts/venv-neo/bin/pip install -c constraints-cpu.txt -r .hosts/neo-requirements.txt \"pytest>=7\"",
+        ],
+    },
+}
+# What the webuis import at start-up that a wrong interpreter lacks (the pins below are checked too).
+_MODULES = ("gradio", "omegaconf", "cv2", "skimage", "transformers", "diffusers", "safetensors")
+_PIN = re.compile(r"(?<![\w.-])([A-Za-z][A-Za-z0-9_.-]*)==([0-9][0-9A-Za-z.]*)")
+
+
+def run_command(kind: str) -> str:
+    s = SETUP[kind]
+    return f"{s['env']}={s['path']} {s['venv']}/bin/python -m pytest -c tests/pytest.ini {s['test']}"
+
+
+def setup_lines(kind: str) -> list[str]:
+    """The whole set-up for `kind`, in order, as docs/webui.md shows it (the last line runs the tests)."""
+    s = SETUP[kind]
+    return [*s["tree"], *(line for lines in s["repositories"].values() for line in lines), *s["venv_lines"], run_command(kind)]
+
+
+def pins(kind: str, path: Path | None = None) -> dict[str, str]:
+    """Distribution -> version pinned with == by the set-up: its pip lines, the webui's own requirements.txt where
+    the set-up installs it (read from the tree at `path`, less what the set-up leaves out), and torch from constraints-cpu.txt."""
+    out = {"torch": (REPO / "constraints-cpu.txt").read_text().split("==", 1)[1].split()[0]}
+    s = SETUP[kind]
+    for line in s["venv_lines"]:
+        if "pip install" in line:
+            out.update({m.group(1): m.group(2) for m in _PIN.finditer(line)})
+    req = path / "requirements.txt" if path is not None and s.get("requirements_less") is not None else None
+    if req is not None and req.is_file():
+        for entry in req.read_text().splitlines():
+            m = _PIN.match(entry.strip())
+            if m and ";" not in entry and m.group(1) not in out and m.group(1) not in s["requirements_less"]:
+                out[m.group(1)] = m.group(2)
+    return out
+
+
 def root(kind: str) -> Path | None:
-    env = {"a1111": "WEBUI_A1111_PATH", "forge": "WEBUI_FORGE_PATH"}[kind]
-    value = os.environ.get(env)
-    return Path(value).resolve() if value else None
+    value = os.environ.get(SETUP[kind]["env"])
+    if not value:
+        return None
+    path = Path(value).resolve()
+    if not (path / "modules").is_dir() and (path / "webui" / "modules").is_dir():
+        path = path / "webui"  # a packaged Neo (e.g. exo101/sd-webui-forge-neo-v3) keeps the webui in webui/
+    return path
+
+
+def _run(lines) -> str:
+    return " && ".join(lines)
 
 
 def skip_reason(kind: str) -> str | None:
-    env = {"a1111": "WEBUI_A1111_PATH", "forge": "WEBUI_FORGE_PATH"}[kind]
+    """Why the `kind` tests cannot run here, with the exact command that sets up what is missing; None when they can."""
+    s = SETUP[kind]
+    env = s["env"]
     path = root(kind)
     if path is None:
-        return f"{env} is not set (a stable-diffusion-webui {'1.10' if kind == 'a1111' else 'Forge'} checkout; see docs/webui.md)"
+        return (f"{env} is not set: these tests need a {s['label']} source tree and its venv. Set up (from the repository root; "
+                f"docs/webui.md \"Tests\"): {_run(setup_lines(kind))}")
     if not (path / "modules" / "initialize.py").is_file():
-        return f"{env}={path} is not a webui checkout (no modules/initialize.py)"
-    for module in ("gradio", "omegaconf", "pytorch_lightning", "cv2", "skimage"):
+        return f"{env}={path} is not a webui checkout (no modules/initialize.py). Get one with: {_run(s['tree'])}"
+    for marker, lines in s["repositories"].items():
+        if not (path / "repositories" / marker).is_dir():
+            return (f"{path}/repositories/{marker.split('/')[0]} is missing (the webui clones it at start-up; these tests skip that step). "
+                    f"Run: {_run(l.replace(s['path'], str(path)) for l in lines)}")
+    venv_cmd = _run(s["venv_lines"]).replace(s["path"], str(path))
+    for module in _MODULES:
         if importlib.util.find_spec(module) is None:
-            return f"the webui's Python requirements are not installed here ({module} is missing); run these tests with the venv described in docs/webui.md"
-    if kind == "a1111" and not (path / "repositories" / "stable-diffusion-stability-ai" / "ldm").is_dir():
-        return f"{path}/repositories/stable-diffusion-stability-ai is missing (the ldm package webui 1.10 clones at start-up)"
-    if kind == "forge" and not (path / "repositories" / "huggingface_guess" / "huggingface_guess").is_dir():
-        return f"{path}/repositories/huggingface_guess is missing (the package Forge clones at start-up; see docs/webui.md \"Tests\")"
+            return (f"the {s['label']} packages are not in this Python ({sys.executable}: no {module}). Make its venv and run the tests "
+                    f"with it: {venv_cmd} && {run_command(kind).replace(s['path'], str(path))}")
+    wrong = []
+    for dist, want in pins(kind, path).items():
+        try:
+            got = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            got = None
+        if got is None or got.split("+")[0] != want:
+            wrong.append(f"{dist} {got or 'missing'} (expected {want})")
+    if wrong:
+        return (f"this Python ({sys.executable}) has other versions than the {s['label']} set-up pins: {', '.join(wrong)}. "
+                f"Install the pins with: {venv_cmd}")
     if kind == "a1111":
         try:
             _tokenizer_files()
@@ -122,13 +248,19 @@ def clip_dir(dest: Path, hidden: int = 32) -> Path:
 
 
 def _tokenizer_files() -> Path:
-    # The CLIP tokenizer files (vocab.json, merges.txt) ship with ComfyUI; the hub is not reachable here.
-    for host in sorted((REPO / ".hosts").glob("ComfyUI-*")) + [Path(os.environ.get("COMFYUI_PATH", "/nonexistent"))]:
-        d = host / "comfy" / "sd1_tokenizer"
-        if (d / "vocab.json").is_file():
-            return d
-    raise FileNotFoundError("A1111's tiny model needs the CLIP tokenizer files (vocab.json, merges.txt), taken from a ComfyUI tree's "
-                            "comfy/sd1_tokenizer: materialize one under .hosts/ComfyUI-* or set COMFYUI_PATH (see docs/webui.md \"Tests\")")
+    # The CLIP tokenizer files (vocab.json, merges.txt): ComfyUI ships them, and so do Forge and Neo (for SD1.5);
+    # the hub is not reachable from the tests.
+    trees = [Path(os.environ[e]) for e in ("COMFYUI_PATH", "WEBUI_FORGE_PATH", "WEBUI_NEO_PATH") if os.environ.get(e)]
+    trees += sorted((REPO / ".hosts").glob("ComfyUI-*")) + sorted((REPO / ".hosts").glob("webui-*"))
+    for tree in trees:
+        for sub in ("comfy/sd1_tokenizer", "backend/huggingface/runwayml/stable-diffusion-v1-5/tokenizer",
+                    "webui/backend/huggingface/runwayml/stable-diffusion-v1-5/tokenizer"):
+            d = tree / sub
+            if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+                return d
+    raise FileNotFoundError("A1111's tiny model needs the CLIP tokenizer files (vocab.json, merges.txt), which ComfyUI, Forge and Neo "
+                            "ship. Get a ComfyUI tree with: git clone --depth 1 --branch v0.3.64 https://github.com/Comfy-Org/ComfyUI "
+                            ".hosts/ComfyUI-0.3.64 (or set COMFYUI_PATH, WEBUI_FORGE_PATH or WEBUI_NEO_PATH to a tree you have)")
 
 
 class Webui:
@@ -171,11 +303,18 @@ class Webui:
                     args[s.args_from:s.args_to] = [c.value for c in values]
         return args
 
-    def txt2img(self, sd_accel: list | None = None, *, steps=4, sampler="Euler", seed=1234, width=64, height=64, prompt="a red cat", **fields):
-        """One txt2img generation through processing.process_images, SD Accel's accordion set to `sd_accel` (UI_FIELDS order)."""
+    def script(self, class_name: str):
+        """An always-on txt2img script of the webui by its class name (titles are translated in some copies), or None."""
+        runner = self.mod("scripts").scripts_txt2img
+        return next((s for s in runner.alwayson_scripts if type(s).__name__ == class_name), None)
+
+    def txt2img(self, sd_accel: list | None = None, *, steps=4, sampler="Euler", seed=1234, width=64, height=64, prompt="a red cat",
+                cfg_scale=5.0, scripts_args: dict | None = None, **fields):
+        """One txt2img generation through processing.process_images, SD Accel's accordion set to `sd_accel` (UI_FIELDS order);
+        `scripts_args`: other always-on scripts' values, by class name (e.g. Neo's compile script)."""
         processing, scripts = self.mod("processing"), self.mod("scripts")
         runner = scripts.scripts_txt2img
-        p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, negative_prompt="blurry", steps=steps, sampler_name=sampler, cfg_scale=5.0,
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, negative_prompt="blurry", steps=steps, sampler_name=sampler, cfg_scale=cfg_scale,
                                                         width=width, height=height, seed=seed, do_not_save_samples=True, do_not_save_grid=True,
                                                         n_iter=1, batch_size=1, **fields)
         p.scripts = runner
@@ -189,6 +328,9 @@ class Webui:
         if sd_accel is not None:
             ours = self.our_script
             args[ours.args_from:ours.args_to] = sd_accel
+        for name, values in (scripts_args or {}).items():
+            other = self.script(name)
+            args[other.args_from:other.args_from + len(values)] = values
         p.script_args = args
         for hook in getattr(self, "before_run", ()):
             hook(p)
@@ -209,7 +351,8 @@ def boot(kind: str, path: Path, data_dir: Path, standin_dir: Path, extra_argv=()
     import transformers  # noqa: F401
     from transformers import AutoModelForMaskedLM, AutoTokenizer, CLIPTextModel, CLIPTokenizer, PreTrainedModel  # noqa: F401
 
-    sys.path.insert(0, str(write_torchvision_standin(standin_dir)))
+    if importlib.util.find_spec("torchvision") is None:  # Neo's venv has the real one
+        sys.path.insert(0, str(write_torchvision_standin(standin_dir)))
     ext = data_dir / "extensions"
     ext.mkdir(parents=True, exist_ok=True)
     link = ext / EXTENSION
@@ -218,10 +361,16 @@ def boot(kind: str, path: Path, data_dir: Path, standin_dir: Path, extra_argv=()
     os.environ.setdefault("SD_ACCEL_DYNAMO_BACKEND", "eager")
     os.chdir(path)
     sys.path.insert(0, str(path))
-    argv = ["webui.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--data-dir", str(data_dir),
-            "--skip-load-model-at-start", "--skip-version-check", "--disable-nan-check"]
-    argv += ["--no-half", "--use-cpu", "all", "--no-download-sd-model"] if kind == "a1111" else ["--always-cpu"]
+    argv = ["webui.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--data-dir", str(data_dir), "--skip-version-check"]
+    argv += {"a1111": ["--skip-load-model-at-start", "--disable-nan-check", "--no-half", "--use-cpu", "all", "--no-download-sd-model"],
+             "forge": ["--skip-load-model-at-start", "--disable-nan-check", "--always-cpu"],
+             "neo": ["--skip-python-version-check", "--cpu"]}[kind]
     sys.argv = argv + list(extra_argv)
+    if kind == "neo":
+        # Neo's webui.py starts its backend (modules_forge/packages on sys.path, devices) before initialize.
+        from modules_forge.initialization import initialize_forge
+
+        initialize_forge()
     from modules import initialize
 
     initialize.imports()
@@ -280,8 +429,14 @@ def a1111_model(w: Webui, clip: Path):
 
 # --- Forge: its own SD1.5 engine (backend/diffusion_engine/sd15.py) around tiny components ---------------
 
-def forge_model(w: Webui):
-    """Forge's StableDiffusion engine built from tiny components of Forge's own classes, as its loader would hand them over."""
+def forge_model(w: Webui, unet_dtype=None):
+    """Forge's StableDiffusion engine built from tiny components of Forge's own classes, as its loader would hand them over,
+    made the webui's current model. Forge and Neo alike; `unet_dtype` (e.g. torch.float8_e4m3fn) stores the UNet's weights
+    in that dtype under Forge's manual-cast operations, as its 'Diffusion in Low Bits' does."""
+    return use_engine(w, forge_engine(w, unet_dtype))
+
+
+def forge_engine(w: Webui, unet_dtype=None):
     import torch
     from diffusers import PNDMScheduler
     from huggingface_guess import model_list
@@ -295,7 +450,7 @@ def forge_model(w: Webui):
     from backend.nn.vae import IntegratedAutoencoderKL
     from backend.operations import using_forge_operations
     from backend.state_dict import load_state_dict
-    from modules import processing, script_callbacks, sd_models, shared
+    from modules import shared
     from transformers import modeling_utils
 
     repo = w.path / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5"
@@ -311,11 +466,12 @@ def forge_model(w: Webui):
         for p in plain_unet.parameters():
             if not p.any():
                 p.normal_(0, 0.02)  # zero-initialised convs would make every output 0
-    with using_forge_operations(device=cpu, dtype=torch.float32, manual_cast_enabled=False):
+    storage = unet_dtype or torch.float32
+    with using_forge_operations(device=cpu, dtype=storage, manual_cast_enabled=storage != torch.float32):
         unet = IntegratedUNet2DConditionModel.from_config(unet_config)
     load_state_dict(unet, plain_unet.state_dict())
     unet._internal_dict = unet_config  # what the loader does for ConfigMixin models
-    unet.storage_dtype = unet.computation_dtype = torch.float32
+    unet.storage_dtype, unet.computation_dtype = storage, torch.float32
     unet.load_device, unet.initial_device, unet.offload_device = memory_management.get_torch_device(), cpu, memory_management.unet_offload_device()
     vae_config = dict(IntegratedAutoencoderKL.load_config(str(repo / "vae")), block_out_channels=[32, 32, 32, 32], layers_per_block=1, sample_size=64)
     with using_forge_operations(device=cpu, dtype=memory_management.vae_dtype()):
@@ -332,6 +488,15 @@ def forge_model(w: Webui):
     dynamic_args["embedding_dir"] = shared.cmd_opts.embeddings_dir
     dynamic_args["emphasis_name"] = shared.opts.emphasis
     engine = StableDiffusion(model_list.SD15(unet_config), {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler})
+    return engine
+
+
+def use_engine(w: Webui, engine):
+    """Make `engine` the webui's model, as its loader does after loading a checkpoint."""
+    import torch
+
+    from modules import processing, script_callbacks, sd_models, shared
+
     info = types.SimpleNamespace(name_for_extra="tiny-sd15", filename=str(w.data_dir / "tiny-sd15.safetensors"), name="tiny-sd15.safetensors",
                                  title="tiny-sd15.safetensors [0000000000]", model_name="tiny-sd15", shorthash="0000000000", hash="00000000",
                                  sha256=None, short_title="tiny-sd15 [0000000000]", ids=[], metadata={})

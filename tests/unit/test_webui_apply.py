@@ -359,6 +359,9 @@ def test_forge_steps_aside_for_neos_compile_with_a_note(tiny, xs):
     assert registry.compiled_of(tiny) == {}
     assert "forward" not in tiny.__dict__
     assert webui_forge.host_compile(_KModel(tiny)) is None
+    kmodel.apply_model = kmodel.__dict__.pop("apply_model").__wrapped__  # Neo's compile set to Disable: its own bound method back
+    del kmodel._torch_compile_config
+    assert "apply_model" in vars(kmodel) and webui_forge.host_compile(kmodel) is None
 
 
 def test_forge_wrapper_under_neos_compile_calls_through(tiny, xs):
