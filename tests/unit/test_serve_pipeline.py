@@ -1,0 +1,128 @@
+"""One `sd-accel serve` replica's work without Ray: request checks, batches, LoRA, DeepCache, outputs."""
+import base64
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sd_accel.accel_core import compile_cache as cc
+from sd_accel.bench.serve_pipeline import (Pipeline, RequestError, ServeConfig, bucket_for, buckets, decode_latent, parse_request)
+from sd_accel.bench.synthetic import make_random_lora
+
+
+def _body(**kw) -> bytes:
+    return json.dumps(kw).encode()
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    from sd_accel.bench.models import build_unet
+    from sd_accel.bench.serve_pipeline import MICRO
+
+    folder = tmp_path_factory.mktemp("loras")
+    unet = build_unet(MICRO, 0, "cpu", torch.float32)
+    save_file(make_random_lora(unet, "kohya-diffusers", rank=2, seed=3, magnitude=0.5, dtype=torch.float32, with_text_encoder=False),
+              str(folder / "style.safetensors"))
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(lora_dir):
+    return Pipeline(ServeConfig(preset="micro", compile=False, max_batch_size=2, max_steps=8, lora_dir=str(lora_dir)))
+
+
+def test_buckets():
+    assert buckets(1) == [1] and buckets(4) == [1, 2, 4] and buckets(6) == [1, 2, 4, 6]
+    assert [bucket_for(n, 6) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
+
+
+@pytest.mark.parametrize("body,status,found", [
+    (b"x" * 70000, 413, "the request body is 70000 bytes, above the limit of 65536"),
+    (_body(steps=9), 413, "'steps' is 9, above this deployment's limit of 8. Ask for 8 or less."),
+    (_body(side=64), 413, "'side' is 64, above this deployment's limit of 16 (the latent side: pixels / 8)"),
+    (_body(steps=0), 400, "'steps' must be a whole number of at least 1, found 0"),
+    (b"{not json", 400, "expected a JSON object, found a body that is not JSON"),
+    (b"[1]", 400, "expected a JSON object, found list"),
+    (_body(prompt="a cat"), 400, "unknown field(s) 'prompt'"),
+    (_body(loras=[{"name": "nope"}]), 400, "unknown LoRA 'nope'; this deployment has: broken, style (the .safetensors files in"),
+    (_body(loras=[{"name": "../etc/passwd"}]), 400, "unknown LoRA '../etc/passwd'"),
+    (_body(deepcache={"interval": 0}), 400, "'interval' must be a whole number of at least 1"),
+    (_body(deepcache={"every": 3}), 400, "'deepcache' must be null or"),
+    (_body(output="jpeg"), 400, "'output' must be one of latent, preview"),
+    (_body(cfg="high"), 400, "'cfg' must be a number in [0, 100]"),
+])
+def test_bad_requests_are_refused_with_a_message(pipe, body, status, found):
+    with pytest.raises(RequestError) as e:
+        parse_request(body, pipe.cfg, pipe.loras)
+    assert e.value.status == status and found in str(e.value), str(e.value)
+
+
+def _req(pipe, **kw):
+    return parse_request(_body(**kw), pipe.cfg, pipe.loras)
+
+
+def test_a_request_depends_on_its_own_seed_only(pipe):
+    a, b, c = _req(pipe, seed=1), _req(pipe, seed=2), _req(pipe, seed=3)
+    ab, ac = pipe.run_batch([a, b]), pipe.run_batch([a, c])
+    assert ab[0]["sha256"] == ac[0]["sha256"]  # same batch size, other batch mates: the same bits
+    assert ab[0]["sha256"] != ab[1]["sha256"] and ab[0]["timings"]["batch"] == 2
+    alone = pipe.run_batch([a])[0]
+    assert alone["timings"]["bucket"] == 1
+    torch.testing.assert_close(decode_latent(alone), decode_latent(ab[0]), rtol=1e-4, atol=1e-5)  # another shape: other kernels
+    again = pipe.run_batch([a])[0]
+    assert again["sha256"] == alone["sha256"]
+
+
+def test_requests_with_other_settings_run_in_their_own_group(pipe):
+    out = pipe.run_batch([_req(pipe, seed=1, steps=2), _req(pipe, seed=1, steps=3), _req(pipe, seed=1, steps=2)])
+    assert [o["timings"]["batch"] for o in out] == [2, 1, 2] and out[0]["sha256"] == out[2]["sha256"]
+
+
+def test_lora_per_request_is_swapped_in_and_out_exactly(pipe):
+    plain = pipe.run_batch([_req(pipe, seed=5)])[0]
+    styled = pipe.run_batch([_req(pipe, seed=5, loras=[{"name": "style", "strength": 1.0}])])[0]
+    assert styled["sha256"] != plain["sha256"] and "style.safetensors @ 1 " in styled["loras"]
+    assert pipe.run_batch([_req(pipe, seed=5)])[0]["sha256"] == plain["sha256"]  # original weights, bit-exact
+
+
+def test_a_lora_file_that_does_not_load_fails_its_group_only(pipe):
+    out = pipe.run_batch([_req(pipe, seed=1, loras=[{"name": "broken"}]), _req(pipe, seed=1)])
+    assert out[0]["status"] == 400 and "broken" in out[0]["error"]
+    assert "sha256" in out[1]
+    assert "sha256" in pipe.run_batch([_req(pipe, seed=1)])[0]
+
+
+def test_deepcache_per_request(pipe):
+    full = decode_latent(pipe.run_batch([_req(pipe, seed=2, steps=6)])[0])
+    dc = pipe.run_batch([_req(pipe, seed=2, steps=6, deepcache={"interval": 3})])[0]
+    assert dc["deepcache"] == [3, 0]
+    err = float((decode_latent(dc) - full).norm() / full.norm())
+    assert 0 < err < 0.5
+
+
+def test_preview_is_a_png(pipe):
+    out = pipe.run_batch([_req(pipe, output="preview")])[0]
+    png = base64.b64decode(out["png"])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and "latent" not in out
+    assert png[16:24] == (64).to_bytes(4, "big") * 2  # 8x8 latent, 8x upscaled
+
+
+def test_compiled_pipeline_exports_artifacts_and_refuses_bad_ones(tmp_path):
+    if not cc.supported():
+        pytest.skip("this torch has no portable compile caches")
+    p = Pipeline(ServeConfig(preset="micro", max_batch_size=1, inductor_options={"fallback_by_default": True}), cache_dir=str(tmp_path / "c"))
+    try:
+        p.warm_up()
+        assert p.compiled.report.status == "compiled"
+        data = p.export_artifacts()
+        assert data is not None and cc.read_bundle(data).artifacts > 0
+        with pytest.raises(cc.ArtifactsError, match="is damaged"):
+            p.import_artifacts(data[:-3], "a.sdca")
+        assert p.artifacts.startswith("refused: SD Accel: a.sdca is damaged")
+        assert "sha256" in p.run_batch([_req(p, seed=1)])[0]  # and it goes on serving
+    finally:
+        import torch._inductor.config as ic
+
+        ic.fallback_by_default = False
