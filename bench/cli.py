@@ -196,6 +196,59 @@ def _cache_import(cc, folder: str, args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    """Start `--replicas` Ray Serve replicas and serve until interrupted."""
+    import time
+
+    from ..accel_core.errors import SDAccelError
+
+    try:
+        from . import serve as sd_serve
+        from .serve_pipeline import ServeConfig
+
+        sd_serve.require_ray()
+        cfg = ServeConfig(preset=args.preset, checkpoint=args.checkpoint, device=args.device, compile=not args.no_compile, mode=args.mode,
+                          max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait, max_steps=args.max_steps, lora_dir=args.lora_dir,
+                          cache_dir=os.path.abspath(args.cache_dir) if args.cache_dir else None, threads=args.threads)
+    except (SDAccelError, ImportError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        print(f"sd-accel serve: --checkpoint {args.checkpoint!r} does not exist; expected an SD1.x / SDXL .safetensors file. Check the path.", file=sys.stderr)
+        return 2
+    data = None
+    if args.artifacts:
+        from ..accel_core import compile_cache as cc
+
+        try:
+            with open(args.artifacts, "rb") as f:
+                data = f.read()
+            print(f"artifacts {args.artifacts}: {cc.read_bundle(data, args.artifacts).describe()}")
+        except OSError as e:
+            print(f"sd-accel serve: cannot read --artifacts {args.artifacts!r} ({e.strerror or e}); starting without it (the replicas compile as usual).",
+                  file=sys.stderr)
+            data = None
+        except cc.ArtifactsError as e:
+            print(f"{e}\nstarting without it.", file=sys.stderr)
+            data = None
+    import ray
+
+    ray.init(address=args.address, namespace=sd_serve.NAMESPACE, include_dashboard=False, logging_level=logging.WARNING)
+    t0 = time.perf_counter()
+    try:
+        sd_serve.start(cfg, args.replicas, data, args.artifacts or "", port=args.port, host=args.listen)
+        print(f"serving {args.replicas} replica(s) at http://{args.listen}:{args.port}/ (POST / with JSON, GET /info), "
+              f"warm after {time.perf_counter() - t0:.1f} s; artifacts: {sd_serve.store_status()}")
+        print("Ctrl-C stops it.")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sd_serve.stop()
+        ray.shutdown()
+
+
 def _count(what: str, todo: str, minimum: int = 1):
     """argparse type: a whole number >= minimum; the message says what was expected, what was found, what to do."""
     def parse(text: str) -> int:
@@ -284,6 +337,30 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(the start of a file name, e.g. torch2.13.0_cpu-py3.11-cpu; default: the only one, else this machine's)")
     c.add_argument("--device", default=None, help="import: the device the workers run on, e.g. cuda:1 (default: the file's kind, CUDA device 0 for a GPU file)")
     c.set_defaults(fn=_cache)
+    v = sub.add_parser("serve", help="serve SD sampling over HTTP with N Ray Serve replicas (one GPU each), warm from one compile",
+                       formatter_class=_Help, description="Starts a Ray Serve deployment of a diffusers UNet sampling pipeline (the embedded "
+                       "default model or --checkpoint). The first replica compiles and publishes its compile artifacts; the others import "
+                       "them. Requests choose seed, steps, cfg, side, DeepCache and LoRAs. Needs ray[serve]. See docs/fleet.md.")
+    v.add_argument("--replicas", type=_count("the number of replicas", "give e.g. --replicas 2"), default=1, help="replicas (one GPU each with --device cuda)")
+    v.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where each replica runs its UNet")
+    v.add_argument("--preset", default="tiny", choices=["tiny", "sd15-512", "sdxl-1024", "micro"], help="embedded model, default size and steps")
+    v.add_argument("--checkpoint", default=None, help="your SD1.x/SDXL .safetensors checkpoint or UNet file (default: seeded random weights)")
+    v.add_argument("--artifacts", default=None, help="an artifacts file from `sd-accel cache export` to start every replica warm")
+    v.add_argument("--cache-dir", default=None, help="a folder all replicas share for the compile artifacts (default: Ray's object store)")
+    v.add_argument("--lora-dir", default=None, help="folder of .safetensors LoRAs requests may name")
+    v.add_argument("--no-compile", action="store_true", help="eager UNet (DeepCache and LoRAs still apply)")
+    v.add_argument("--mode", default="default", choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"], help="torch.compile mode")
+    v.add_argument("--max-batch-size", type=_count("the largest batch", "give e.g. --max-batch-size 4"), default=4,
+                   help="requests batched into one UNet call (padded to a power of two)")
+    v.add_argument("--batch-wait", type=_scale, default=0.05, help="seconds a replica waits to fill a batch")
+    v.add_argument("--max-steps", type=_count("the most steps a request may ask for", "give e.g. --max-steps 50"), default=50,
+                   help="requests asking for more are refused")
+    v.add_argument("--threads", type=_count("the number of CPU threads", "give e.g. --threads 1, or leave it out"), default=None,
+                   help="torch CPU threads per replica (default: torch's)")
+    v.add_argument("--port", type=_count("a TCP port", "give e.g. --port 8000"), default=8000, help="HTTP port")
+    v.add_argument("--listen", default="127.0.0.1", help="HTTP address (0.0.0.0 for every interface)")
+    v.add_argument("--address", default=None, help="a running Ray cluster (default: start a local one)")
+    v.set_defaults(fn=_serve)
     return p
 
 

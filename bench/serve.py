@@ -107,7 +107,7 @@ class _Replica:
         self.ready_s = time.time() - self.started
 
     def _import(self, ray, store, data, source) -> bool:
-        if data is None or self.pipe.cfg.cache_dir:
+        if data is None:
             return False
         try:
             logger.info("SD Accel serve: %s", self.pipe.import_artifacts(data, source))

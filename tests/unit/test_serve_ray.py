@@ -125,3 +125,28 @@ def test_concurrent_requests_are_batched(fleet):
         outs = list(pool.map(lambda s: client.post({"seed": s, "steps": 4}), range(8)))
     assert all(code == 200 for code, _ in outs), outs
     assert max(o["timings"]["batch"] for _, o in outs) == 2, [o["timings"] for _, o in outs]
+
+
+def test_cli_checks_its_arguments_and_starts_without_a_damaged_artifacts_file(tmp_path, monkeypatch, capsys):
+    from sd_accel.bench.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+    assert "does not exist; expected an SD1.x / SDXL .safetensors file" in capsys.readouterr().err
+    assert main(["serve", "--preset", "micro", "--lora-dir", str(tmp_path / "nope")]) == 2
+    assert "the LoRA folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.sdca"
+    bad.write_bytes(b"SDACCEL-COMPILE-ARTIFACTS 1\n" + b"\x00" * 3)
+    started = []
+
+    def fake_start(cfg, replicas, data, source, **kw):
+        started.append((cfg.preset, replicas, data, source))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(sd_serve, "start", fake_start)
+    monkeypatch.setattr(sd_serve, "stop", lambda: None)
+    assert main(["serve", "--preset", "micro", "--replicas", "2", "--artifacts", str(bad)]) == 0
+    err = capsys.readouterr().err
+    assert f"{bad} is damaged" in err and "starting without it" in err
+    assert started == [("micro", 2, None, str(bad))]
