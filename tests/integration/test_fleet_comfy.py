@@ -110,7 +110,14 @@ class Worker:
     def wait_ready(self, timeout: float = 300):
         t0 = time.time()
         while time.time() - t0 < timeout:
-            assert self.proc.poll() is None, f"ComfyUI {self.name} exited: {self.log.read_text()[-3000:]}"
+            if self.proc.poll() is not None:
+                log = self.log.read_text()
+                if "comfyui_workflow_templates" in log and "does not exist" in log:
+                    # The server (not the pack) needs this tree's own pin of the templates package.
+                    pin = next((ln for ln in (self.root / "requirements.txt").read_text().splitlines() if "workflow-templates" in ln), "?")
+                    pytest.skip(f"ComfyUI at {self.root} cannot start its server with the installed comfyui-workflow-templates "
+                                f"(it pins {pin}); install that tree's requirements with -c constraints-cpu.txt to run this test")
+                pytest.fail(f"ComfyUI {self.name} exited: {log[-3000:]}")
             try:
                 with urllib.request.urlopen(self.url("/object_info/SDAccelFleetTinyModel"), timeout=5) as r:
                     if b"SDAccelFleetTinyModel" in r.read():

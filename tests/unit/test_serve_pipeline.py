@@ -126,3 +126,83 @@ def test_compiled_pipeline_exports_artifacts_and_refuses_bad_ones(tmp_path):
         import torch._inductor.config as ic
 
         ic.fallback_by_default = False
+
+
+# --- who compiles, who imports: the artifacts store's protocol, with Ray stood in for ----------------
+
+class _Handle:
+    """`store.method.remote(...)` runs the method at once (what ray.get would return)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __getattr__(self, name):
+        import types
+
+        return types.SimpleNamespace(remote=getattr(self.obj, name))
+
+
+class _FakeRay:
+    @staticmethod
+    def get(value):
+        import asyncio
+        import inspect
+
+        return asyncio.run(value) if inspect.iscoroutine(value) else value
+
+
+class _FakePipe:
+    def __init__(self, cfg, fail=False):
+        self.cfg, self.fail, self.calls, self.artifacts = cfg, fail, [], "none"
+
+    def warm_up(self):
+        self.calls.append("warm_up")
+        if self.fail:
+            raise RuntimeError("out of memory")
+
+    def export_artifacts(self):
+        return b"ARTIFACTS"
+
+    def import_artifacts(self, data, source):
+        self.calls.append(("import", data, source))
+        if data != b"ARTIFACTS":
+            raise cc.ArtifactsError(f"SD Accel: {source} is damaged")
+        return "imported"
+
+
+def _replica(name, cfg, fail=False):
+    from sd_accel.bench.serve import _Replica
+
+    r = _Replica.__new__(_Replica)
+    r.name, r.pipe = name, _FakePipe(cfg, fail)
+    return r
+
+
+@pytest.mark.parametrize("shared_folder", [False, True])
+def test_the_first_replica_compiles_and_publishes_the_others_import(shared_folder, tmp_path):
+    from sd_accel.bench.serve import _Store
+
+    cfg = ServeConfig(preset="micro", cache_dir=str(tmp_path) if shared_folder else None)
+    store = _Handle(_Store(b"junk", "seed.sdca"))
+    first, second = _replica("r1", cfg), _replica("r2", cfg)
+    assert first._warm(_FakeRay, store, cfg, 1.0) == "compiled and published"
+    assert first.pipe.calls == [("import", b"junk", "seed.sdca"), "warm_up"]
+    assert store.obj.refusals == {"r1": "SD Accel: seed.sdca is damaged"}
+    role = second._warm(_FakeRay, store, cfg, 1.0)
+    if shared_folder:  # the artifacts are in the folder: the store only says they are ready
+        assert store.obj.published is None and store.obj.folder_ready
+        assert role == "loaded from the shared folder"
+    else:
+        assert role == "imported" and ("import", b"ARTIFACTS", "the artifacts replica r1 published") in second.pipe.calls
+    assert second.pipe.calls[-1] == "warm_up"
+
+
+def test_a_replica_that_fails_to_compile_hands_the_job_on():
+    from sd_accel.bench.serve import _Store
+
+    cfg = ServeConfig(preset="micro")
+    store = _Handle(_Store())
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _replica("r1", cfg, fail=True)._warm(_FakeRay, store, cfg, 1.0)
+    assert store.obj.compiler is None
+    assert _replica("r2", cfg)._warm(_FakeRay, store, cfg, 1.0) == "compiled and published"
