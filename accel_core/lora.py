@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import SDAccelError, check_range, choice_error
 from .log import logger
-from .lora_file import LoraFile, LoraLayer, parse_lora, read_lora
+from .lora_file import LoraFile, LoraLayer, move_factors, parse_lora, read_lora
 from .lora_names import Resolved, UNetNames, _resolve, _Targets
 
 BACKUP_DEVICES = ("same", "cpu")
@@ -217,6 +217,11 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
         t0 = time.perf_counter()
         changed = 0
         with torch.no_grad():
+            by_device: dict[torch.device, list] = {}
+            for pname, contribs in wanted.items():
+                by_device.setdefault(_param(unet, pname).device, []).extend(layer for _, _, layer in contribs)
+            for device, layers in by_device.items():
+                move_factors(layers, device)
             for pname in list(state.signature.keys() | wanted.keys()):
                 # Canonical order: the result depends on the set only, not on the order it was given in.
                 contribs = sorted(wanted.get(pname, []), key=lambda c: (c[0], c[1]))
@@ -239,11 +244,11 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
                     param.data.copy_(orig)
                     del state.originals[pname], state.params[pname], state.signature[pname]
                 else:
-                    d = None
+                    # A new contiguous tensor: never the backup itself, and one view() can flatten (channels_last weights).
+                    acc = orig.to(param.device, torch.float32, copy=True, memory_format=torch.contiguous_format)
                     for _, strength, layer in contribs:
-                        x = layer.delta(param.shape, param.device)
-                        d = x.mul_(strength) if d is None else d.add_(x, alpha=strength)
-                    param.data.copy_(orig.to(param.device, torch.float32) + d)
+                        layer.add_to(acc, strength)
+                    param.data.copy_(acc)
                     state.signature[pname] = sig
                 changed += 1
         state.applied = applied

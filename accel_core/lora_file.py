@@ -54,24 +54,53 @@ class LoraLayer:
     def scale(self) -> float:
         return self.alpha / self.rank if self.alpha is not None else 1.0
 
-    def _on(self, device) -> tuple:
-        # Factors stay on the weight's device after the first use: ComfyUI applies per run, and
-        # host-to-device copies of hundreds of small tensors would dominate the swap time.
-        device = torch.device(device)
+    def factors(self, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) as 2-D matrices on `device` in `dtype`, LoCon's mid folded into down: delta = scale * up @ down.
+
+        Kept after the first use: ComfyUI applies per run, and converting and moving hundreds
+        of small tensors again on every swap would dominate the swap time."""
+        key = (torch.device(device), dtype)
         cached = self.__dict__.get("_dev")
-        if cached is None or cached[0] != device:
-            cached = (device, self.up.to(device), self.down.to(device), None if self.mid is None else self.mid.to(device))
+        if cached is None or cached[0] != key:
+            up, down = self.up.to(*key), self.down.to(*key)
+            if self.mid is not None:  # LoCon Tucker: fold mid into down, as ComfyUI/LyCORIS do
+                mid = self.mid.to(*key)
+                final = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
+                down = torch.mm(down.transpose(0, 1).flatten(1), mid.transpose(0, 1).flatten(1)).reshape(final).transpose(0, 1)
+            cached = (key, up.flatten(1), down.flatten(1).contiguous())
             self.__dict__["_dev"] = cached
-        return cached[1:]
+        return cached[1], cached[2]
 
     def delta(self, shape: torch.Size, device, dtype=torch.float32) -> torch.Tensor:
-        up, down, mid = self._on(device)
-        up, down = up.to(dtype), down.to(dtype)
-        if mid is not None:  # LoCon Tucker: fold mid into down, as ComfyUI/LyCORIS do
-            mid = mid.to(dtype)
-            final = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
-            down = torch.mm(down.transpose(0, 1).flatten(1), mid.transpose(0, 1).flatten(1)).reshape(final).transpose(0, 1)
-        return (up.flatten(1) @ down.flatten(1)).reshape(shape) * self.scale
+        up, down = self.factors(device, dtype)
+        return (up @ down).reshape(shape) * self.scale
+
+    def add_to(self, acc: torch.Tensor, strength: float) -> torch.Tensor:
+        """acc (the weight in the compute dtype, contiguous) += strength * delta, in one fused kernel."""
+        up, down = self.factors(acc.device, acc.dtype)
+        acc.view(acc.shape[0], -1).addmm_(up, down, alpha=strength * self.scale)
+        return acc
+
+
+def move_factors(layers, device, dtype=torch.float32) -> None:
+    """Bring many layers' factors to `device` with one host-to-device copy per source dtype."""
+    device = torch.device(device)
+    todo = [l for l in layers if l.__dict__.get("_dev", (None,))[0] != (device, dtype)]
+    if device.type == "cpu" or not todo:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for l in todo:
+        for t in (l.up, l.down, l.mid):
+            if t is not None:
+                by_dtype.setdefault(t.dtype, []).append(t)
+    moved: dict[int, torch.Tensor] = {}
+    for ts in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in ts]).to(device)
+        for t, part in zip(ts, flat.split([t.numel() for t in ts])):
+            moved[id(t)] = part.view(t.shape)
+    for l in todo:  # converted and folded on the device, where the copies already are
+        on = LoraLayer(l.base, moved[id(l.up)], moved[id(l.down)], None if l.mid is None else moved[id(l.mid)], l.alpha)
+        l.__dict__["_dev"] = ((device, dtype),) + on.factors(device, dtype)
 
 
 @dataclass

@@ -426,3 +426,43 @@ def test_every_comfy_lora_key_maps_to_the_same_weight(comfy_host, lora, arch):
             except AttributeError:
                 continue
             assert names.other(l[: -len(".weight")]) == d[: -len(".weight")]
+
+
+def test_fp16_fused_weights_equal_comfy_lora_weights(comfy_host, lora, tiny_loras):
+    """In fp16, what a user's GPU runs, the fused weights equal ComfyUI's own patched weights to
+    within one fp16 rounding step: outputs of the two paths can differ only by rounding, as
+    ComfyUI's own LoRA paths (patched weights, per-call patches) differ from each other."""
+    import copy
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    mc = comfy.supported_models.SD15(dict(TINY_SD15))
+    mc.set_inference_dtype(torch.float16, None)
+    bm = mc.get_model({}, "", device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in bm.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    assert next(bm.diffusion_model.parameters()).dtype == torch.float16
+    model = comfy.model_patcher.ModelPatcher(bm, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    path = tiny_loras["a"]
+    theirs_model = _comfy_lora(model, path, 0.8)
+    theirs_model.patch_model(device_to=torch.device("cpu"), force_patch_weights=True)
+    try:
+        theirs = {k: v.detach().clone() for k, v in bm.diffusion_model.state_dict().items()}
+    finally:
+        theirs_model.unpatch_model(device_to=torch.device("cpu"))
+    ours_unet = copy.deepcopy(bm.diffusion_model)
+    report = lora.apply_loras(ours_unet, [lora.LoraSpec(path, 0.8)])
+    assert report.layers_changed > 10
+    ours = ours_unet.state_dict()
+    changed = [k for k in theirs if not torch.equal(theirs[k], model.model.diffusion_model.state_dict()[k])]
+    assert len(changed) == report.layers_changed  # the same layers changed
+    for k in changed:
+        a, b = ours[k].float(), theirs[k].float()
+        ulp = torch.finfo(torch.float16).eps * torch.maximum(a.abs(), b.abs()).clamp_min(2 ** -14)
+        assert ((a - b).abs() <= ulp).all(), k  # at most one fp16 rounding step apart
+        assert (a == b).float().mean() > 0.99, k  # and nearly all bit for bit
+    mm.soft_empty_cache()

@@ -349,3 +349,22 @@ def test_order_of_the_set_does_not_matter(unet, two_loras):
     rep = apply_loras(unet, [LoraSpec(pb, 0.5), LoraSpec(pa, 1.0)])
     assert not rep.changed and rep.layers_changed == 0
     assert all(torch.equal(v, w[k]) for k, v in _weights(unet).items())
+
+
+def test_factors_move_in_one_copy_per_dtype_and_keep_their_shapes():
+    """move_factors batches the first host-to-device copy; each layer then has its own 2-D factors there."""
+    from sd_accel.accel_core.lora_file import LoraLayer, move_factors
+
+    g = torch.Generator().manual_seed(0)
+    lin = LoraLayer("a", torch.randn(8, 2, generator=g, dtype=torch.float16), torch.randn(2, 6, generator=g, dtype=torch.float16), None, 1.0)
+    conv = LoraLayer("b", torch.randn(4, 2, 1, 1, generator=g), torch.randn(2, 3, 3, 3, generator=g), None, None)
+    want = {l.base: l.delta(s, "cpu") for l, s in ((lin, (8, 6)), (conv, (4, 3, 3, 3)))}
+    move_factors([lin, conv], "meta")  # a device that is not the CPU, without a GPU
+    for l, up in ((lin, (8, 2)), (conv, (4, 2))):
+        u, d = l.factors("meta")
+        assert u.device.type == "meta" and u.dtype == torch.float32 and tuple(u.shape) == up
+        assert d.shape[0] == 2 and d.is_contiguous()
+    acc = torch.zeros(4, 3, 3, 3)
+    conv.add_to(acc, 0.5)  # back on the CPU: the same delta, in one fused kernel
+    assert torch.allclose(acc, 0.5 * want["b"], atol=1e-6)
+    assert torch.allclose(lin.add_to(torch.ones(8, 6), 1.0), 1 + want["a"], atol=1e-5)
