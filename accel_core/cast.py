@@ -16,16 +16,19 @@ from torch import nn
 from .errors import check_flag, choice_error
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
-ATTENTION = ("auto", "flash", "efficient", "math")
+# fp8: fp16 compute with fp8 matmuls in the linear layers (accel_core/fp8.py); GPUs with fp8 tensor cores only.
+NODE_DTYPES = (*DTYPES, "fp8")
+ATTENTION = ("auto", "flash", "efficient", "math", "cudnn")
 _DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
 class CastConfig:
     """Args:
-        dtype: "auto" (bf16 on CPU, fp16 on CUDA), "fp16", "bf16" or "fp32".
+        dtype: "auto" (bf16 on CPU, fp16 on CUDA), "fp16", "bf16", "fp32", or "fp8" (fp16, with the
+            linear layers' matmuls in float8 on GPUs with fp8 tensor cores; see accel_core/fp8.py).
         channels_last: store conv weights (and feed inputs) in NHWC, which the fast conv kernels want.
-        attention: SDPA kernel: "auto" (torch picks), "flash", "efficient" (mem-efficient) or "math".
+        attention: SDPA kernel: "auto" (torch picks), "flash", "efficient" (mem-efficient), "math" or "cudnn".
     """
 
     dtype: str = "auto"
@@ -33,8 +36,8 @@ class CastConfig:
     attention: str = "auto"
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise choice_error("dtype", self.dtype, DTYPES)
+        if self.dtype not in NODE_DTYPES:
+            raise choice_error("dtype", self.dtype, NODE_DTYPES)
         if self.attention not in ATTENTION:
             raise choice_error("attention", self.attention, ATTENTION)
         check_flag("cast", "channels_last", self.channels_last, "Use True on GPUs and CPUs with fast NHWC convolutions (most), else False.")
@@ -43,8 +46,10 @@ class CastConfig:
 def resolve_dtype(name: str, device_type: str) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device_type == "cuda" else torch.bfloat16
+    if name == "fp8":  # the compute dtype around the fp8 matmuls
+        return torch.float16
     if name not in _DTYPE:
-        raise choice_error("dtype", name, DTYPES)
+        raise choice_error("dtype", name, NODE_DTYPES)
     return _DTYPE[name]
 
 
@@ -55,18 +60,28 @@ def sdpa_backends(attention: str):
     return {
         "auto": None,
         "flash": [SDPBackend.FLASH_ATTENTION],
+        "cudnn": [SDPBackend.CUDNN_ATTENTION],
         "efficient": [SDPBackend.EFFICIENT_ATTENTION],
         "math": [SDPBackend.MATH],
     }[attention]
 
 
 def attention_context(attention: str):
-    """A context manager that limits SDPA to the chosen kernel for the calls inside it only."""
+    """A context manager that limits SDPA to the chosen kernel for the calls inside it only.
+
+    "cudnn" prefers cuDNN's kernel and falls back to the others where cuDNN does not take the
+    shape (head dims over 128: SD1.x's deepest blocks), where this PyTorch can set a priority.
+    """
     backends = sdpa_backends(attention)
     if backends is None:
         return contextlib.nullcontext()
-    from torch.nn.attention import sdpa_kernel
+    import inspect
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if attention == "cudnn" and "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        return sdpa_kernel(order, set_priority=True)
     return sdpa_kernel(backends)
 
 
@@ -106,11 +121,19 @@ def cast(module: nn.Module, config: CastConfig | None = None, device_type: str |
     config = config or CastConfig()
     p = next(module.parameters(), None)
     dev = device_type or (p.device.type if p is not None else "cpu")
+    if config.dtype == "fp8":
+        from .fp8 import check_fp8_device
+
+        check_fp8_device(dev, "SD Accel FP16 Cast")
     dtype = resolve_dtype(config.dtype, dev)
     out = cast_copy(module, dtype, config.channels_last)
     if hasattr(out, "dtype") and not isinstance(getattr(type(out), "dtype", None), property):
         out.dtype = dtype  # LDM UNets cast their inputs to this attribute
+    if config.dtype == "fp8":
+        from .fp8 import to_fp8
+
+        to_fp8(out)  # after a LoRA changes the copy's weights, call fp8.refresh(out, token)
     return out
 
 
-__all__ = ["CastConfig", "cast", "cast_copy", "resolve_dtype", "attention_context", "sdpa_backends", "DTYPES", "ATTENTION"]
+__all__ = ["CastConfig", "cast", "cast_copy", "resolve_dtype", "attention_context", "sdpa_backends", "DTYPES", "NODE_DTYPES", "ATTENTION"]
