@@ -52,6 +52,10 @@ class CompileConfig:
             the GPU waits; then a monkeypatched forward, a replaced submodule, a changed module
             attribute or a lowvram change made after compiling goes unnoticed: opt-in, for
             fixed pipelines).
+        channels_last: before the first call, store the module's 4-D weights NHWC (in place: the
+            values stay, only the layout changes) and feed the entry NHWC input, so the compiled
+            convolutions need no layout copies of their weights on every call. For a UNet the
+            host owns (a copy of its own), since every user of the module sees the new layout.
     """
 
     backend: str = "auto"
@@ -63,6 +67,7 @@ class CompileConfig:
     torch_backend: str = "inductor"
     cache_dir: str | None = None
     guards: str = "full"
+    channels_last: bool = False
 
     def __post_init__(self):
         if self.backend not in CHOICES:
@@ -76,6 +81,7 @@ class CompileConfig:
                                "Use False (specialise on shapes: fastest) or None (let torch decide when sizes change).")
         check_flag("compile", "fullgraph", self.fullgraph, "Use False unless you want one graph or an error.")
         check_flag("compile", "fallback", self.fallback, "Use True: blocks that do not compile stay eager.")
+        check_flag("compile", "channels_last", self.channels_last, "Use True only on a UNet copy the host owns, else False.")
         if not isinstance(self.method, str) or not self.method.isidentifier():
             raise SDAccelError(f"SD Accel compile: method must be the name of the module's entry method, found {self.method!r}. Use \"forward\".")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
@@ -191,6 +197,10 @@ class CompiledUNet:
             self._announced = True
             events.emit("compile_start", backend=self.backend.name, mode=self.config.mode, target=self.report.target)
             self._load_cache()
+            if self.config.channels_last:
+                _weights_channels_last(self.module_ref)
+        if self.config.channels_last and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
         if not self._blockwise:
             with _roomy_recompile_limit():
                 out = self._whole(*args, **kwargs)
@@ -285,6 +295,17 @@ class CompiledUNet:
         self.report.status = "partial" if self.report.units_compiled else "eager"
         logger.warning("SD Accel: %s", self.report.summary())
         events.emit("fallback", report=self.report.to_dict())
+
+
+def _weights_channels_last(module: nn.Module):
+    # Once, before the first compile. Moving the module between devices keeps the layout
+    # (Tensor.to preserves it); a weight replaced later by an NCHW tensor costs one recompile
+    # (dynamo guards on strides), never a wrong result.
+    # Normal tensors even inside the host's inference mode: later in-place LoRA updates may run outside it.
+    with torch.inference_mode(False), torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 4 and p.is_floating_point() and not p.is_contiguous(memory_format=torch.channels_last):
+                p.data = p.data.clone(memory_format=torch.channels_last)
 
 
 @contextlib.contextmanager

@@ -194,3 +194,21 @@ def test_sdpa_priority_blocks_do_not_bypass_the_autograd_cache(tmp_path, monkeyp
     assert aot.get("autograd_cache_hit", 0) == 1, aot
     torch.testing.assert_close(outs[1], outs[0])
     torch.testing.assert_close(outs[0], m(x))
+
+
+def test_channels_last_stores_conv_weights_nhwc_once_and_keeps_the_parameters(unet, inputs):
+    ref = run(unet, inputs)
+    params = {n: p for n, p in unet.named_parameters()}
+    cu = compile(unet, CompileConfig(channels_last=True, **EAGER))
+    out = run(cu, inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    convs = [p for p in unet.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert all(p is params[n] for n, p in unet.named_parameters())  # same Parameters: in-place LoRA updates reach them
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(cu, (inputs[0] * 2, inputs[1], inputs[2]))
+
+
+def test_channels_last_must_be_a_flag():
+    with pytest.raises(SDAccelError, match="channels_last"):
+        CompileConfig(channels_last="yes")
