@@ -51,7 +51,7 @@ def check_quantized(unet: nn.Module, opts: WebuiOptions, what_to_do: str) -> Non
     found = quantized_storage(unet)
     if found is None:
         return
-    raise SDAccelError(f"SD Accel: {' and '.join(refused)} need a UNet with fp16, bf16 or fp32 weights; this UNet stores them quantized "
+    raise SDAccelError(f"SD Accel: {' and '.join(refused)} {'need' if len(refused) > 1 else 'needs'} a UNet with fp16, bf16 or fp32 weights; this UNet stores them quantized "
                        f"({found}). {what_to_do} DeepCache works on quantized UNets. Nothing was applied and the model was not changed.")
 
 

@@ -510,3 +510,7 @@ def use_engine(w: Webui, engine):
     shared.opts.live_previews_enable = False
     torch.set_num_threads(1)
     return engine
+
+
+if __name__ == "__main__":  # python3 tests/integration/webui_harness.py a1111|forge|neo: print that webui's set-up
+    print("\n".join(setup_lines(sys.argv[1] if len(sys.argv) > 1 else "neo")))
