@@ -33,6 +33,9 @@ SFAST_VERSION = "1.0.5"
 SFAST_TORCH = ("2.2.2", "2.3.0")
 SFAST_CUDA = ("11.8", "12.1")
 SFAST_PYTHON = ((3, 8), (3, 9), (3, 10), (3, 11))
+# Built on torch 2.11 + CUDA 13.0 (docs/backends.md): CUDABlas.cc and cutlass_dual_linear_kernel.cu
+# call ATen APIs that changed. The first torch it breaks on is not pinned down; 2.11 is where it was seen.
+SFAST_SOURCE_BREAKS = (2, 11)
 # oneflow (onediff's default compiler): Linux only, from SiliconFlow's own index per CUDA
 # (onediff README: community_cu118 / community_cu122), no wheels for Python 3.11+.
 ONEFLOW_CUDA = {"11.8": "community_cu118", "12.1": "community_cu122", "12.2": "community_cu122"}
@@ -84,6 +87,14 @@ def _py(v: tuple[int, int]) -> str:
     return f"{v[0]}.{v[1]}"
 
 
+def _sfast_source_note(torch_version: str | None) -> str:
+    nums = re.findall(r"\d+", torch_version or "")
+    if len(nums) >= 2 and (int(nums[0]), int(nums[1])) >= SFAST_SOURCE_BREAKS:
+        return (f"its {SFAST_VERSION} source does not build against torch {_py(SFAST_SOURCE_BREAKS)}+ (ATen API changes "
+                "in its cuBLAS and CUTLASS operators, listed in the pack's docs/backends.md)")
+    return "building it from source needs nvcc and CUDA_HOME (https://github.com/chengzeyi/stable-fast#installation)"
+
+
 def stable_fast_wheel(env: Env) -> tuple[str | None, str]:
     """(wheel URL or None, explanation) for stable-fast on `env`."""
     have = f"torch {env.torch or 'not installed'}, CUDA {env.cuda or 'none'}, Python {_py(env.python)}, {env.platform}"
@@ -91,8 +102,8 @@ def stable_fast_wheel(env: Env) -> tuple[str | None, str]:
               f"Python {_py(SFAST_PYTHON[0])}-{_py(SFAST_PYTHON[-1])}, Linux and Windows")
     plat = "manylinux2014_x86_64" if env.platform.startswith("linux") else "win_amd64" if env.platform == "win32" else None
     if env.torch not in SFAST_TORCH or env.cuda not in SFAST_CUDA or env.python not in SFAST_PYTHON or plat is None:
-        return None, (f"stable-fast has no wheel for {have} ({wheels}); building it from source takes tens of minutes "
-                      "(https://github.com/chengzeyi/stable-fast#installation). SD Accel uses inductor (torch.compile) instead.")
+        return None, (f"stable-fast has no wheel for {have} ({wheels}); {_sfast_source_note(env.torch)}. "
+                      "SD Accel uses inductor (torch.compile) instead.")
     tag = f"cp{env.python[0]}{env.python[1]}"
     name = f"stable_fast-{SFAST_VERSION}+torch{env.torch.replace('.', '')}cu{env.cuda.replace('.', '')}-{tag}-{tag}-{plat}.whl"
     return f"https://github.com/chengzeyi/stable-fast/releases/download/v{SFAST_VERSION}/{name}", f"stable-fast {SFAST_VERSION} has a wheel for {have}"

@@ -9,7 +9,11 @@ INSTALL_HINTS = {
     "onediff": "pip install onediff (plus oneflow: see https://github.com/siliconflow/onediff#installation, or nexfort: pip install nexfort)",
     "oneflow": "see https://github.com/siliconflow/onediff#installation (oneflow has no wheel for Python 3.11+ yet)",
     "nexfort": "pip install nexfort",
-    "sfast": "pip install stable-fast (pick the wheel matching your torch/CUDA: https://github.com/chengzeyi/stable-fast/releases)",
+    "sfast": ("stable-fast 1.0.5 has wheels for torch 2.2.2 / 2.3.0 only (https://github.com/chengzeyi/stable-fast/releases); "
+              "its source does not build against torch 2.11+ (ATen dropped Context::alertCuBLASConfigNotDeterministic, and "
+              "allowFP16ReductionCuBLAS / allowBF16ReductionCuBLAS return CuBLASReductionOption, not bool), so on newer torch use inductor"),
+    "sfast._C": ("stable-fast is installed but its C extension does not load with this torch: install the wheel built for your "
+                 "torch and CUDA, or use inductor (stable-fast 1.0.5's source does not build against torch 2.11+)"),
     "triton": "pip install triton (Linux + NVIDIA only)",
     "diffusers": "pip install diffusers",
     "matplotlib": "pip install matplotlib",
@@ -23,6 +27,17 @@ def is_available(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def load_error(name: str) -> str:
+    """'' when `name` imports, else why not. Imports it (once per process): for compiled
+    extensions that are present but built against another torch."""
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # an extension built for another torch raises ImportError, OSError or worse
+        return f"{type(e).__name__}: {e}"
+    return ""
 
 
 @functools.lru_cache(maxsize=None)

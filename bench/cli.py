@@ -77,11 +77,14 @@ def _backends(args) -> int:
     import torch
 
     from ..accel_core.backends import BACKENDS
+    from ..accel_core.optional import INSTALL_HINTS
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for name, b in BACKENDS.items():
         ok = b.available(dev)
-        print(f"{name:<12} {'available' if ok else 'missing: ' + b.missing(dev)}")
+        missing = "" if ok else b.missing(dev)
+        hint = INSTALL_HINTS.get(missing, "")
+        print(f"{name:<12} {'available' if ok else 'missing: ' + missing + (' (' + hint + ')' if hint else '')}")
     return 0
 
 

@@ -7,13 +7,27 @@ class StableFastBackend(Backend):
     """stable-fast (sfast): TorchScript tracing + fused kernels, optional CUDA graphs.
 
     Written against `sfast.jit.trace_helper.lazy_trace` and `sfast.cuda.graphs.make_dynamic_graphed_callable`.
-    Untested here: stable-fast's wheels pin torch versions other than the one this pack is tested on.
+    Untested here: stable-fast's wheels pin torch 2.2.2 / 2.3.0, and its 1.0.5 source does not
+    build against torch 2.11 (docs/backends.md), so this has never run on the pack's torch.
     """
 
     name = "stable-fast"
     modes = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
     requires = ("sfast",)
     devices = ("cuda",)
+
+    def available(self, device_type):
+        from ..optional import load_error
+
+        return super().available(device_type) and not load_error("sfast._C")
+
+    def missing(self, device_type):
+        from ..optional import is_available, load_error
+
+        # Installed but built for another torch: sfast imports, its C extension does not.
+        if is_available("sfast") and load_error("sfast._C"):
+            return "sfast._C"
+        return super().missing(device_type)
 
     def compile(self, fn, owner, config):
         from sfast.compilers.diffusion_pipeline_compiler import CompilationConfig, _build_ts_compiler

@@ -47,6 +47,13 @@ def test_stable_fast_says_why_there_is_no_wheel(install, env, says):
     assert url is None and "no wheel" in why and says in why and "inductor" in why
 
 
+def test_stable_fast_on_new_torch_says_its_source_does_not_build(install):
+    _, why = install.stable_fast_wheel(install.Env("2.11.0", "13.0", (3, 12), "linux"))
+    assert "does not build against torch 2.11+" in why and "docs/backends.md" in why
+    _, why = install.stable_fast_wheel(install.Env("2.6.0", "12.4", (3, 12), "linux"))
+    assert "needs nvcc" in why and "does not build" not in why
+
+
 @pytest.mark.parametrize("env, ok, says", [
     (("2.3.0", "12.1", (3, 10), "linux"), True, "community_cu122"),
     (("2.3.0", "11.8", (3, 9), "linux"), True, "community_cu118"),
