@@ -1,10 +1,11 @@
-from ..accel_core.cast import ATTENTION, DTYPES, CastConfig
+from ..accel_core.cast import ATTENTION, NODE_DTYPES, CastConfig
 from ..accel_core.hosts import comfy_cast as host, comfy_events
 
 
 class SDAccelFP16Cast:
-    DESCRIPTION = ("Runs the UNet in fp16 or bf16 (auto: bf16 on CPU, fp16 on CUDA), optionally channels_last, "
-                   "with the attention kernel of your choice. Works on a copy of the UNet; the input model is unchanged.")
+    DESCRIPTION = ("Runs the UNet in fp16 or bf16 (auto: bf16 on CPU, fp16 on CUDA), or fp16 with fp8 matmuls on GPUs with "
+                   "fp8 tensor cores, optionally channels_last, with the attention kernel of your choice. Works on a copy "
+                   "of the UNet; the input model is unchanged.")
     CATEGORY = "SD Accel"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("A clone of the input model with its own cast UNet.",)
@@ -14,9 +15,11 @@ class SDAccelFP16Cast:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to cast (SD1.x, SD2.x, SDXL)."}),
-            "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto = bf16 on CPU, fp16 on CUDA. fp32 restores full precision."}),
+            "dtype": (list(NODE_DTYPES), {"default": "auto", "tooltip": "auto = bf16 on CPU, fp16 on CUDA. fp32 restores full precision. "
+                                          "fp8 = fp16 with float8 matmuls in the linear layers (Ada, Hopper, Blackwell only; "
+                                          "slightly changes the image, and is refused on other devices)."}),
             "channels_last": ("BOOLEAN", {"default": True, "tooltip": "NHWC memory format for convolutions (faster with fp16/bf16)."}),
-            "attention": (list(ATTENTION), {"default": "auto", "tooltip": "PyTorch SDPA kernel: auto lets torch pick; flash / efficient / math force one."}),
+            "attention": (list(ATTENTION), {"default": "auto", "tooltip": "PyTorch SDPA kernel: auto lets torch pick; flash / efficient / math force one; cudnn prefers cuDNN's kernel, with flash where cuDNN does not take the shape."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model, dtype, channels_last, attention, unique_id=None):

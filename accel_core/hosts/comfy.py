@@ -180,9 +180,14 @@ def apply_compile(model, config: CompileConfig):
         return model
     # cache_dir: compiled graphs persist in ComfyUI's user folder, so the next start reuses them.
     config = replace(config, method="_forward", cache_dir=config.cache_dir or default_cache_dir("comfy"))
+    dynamic = is_dynamic(model)
     m = patchable_clone(model, "Compile UNet")
     if m is None:
         return model
+    if dynamic:
+        # The UNet is now the regular copy only SD Accel's clones use, so its conv weights may be
+        # stored NHWC for the compiled convolutions; a classic model's UNet is the user's too.
+        config = replace(config, channels_last=True)
     # LoRA patches applied later (ComfyUI's LoraLoader, our hot-swap) then copy into the
     # existing parameters, so CUDA graphs and other captured storage see the new weights.
     m.weight_inplace_update = True

@@ -43,6 +43,10 @@ def test_compile_runs_on_a_regular_copy(comfy_adapter, accel, dyn, reference, ca
     assert any("regular copy" in r.getMessage() for r in caplog.records)
     assert harness.rel_err(harness.sample(out), reference()) < 1e-4
     assert before.diff(dyn) == []
+    # The copy is SD Accel's alone, so the compiled copy stores its conv weights NHWC; the input's stay as they were.
+    conv = lambda m: m.model.diffusion_model.input_blocks[0][0].weight
+    assert conv(out).is_contiguous(memory_format=torch.channels_last) and conv(out).dim() == 4
+    assert conv(dyn).is_contiguous()
     # Every SD Accel node on the same dynamic model shares one regular copy (one rebuild, shared compiled code).
     again = comfy_adapter.apply_compile(_dynamic_looking(dyn), config)
     assert again.model is out.model
@@ -91,3 +95,20 @@ def test_host_without_the_hooks_passes_through(comfy_host, sd15_model, caplog):
     assert sum("extension points" in r.getMessage() for r in caplog.records) == 2
     assert before.diff(m) == []
     assert torch.isfinite(harness.sample(m)).all()
+
+
+def test_hotswap_on_the_compiled_nhwc_copy_matches_comfy_lora(comfy_host, comfy_adapter, accel, dyn, sd15_model, lora_name):
+    # The compiled copy's conv weights are NHWC; a fused LoRA delta must land in them all the same.
+    import folder_paths
+
+    import comfy.model_management
+
+    hl = comfy_host.pack_module("accel_core.hosts.comfy_lora")
+    path = folder_paths.get_full_path_or_raise("loras", lora_name)
+    (comfy_lora,) = comfy_host.node("LoraLoaderModelOnly").load_lora_model_only(sd15_model, lora_name, 1.0)
+    expected = harness.sample(comfy_lora)
+    comfy.model_management.unload_all_models()
+    compiled = comfy_adapter.apply_compile(dyn, accel.compile.CompileConfig(backend="inductor", torch_backend="eager"))
+    swapped = hl.apply_hotswap(compiled, path, 1.0)
+    assert harness.rel_err(harness.sample(swapped), expected) < 2e-3
+    assert swapped.model.diffusion_model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
