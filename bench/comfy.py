@@ -109,6 +109,24 @@ def comfy_version(path: str) -> str:
 
 # --- model and inputs ------------------------------------------------------------------------------
 
+class _ShapeOps:
+    """Plain torch layers in UNetModel's `operations` slot, only to list the checkpoint's tensors.
+
+    ComfyUI's own layers defer Linear and Embedding weights to load time under DynamicVRAM
+    (comfy-aimdo), so their state_dict() would leave those tensors out.
+    """
+
+    Linear = torch.nn.Linear
+    Conv2d = torch.nn.Conv2d
+    Conv3d = torch.nn.Conv3d
+    GroupNorm = torch.nn.GroupNorm
+    LayerNorm = torch.nn.LayerNorm
+
+    @staticmethod
+    def conv_nd(dims, *args, **kwargs):
+        return {2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dims](*args, **kwargs)
+
+
 def unet_state_dict(arch: str, seed: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A checkpoint-style state dict (`model.diffusion_model.*`) of the real architecture, seeded random weights.
 
@@ -116,10 +134,9 @@ def unet_state_dict(arch: str, seed: int, device: str, dtype: torch.dtype) -> di
     stay finite and the relative error between rows measures the rows, not overflow.
     """
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    import comfy.ops
 
     cfg = dict(SD15_UNET if arch == "sd15" else SDXL_UNET)
-    shapes = UNetModel(**cfg, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init).state_dict()
+    shapes = UNetModel(**cfg, dtype=torch.float32, device="meta", operations=_ShapeOps).state_dict()
     g = torch.Generator(device=device).manual_seed(seed)
     sd = {}
     for name, t in shapes.items():

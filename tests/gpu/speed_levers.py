@@ -98,13 +98,7 @@ class Levers:
 
         dev = "cuda" if self.cuda else "cpu"
         t0 = time.perf_counter()
-        import comfy.memory_management as cmm
-
-        aimdo, cmm.aimdo_enabled = cmm.aimdo_enabled, False  # DynamicVRAM's lazy layers have no weights to list
-        try:
-            path = self.bc.checkpoint_file(args.arch, SEED, dev, torch.float16)
-        finally:
-            cmm.aimdo_enabled = aimdo
+        path = self.bc.checkpoint_file(args.arch, SEED, dev, torch.float16)
         self.base = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
         side = 16 if args.smoke else SIDE[args.arch]
         self.inputs = self.bc.make_inputs(args.arch, side, SEED)
