@@ -275,7 +275,7 @@ class CompiledUNet:
         if now == self._graphs_seen:  # nothing compiled since the last save: the common, per-step case
             return
         self._graphs_seen = now
-        res = compile_cache.save(self.config.cache_dir, self._device)
+        res = compile_cache.save(self.config.cache_dir, self._device, config=self.config)
         if res.path or res.error:
             self.report.cache = f"{self._cache_loaded}; {res.describe()}"
 

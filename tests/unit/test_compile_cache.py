@@ -278,3 +278,9 @@ def test_warmup_rows_report_both_processes_and_skip_warm_after_a_failed_cold(mon
     monkeypatch.setattr(bw, "run_child", lambda *a, **k: {"error": "exit 1: boom"})
     cold, warm = bw.warmup_rows(BenchConfig(host="comfy"))
     assert "FAILED: exit 1: boom" in cold.note and "the cold run failed" in warm.note
+
+
+def test_the_file_records_the_compile_config_that_made_it(runs):
+    (entry,) = cc.entries(str(runs["a"]))
+    assert entry.header.get("compile", {}).get("backend") == "inductor", entry.header
+    assert entry.header["compile"]["mode"] == "default" and entry.header["compile"]["method"] == "forward"
