@@ -161,15 +161,17 @@ def _cache(args) -> int:
 
 
 def _cache_export(cc, folder: str, args) -> int:
+    from ..accel_core import cache_artifacts as ca
+
     if os.path.isdir(args.file):
         print(f"sd-accel cache export: {args.file!r} is a folder; expected the artifacts file to write. Give a file name, e.g. {os.path.join(args.file, 'unet.sdca')}.",
               file=sys.stderr)
         return 2
     try:
-        data = cc.export_bundle(folder, args.fingerprint)
-        bundle = cc.read_bundle(data)
-        cc.write_bundle(args.file, data)
-    except cc.ArtifactsError as e:
+        data = ca.export_bundle(folder, args.fingerprint)
+        bundle = ca.read_bundle(data)
+        ca.write_bundle(args.file, data)
+    except ca.ArtifactsError as e:
         print(e, file=sys.stderr)
         return 2
     except OSError as e:
@@ -180,6 +182,8 @@ def _cache_export(cc, folder: str, args) -> int:
 
 
 def _cache_import(cc, folder: str, args) -> int:
+    from ..accel_core import cache_artifacts as ca
+
     try:
         with open(args.file, "rb") as f:
             data = f.read()
@@ -188,8 +192,8 @@ def _cache_import(cc, folder: str, args) -> int:
               "Check the path.", file=sys.stderr)
         return 2
     try:
-        res = cc.import_bundle(data, folder, args.device, source=args.file)
-    except cc.ArtifactsError as e:
+        res = ca.import_bundle(data, folder, args.device, source=args.file)
+    except ca.ArtifactsError as e:
         print(e, file=sys.stderr)
         return 2
     except OSError as e:
@@ -221,17 +225,17 @@ def _serve(args) -> int:
         return 2
     data = None
     if args.artifacts:
-        from ..accel_core import compile_cache as cc
+        from ..accel_core import cache_artifacts as ca
 
         try:
             with open(args.artifacts, "rb") as f:
                 data = f.read()
-            print(f"artifacts {args.artifacts}: {cc.read_bundle(data, args.artifacts).describe()}")
+            print(f"artifacts {args.artifacts}: {ca.read_bundle(data, args.artifacts).describe()}")
         except OSError as e:
             print(f"sd-accel serve: cannot read --artifacts {args.artifacts!r} ({e.strerror or e}); starting without it (the replicas compile as usual).",
                   file=sys.stderr)
             data = None
-        except cc.ArtifactsError as e:
+        except ca.ArtifactsError as e:
             print(f"{e}\nstarting without it.", file=sys.stderr)
             data = None
     import ray

@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import asdict
 
-from ..accel_core import compile_cache as cc
+from ..accel_core import cache_artifacts as ca
 from .serve_pipeline import Pipeline, RequestError, ServeConfig, parse_request
 
 STORE = "sd_accel_artifacts"
@@ -112,7 +112,7 @@ class _Replica:
         try:
             logger.info("SD Accel serve: %s", self.pipe.import_artifacts(data, source))
             return True
-        except cc.ArtifactsError as e:
+        except ca.ArtifactsError as e:
             logger.warning("%s", e)
             ray.get(store.refuse.remote(self.name, str(e)))
             return False

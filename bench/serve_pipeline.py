@@ -8,7 +8,7 @@ fixed set of batch sizes so the compiled UNet meets a handful of shapes; the pad
 dropped. Each request's latent depends only on its own seed and settings.
 
 `Pipeline.export_artifacts()` / `import_artifacts()` carry the compiled code between replicas
-(compile_cache's artifacts files); `bench/serve.py` hands them out with Ray.
+(cache_artifacts' files); `bench/serve.py` hands them out with Ray.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ..accel_core import CompileConfig, DeepCacheConfig, LoraSpec, SDAccelError, apply_loras, compile, deepcache
-from ..accel_core import compile_cache as cc
+from ..accel_core import cache_artifacts as ca
 from .measure import make_inputs
 from .models import PRESETS, Preset, build_unet
 
@@ -300,8 +300,8 @@ class Pipeline:
     def import_artifacts(self, data: bytes, source: str = "the artifacts handed out") -> str:
         """Add handed-out compile artifacts to this replica's cache folder; ArtifactsError when unusable."""
         try:
-            res = cc.import_bundle(data, self.cache_dir, self.device, source=source)
-        except cc.ArtifactsError as e:
+            res = ca.import_bundle(data, self.cache_dir, self.device, source=source)
+        except ca.ArtifactsError as e:
             self.artifacts = f"refused: {e}"
             raise
         self.artifacts = res.describe()
@@ -310,8 +310,8 @@ class Pipeline:
     def export_artifacts(self) -> bytes | None:
         """This replica's compiled artifacts as one artifacts file, or None when it has none."""
         try:
-            return cc.export_bundle(self.cache_dir, config=self.compile_config)
-        except cc.ArtifactsError:
+            return ca.export_bundle(self.cache_dir, config=self.compile_config)
+        except ca.ArtifactsError:
             return None
 
     # -- sampling ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sd_accel.accel_core import CompileConfig
+from sd_accel.accel_core import cache_artifacts as ca
 from sd_accel.accel_core import compile_cache as cc
 from sd_accel.bench.cli import main
 
@@ -56,12 +57,12 @@ def _compiled_folder(fake, folder, *keys, config=None):
 
 def _foreign(data: bytes, **changes) -> bytes:
     """`data` (an artifacts file) with its fingerprint changed, checksums still right."""
-    (n,) = struct.unpack_from("<Q", data, len(cc.BUNDLE_MAGIC))
-    at = len(cc.BUNDLE_MAGIC) + 8
+    (n,) = struct.unpack_from("<Q", data, len(ca.BUNDLE_MAGIC))
+    at = len(ca.BUNDLE_MAGIC) + 8
     head = json.loads(data[at:at + n])
     head["fingerprint"].update(changes)
     blob = json.dumps(head).encode()
-    return cc.BUNDLE_MAGIC + struct.pack("<Q", len(blob)) + blob + data[at + n:]
+    return ca.BUNDLE_MAGIC + struct.pack("<Q", len(blob)) + blob + data[at + n:]
 
 
 def test_export_then_import_carries_every_member_and_the_compile_config(fake, tmp_path):
@@ -73,26 +74,26 @@ def test_export_then_import_carries_every_member_and_the_compile_config(fake, tm
     cc.load(str(a))
     _compiled_folder(fake, a, "k3")  # another shape: a second file beside the first
     assert len(cc.entries(str(a))) == 2
-    data = cc.export_bundle(str(a))
-    bundle = cc.read_bundle(data)
+    data = ca.export_bundle(str(a))
+    bundle = ca.read_bundle(data)
     assert bundle.artifacts == 3 and len(bundle.members) == 2
     assert bundle.configs == [cc.config_record(cfg)] and "mode=max-autotune-no-cudagraphs" in bundle.describe()
-    res = cc.import_bundle(data, str(b))
+    res = ca.import_bundle(data, str(b))
     assert len(res.written) == 2 and res.artifacts == 3
     assert {os.path.basename(e.path) for e in cc.entries(str(b))} == {os.path.basename(e.path) for e in cc.entries(str(a))}
     cc._folders.clear()
     assert cc.load(str(b)).artifacts == 3  # a new process loads them like its own
-    again = cc.import_bundle(data, str(b))  # importing twice writes nothing new
+    again = ca.import_bundle(data, str(b))  # importing twice writes nothing new
     assert again.written == [] and again.present == 2
 
 
 def test_import_into_a_folder_this_process_loaded_already_loads_at_once(fake, tmp_path):
     _compiled_folder(fake, tmp_path / "a", "k1")
-    data = cc.export_bundle(str(tmp_path / "a"))
+    data = ca.export_bundle(str(tmp_path / "a"))
     cc._folders.clear()
     fake.loaded.clear()
     cc.load(str(tmp_path / "b"))  # the worker's first compiled call has passed: b was loaded (empty)
-    res = cc.import_bundle(data, str(tmp_path / "b"))
+    res = ca.import_bundle(data, str(tmp_path / "b"))
     assert res.loaded_now == 1 and len(fake.loaded) == 1
 
 
@@ -106,9 +107,9 @@ def test_import_into_a_folder_this_process_loaded_already_loads_at_once(fake, tm
 ])
 def test_a_damaged_file_is_refused_with_what_to_do_and_nothing_is_written(fake, tmp_path, damage, found):
     _compiled_folder(fake, tmp_path / "a", "k1")
-    data = damage(cc.export_bundle(str(tmp_path / "a")))
-    with pytest.raises(cc.ArtifactsError) as e:
-        cc.import_bundle(data, str(tmp_path / "b"), source="w.sdca")
+    data = damage(ca.export_bundle(str(tmp_path / "a")))
+    with pytest.raises(ca.ArtifactsError) as e:
+        ca.import_bundle(data, str(tmp_path / "b"), source="w.sdca")
     assert found in str(e.value) and "w.sdca" in str(e.value)
     assert "sd-accel cache export" in str(e.value) and "compiles as usual" in str(e.value)
     assert not (tmp_path / "b").exists()
@@ -120,9 +121,9 @@ def test_a_damaged_file_is_refused_with_what_to_do_and_nothing_is_written(fake, 
 ])
 def test_a_file_from_another_torch_or_python_is_refused(fake, tmp_path, changes, found):
     _compiled_folder(fake, tmp_path / "a", "k1")
-    data = _foreign(cc.export_bundle(str(tmp_path / "a")), **changes)
-    with pytest.raises(cc.ArtifactsError) as e:
-        cc.import_bundle(data, str(tmp_path / "b"), source="w.sdca")
+    data = _foreign(ca.export_bundle(str(tmp_path / "a")), **changes)
+    with pytest.raises(ca.ArtifactsError) as e:
+        ca.import_bundle(data, str(tmp_path / "b"), source="w.sdca")
     msg = str(e.value)
     assert found in msg and f"this worker has torch {torch.__version__}" in msg and "Export the artifacts on a machine like this one" in msg
     assert not (tmp_path / "b").exists()
@@ -130,21 +131,21 @@ def test_a_file_from_another_torch_or_python_is_refused(fake, tmp_path, changes,
 
 def test_a_gpu_file_on_a_worker_with_another_or_no_gpu_is_refused(fake, tmp_path, monkeypatch):
     _compiled_folder(fake, tmp_path / "a", "k1")
-    data = _foreign(cc.export_bundle(str(tmp_path / "a")), device="NVIDIA H200", triton="3.5.0")
+    data = _foreign(ca.export_bundle(str(tmp_path / "a")), device="NVIDIA H200", triton="3.5.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(cc.ArtifactsError, match="made with torch .* on NVIDIA H200 \\(triton 3.5.0\\); this worker has no CUDA GPU"):
-        cc.import_bundle(data, str(tmp_path / "b"))
+    with pytest.raises(ca.ArtifactsError, match="made with torch .* on NVIDIA H200 \\(triton 3.5.0\\); this worker has no CUDA GPU"):
+        ca.import_bundle(data, str(tmp_path / "b"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cc, "fingerprint", lambda device="cpu": {"torch": torch.__version__, "python": "%d.%d" % sys.version_info[:2],
                                                                   "device": "NVIDIA A100-SXM4-80GB", "triton": "3.5.0"})
-    with pytest.raises(cc.ArtifactsError, match="device 'NVIDIA H200' here 'NVIDIA A100-SXM4-80GB'"):
-        cc.import_bundle(data, str(tmp_path / "b"))
+    with pytest.raises(ca.ArtifactsError, match="device 'NVIDIA H200' here 'NVIDIA A100-SXM4-80GB'"):
+        ca.import_bundle(data, str(tmp_path / "b"))
 
 
 def test_a_single_compile_cache_file_imports_as_it_is(fake, tmp_path):
     path = _compiled_folder(fake, tmp_path / "a", "k1", "k2")
     with open(path, "rb") as f:
-        res = cc.import_bundle(f.read(), str(tmp_path / "b"))
+        res = ca.import_bundle(f.read(), str(tmp_path / "b"))
     assert res.artifacts == 2 and len(res.written) == 1
 
 
@@ -152,12 +153,12 @@ def test_export_picks_the_fingerprint(fake, tmp_path):
     a = tmp_path / "a"
     _compiled_folder(fake, a, "k1")
     (a / f"torch2.0.0-py3.9-cuda-deadbeef.00{cc.EXT}").write_bytes(open(cc.entries(str(a))[0].path, "rb").read())
-    assert cc.read_bundle(cc.export_bundle(str(a))).fingerprint == cc.fingerprint("cpu")  # this machine's among several
-    assert len(cc.read_bundle(cc.export_bundle(str(a), "torch2.0.0")).members) == 1
-    with pytest.raises(cc.ArtifactsError, match="matches 'torch9'; expected one of: torch2.0.0-py3.9-cuda-deadbeef"):
-        cc.export_bundle(str(a), "torch9")
-    with pytest.raises(cc.ArtifactsError, match="no compile-cache files in .* Run a compiled generation first"):
-        cc.export_bundle(str(tmp_path / "empty"))
+    assert ca.read_bundle(ca.export_bundle(str(a))).fingerprint == cc.fingerprint("cpu")  # this machine's among several
+    assert len(ca.read_bundle(ca.export_bundle(str(a), "torch2.0.0")).members) == 1
+    with pytest.raises(ca.ArtifactsError, match="matches 'torch9'; expected one of: torch2.0.0-py3.9-cuda-deadbeef"):
+        ca.export_bundle(str(a), "torch9")
+    with pytest.raises(ca.ArtifactsError, match="no compile-cache files in .* Run a compiled generation first"):
+        ca.export_bundle(str(tmp_path / "empty"))
 
 
 # --- the CLI ----------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_cli_export_import_round_trip(fake, tmp_path, capsys):
 def test_cli_import_goes_to_the_host_folders(fake, tmp_path, capsys, monkeypatch):
     _compiled_folder(fake, tmp_path / "a", "k1")
     f = tmp_path / "unet.sdca"
-    cc.write_bundle(str(f), cc.export_bundle(str(tmp_path / "a")))
+    ca.write_bundle(str(f), ca.export_bundle(str(tmp_path / "a")))
     comfy = tmp_path / "ComfyUI"
     (comfy / "comfy").mkdir(parents=True)
     assert main(["cache", "import", str(f), "--comfyui-path", str(comfy)]) == 0
@@ -206,7 +207,7 @@ def test_cli_refuses_with_a_message(fake, argv, found, capsys):
 def test_cli_import_of_a_foreign_file_exits_2_and_writes_nothing(fake, tmp_path, capsys):
     _compiled_folder(fake, tmp_path / "a", "k1")
     f = tmp_path / "old.sdca"
-    f.write_bytes(_foreign(cc.export_bundle(str(tmp_path / "a")), torch="2.6.0"))
+    f.write_bytes(_foreign(ca.export_bundle(str(tmp_path / "a")), torch="2.6.0"))
     assert main(["cache", "import", str(f), "--dir", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "was made with torch 2.6.0" in err and "compiles as usual" in err

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sd_accel.accel_core import cache_artifacts as ca
 from sd_accel.accel_core import compile_cache as cc
 from sd_accel.bench.serve_pipeline import (Pipeline, RequestError, ServeConfig, bucket_for, buckets, decode_latent, parse_request)
 from sd_accel.bench.synthetic import make_random_lora
@@ -117,8 +118,8 @@ def test_compiled_pipeline_exports_artifacts_and_refuses_bad_ones(tmp_path):
         p.warm_up()
         assert p.compiled.report.status == "compiled"
         data = p.export_artifacts()
-        assert data is not None and cc.read_bundle(data).artifacts > 0
-        with pytest.raises(cc.ArtifactsError, match="is damaged"):
+        assert data is not None and ca.read_bundle(data).artifacts > 0
+        with pytest.raises(ca.ArtifactsError, match="is damaged"):
             p.import_artifacts(data[:-3], "a.sdca")
         assert p.artifacts.startswith("refused: SD Accel: a.sdca is damaged")
         assert "sha256" in p.run_batch([_req(p, seed=1)])[0]  # and it goes on serving
@@ -166,7 +167,7 @@ class _FakePipe:
     def import_artifacts(self, data, source):
         self.calls.append(("import", data, source))
         if data != b"ARTIFACTS":
-            raise cc.ArtifactsError(f"SD Accel: {source} is damaged")
+            raise ca.ArtifactsError(f"SD Accel: {source} is damaged")
         return "imported"
 
 
