@@ -139,9 +139,9 @@ def _cache(args) -> int:
               ("; give --dir to pick a folder anyway" if args.action != "list" else ""), file=sys.stderr if args.action != "list" else sys.stdout)
         return 0 if args.action == "list" else 2
     if args.action == "export":
-        return _cache_export(cc, folder, args)
+        return _cache_export(folder, args)
     if args.action == "import":
-        return _cache_import(cc, folder, args)
+        return _cache_import(folder, args)
     if not os.path.isdir(folder):
         print(f"{folder}: does not exist yet (nothing compiled there so far)")
         return 0
@@ -160,7 +160,7 @@ def _cache(args) -> int:
     return 0
 
 
-def _cache_export(cc, folder: str, args) -> int:
+def _cache_export(folder: str, args) -> int:
     from ..accel_core import cache_artifacts as ca
 
     if os.path.isdir(args.file):
@@ -181,7 +181,7 @@ def _cache_export(cc, folder: str, args) -> int:
     return 0
 
 
-def _cache_import(cc, folder: str, args) -> int:
+def _cache_import(folder: str, args) -> int:
     from ..accel_core import cache_artifacts as ca
 
     try:
