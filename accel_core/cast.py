@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,14 @@ DTYPES = ("auto", "fp16", "bf16", "fp32")
 NODE_DTYPES = (*DTYPES, "fp8")
 ATTENTION = ("auto", "flash", "efficient", "math", "cudnn")
 _DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Probed once here, not per call: attention_context runs inside compiled graphs, and dynamo
+# cannot trace inspect.signature (a graph break at every attention layer: 129 graphs on SD1.5).
+try:
+    from torch.nn.attention import sdpa_kernel as _sdpa_kernel
+
+    _SDPA_PRIORITY = "set_priority" in inspect.signature(_sdpa_kernel).parameters
+except ImportError:  # torch < 2.3 (older webui installs): no per-call kernel choice at all
+    _SDPA_PRIORITY = False
 
 
 @dataclass(frozen=True)
@@ -75,11 +84,9 @@ def attention_context(attention: str):
     backends = sdpa_backends(attention)
     if backends is None:
         return contextlib.nullcontext()
-    import inspect
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if attention == "cudnn" and "set_priority" in inspect.signature(sdpa_kernel).parameters:
+    if attention == "cudnn" and _SDPA_PRIORITY:
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         return sdpa_kernel(order, set_priority=True)
     return sdpa_kernel(backends)

@@ -245,6 +245,18 @@ def case_cast_compile(ctx):
     ctx.base_unchanged()
 
 
+def case_cudnn_compile(ctx):
+    """FP16 Cast attention=cudnn, then Compile UNet: one graph (cuDNN attention inside it), beside attention=auto."""
+    ref = ctx.eager()
+    for attention in ("auto", "cudnn"):
+        m = ctx.node("SDAccelFP16Cast", ctx.base, "fp16", True, attention)[0]
+        m = ctx.node("SDAccelCompileUNet", m, *COMPILE)[0]
+        out = ctx.timed(f"cast {attention} + compile", m)
+        ctx.close_to(f"cast {attention} + compile", out, ref, TOL["compile"])
+        ctx.check(f"cast {attention} + compile: frames compiled", ctx.record["rows"][f"cast {attention} + compile"]["frames_compiled"], 2)
+    ctx.base_unchanged()
+
+
 def case_deepcache_compile(ctx):
     ref = ctx.eager()
     m = ctx.node("SDAccelDeepCache", ctx.base, 3, 0, 0.0, 1.0, "uniform")[0]

@@ -47,3 +47,37 @@ def test_attention_context_limits_sdpa_for_the_call_only():
         a = torch.nn.functional.scaled_dot_product_attention(q, q, q)
     b = torch.nn.functional.scaled_dot_product_attention(q, q, q)
     torch.testing.assert_close(a, b)
+
+
+def _cpu_runs(attention: str) -> bool:
+    """Whether this CPU build runs SDPA under `attention` (efficient attention has no CPU kernel)."""
+    from sd_accel.accel_core.cast import attention_context
+
+    q = torch.randn(1, 2, 4, 8)
+    try:
+        with attention_context(attention):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("attention", ["auto", "flash", "efficient", "math", "cudnn"])
+def test_attention_choice_compiles_into_one_graph(attention):
+    # The kernel choice runs inside compiled code (ComfyUI's per-model attention override): a
+    # graph break there splits the model at every attention layer (cudnn did: 129 graphs on SD1.5).
+    from sd_accel.accel_core.cast import attention_context
+
+    if not _cpu_runs(attention):
+        pytest.skip(f"this CPU build has no SDPA kernel for attention={attention}")
+
+    def attend(q, k, v):
+        with attention_context(attention):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v) * 2
+
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    explained = torch._dynamo.explain(attend)(q, k, v)
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+    assert explained.graph_count == 1
+    compiled = torch.compile(attend, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), attend(q, k, v))
