@@ -29,7 +29,7 @@ from torch import nn
 from .errors import SDAccelError, check_range, choice_error
 from .log import logger
 from .lora_file import LoraFile, LoraLayer, move_factors, parse_lora, read_lora
-from .lora_names import Resolved, UNetNames, _resolve, _Targets
+from .lora_names import Resolved, UNetNames, resolve_lora, Targets
 
 BACKUP_DEVICES = ("same", "cpu")
 
@@ -92,21 +92,21 @@ class LoraState:
         self.signature: dict[str, tuple] = {}  # param -> ((file key, strength), ...) fused into it now
         self.applied: tuple[tuple[LoraSpec, tuple], ...] = ()
         self.owner: object | None = None  # host bookkeeping: who asked for what is fused (hosts/comfy_lora.py)
-        self._targets: _Targets | None = None
+        self._targets: Targets | None = None
         self._resolved: dict[tuple, Resolved] = {}
         self.lock = threading.RLock()
 
     @property
-    def targets(self) -> _Targets:
+    def targets(self) -> Targets:
         if self._targets is None:
-            self._targets = _Targets(self._unet())
+            self._targets = Targets(self._unet())
         return self._targets
 
     def resolve(self, lf: LoraFile, config: LoraConfig) -> Resolved:
         key = (lf.key, config.min_match)
         r = self._resolved.get(key)
         if r is None:
-            r = _resolve(lf, self.targets)
+            r = resolve_lora(lf, self.targets)
             _check_match(lf, r, self.targets, config)
             _check_plain_weights(lf, r, self._unet())
             if len(self._resolved) > 32:
@@ -131,14 +131,14 @@ def lora_state(unet: nn.Module) -> LoraState:
         return st
 
 
-def _arch_label(targets: _Targets) -> str:
+def _arch_label(targets: Targets) -> str:
     shapes = targets.shapes
     ctx = next((s[1] for n, s in shapes.items() if n.endswith("attn2.to_k.weight")), None)
     arch = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(ctx, f"cross-attention width {ctx}")
     return f"{arch} UNet ({targets.names.kind}, {len(shapes)} weight layers)"
 
 
-def _check_match(lf: LoraFile, r: Resolved, targets: _Targets, config: LoraConfig):
+def _check_match(lf: LoraFile, r: Resolved, targets: Targets, config: LoraConfig):
     ok = r.matched / max(1, r.total)
     if r.matched and ok >= config.min_match and not r.wrong_shape:
         if r.unmatched:

@@ -24,7 +24,7 @@ COMPILE_KEY = "sd_accel.compile"
 _MISSING = object()
 
 
-def _wrappers_mp():
+def wrappers_mp():
     import comfy.patcher_extension as pe
 
     return pe.WrappersMP
@@ -45,7 +45,7 @@ def _missing_hooks(model) -> list[str]:
     return missing + [f"CallbacksMP.{k}" for k in ("ON_PRE_RUN", "ON_CLEANUP", "ON_DETACH") if not hasattr(getattr(pe, "CallbacksMP", None), k)]
 
 
-def _check_model(model, node: str):
+def check_model(model, node: str):
     """The LDM UNet inside a ComfyUI MODEL, or None (with a warning) when SD Accel cannot patch it."""
     if not hasattr(model, "clone") or not hasattr(model, "get_model_object"):
         raise SDAccelError(f"SD Accel {node}: expected a ComfyUI MODEL (ModelPatcher), found {type(model).__name__}. Connect the MODEL output of a loader.")
@@ -114,7 +114,7 @@ def compiled_for(unet: torch.nn.Module, config: CompileConfig) -> CompiledUNet:
 
 def active_compile_config(transformer_options: dict) -> CompileConfig | None:
     """The CompileConfig of the Compile UNet wrapper in this sampling run (from its merged wrappers), if any."""
-    entries = transformer_options.get("wrappers", {}).get(_wrappers_mp().APPLY_MODEL, {}).get(COMPILE_KEY, [])
+    entries = transformer_options.get("wrappers", {}).get(wrappers_mp().APPLY_MODEL, {}).get(COMPILE_KEY, [])
     for fn in entries:
         if isinstance(fn, functools.partial) and fn.func is _compile_wrapper:
             return fn.args[0]
@@ -175,7 +175,7 @@ def _host_attention_probes_memory() -> bool:
 
 def apply_compile(model, config: CompileConfig):
     """Clone `model` and install a keyed compile wrapper on the clone."""
-    unet = _check_model(model, "Compile UNet")
+    unet = check_model(model, "Compile UNet")
     if unet is None:
         return model
     # cache_dir: compiled graphs persist in ComfyUI's user folder, so the next start reuses them.
@@ -196,7 +196,7 @@ def apply_compile(model, config: CompileConfig):
         to["optimized_attention_override"] = _sdpa_attention  # a user's or FP16 Cast's choice stays
         logger.info("SD Accel Compile UNet: the compiled model uses PyTorch SDPA attention (ComfyUI's %s asks for free memory "
                     "on every call, which a compiled graph would recompile on).", _host_attention_name())
-    wmp = _wrappers_mp()
+    wmp = wrappers_mp()
     m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
     m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))
     return m

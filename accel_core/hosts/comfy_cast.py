@@ -16,7 +16,7 @@ import torch
 
 from ..cast import CastConfig, attention_context, cast_copy, resolve_dtype
 from ..log import logger
-from .comfy import _check_model, _wrappers_mp, patchable_clone
+from .comfy import check_model, wrappers_mp, patchable_clone
 
 CAST_KEY = "sd_accel.cast"
 FP8_KEY = "sd_accel.fp8"
@@ -108,7 +108,7 @@ def _reset_load_markers(module):
 
 def apply_cast(model, config: CastConfig):
     """Clone `model`; give the clone its own UNet copy in the requested dtype / memory format and attention kernel."""
-    unet = _check_model(model, "FP16 Cast")
+    unet = check_model(model, "FP16 Cast")
     if unet is None:
         return model
     import comfy.model_management as mm
@@ -123,7 +123,7 @@ def apply_cast(model, config: CastConfig):
     m = patchable_clone(model, "FP16 Cast") if copies else model.clone()
     if m is None:
         return model
-    wmp = _wrappers_mp()
+    wmp = wrappers_mp()
     m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = functools.partial(_attention_override, config.attention)
     if copies:
         base = m.model

@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..deepcache import DeepCacheConfig, DeepCacheRunner, check_depth, cut_paths
 from ..log import logger
 from ..unet import ldm
-from .comfy import _check_model, _wrappers_mp, active_compile_config
+from .comfy import check_model, wrappers_mp, active_compile_config
 
 DEEPCACHE_KEY = "sd_accel.deepcache"
 
@@ -117,12 +117,12 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
 
 def apply_deepcache(model, config: DeepCacheConfig):
     """Clone `model` and install DeepCache on the clone (interval 1: a clone without it)."""
-    unet = _check_model(model, "DeepCache")
+    unet = check_model(model, "DeepCache")
     if unet is None:
         return model
     check_depth(unet, config)
     m = model.clone()
-    wmp = _wrappers_mp()
+    wmp = wrappers_mp()
     m.remove_wrappers_with_key(wmp.OUTER_SAMPLE, DEEPCACHE_KEY)
     m.remove_wrappers_with_key(wmp.DIFFUSION_MODEL, DEEPCACHE_KEY)
     m.model_options.setdefault("transformer_options", {}).pop(DEEPCACHE_KEY, None)

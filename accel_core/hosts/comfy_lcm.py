@@ -9,7 +9,7 @@ import collections
 from ..lcm import DEEPCACHE_MIN_STEPS, LcmConfig, deepcache_helps
 from ..log import logger
 from ..lora import read_lora
-from .comfy import _check_model, _wrappers_mp
+from .comfy import check_model, wrappers_mp
 from .comfy_deepcache import DEEPCACHE_KEY
 from .comfy_lora import apply_hotswap
 
@@ -37,7 +37,7 @@ def _without_deepcache(model, steps: int):
     if interval is None or deepcache_helps(steps, interval):
         return model
     m = model.clone()
-    wmp = _wrappers_mp()
+    wmp = wrappers_mp()
     for kind in (wmp.OUTER_SAMPLE, wmp.DIFFUSION_MODEL):
         m.remove_wrappers_with_key(kind, DEEPCACHE_KEY)
     m.model_options["transformer_options"].pop(DEEPCACHE_KEY, None)
@@ -62,7 +62,7 @@ def lcm_clone(model, path: str, strength: float, steps: int, unique_id=None):
     from . import comfy_events
 
     if not hasattr(model, "clone") or not hasattr(model, "__dict__"):
-        _check_model(model, "LCM-LoRA Sampler")  # raises: not a MODEL
+        check_model(model, "LCM-LoRA Sampler")  # raises: not a MODEL
     interval = _deepcache_interval(model)
     key = (read_lora(path).key, float(strength), interval is not None and deepcache_helps(steps, interval), unique_id)
     cache = model.__dict__.get(_LCM_CACHE_ATTR)

@@ -43,7 +43,7 @@ from .. import events
 from ..errors import SDAccelError
 from ..log import logger
 from ..lora import LoraConfig, LoraSpec, apply_loras, lora_state, read_lora
-from .comfy import _check_model, _wrappers_mp, patchable_clone
+from .comfy import check_model, wrappers_mp, patchable_clone
 
 LORA_KEY = "sd_accel.lora"
 _OWNER_ATTR = "_sd_accel_lora_owner"  # on a patcher that fused a set: its _Owner
@@ -192,7 +192,7 @@ def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None =
     The file is read and matched against the UNet now, so a wrong file fails at the node
     with the model untouched; the weights change only when the clone samples.
     """
-    unet = _check_model(model, "LoRA Hot-Swap")
+    unet = check_model(model, "LoRA Hot-Swap")
     if unet is None:
         return model
     if not isinstance(strength, (int, float)) or not math.isfinite(strength):
@@ -212,7 +212,7 @@ def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None =
     for kind, fn in ((cmp.ON_PRE_RUN, _on_pre_run), (cmp.ON_CLEANUP, _on_cleanup), (cmp.ON_DETACH, _on_detach)):
         m.remove_callbacks_with_key(kind, LORA_KEY)
         m.add_callback_with_key(kind, LORA_KEY, fn)
-    outer = _wrappers_mp().OUTER_SAMPLE
+    outer = wrappers_mp().OUTER_SAMPLE
     m.remove_wrappers_with_key(outer, LORA_KEY)
     m.add_wrapper_with_key(outer, LORA_KEY, _outer_sample)
     return m

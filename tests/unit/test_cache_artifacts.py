@@ -43,7 +43,7 @@ class _FakeTorchCache:
 def fake(monkeypatch):
     f = _FakeTorchCache()
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", f.save)
-    monkeypatch.setattr(cc, "_load_payload", f.load)
+    monkeypatch.setattr(cc, "load_payload", f.load)
     monkeypatch.setattr(cc, "_folders", {})
     monkeypatch.delenv(cc.ENV, raising=False)
     monkeypatch.delenv("COMFYUI_PATH", raising=False)

@@ -171,7 +171,7 @@ class _FakeTorchCache:
 def fake(monkeypatch):
     f = _FakeTorchCache()
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", f.save)
-    monkeypatch.setattr(cc, "_load_payload", f.load)
+    monkeypatch.setattr(cc, "load_payload", f.load)
     monkeypatch.setattr(cc, "_folders", {})  # a fresh "process"
     return f
 
