@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import SDAccelError, check_range, choice_error
+from .fp8 import requantize_param
 from .log import logger
 from .lora_file import LoraFile, LoraLayer, move_factors, parse_lora, read_lora
 from .lora_names import Resolved, UNetNames, resolve_lora, Targets
@@ -129,6 +130,14 @@ def lora_state(unet: nn.Module) -> LoraState:
         if st is None:
             st = _states[unet] = LoraState(unet)
         return st
+
+
+def original_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """{parameter name: exact original tensor} for every weight that has LoRA deltas fused now
+    (empty when none): what a copy of `unet` without the LoRAs is made from (FP16 Cast)."""
+    state = lora_state(unet)
+    with state.lock:
+        return dict(state.originals)
 
 
 def _arch_label(targets: Targets) -> str:
@@ -250,6 +259,7 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
                         layer.add_to(acc, strength)
                     param.data.copy_(acc)
                     state.signature[pname] = sig
+                requantize_param(unet, pname)  # an fp8 copy of this weight (FP16 Cast fp8) follows it
                 changed += 1
         state.applied = applied
         report.layers_changed, report.seconds, report.changed = changed, time.perf_counter() - t0, changed > 0
@@ -257,4 +267,4 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
 
 
 __all__ = ["LoraSpec", "LoraConfig", "LoraReport", "LoraState", "apply_loras", "read_lora", "parse_lora",
-           "lora_state", "UNetNames"]
+           "lora_state", "original_weights", "UNetNames"]

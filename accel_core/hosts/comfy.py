@@ -30,6 +30,12 @@ def wrappers_mp():
     return pe.WrappersMP
 
 
+def callbacks_mp():
+    import comfy.patcher_extension as pe
+
+    return pe.CallbacksMP
+
+
 _HOOKS = ("add_wrapper_with_key", "remove_wrappers_with_key", "add_callback_with_key", "remove_callbacks_with_key", "set_attachments", "get_attachment")
 _WRAPPER_KINDS = ("OUTER_SAMPLE", "APPLY_MODEL", "DIFFUSION_MODEL")
 
@@ -68,7 +74,21 @@ def check_model(model, node: str):
 # fused deltas) run on a classic copy, rebuilt from the checkpoint file as ComfyUI's own
 # TorchCompileModel does. One classic copy per dynamic model: all our clones of it share it, as
 # clones share a model, so compiled code and fused weights carry over between nodes and runs.
-_classic: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+class ClassicCopies:
+    """The regular copy made for each DynamicVRAM model (its `get_clone_model_override()`), kept
+    while the dynamic model lives (weakly keyed by it). One registry object: CLASSIC_COPIES."""
+
+    def __init__(self):
+        self._by_model: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+    def get(self, dynamic_model):
+        return self._by_model.get(dynamic_model)
+
+    def remember(self, dynamic_model, override) -> None:
+        self._by_model[dynamic_model] = override
+
+
+CLASSIC_COPIES = ClassicCopies()
 
 
 def _clone_params(model) -> frozenset:
@@ -93,7 +113,7 @@ def patchable_clone(model, node: str):
                        "passing the model through unchanged. Start ComfyUI with --disable-dynamic-vram to use this node.", node)
         return None
     shared = "model_override" in params and callable(getattr(model, "get_clone_model_override", None))
-    override = _classic.get(model.model) if shared else None
+    override = CLASSIC_COPIES.get(model.model) if shared else None
     try:
         m = model.clone(disable_dynamic=True, model_override=override) if shared else model.clone(disable_dynamic=True)
     except RuntimeError as e:  # no cached_patcher_init: the model was not loaded from a file by a core loader
@@ -102,7 +122,7 @@ def patchable_clone(model, node: str):
                        "ComfyUI with --disable-dynamic-vram.", node, e)
         return None
     if shared and override is None:
-        _classic[model.model] = m.get_clone_model_override()
+        CLASSIC_COPIES.remember(model.model, m.get_clone_model_override())
         logger.info("SD Accel %s: DynamicVRAM model: made a regular copy from the checkpoint file (SD Accel's nodes share it).", node)
     return m
 

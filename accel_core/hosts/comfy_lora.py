@@ -43,7 +43,7 @@ from .. import events
 from ..errors import SDAccelError
 from ..log import logger
 from ..lora import LoraConfig, LoraSpec, apply_loras, lora_state, read_lora
-from .comfy import check_model, wrappers_mp, patchable_clone
+from .comfy import callbacks_mp, check_model, patchable_clone, wrappers_mp
 
 LORA_KEY = "sd_accel.lora"
 _OWNER_ATTR = "_sd_accel_lora_owner"  # on a patcher that fused a set: its _Owner
@@ -102,12 +102,6 @@ def _release(own: _Owner | None):
             logger.debug("SD Accel LoRA Hot-Swap: released: %s", report.summary())
 
 
-def _callbacks_mp():
-    import comfy.patcher_extension as pe
-
-    return pe.CallbacksMP
-
-
 def _overlaps_comfy_patches(patcher, state) -> bool:
     """Whether ComfyUI weight patches (LoraLoader) of `patcher` touch a weight we fused."""
     if not patcher.patches and not patcher.backup:
@@ -120,7 +114,7 @@ def _on_pre_run(patcher):
     wanted = hotswap_set(patcher)
     if wanted is None:
         return
-    unet = patcher.model.diffusion_model
+    unet = patcher.get_model_object("diffusion_model")  # at pre-run: the module this clone samples with
     state = lora_state(unet)
     own = _owner(patcher, unet)
     with state.lock:
@@ -205,10 +199,10 @@ def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None =
     m = patchable_clone(model, "LoRA Hot-Swap")  # fused deltas need weights we may write (DynamicVRAM: a regular copy)
     if m is None:
         return model
-    lora_state(m.model.diffusion_model).resolve(lf, config)  # raises SDAccelError (how many layers matched) for another architecture
+    lora_state(m.get_model_object("diffusion_model")).resolve(lf, config)  # raises SDAccelError (how many layers matched) for another architecture
     wanted = (prev or HotSwapSet((), config)).plus(LoraSpec(str(path), float(strength)))
     m.set_attachments(LORA_KEY, wanted)
-    cmp = _callbacks_mp()
+    cmp = callbacks_mp()
     for kind, fn in ((cmp.ON_PRE_RUN, _on_pre_run), (cmp.ON_CLEANUP, _on_cleanup), (cmp.ON_DETACH, _on_detach)):
         m.remove_callbacks_with_key(kind, LORA_KEY)
         m.add_callback_with_key(kind, LORA_KEY, fn)
