@@ -297,16 +297,31 @@ class CacheFolder:
         self.saves = 0
 
 
-_folders: dict[str, CacheFolder] = {}
-_folders_lock = threading.Lock()
+class CacheFolders:
+    """This process's CacheFolder per path (what it loaded and knows). The one instance is FOLDERS."""
+
+    def __init__(self):
+        self._by_path: dict[str, CacheFolder] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> CacheFolder:
+        path = os.path.abspath(path)
+        with self._lock:
+            if path not in self._by_path:
+                self._by_path[path] = CacheFolder(path)
+            return self._by_path[path]
+
+    def forget(self) -> None:
+        """Forget every folder's state (as a new process would start)."""
+        with self._lock:
+            self._by_path.clear()
+
+
+FOLDERS = CacheFolders()
 
 
 def folder(path: str) -> CacheFolder:
-    path = os.path.abspath(path)
-    with _folders_lock:
-        if path not in _folders:
-            _folders[path] = CacheFolder(path)
-        return _folders[path]
+    return FOLDERS.get(path)
 
 
 def load(path: str, device: torch.device | str = "cpu") -> LoadResult:

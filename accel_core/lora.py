@@ -93,6 +93,7 @@ class LoraState:
         self.signature: dict[str, tuple] = {}  # param -> ((file key, strength), ...) fused into it now
         self.applied: tuple[tuple[LoraSpec, tuple], ...] = ()
         self.owner: object | None = None  # host bookkeeping: who asked for what is fused (hosts/comfy_lora.py)
+        self.last_run: tuple | None = None  # host bookkeeping: the set the last run asked for (its log says "swapped" on a change)
         self._targets: Targets | None = None
         self._resolved: dict[tuple, Resolved] = {}
         self.lock = threading.RLock()
@@ -119,16 +120,31 @@ class LoraState:
     def active(self) -> bool:
         return bool(self.originals)
 
+    @property
+    def unet(self) -> nn.Module | None:
+        return self._unet()
 
-_states: "weakref.WeakKeyDictionary[nn.Module, LoraState]" = weakref.WeakKeyDictionary()
-_states_lock = threading.Lock()
+    def __deepcopy__(self, memo):
+        return None  # a copied UNet has nothing fused that this state could undo: it starts its own
+
+    def __copy__(self):
+        return None
+
+
+STATE_ATTR = "_sd_accel_lora"  # on the UNet: its LoraState (per model, goes with it)
+_create_lock = threading.Lock()
 
 
 def lora_state(unet: nn.Module) -> LoraState:
-    with _states_lock:
-        st = _states.get(unet)
-        if st is None:
-            st = _states[unet] = LoraState(unet)
+    """The UNet's LoraState, kept on the UNet itself (a copy of the UNet starts without one)."""
+    st = unet.__dict__.get(STATE_ATTR)
+    if isinstance(st, LoraState) and st.unet is unet:
+        return st
+    with _create_lock:
+        st = unet.__dict__.get(STATE_ATTR)
+        if not (isinstance(st, LoraState) and st.unet is unet):
+            st = LoraState(unet)
+            object.__setattr__(unet, STATE_ATTR, st)  # plain attribute: no submodule, no state_dict entry
         return st
 
 

@@ -37,8 +37,6 @@ import math
 import weakref
 from dataclasses import dataclass
 
-import torch
-
 from .. import events
 from ..errors import SDAccelError
 from ..log import logger
@@ -48,8 +46,6 @@ from .comfy import callbacks_mp, check_model, patchable_clone, wrappers_mp
 LORA_KEY = "sd_accel.lora"
 _OWNER_ATTR = "_sd_accel_lora_owner"  # on a patcher that fused a set: its _Owner
 
-# unet -> the set the previous run used: the log says "swapped" only when it changes.
-_last_run: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 # The patcher whose OUTER_SAMPLE (model load, pre-run, sampling) is running in this context.
 _sampling: contextvars.ContextVar = contextvars.ContextVar("sd_accel_lora_sampling", default=None)
 
@@ -124,8 +120,8 @@ def _on_pre_run(patcher):
         report = apply_loras(unet, list(wanted.specs), wanted.config)
         own.lazy = not _overlaps_comfy_patches(patcher, state)
     key = tuple(wanted.specs)
-    if _last_run.get(unet) != key:
-        _last_run[unet] = key
+    if state.last_run != key:  # the log says "swapped" only when the set changes
+        state.last_run = key
         logger.info("SD Accel LoRA Hot-Swap: %s (no reload, no recompile).", report.summary())
         events.emit("lora_swap", loras=[{"name": n, "strength": s, "layers": k} for n, s, k in report.applied],
                     layers_changed=report.layers_changed, seconds=report.seconds)
