@@ -103,7 +103,7 @@ def export_bundle(path: str, fid: str | None = None, config=None) -> bytes:
         if _fid_of(e.path) != chosen:
             continue
         try:
-            header, payload = cc._read(e.path)
+            header, payload = cc.read_file(e.path)
         except (OSError, ValueError, struct.error) as ex:
             logger.warning("SD Accel: left unreadable compile-cache file %s out of the export (%s)", e.path, ex)
             continue
@@ -136,7 +136,7 @@ def read_bundle(data: bytes, source: str = "the artifacts file") -> Bundle:
     if data.startswith(cc.MAGIC):  # a single compile-cache file from a folder is accepted as it is
         try:
             r = _Reader(data)
-            header = cc._read_header(r)
+            header = cc.read_header(r)
             payload = data[r.at:]
             if not isinstance(header, dict) or "fingerprint" not in header:
                 raise ValueError("its header names no fingerprint")
@@ -239,10 +239,10 @@ def import_bundle(data: bytes, path: str, device: torch.device | str | None = No
             if os.path.exists(target):
                 res.present += 1
                 continue
-            cc._write(target, dict(header, imported=time.time()), payload)
+            cc.write_file(target, dict(header, imported=time.time()), payload)
             res.written.append(target)
             if fid in f.loaded and cc.supported():
-                info = cc._load_payload(payload)
+                info = cc.load_payload(payload)
                 if info is not None:
                     keys = {(t, k) for t, ks in info.artifacts.items() for k in ks}
                     f.known |= keys

@@ -13,7 +13,7 @@ What torch's API does, and how the folder is laid out because of it:
   (`CacheArtifactManager.serialize` appends to one growing buffer). A cache *hit* records the
   entry it hit again (`record_if_present` in FxGraphCache / AOTAutogradCache lookups); a load
   records nothing.
-- Loading a payload saved in several steps needs care (see `_load_payload`).
+- Loading a payload saved in several steps needs care (see `load_payload`).
 - So each save writes one file holding all of this process's artifacts, named by a content
   hash, with a small header listing the artifact keys. A save whose keys are all in files we
   loaded or saved already writes nothing (the warm process that only hit the cache). After a
@@ -92,7 +92,7 @@ def default_cache_dir(host: str | None = None) -> str | None:
     return os.path.join(os.path.abspath(base), SUBDIR)
 
 
-def _load_payload(payload: bytes):
+def load_payload(payload: bytes):
     """`torch.compiler.load_cache_artifacts`, but keeping every chunk of a payload saved in steps.
 
     save_cache_artifacts appends one (type, artifacts) chunk per type at every call, and
@@ -167,7 +167,7 @@ class Entry:
         return {(t, k) for t, ks in arts.items() for k in ks}
 
 
-def _write(path: str, header: dict, payload: bytes) -> None:
+def write_file(path: str, header: dict, payload: bytes) -> None:
     head = json.dumps(header, sort_keys=True).encode()
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
@@ -179,7 +179,7 @@ def _write(path: str, header: dict, payload: bytes) -> None:
             os.remove(tmp)
 
 
-def _read_header(f) -> dict:
+def read_header(f) -> dict:
     if f.read(len(MAGIC)) != MAGIC:
         raise ValueError("not an SD Accel compile-cache file")
     (n,) = struct.unpack("<Q", f.read(8))
@@ -188,9 +188,9 @@ def _read_header(f) -> dict:
     return json.loads(f.read(n))
 
 
-def _read(path: str) -> tuple[dict, bytes]:
+def read_file(path: str) -> tuple[dict, bytes]:
     with open(path, "rb") as f:
-        header = _read_header(f)
+        header = read_header(f)
         return header, f.read()
 
 
@@ -209,7 +209,7 @@ def entries(folder: str, fid: str | None = None) -> list[Entry]:
             st = os.stat(path)
             try:
                 with open(path, "rb") as f:
-                    header = _read_header(f)
+                    header = read_header(f)
             except (ValueError, OSError, struct.error):
                 header = None
             out.append(Entry(path, st.st_size, st.st_mtime, header))
@@ -297,16 +297,31 @@ class CacheFolder:
         self.saves = 0
 
 
-_folders: dict[str, CacheFolder] = {}
-_folders_lock = threading.Lock()
+class CacheFolders:
+    """This process's CacheFolder per path (what it loaded and knows). The one instance is FOLDERS."""
+
+    def __init__(self):
+        self._by_path: dict[str, CacheFolder] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> CacheFolder:
+        path = os.path.abspath(path)
+        with self._lock:
+            if path not in self._by_path:
+                self._by_path[path] = CacheFolder(path)
+            return self._by_path[path]
+
+    def forget(self) -> None:
+        """Forget every folder's state (as a new process would start)."""
+        with self._lock:
+            self._by_path.clear()
+
+
+FOLDERS = CacheFolders()
 
 
 def folder(path: str) -> CacheFolder:
-    path = os.path.abspath(path)
-    with _folders_lock:
-        if path not in _folders:
-            _folders[path] = CacheFolder(path)
-        return _folders[path]
+    return FOLDERS.get(path)
 
 
 def load(path: str, device: torch.device | str = "cpu") -> LoadResult:
@@ -328,8 +343,8 @@ def load(path: str, device: torch.device | str = "cpu") -> LoadResult:
         t0 = time.perf_counter()
         for e in entries(f.path, fid):
             try:
-                header, payload = _read(e.path)
-                info = _load_payload(payload)
+                header, payload = read_file(e.path)
+                info = load_payload(payload)
                 if info is None:  # torch logged why (it could not un-pickle the payload)
                     raise ValueError("torch could not read the artifacts")
             except Exception as ex:
@@ -383,7 +398,7 @@ def save(path: str, device: torch.device | str = "cpu", max_bytes: int = MAX_BYT
             header = {"fingerprint": fp, "created": time.time(), "artifacts": {t: list(ks) for t, ks in info.artifacts.items()}}
             if config_record(config):
                 header["compile"] = config_record(config)
-            _write(target, header, payload)
+            write_file(target, header, payload)
             f.known |= keys
             f.saves += 1
             res = SaveResult(new=len(new), path=target, size=os.path.getsize(target))

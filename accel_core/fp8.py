@@ -8,16 +8,15 @@ convolutions, norms and attention stay in the compute dtype. Use it on a copy of
 
 The half-precision weight stays the module's `weight` Parameter: state-dict keys, LoRA name
 matching and in-place LoRA fusing (LoRA Hot-Swap, ComfyUI's weight patches) see the layer as
-before. The fp8 copy is a buffer that `refresh(unet, token)` re-quantizes in place whenever
-the host's weight token changes (a LoRA swapped, patches applied), so compiled graphs and CUDA
-graphs keep reading the same memory.
+before. The fp8 copy is a buffer re-quantized in place, so compiled graphs and CUDA graphs keep
+reading the same memory: by `accel_core.lora` for every layer it writes, and by `refresh(unet)`
+where a host changed the weights itself (ComfyUI's weight patches, once per sampling run).
 
 Needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); `fp8_support_error` says why
 it cannot run elsewhere.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -152,13 +151,10 @@ class FP8Report:
         return f"{self.converted} layers run fp8 matmuls, {self.kept} convolutions / linears stay in the compute dtype"
 
 
-_tokens: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
-
-
-def to_fp8(module: nn.Module, config: FP8Config | None = None, token: object = None) -> FP8Report:
+def to_fp8(module: nn.Module, config: FP8Config | None = None) -> FP8Report:
     """Replace `module`'s eligible linear / 1x1 conv layers with FP8Linear, in place.
 
-    Call it on a copy (FP16 Cast's). `token` is the host's weight state now (see `refresh`).
+    Call it on a copy (FP16 Cast's).
 
     Example:
         >>> fast = cast(unet, CastConfig(dtype="fp16"))
@@ -178,29 +174,34 @@ def to_fp8(module: nn.Module, config: FP8Config | None = None, token: object = N
                 converted += 1
             elif isinstance(child, (nn.Linear, nn.Conv2d)):
                 kept += 1
-    _tokens[module] = token
     report = FP8Report(converted, kept)
     logger.info("SD Accel fp8: %s", report.summary())
     return report
 
 
-def refresh(module: nn.Module, token: object) -> bool:
-    """Re-quantize the fp8 weight copies when the host's weight token changed since the last call.
+def refresh(module: nn.Module) -> int:
+    """Re-quantize every fp8 weight copy of `module` from its half-precision weight, in place.
 
-    `token` is anything comparable that changes whenever the half-precision weights do (ComfyUI:
-    the patches applied and the hot-swapped LoRAs). Returns whether anything was re-quantized.
+    For hosts that change the weights behind SD Accel's back (ComfyUI applies its weight
+    patches at load): call it once after that. Returns how many layers were re-quantized.
     """
-    if module in _tokens and _tokens[module] == token:
-        return False
+    n = 0
     for mod in module.modules():
         if isinstance(mod, FP8Linear):
             mod.quantize_weight()
-    _tokens[module] = token
-    return True
+            n += 1
+    return n
+
+
+def requantize_param(module: nn.Module, param_name: str) -> None:
+    """After `param_name` of `module` was written in place: refresh its fp8 copy, if it has one."""
+    owner = module.get_submodule(param_name.rpartition(".")[0])
+    if isinstance(owner, FP8Linear) and param_name.endswith("weight"):
+        owner.quantize_weight()
 
 
 def has_fp8(module: nn.Module) -> bool:
     return any(isinstance(m, FP8Linear) for m in module.modules())
 
 
-__all__ = ["FP8Config", "FP8Linear", "FP8Report", "to_fp8", "refresh", "has_fp8", "fp8_support_error", "check_fp8_device", "MIN_CAPABILITY"]
+__all__ = ["FP8Config", "FP8Linear", "FP8Report", "to_fp8", "refresh", "requantize_param", "has_fp8", "fp8_support_error", "check_fp8_device", "MIN_CAPABILITY"]

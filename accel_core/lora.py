@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from .errors import SDAccelError, check_range, choice_error
+from .fp8 import requantize_param
 from .log import logger
 from .lora_file import LoraFile, LoraLayer, move_factors, parse_lora, read_lora
-from .lora_names import Resolved, UNetNames, _resolve, _Targets
+from .lora_names import Resolved, UNetNames, resolve_lora, Targets
 
 BACKUP_DEVICES = ("same", "cpu")
 
@@ -92,21 +93,22 @@ class LoraState:
         self.signature: dict[str, tuple] = {}  # param -> ((file key, strength), ...) fused into it now
         self.applied: tuple[tuple[LoraSpec, tuple], ...] = ()
         self.owner: object | None = None  # host bookkeeping: who asked for what is fused (hosts/comfy_lora.py)
-        self._targets: _Targets | None = None
+        self.last_run: tuple | None = None  # host bookkeeping: the set the last run asked for (its log says "swapped" on a change)
+        self._targets: Targets | None = None
         self._resolved: dict[tuple, Resolved] = {}
         self.lock = threading.RLock()
 
     @property
-    def targets(self) -> _Targets:
+    def targets(self) -> Targets:
         if self._targets is None:
-            self._targets = _Targets(self._unet())
+            self._targets = Targets(self._unet())
         return self._targets
 
     def resolve(self, lf: LoraFile, config: LoraConfig) -> Resolved:
         key = (lf.key, config.min_match)
         r = self._resolved.get(key)
         if r is None:
-            r = _resolve(lf, self.targets)
+            r = resolve_lora(lf, self.targets)
             _check_match(lf, r, self.targets, config)
             _check_plain_weights(lf, r, self._unet())
             if len(self._resolved) > 32:
@@ -118,27 +120,50 @@ class LoraState:
     def active(self) -> bool:
         return bool(self.originals)
 
+    @property
+    def unet(self) -> nn.Module | None:
+        return self._unet()
 
-_states: "weakref.WeakKeyDictionary[nn.Module, LoraState]" = weakref.WeakKeyDictionary()
-_states_lock = threading.Lock()
+    def __deepcopy__(self, memo):
+        return None  # a copied UNet has nothing fused that this state could undo: it starts its own
+
+    def __copy__(self):
+        return None
+
+
+STATE_ATTR = "_sd_accel_lora"  # on the UNet: its LoraState (per model, goes with it)
+_create_lock = threading.Lock()
 
 
 def lora_state(unet: nn.Module) -> LoraState:
-    with _states_lock:
-        st = _states.get(unet)
-        if st is None:
-            st = _states[unet] = LoraState(unet)
+    """The UNet's LoraState, kept on the UNet itself (a copy of the UNet starts without one)."""
+    st = unet.__dict__.get(STATE_ATTR)
+    if isinstance(st, LoraState) and st.unet is unet:
+        return st
+    with _create_lock:
+        st = unet.__dict__.get(STATE_ATTR)
+        if not (isinstance(st, LoraState) and st.unet is unet):
+            st = LoraState(unet)
+            object.__setattr__(unet, STATE_ATTR, st)  # plain attribute: no submodule, no state_dict entry
         return st
 
 
-def _arch_label(targets: _Targets) -> str:
+def original_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """{parameter name: exact original tensor} for every weight that has LoRA deltas fused now
+    (empty when none): what a copy of `unet` without the LoRAs is made from (FP16 Cast)."""
+    state = lora_state(unet)
+    with state.lock:
+        return dict(state.originals)
+
+
+def _arch_label(targets: Targets) -> str:
     shapes = targets.shapes
     ctx = next((s[1] for n, s in shapes.items() if n.endswith("attn2.to_k.weight")), None)
     arch = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(ctx, f"cross-attention width {ctx}")
     return f"{arch} UNet ({targets.names.kind}, {len(shapes)} weight layers)"
 
 
-def _check_match(lf: LoraFile, r: Resolved, targets: _Targets, config: LoraConfig):
+def _check_match(lf: LoraFile, r: Resolved, targets: Targets, config: LoraConfig):
     ok = r.matched / max(1, r.total)
     if r.matched and ok >= config.min_match and not r.wrong_shape:
         if r.unmatched:
@@ -250,6 +275,7 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
                         layer.add_to(acc, strength)
                     param.data.copy_(acc)
                     state.signature[pname] = sig
+                requantize_param(unet, pname)  # an fp8 copy of this weight (FP16 Cast fp8) follows it
                 changed += 1
         state.applied = applied
         report.layers_changed, report.seconds, report.changed = changed, time.perf_counter() - t0, changed > 0
@@ -257,4 +283,4 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
 
 
 __all__ = ["LoraSpec", "LoraConfig", "LoraReport", "LoraState", "apply_loras", "read_lora", "parse_lora",
-           "lora_state", "UNetNames"]
+           "lora_state", "original_weights", "UNetNames"]

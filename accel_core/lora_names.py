@@ -156,7 +156,7 @@ class UNetNames:
         return name if self.kind == LDM else self.other(name)
 
 
-class _Targets:
+class Targets:
     """Every name a LoRA file may use for each weight of one UNet -> that weight's parameter name."""
 
     def __init__(self, unet: nn.Module):
@@ -207,7 +207,7 @@ class Resolved:
     wrong_shape: list[tuple[str, tuple, tuple]]
 
 
-def _resolve(lf: LoraFile, targets: _Targets) -> Resolved:
+def resolve_lora(lf: LoraFile, targets: Targets) -> Resolved:
     by_param, unmatched, wrong = {}, [], []
     for base, layer in lf.layers.items():
         pname = targets.lookup(base)

@@ -22,7 +22,6 @@ from torch import nn
 from .compile import CompileConfig, CompiledUNet
 
 ATTR = "_sd_accel_artifacts"
-_live: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # weak: lists modules, never keeps one alive
 
 
 class Artifacts:
@@ -40,13 +39,33 @@ class Artifacts:
         return Artifacts()
 
 
+class LiveModules:
+    """Which modules have artifacts now, for `modules()` and `clear()`: weak, it lists modules and
+    never keeps one alive. The one instance is LIVE."""
+
+    def __init__(self):
+        self._modules: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+    def add(self, module: nn.Module) -> None:
+        self._modules.add(module)
+
+    def all(self) -> list[nn.Module]:
+        return list(self._modules)
+
+    def forget(self) -> None:
+        self._modules.clear()
+
+
+LIVE = LiveModules()
+
+
 def artifacts(module: nn.Module) -> Artifacts:
     """The module's artifacts, made empty on first use."""
     art = module.__dict__.get(ATTR)
     if not isinstance(art, Artifacts):
         art = Artifacts()
         object.__setattr__(module, ATTR, art)  # plain attribute: no submodule, no state_dict entry, no nn.Module hooks
-    _live.add(module)  # also for a copy that came with an empty one (see __deepcopy__)
+    LIVE.add(module)  # also for a copy that came with an empty one (see __deepcopy__)
     return art
 
 
@@ -76,17 +95,17 @@ def key_config(key) -> CompileConfig:
 
 def modules() -> list[tuple[nn.Module, Artifacts]]:
     """Every live module that has artifacts, with them."""
-    out = [(m, m.__dict__.get(ATTR)) for m in list(_live)]
+    out = [(m, m.__dict__.get(ATTR)) for m in LIVE.all()]
     return [(m, a) for m, a in out if isinstance(a, Artifacts)]
 
 
 def clear() -> int:
     """Drop every module's artifacts. Returns how many modules had some."""
     n = 0
-    for module in list(_live):
+    for module in LIVE.all():
         if module.__dict__.pop(ATTR, None) is not None:
             n += 1
-    _live.clear()
+    LIVE.forget()
     return n
 
 

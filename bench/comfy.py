@@ -207,7 +207,7 @@ def make_inputs(arch: str, side: int, seed: int, batch: int = 1) -> ComfyInputs:
 
 # --- measuring -----------------------------------------------------------------------------------
 
-def _sync(device: str):
+def sync_device(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -297,7 +297,7 @@ class ComfyBench:
                 run = run or self.sample
                 with (compile_ctx() if compile_ctx else contextlib.nullcontext()):
                     out = run(model)
-                _sync(self.device)
+                sync_device(self.device)
                 first = time.perf_counter() - t0
                 timing = time_runs(lambda: run(model), self.cfg.repeats, self.device, warm_up=False)
                 timing.first_s, out = first, timing.out
@@ -398,7 +398,7 @@ class ComfyBench:
     def _timed(self, model, inputs: ComfyInputs | None = None) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
         out = self.sample(model, inputs=inputs)
-        _sync(self.device)
+        sync_device(self.device)
         return out, time.perf_counter() - t0
 
     def _done(self, name):
@@ -430,7 +430,7 @@ def write_profile(run, path: str, device: str):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         run()
-        _sync(device)
+        sync_device(device)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
@@ -449,7 +449,7 @@ def _has_cuda_key(prof) -> bool:
 
 # --- rows ------------------------------------------------------------------------------------------
 
-def _builtin_compile(model, backend: str = "inductor"):
+def builtin_compile(model, backend: str = "inductor"):
     """ComfyUI's TorchCompileModel node, called as the executor calls it."""
     from comfy_extras.nodes_torch_compile import TorchCompileModel
 
@@ -457,7 +457,7 @@ def _builtin_compile(model, backend: str = "inductor"):
     return out.result[0] if hasattr(out, "result") else out[0]
 
 
-def _our_compile(model, mode: str, dynamic: bool | None = False, guards: str = "full"):
+def our_compile(model, mode: str, dynamic: bool | None = False, guards: str = "full"):
     if dynamic is None or guards != "full":  # not node choices: through the adapter
         from ..accel_core.compile import CompileConfig
         from ..accel_core.hosts.comfy import apply_compile
@@ -468,13 +468,13 @@ def _our_compile(model, mode: str, dynamic: bool | None = False, guards: str = "
     return SDAccelCompileUNet().apply(model, backend="inductor", mode=mode, dynamic=dynamic, fullgraph=False)[0]
 
 
-def _our_cast(model, channels_last=True, attention="auto"):
+def our_cast(model, channels_last=True, attention="auto"):
     from ..nodes.cast import SDAccelFP16Cast
 
     return SDAccelFP16Cast().apply(model, dtype="auto", channels_last=channels_last, attention=attention)[0]
 
 
-def _inductor_patch(**opts):
+def inductor_patch(**opts):
     def ctx():
         import torch._inductor.config as ic
 

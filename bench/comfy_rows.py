@@ -12,26 +12,26 @@ import torch
 
 from ..accel_core.errors import SDAccelError
 from ..accel_core.log import logger
-from .comfy import BASELINE, PRESETS, ComfyBench, _builtin_compile, _inductor_patch, _our_cast, _our_compile, comfy_version
+from .comfy import BASELINE, PRESETS, ComfyBench, builtin_compile, inductor_patch, our_cast, our_compile, comfy_version
 from .measure import BenchConfig, BenchResult
 from .warmup import COLD, WARM, warmup_rows
 
 def rows(b: ComfyBench):
     base = b.model
     yield b.measure(BASELINE, lambda: base)
-    yield b.measure("comfy TorchCompileModel (built-in, inductor)", lambda: _builtin_compile(base))
-    yield b.measure("SDAccelCompileUNet inductor default", lambda: _our_compile(base, "default"))
+    yield b.measure("comfy TorchCompileModel (built-in, inductor)", lambda: builtin_compile(base))
+    yield b.measure("SDAccelCompileUNet inductor default", lambda: our_compile(base, "default"))
     if b.device != "cuda":
         return  # CUDA graphs and fp16 are the GPU path
-    yield b.measure("comfy TorchCompileModel (built-in, cudagraphs)", lambda: _builtin_compile(base, "cudagraphs"))
-    ro = lambda: _our_compile(base, "reduce-overhead")  # noqa: E731
-    ro_cast = lambda: _our_compile(_our_cast(base), "reduce-overhead")  # noqa: E731
+    yield b.measure("comfy TorchCompileModel (built-in, cudagraphs)", lambda: builtin_compile(base, "cudagraphs"))
+    ro = lambda: our_compile(base, "reduce-overhead")  # noqa: E731
+    ro_cast = lambda: our_compile(our_cast(base), "reduce-overhead")  # noqa: E731
     yield b.measure("SDAccelCompileUNet inductor reduce-overhead", ro)
     yield b.measure("SDAccelFP16Cast channels_last + SDAccelCompileUNet reduce-overhead", ro_cast)
     if _has("..nodes.deepcache"):
         dc = lambda m: _deepcache(m, 3)  # noqa: E731
         yield b.measure("SDAccelDeepCache interval 3", lambda: dc(base))
-        yield b.measure("SDAccelDeepCache interval 3 + SDAccelCompileUNet reduce-overhead", lambda: _our_compile(dc(base), "reduce-overhead"))
+        yield b.measure("SDAccelDeepCache interval 3 + SDAccelCompileUNet reduce-overhead", lambda: our_compile(dc(base), "reduce-overhead"))
     if _has("..nodes.lcm"):
         lcm_note = "rel err vs the 20-step euler baseline: another sampler, not comparable"
         for cfg_scale in (1.5, 1.0):  # 1.5: the node's default (UNet batch 2); 1.0 skips the negative pass
@@ -48,13 +48,13 @@ def rows(b: ComfyBench):
     phases = [(f"{side * 8}->{big * 8}", big, 1), (f"back to {side * 8}", side, 1), ("batch 1->2", side, 2)]
     for dyn, label in ((False, "dynamic off"), (None, "dynamic auto")):
         yield b.measure_changes(f"SDAccelCompileUNet reduce-overhead, size changes ({label})",
-                                lambda dyn=dyn: _our_compile(base, "reduce-overhead", dyn), phases)
-    yield b.measure_changes("comfy TorchCompileModel (built-in), size changes", lambda: _builtin_compile(base), phases)
+                                lambda dyn=dyn: our_compile(base, "reduce-overhead", dyn), phases)
+    yield b.measure_changes("comfy TorchCompileModel (built-in), size changes", lambda: builtin_compile(base), phases)
     # Experiments (run only when named in --configs): settings on top of the cast + reduce-overhead row.
-    yield b.measure("exp: FP16Cast + reduce-overhead + skip-module guards", lambda: _our_compile(_our_cast(base), "reduce-overhead", guards="skip-module"))
+    yield b.measure("exp: FP16Cast + reduce-overhead + skip-module guards", lambda: our_compile(our_cast(base), "reduce-overhead", guards="skip-module"))
     yield b.measure("exp: FP16Cast + reduce-overhead + cudnn.benchmark", ro_cast, row_ctx=_cudnn_benchmark)
     yield b.measure("exp: FP16Cast + reduce-overhead + conv1x1-as-mm + coordinate descent", ro_cast,
-                    compile_ctx=_inductor_patch(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False))
+                    compile_ctx=inductor_patch(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False))
 
 
 def _has(module: str) -> bool:

@@ -122,7 +122,7 @@ def _child(spec: dict) -> dict:
     from torch._dynamo.utils import counters
 
     from ..accel_core.hosts.comfy import compile_report
-    from .comfy import PRESETS, ComfyBench, _our_compile, _sync, write_profile
+    from .comfy import PRESETS, ComfyBench, our_compile, sync_device, write_profile
     from .measure import rel_err
 
     cfg = BenchConfig(device=spec["device"], preset=spec["preset"], steps=spec["steps"], seed=spec["seed"], cfg_scale=spec["cfg_scale"],
@@ -133,13 +133,13 @@ def _child(spec: dict) -> dict:
     def timed(model):
         t0 = time.perf_counter()
         out = b.sample(model)
-        _sync(b.device)
+        sync_device(b.device)
         return out, time.perf_counter() - t0
 
     with torch.inference_mode():
         timed(b.model)  # loads the model onto the device, warms the libraries
         ref, eager_s = timed(b.model)
-        m = _our_compile(b.model, spec["mode"])
+        m = our_compile(b.model, spec["mode"])
         if b.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _, first_s = timed(m)

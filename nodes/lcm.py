@@ -29,10 +29,13 @@ class SDAccelLCMLoRASampler:
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "1.0 for txt2img; lower keeps more of the input latent."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
+    def __init__(self):
+        self.clones = host.LcmClones()  # ComfyUI keeps one node object per graph node: a re-run reuses its clone
+
     def sample(self, model, positive, negative, latent_image, lcm_lora_name, strength, seed, steps, cfg, denoise, unique_id=None):
         path = folder_paths.get_full_path_or_raise("loras", lcm_lora_name)
         config = LcmConfig(steps=steps, cfg=cfg, strength=strength, denoise=denoise)
-        return (host.lcm_sample(model, positive, negative, latent_image, path, seed, config, unique_id),)
+        return (host.lcm_sample(model, positive, negative, latent_image, path, seed, config, unique_id, self.clones),)
 
 
 NODE_CLASS_MAPPINGS = {"SDAccelLCMLoRASampler": SDAccelLCMLoRASampler}

@@ -24,10 +24,16 @@ COMPILE_KEY = "sd_accel.compile"
 _MISSING = object()
 
 
-def _wrappers_mp():
+def wrappers_mp():
     import comfy.patcher_extension as pe
 
     return pe.WrappersMP
+
+
+def callbacks_mp():
+    import comfy.patcher_extension as pe
+
+    return pe.CallbacksMP
 
 
 _HOOKS = ("add_wrapper_with_key", "remove_wrappers_with_key", "add_callback_with_key", "remove_callbacks_with_key", "set_attachments", "get_attachment")
@@ -45,7 +51,7 @@ def _missing_hooks(model) -> list[str]:
     return missing + [f"CallbacksMP.{k}" for k in ("ON_PRE_RUN", "ON_CLEANUP", "ON_DETACH") if not hasattr(getattr(pe, "CallbacksMP", None), k)]
 
 
-def _check_model(model, node: str):
+def check_model(model, node: str):
     """The LDM UNet inside a ComfyUI MODEL, or None (with a warning) when SD Accel cannot patch it."""
     if not hasattr(model, "clone") or not hasattr(model, "get_model_object"):
         raise SDAccelError(f"SD Accel {node}: expected a ComfyUI MODEL (ModelPatcher), found {type(model).__name__}. Connect the MODEL output of a loader.")
@@ -68,7 +74,21 @@ def _check_model(model, node: str):
 # fused deltas) run on a classic copy, rebuilt from the checkpoint file as ComfyUI's own
 # TorchCompileModel does. One classic copy per dynamic model: all our clones of it share it, as
 # clones share a model, so compiled code and fused weights carry over between nodes and runs.
-_classic: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+class ClassicCopies:
+    """The regular copy made for each DynamicVRAM model (its `get_clone_model_override()`), kept
+    while the dynamic model lives (weakly keyed by it). One registry object: CLASSIC_COPIES."""
+
+    def __init__(self):
+        self._by_model: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+    def get(self, dynamic_model):
+        return self._by_model.get(dynamic_model)
+
+    def remember(self, dynamic_model, override) -> None:
+        self._by_model[dynamic_model] = override
+
+
+CLASSIC_COPIES = ClassicCopies()
 
 
 def _clone_params(model) -> frozenset:
@@ -93,7 +113,7 @@ def patchable_clone(model, node: str):
                        "passing the model through unchanged. Start ComfyUI with --disable-dynamic-vram to use this node.", node)
         return None
     shared = "model_override" in params and callable(getattr(model, "get_clone_model_override", None))
-    override = _classic.get(model.model) if shared else None
+    override = CLASSIC_COPIES.get(model.model) if shared else None
     try:
         m = model.clone(disable_dynamic=True, model_override=override) if shared else model.clone(disable_dynamic=True)
     except RuntimeError as e:  # no cached_patcher_init: the model was not loaded from a file by a core loader
@@ -102,7 +122,7 @@ def patchable_clone(model, node: str):
                        "ComfyUI with --disable-dynamic-vram.", node, e)
         return None
     if shared and override is None:
-        _classic[model.model] = m.get_clone_model_override()
+        CLASSIC_COPIES.remember(model.model, m.get_clone_model_override())
         logger.info("SD Accel %s: DynamicVRAM model: made a regular copy from the checkpoint file (SD Accel's nodes share it).", node)
     return m
 
@@ -114,7 +134,7 @@ def compiled_for(unet: torch.nn.Module, config: CompileConfig) -> CompiledUNet:
 
 def active_compile_config(transformer_options: dict) -> CompileConfig | None:
     """The CompileConfig of the Compile UNet wrapper in this sampling run (from its merged wrappers), if any."""
-    entries = transformer_options.get("wrappers", {}).get(_wrappers_mp().APPLY_MODEL, {}).get(COMPILE_KEY, [])
+    entries = transformer_options.get("wrappers", {}).get(wrappers_mp().APPLY_MODEL, {}).get(COMPILE_KEY, [])
     for fn in entries:
         if isinstance(fn, functools.partial) and fn.func is _compile_wrapper:
             return fn.args[0]
@@ -175,7 +195,7 @@ def _host_attention_probes_memory() -> bool:
 
 def apply_compile(model, config: CompileConfig):
     """Clone `model` and install a keyed compile wrapper on the clone."""
-    unet = _check_model(model, "Compile UNet")
+    unet = check_model(model, "Compile UNet")
     if unet is None:
         return model
     # cache_dir: compiled graphs persist in ComfyUI's user folder, so the next start reuses them.
@@ -196,7 +216,7 @@ def apply_compile(model, config: CompileConfig):
         to["optimized_attention_override"] = _sdpa_attention  # a user's or FP16 Cast's choice stays
         logger.info("SD Accel Compile UNet: the compiled model uses PyTorch SDPA attention (ComfyUI's %s asks for free memory "
                     "on every call, which a compiled graph would recompile on).", _host_attention_name())
-    wmp = _wrappers_mp()
+    wmp = wrappers_mp()
     m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
     m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))
     return m

@@ -1,72 +1,36 @@
-"""ComfyUI host for FP16 Cast: a clone whose UNet is a copy in the requested dtype / memory format,
-with the attention kernel chosen per model (transformer_options["optimized_attention_override"]).
-With dtype fp8 the copy's linear layers run fp8 matmuls (accel_core/fp8.py); an APPLY_MODEL
-wrapper re-quantizes them whenever ComfyUI's patches or LoRA Hot-Swap changed the weights.
+"""ComfyUI host for FP16 Cast, through ComfyUI's public model API only.
 
-The copy is made from the exact unpatched weights (ComfyUI's backups and hot-swap's kept
-originals), so LoRAs applied to the input stay its own; the input model is never touched.
+The clone gets a UNet of its own in the requested dtype / memory format as an object patch
+("diffusion_model"): ComfyUI swaps it in when it loads the clone and back out when it unloads
+it, so the input and every other clone keep theirs. ComfyUI builds that UNet itself, from the
+model's config as its loaders do (`model_config.get_model`), so it starts with none of the
+load state of the shared one; it is filled with the exact unpatched weights (ComfyUI's
+`get_key_patches`, LoRA Hot-Swap's `original_weights`), and ComfyUI's weight patches (a
+LoraLoader before or after) apply to it at load. `set_model_compute_dtype(None)`: inputs go in
+the copy's own dtype, and the new patches uuid makes ComfyUI reload whenever it switches
+between this clone and one without the copy.
+
+With dtype fp8 the copy's linear layers run fp8 matmuls (accel_core/fp8.py); LoRA Hot-Swap
+re-quantizes the layers it writes, and an ON_PRE_RUN callback re-quantizes after ComfyUI's
+own patches (applied at load).
 """
 from __future__ import annotations
 
-import copy
 import functools
-import uuid
 
 import torch
 
-from ..cast import CastConfig, attention_context, cast_copy, resolve_dtype
+from ..cast import CastConfig, resolve_dtype
+from ..errors import SDAccelError
 from ..log import logger
-from .comfy import _check_model, _wrappers_mp, patchable_clone
+from ..lora import original_weights
+from .comfy import callbacks_mp, check_model, patchable_clone, wrappers_mp
+from .comfy_attention import OVERRIDE_KEY, attention_override
 
 CAST_KEY = "sd_accel.cast"
 FP8_KEY = "sd_accel.fp8"
-
-
-def _attention_override(attention: str, func, *args, **kwargs):
-    # transformer_options["optimized_attention_override"] (ComfyUI >= 0.3.6x): called instead of
-    # the attention function the host picked at start-up, for this model only.
-    from comfy.ldm.modules.attention import attention_pytorch
-
-    if attention == "auto":
-        return attention_pytorch(*args, **kwargs)
-    # ComfyUI's attention_pytorch opens its own sdpa_kernel(priority) around SDPA on CUDA, which
-    # would undo the choice: call SDPA here, shaped as attention_pytorch shapes it.
-    return _sdpa(attention, *args, **kwargs)
-
-
-def _sdpa(attention, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
-    if skip_reshape:
-        b, _, _, dim_head = q.shape
-    else:
-        b, _, inner = q.shape
-        dim_head = inner // heads
-        q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
-    if mask is not None:
-        mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
-        mask = mask.unsqueeze(1) if mask.ndim == 3 else mask
-    extra = {"scale": kwargs["scale"]} if "scale" in kwargs else {}
-    with attention_context(attention):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, **extra)
-    if not skip_output_reshape:
-        out = out.transpose(1, 2).reshape(b, -1, heads * dim_head)
-    return out
-
-
-def _weights_token(base, unet):
-    # Changes whenever the copy's half-precision weights do: ComfyUI writes its patches at load
-    # (and records their uuid on the model); LoRA Hot-Swap records what it fused.
-    from ..lora import lora_state
-
-    return (getattr(base, "current_weight_patches_uuid", None), lora_state(unet).applied)
-
-
-def _fp8_refresh_wrapper(executor, *args, **kwargs):
-    # APPLY_MODEL wrapper, outside any compiled region: cheap when nothing changed.
-    from .. import fp8
-
-    base = executor.class_obj
-    fp8.refresh(base.diffusion_model, _weights_token(base, base.diffusion_model))
-    return executor(*args, **kwargs)
+PREFIX = "diffusion_model."
+_CAST_API = ("add_object_patch", "set_model_compute_dtype", "get_key_patches", "get_model_object")
 
 
 def _channels_last_wrapper(executor, *args, **kwargs):
@@ -75,44 +39,54 @@ def _channels_last_wrapper(executor, *args, **kwargs):
     return executor(x, *args[1:], **kwargs)
 
 
-def _unpatched_weights(model, unet) -> dict:
-    """The UNet's weights without any LoRA patches currently applied to the shared module: the
-    exact copies LoRA Hot-Swap keeps while its deltas stay fused, and ComfyUI's own backups."""
-    from ..lora import lora_state
+def _fp8_pre_run(patcher):
+    # ON_PRE_RUN: ComfyUI has loaded the clone and applied its weight patches to the copy.
+    from ..fp8 import refresh
 
-    state = lora_state(unet)
-    with state.lock:
-        out = dict(state.originals)
-    for key, b in getattr(model, "backup", {}).items():
-        if key.startswith("diffusion_model."):
-            out[key[len("diffusion_model."):]] = b.weight
-    return out
+    refresh(patcher.get_model_object("diffusion_model"))
 
 
-def _reset_load_markers(module):
-    # Markers ComfyUI keeps on the (shared) module about what it loaded; a fresh copy has loaded nothing.
-    for name, value in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0), ("model_lowvram", False),
-                        ("current_weight_patches_uuid", None), ("model_offload_buffer_memory", 0)):
-        if hasattr(module, name):
-            setattr(module, name, value)
-    for sub in module.modules():
-        if getattr(sub, "comfy_patched_weights", False):
-            sub.comfy_patched_weights = False
-        if hasattr(sub, "weight_function"):
-            sub.weight_function = []
-            sub.bias_function = []
-        if hasattr(sub, "prev_comfy_cast_weights"):
-            sub.comfy_cast_weights = sub.prev_comfy_cast_weights
-            del sub.prev_comfy_cast_weights
+def _unpatched_state(m, unet) -> dict:
+    """`unet`'s weights without any patch fused in: ComfyUI's originals of what it patched (when
+    `unet` is the module ComfyUI holds now) and hot-swap's originals of what it fused."""
+    sd = {k: v.detach() for k, v in unet.state_dict().items()}
+    if m.model.diffusion_model is unet:  # get_key_patches reads the module the model holds now
+        for key, entries in m.get_key_patches(PREFIX).items():
+            weight, convert = entries[0][:2]
+            sd[key[len(PREFIX):]] = convert(weight, inplace=False)
+    sd.update(original_weights(unet))
+    return sd
+
+
+def cast_unet(m, unet, dtype: torch.dtype, channels_last: bool, node: str = "FP16 Cast"):
+    """A new UNet of `m`'s architecture, built by ComfyUI from the model's config in `dtype`,
+    holding `unet`'s unpatched weights (channels_last: conv weights stored NHWC)."""
+    # A config of our own (set_inference_dtype changes it), made as ComfyUI's loaders make one: from the
+    # unet_config. What a loader sets afterwards (quantized storage, custom ops) is for the weights we replace.
+    model_config = m.model.model_config
+    config = type(model_config)(dict(model_config.unet_config))
+    config.set_inference_dtype(dtype, None)
+    new = config.get_model({}, "", device=torch.device(m.offload_device)).diffusion_model
+    try:
+        new.load_state_dict(_unpatched_state(m, unet), strict=True)
+    except RuntimeError as e:
+        raise SDAccelError(f"SD Accel {node}: expected this model's config to rebuild its UNet ({type(unet).__name__}), "
+                           f"but the weights do not fit it ({str(e).splitlines()[0]}). The model was left unchanged; "
+                           "please report this model.") from e
+    if channels_last:
+        new.to(memory_format=torch.channels_last)
+    return new.requires_grad_(False)
 
 
 def apply_cast(model, config: CastConfig):
-    """Clone `model`; give the clone its own UNet copy in the requested dtype / memory format and attention kernel."""
-    unet = _check_model(model, "FP16 Cast")
+    """Clone `model`; give the clone its own UNet in the requested dtype / memory format and attention kernel."""
+    unet = check_model(model, "FP16 Cast")
     if unet is None:
         return model
-    import comfy.model_management as mm
-
+    missing = [h for h in _CAST_API if not callable(getattr(model, h, None))]
+    if missing:
+        logger.warning("SD Accel FP16 Cast: this ComfyUI's MODEL lacks %s; passing the model through unchanged. Update ComfyUI.", ", ".join(missing))
+        return model
     device_type = torch.device(model.load_device).type
     if config.dtype == "fp8":
         from ..fp8 import check_fp8_device
@@ -123,40 +97,25 @@ def apply_cast(model, config: CastConfig):
     m = patchable_clone(model, "FP16 Cast") if copies else model.clone()
     if m is None:
         return model
-    wmp = _wrappers_mp()
-    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = functools.partial(_attention_override, config.attention)
+    m.model_options.setdefault("transformer_options", {})[OVERRIDE_KEY] = functools.partial(attention_override, config.attention)
     if copies:
-        base = m.model
-        unet = base.diffusion_model
-        new_unet = cast_copy(unet, dtype, config.channels_last, source=_unpatched_weights(m, unet))
-        new_unet.dtype = dtype
+        new = cast_unet(m, m.get_model_object("diffusion_model"), dtype, config.channels_last)
         if config.dtype == "fp8":
             from ..fp8 import to_fp8
 
-            to_fp8(new_unet)
-        new_base = copy.copy(base)
-        for d in ("_modules", "_parameters", "_buffers"):
-            setattr(new_base, d, dict(getattr(base, d)))
-        new_base.diffusion_model = new_unet
-        new_base.manual_cast_dtype = None  # the weights now are the compute dtype
-        _reset_load_markers(new_base)
-        new_base.device = model.offload_device
-        m.model = new_base
-        m.backup, m.object_patches_backup = {}, {}
-        for name, empty in (("backup_buffers", {}), ("pinned", set())):  # ComfyUI >= 0.1x keeps these per model too
-            if hasattr(m, name):
-                setattr(m, name, empty)
-        m.size = 0
-        m.patches_uuid = uuid.uuid4()
-        if "manual_cast_dtype" in m.object_patches:
-            m.object_patches.pop("manual_cast_dtype")
-        m.force_cast_weights = False
-        if mm.get_torch_device().type == "cpu" and dtype == torch.float16:
+            to_fp8(new)
+        m.add_object_patch("diffusion_model", new)
+        m.set_model_compute_dtype(None)  # compute in the copy's dtype; new patches uuid: a switch reloads
+        if device_type == "cpu" and dtype == torch.float16:
             logger.warning("SD Accel FP16 Cast: fp16 on the CPU is slow in PyTorch; bf16 (or auto) is the fast choice there.")
+    wmp = wrappers_mp()
     m.remove_wrappers_with_key(wmp.DIFFUSION_MODEL, CAST_KEY)
     if config.channels_last:
         m.add_wrapper_with_key(wmp.DIFFUSION_MODEL, CAST_KEY, _channels_last_wrapper)
-    m.remove_wrappers_with_key(wmp.APPLY_MODEL, FP8_KEY)
+    m.remove_callbacks_with_key(callbacks_mp().ON_PRE_RUN, FP8_KEY)
     if config.dtype == "fp8":
-        m.add_wrapper_with_key(wmp.APPLY_MODEL, FP8_KEY, _fp8_refresh_wrapper)
+        m.add_callback_with_key(callbacks_mp().ON_PRE_RUN, FP8_KEY, _fp8_pre_run)
     return m
+
+
+__all__ = ["apply_cast", "cast_unet", "CAST_KEY", "FP8_KEY"]

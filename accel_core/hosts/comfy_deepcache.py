@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..deepcache import DeepCacheConfig, DeepCacheRunner, check_depth, cut_paths
 from ..log import logger
 from ..unet import ldm
-from .comfy import _check_model, _wrappers_mp, active_compile_config
+from .comfy import check_model, wrappers_mp, active_compile_config
 
 DEEPCACHE_KEY = "sd_accel.deepcache"
 
@@ -66,11 +66,15 @@ def _floats(t) -> list[float]:
     return t.detach().flatten().float().cpu().tolist()
 
 
-def _continue(executor, original, args, kwargs):
-    """Run the DIFFUSION_MODEL wrappers after ours, with `original` in place of UNetModel._forward."""
-    from comfy.patcher_extension import WrapperExecutor
+def _rest_of_chain(to: dict):
+    """The DIFFUSION_MODEL wrappers after ours in this call, with the index to start at, or None.
 
-    return WrapperExecutor.new_class_executor(original, executor.class_obj, executor.wrappers, executor.idx + 1).execute(*args, **kwargs)
+    The chain is the one ComfyUI's UNetModel.forward builds (get_all_wrappers of the call's
+    transformer_options); ours is found in it by identity."""
+    from comfy.patcher_extension import get_all_wrappers
+
+    chain = get_all_wrappers(wrappers_mp().DIFFUSION_MODEL, to)
+    return next(((chain, i + 1) for i, w in enumerate(chain) if w is _diffusion_model_wrapper), None)
 
 
 def _diffusion_model_wrapper(executor, *args, **kwargs):
@@ -85,10 +89,19 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
             runner.disable("ComfyUI did not pass the sigma schedule (sample_sigmas) to the model")
             return executor(*args, **kwargs)
         runner.begin(_floats(ss), len(ss) - 1)
+    rest = _rest_of_chain(to)
+    if rest is None:
+        runner.disable("this call's DIFFUSION_MODEL wrappers do not include DeepCache's (called through another chain)")
+        return executor(*args, **kwargs)
     x, unet = args[0], executor.class_obj
     step = runner.step_at(float(sigmas.flatten()[0]))
     path = runner.select(step, _chunk_keys(to, x.shape[0]), x, paths(unet, runner.config.cache_depth, active_compile_config(to)))
-    return _continue(executor, path, args, kwargs)
+    # The wrappers after ours run with the chosen path in place of UNetModel._forward: a new executor
+    # over the same chain (WrapperExecutor.new_class_executor, ComfyUI's public constructor).
+    from comfy.patcher_extension import WrapperExecutor
+
+    chain, after = rest
+    return WrapperExecutor.new_class_executor(path, unet, chain, after).execute(*args, **kwargs)
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
@@ -117,12 +130,12 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
 
 def apply_deepcache(model, config: DeepCacheConfig):
     """Clone `model` and install DeepCache on the clone (interval 1: a clone without it)."""
-    unet = _check_model(model, "DeepCache")
+    unet = check_model(model, "DeepCache")
     if unet is None:
         return model
     check_depth(unet, config)
     m = model.clone()
-    wmp = _wrappers_mp()
+    wmp = wrappers_mp()
     m.remove_wrappers_with_key(wmp.OUTER_SAMPLE, DEEPCACHE_KEY)
     m.remove_wrappers_with_key(wmp.DIFFUSION_MODEL, DEEPCACHE_KEY)
     m.model_options.setdefault("transformer_options", {}).pop(DEEPCACHE_KEY, None)

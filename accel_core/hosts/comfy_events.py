@@ -27,9 +27,24 @@ STATS_KEY = "sd_accel.stats"  # key of our OUTER_SAMPLE (node scope) and SAMPLER
 KINDS = ("cast", "compile", "deepcache", "lora", "lcm")
 
 _run_nodes: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sd_accel_run_nodes", default=None)
-# The mapping of the last finished run, by the node that sampled it: a wrapper outside ours
-# (another OUTER_SAMPLE one, e.g. DeepCache's summary) emits after our scope closed.
-_last_run: dict[str, dict] = {}
+
+
+class LastRun:
+    """The node mapping of the last finished run, by the sampler node that ran it: a wrapper
+    outside ours (another OUTER_SAMPLE one, e.g. DeepCache's summary) emits after our scope
+    closed, while ComfyUI still executes that sampler node. The one instance is LAST_RUN."""
+
+    def __init__(self):
+        self._by_sampler: dict[str, dict] = {}
+
+    def record(self, sampler_node, nodes: dict) -> None:
+        self._by_sampler = {sampler_node: nodes} if sampler_node is not None else {}
+
+    def nodes_of(self, sampler_node) -> dict:
+        return self._by_sampler.get(sampler_node, {}) if sampler_node is not None else {}
+
+
+LAST_RUN = LastRun()
 
 
 # --- node side -----------------------------------------------------------------------------
@@ -78,10 +93,7 @@ def _scope_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         _run_nodes.reset(token)
-        sampler_node, _ = _executing()
-        _last_run.clear()
-        if sampler_node is not None:
-            _last_run[sampler_node] = nodes
+        LAST_RUN.record(_executing()[0], nodes)
 
 
 def _stats_wrapper(executor, guider, sigmas, extra_args, *args, **kwargs):
@@ -129,7 +141,7 @@ def payload(event: str, data: dict) -> dict:
     node, prompt_id = _executing()
     nodes = _run_nodes.get()
     if nodes is None:
-        nodes = _last_run.get(node, {}) if node is not None else {}
+        nodes = LAST_RUN.nodes_of(node)
     return _jsonable({**data, "event": event, "nodes": nodes,
                       "executing": node, "prompt_id": prompt_id, "time": time.time()})
 
@@ -155,4 +167,4 @@ def install() -> None:
     logger.debug("SD Accel: forwarding status events to the ComfyUI frontend")
 
 
-__all__ = ["PREFIX", "KINDS", "track", "tracked_nodes", "payload", "forward", "install"]
+__all__ = ["PREFIX", "KINDS", "LastRun", "LAST_RUN", "track", "tracked_nodes", "payload", "forward", "install"]

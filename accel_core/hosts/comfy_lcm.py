@@ -9,13 +9,12 @@ import collections
 from ..lcm import DEEPCACHE_MIN_STEPS, LcmConfig, deepcache_helps
 from ..log import logger
 from ..lora import read_lora
-from .comfy import _check_model, _wrappers_mp
+from .comfy import check_model, wrappers_mp
 from .comfy_deepcache import DEEPCACHE_KEY
 from .comfy_lora import apply_hotswap
 
 LCM_SAMPLER, LCM_SCHEDULER = "lcm", "sgm_uniform"
-_LCM_CACHE_ATTR = "_sd_accel_lcm_clones"  # on an LCM node's input MODEL: the clones built from it
-_LCM_CACHE_SIZE = 4
+
 
 def lcm_model(model, path: str, strength: float):
     """Clone with the LCM-LoRA hot-swapped in and LCM model sampling (ModelSamplingDiscrete "lcm")."""
@@ -37,7 +36,7 @@ def _without_deepcache(model, steps: int):
     if interval is None or deepcache_helps(steps, interval):
         return model
     m = model.clone()
-    wmp = _wrappers_mp()
+    wmp = wrappers_mp()
     for kind in (wmp.OUTER_SAMPLE, wmp.DIFFUSION_MODEL):
         m.remove_wrappers_with_key(kind, DEEPCACHE_KEY)
     m.model_options["transformer_options"].pop(DEEPCACHE_KEY, None)
@@ -47,52 +46,65 @@ def _without_deepcache(model, steps: int):
     return m
 
 
+class LcmClones:
+    """The clones one LCM node samples with, held by the node (its per-node state).
+
+    Built once per (LoRA file contents, strength, DeepCache on/off) over the node's current
+    input MODEL, so a re-executed node (new seed, cfg, denoise) samples the same patcher and
+    the LoRA it fused stays fused. Only the current input's clones are kept: a new input
+    drops the old ones. node -> clones -> clone -> parent (the input) is no cycle, so all of it
+    goes by reference counting when the node or its input changes, and ComfyUI's loaded-model
+    entry moves from a dying clone to its live parent (`LoadedModel._switch_parent`).
+    """
+
+    SIZE = 4
+
+    def __init__(self):
+        self._input = None
+        self._clones: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, model, path: str, strength: float, steps: int, unique_id=None):
+        if model is not self._input:
+            self._clones.clear()
+            self._input = model
+        interval = _deepcache_interval(model)
+        key = (read_lora(path).key, float(strength), interval is not None and deepcache_helps(steps, interval))
+        m = self._clones.get(key)
+        if m is None:
+            m = self._clones[key] = lcm_clone(model, path, strength, steps, unique_id)
+            while len(self._clones) > self.SIZE:
+                self._clones.popitem(last=False)
+        self._clones.move_to_end(key)
+        return m
+
+
 def lcm_clone(model, path: str, strength: float, steps: int, unique_id=None):
     """The clone the LCM node samples with: tracked for the browser, LCM-LoRA hot-swapped, LCM
-    model sampling, DeepCache off for runs too short for it.
-
-    Built once per (input MODEL, LoRA file contents, strength, DeepCache on/off, node) and kept
-    on the input MODEL, so a re-executed node (new seed, cfg, denoise) samples the same patcher
-    and the LoRA it fused stays fused. The cache lives and dies with the input: its clones are
-    rooted at the input's parent, not at the input, so input -> cache -> clone is no cycle and
-    goes by reference counting. (Freed by the cycle collector instead, the loaded clone and its
-    parents die together: `LoadedModel._switch_parent` then finds no parent to switch to, and
-    ComfyUI reports a memory leak and collects garbage at every later load of that checkpoint.)
-    """
+    model sampling, DeepCache off for runs too short for it."""
     from . import comfy_events
 
-    if not hasattr(model, "clone") or not hasattr(model, "__dict__"):
-        _check_model(model, "LCM-LoRA Sampler")  # raises: not a MODEL
-    interval = _deepcache_interval(model)
-    key = (read_lora(path).key, float(strength), interval is not None and deepcache_helps(steps, interval), unique_id)
-    cache = model.__dict__.get(_LCM_CACHE_ATTR)
-    if cache is None:
-        cache = model.__dict__[_LCM_CACHE_ATTR] = collections.OrderedDict()
-    m = cache.get(key)
-    if m is not None:
-        cache.move_to_end(key)
-        return m
+    if not hasattr(model, "clone"):
+        check_model(model, "LCM-LoRA Sampler")  # raises: not a MODEL
     base = model.clone()
-    base.parent = model.parent  # see above; ComfyUI reads `parent` only to pick the loaded patcher when a clone dies
     if unique_id is not None:
         comfy_events.track(base, "lcm", unique_id)
-    m = _without_deepcache(lcm_model(base, path, strength), steps)
-    cache[key] = m
-    while len(cache) > _LCM_CACHE_SIZE:
-        cache.popitem(last=False)
-    return m
+    return _without_deepcache(lcm_model(base, path, strength), steps)
 
 
-def lcm_sample(model, positive, negative, latent_image, path: str, seed: int, config: LcmConfig, unique_id=None):
-    """LCM-LoRA + LCM sampling through ComfyUI's own sampler (KSampler path); returns the LATENT dict."""
+def lcm_sample(model, positive, negative, latent_image, path: str, seed: int, config: LcmConfig, unique_id=None,
+               clones: LcmClones | None = None):
+    """LCM-LoRA + LCM sampling through ComfyUI's own sampler (KSampler path); returns the LATENT dict.
+
+    `clones`: the node's LcmClones, so a re-executed node samples the same clone (None: a new one)."""
     import nodes
 
-    m = lcm_clone(model, path, config.strength, config.steps, unique_id)
+    if clones is not None:
+        m = clones.get(model, path, config.strength, config.steps, unique_id)
+    else:
+        m = lcm_clone(model, path, config.strength, config.steps, unique_id)
     out = nodes.common_ksampler(m, seed, config.steps, config.cfg, LCM_SAMPLER, LCM_SCHEDULER, positive, negative,
                                 latent_image, denoise=config.denoise)
     return out[0]
 
 
-
-
-__all__ = ["lcm_clone", "lcm_model", "lcm_sample"]
+__all__ = ["LcmClones", "lcm_clone", "lcm_model", "lcm_sample"]

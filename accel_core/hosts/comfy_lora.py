@@ -37,19 +37,15 @@ import math
 import weakref
 from dataclasses import dataclass
 
-import torch
-
 from .. import events
 from ..errors import SDAccelError
 from ..log import logger
 from ..lora import LoraConfig, LoraSpec, apply_loras, lora_state, read_lora
-from .comfy import _check_model, _wrappers_mp, patchable_clone
+from .comfy import callbacks_mp, check_model, patchable_clone, wrappers_mp
 
 LORA_KEY = "sd_accel.lora"
 _OWNER_ATTR = "_sd_accel_lora_owner"  # on a patcher that fused a set: its _Owner
 
-# unet -> the set the previous run used: the log says "swapped" only when it changes.
-_last_run: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 # The patcher whose OUTER_SAMPLE (model load, pre-run, sampling) is running in this context.
 _sampling: contextvars.ContextVar = contextvars.ContextVar("sd_accel_lora_sampling", default=None)
 
@@ -102,12 +98,6 @@ def _release(own: _Owner | None):
             logger.debug("SD Accel LoRA Hot-Swap: released: %s", report.summary())
 
 
-def _callbacks_mp():
-    import comfy.patcher_extension as pe
-
-    return pe.CallbacksMP
-
-
 def _overlaps_comfy_patches(patcher, state) -> bool:
     """Whether ComfyUI weight patches (LoraLoader) of `patcher` touch a weight we fused."""
     if not patcher.patches and not patcher.backup:
@@ -120,7 +110,7 @@ def _on_pre_run(patcher):
     wanted = hotswap_set(patcher)
     if wanted is None:
         return
-    unet = patcher.model.diffusion_model
+    unet = patcher.get_model_object("diffusion_model")  # at pre-run: the module this clone samples with
     state = lora_state(unet)
     own = _owner(patcher, unet)
     with state.lock:
@@ -130,8 +120,8 @@ def _on_pre_run(patcher):
         report = apply_loras(unet, list(wanted.specs), wanted.config)
         own.lazy = not _overlaps_comfy_patches(patcher, state)
     key = tuple(wanted.specs)
-    if _last_run.get(unet) != key:
-        _last_run[unet] = key
+    if state.last_run != key:  # the log says "swapped" only when the set changes
+        state.last_run = key
         logger.info("SD Accel LoRA Hot-Swap: %s (no reload, no recompile).", report.summary())
         events.emit("lora_swap", loras=[{"name": n, "strength": s, "layers": k} for n, s, k in report.applied],
                     layers_changed=report.layers_changed, seconds=report.seconds)
@@ -192,7 +182,7 @@ def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None =
     The file is read and matched against the UNet now, so a wrong file fails at the node
     with the model untouched; the weights change only when the clone samples.
     """
-    unet = _check_model(model, "LoRA Hot-Swap")
+    unet = check_model(model, "LoRA Hot-Swap")
     if unet is None:
         return model
     if not isinstance(strength, (int, float)) or not math.isfinite(strength):
@@ -205,14 +195,14 @@ def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None =
     m = patchable_clone(model, "LoRA Hot-Swap")  # fused deltas need weights we may write (DynamicVRAM: a regular copy)
     if m is None:
         return model
-    lora_state(m.model.diffusion_model).resolve(lf, config)  # raises SDAccelError (how many layers matched) for another architecture
+    lora_state(m.get_model_object("diffusion_model")).resolve(lf, config)  # raises SDAccelError (how many layers matched) for another architecture
     wanted = (prev or HotSwapSet((), config)).plus(LoraSpec(str(path), float(strength)))
     m.set_attachments(LORA_KEY, wanted)
-    cmp = _callbacks_mp()
+    cmp = callbacks_mp()
     for kind, fn in ((cmp.ON_PRE_RUN, _on_pre_run), (cmp.ON_CLEANUP, _on_cleanup), (cmp.ON_DETACH, _on_detach)):
         m.remove_callbacks_with_key(kind, LORA_KEY)
         m.add_callback_with_key(kind, LORA_KEY, fn)
-    outer = _wrappers_mp().OUTER_SAMPLE
+    outer = wrappers_mp().OUTER_SAMPLE
     m.remove_wrappers_with_key(outer, LORA_KEY)
     m.add_wrapper_with_key(outer, LORA_KEY, _outer_sample)
     return m

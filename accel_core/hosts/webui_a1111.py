@@ -17,7 +17,7 @@ from torch import nn
 from ..compile import CompiledUNet
 from ..log import logger
 from ..unet import LDM, unet_kind
-from .webui_cache import _weights_token
+from .webui_cache import weights_token
 from .webui_lora import fuse_loras, lora_specs, restore_loras, webui_lora_active
 from .webui_options import WebuiOptions
 from .webui_quant import A1111_HINT, check_quantized
@@ -72,7 +72,7 @@ class A1111Patch:
             self.undo()
             applied.notes.append("not applied: another extension replaced the UNet's forward for this generation (e.g. ControlNet)")
             return record(applied)
-        key = (id(unet), opts, _weights_token(unet) if opts.cast_on else None)
+        key = (id(unet), opts, weights_token(unet) if opts.cast_on else None)
         if self.active and self.unet_ref() is unet and self.key == key:
             applied.compile_report = self.compiled.report if self.compiled is not None else None
             return record(applied)

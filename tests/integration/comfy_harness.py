@@ -299,7 +299,8 @@ class Snapshot:
 
     @classmethod
     def of(cls, model) -> "Snapshot":
-        unet = model.model.diffusion_model
+        # The UNet as the patcher defines it: another clone's object patch may hold the shared model while loaded.
+        unet = model.get_model_object("diffusion_model")
         params = {n: (p, p.dtype, p.data_ptr(), p.stride(), p.detach().flatten()[:8].clone(), p.detach().float().sum().item())
                   for n, p in unet.named_parameters()}
         wrappers = {t: {k: list(v) for k, v in d.items()} for t, d in model.wrappers.items()}

@@ -167,8 +167,8 @@ def test_cast_bf16_close_to_fp32(case, comfy_host, sd15_model, reference):
     before = Snapshot.of(sd15_model)
     (cast,) = comfy_host.node("SDAccelFP16Cast").apply(sd15_model, "bf16", True, "auto")
     assert before.diff(sd15_model) == []
-    unet = cast.model.diffusion_model
-    assert unet is not sd15_model.model.diffusion_model
+    unet = cast.get_model_object("diffusion_model")  # the clone's own copy, an object patch
+    assert unet is not sd15_model.model.diffusion_model and cast.model.diffusion_model is sd15_model.model.diffusion_model
     assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
     out = sample(cast, case)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -179,7 +179,7 @@ def test_cast_bf16_close_to_fp32(case, comfy_host, sd15_model, reference):
 def test_cast_fp32_channels_last_near_exact(comfy_host, sd15_model, reference):
     before = Snapshot.of(sd15_model)
     (cast,) = comfy_host.node("SDAccelFP16Cast").apply(sd15_model, "fp32", True, "math")
-    conv = cast.model.diffusion_model.input_blocks[0][0].weight
+    conv = cast.get_model_object("diffusion_model").input_blocks[0][0].weight
     assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(sample(cast, INPAINT), reference(INPAINT)) < EXACT  # SDPA instead of sub-quadratic
     assert before.diff(sd15_model) == []

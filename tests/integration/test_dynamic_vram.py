@@ -67,7 +67,7 @@ def test_hotswap_and_cast_share_the_copy_and_leave_the_input(comfy_host, dyn, sd
     assert not swapped.is_dynamic() and swapped.model is not dyn.model
     assert harness.rel_err(harness.sample(swapped), expected) < 2e-3
     (cast,) = comfy_host.node("SDAccelFP16Cast").apply(dyn, "fp32", True, "auto")
-    assert not cast.is_dynamic() and cast.model.diffusion_model is not dyn.model.diffusion_model
+    assert not cast.is_dynamic() and cast.get_model_object("diffusion_model") is not dyn.model.diffusion_model
     assert harness.rel_err(harness.sample(cast), reference()) < 1e-4
     assert before.diff(dyn) == []
 

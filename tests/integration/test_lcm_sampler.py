@@ -45,11 +45,12 @@ def lcm_lora(comfy_host, tiny, tmp_path_factory):
     return "tiny_lcm_lora.safetensors", str(path)
 
 
-def _node(comfy_host, model, name, steps=4, cfg=1.5, denoise=1.0, strength=1.0, case=harness.TXT2IMG, seed=5, unique_id=None):
+def _node(comfy_host, model, name, steps=4, cfg=1.5, denoise=1.0, strength=1.0, case=harness.TXT2IMG, seed=5, unique_id=None,
+          node=None):
     pos, neg = harness.conditioning()
+    node = node or comfy_host.node("SDAccelLCMLoRASampler")  # one object per graph node; pass it to re-execute
     with torch.inference_mode():
-        out = comfy_host.node("SDAccelLCMLoRASampler").sample(model, pos, neg, case.latent(), name, strength, seed, steps, cfg,
-                                                              denoise, unique_id=unique_id)
+        out = node.sample(model, pos, neg, case.latent(), name, strength, seed, steps, cfg, denoise, unique_id=unique_id)
     return out[0]["samples"].clone()
 
 
@@ -151,24 +152,27 @@ def test_reexecution_samples_the_same_clone(comfy_host, tiny, lcm_lora, caplog):
     unet = tiny.model.diffusion_model
     ref = harness.sample(tiny)
     inp = tiny.clone()  # an input MODEL this test can drop (a node upstream of the sampler)
-    first = _node(comfy_host, inp, name, seed=5, unique_id="9")
+    node = comfy_host.node("SDAccelLCMLoRASampler")  # the executor keeps one object per graph node
+    first = _node(comfy_host, inp, name, seed=5, unique_id="9", node=node)
     fused = dict(lora.lora_state(unet).originals)
     assert fused
     with caplog.at_level(logging.DEBUG, logger="sd_accel"):  # new seed, cfg, denoise: nothing to fuse again
-        _node(comfy_host, inp, name, seed=6, cfg=1.2, denoise=0.8, case=harness.IMG2IMG, unique_id="9")
+        _node(comfy_host, inp, name, seed=6, cfg=1.2, denoise=0.8, case=harness.IMG2IMG, unique_id="9", node=node)
     assert "already applied" in caplog.text and "weights updated in place" not in caplog.text
     now = lora.lora_state(unet).originals
     assert now.keys() == fused.keys() and all(now[k] is fused[k] for k in fused)
-    assert torch.equal(_node(comfy_host, inp, name, seed=5, unique_id="9"), first)
-    clone = hl.lcm_clone(inp, path, 1.0, 4, "9")
-    assert hl.lcm_clone(inp, path, 1.0, 12, "9") is clone  # steps matter only through DeepCache (none here)
-    assert hl.lcm_clone(inp, path, 0.5, 4, "9") is not clone and hl.lcm_clone(inp, path, 1.0, 4, None) is not clone
+    assert torch.equal(_node(comfy_host, inp, name, seed=5, unique_id="9", node=node), first)
+    clones = node.clones
+    clone = clones.get(inp, path, 1.0, 4, "9")
+    assert clones.get(inp, path, 1.0, 12, "9") is clone  # steps matter only through DeepCache (none here)
+    assert clones.get(inp, path, 0.5, 4, "9") is not clone and hl.LcmClones().get(inp, path, 1.0, 4, "9") is not clone
     assert clone.model_options["transformer_options"]["sd_accel.nodes"] == {"lcm": "9"}
     assert "sd_accel.nodes" not in inp.model_options.get("transformer_options", {})  # the input is not tracked
-    # The cache goes with the input, by reference counting (no cycle), and the loaded clone's
-    # LoRA with it; ComfyUI's loaded-model entry moves to a live parent.
+    assert clone.parent is inp  # SD Accel leaves ComfyUI's own fields as clone() set them
+    # The clones go with the node, by reference counting (no cycle), and the loaded clone's
+    # LoRA with them; ComfyUI's loaded-model entry moves to a live parent.
     gone = weakref.ref(inp), weakref.ref(clone)
-    del inp, clone
+    del inp, clone, clones, node
     assert all(r() is None for r in gone)
     assert not lora.lora_state(unet).originals
     # Only this model's entries: another test's dropped model may leave a dead entry of its own.

@@ -330,7 +330,7 @@ def test_cast_model_with_hotswap(comfy_cast, comfy_host, comfy_adapter, tiny, ti
     # bf16 weights: not equal, but far closer to the LoRA'd output than the cast model without it
     assert harness.rel_err(out, want) < harness.rel_err(ref_cast, want) / 3
     assert torch.equal(harness.sample(cast), ref_cast)
-    assert next(cast.model.diffusion_model.parameters()).dtype == torch.bfloat16
+    assert next(cast.get_model_object("diffusion_model").parameters()).dtype == torch.bfloat16
 
 
 def test_cast_copies_the_original_weights_while_deltas_are_fused(comfy_cast, comfy_host, comfy_adapter, lora, tiny, tiny_loras):
@@ -343,10 +343,10 @@ def test_cast_copies_the_original_weights_while_deltas_are_fused(comfy_cast, com
     harness.sample(hot)
     fused = _fused(lora, tiny)
     assert fused
-    want = clean.model.diffusion_model.state_dict()
+    want = clean.get_model_object("diffusion_model").state_dict()
     for m in (tiny, hot):  # the plain model and the hot-swap clone, both over the fused UNet
         cast = comfy_cast.apply_cast(m, config)
-        got = cast.model.diffusion_model.state_dict()
+        got = cast.get_model_object("diffusion_model").state_dict()
         assert all(torch.equal(got[k], v) for k, v in want.items())
     assert _same_objects(_fused(lora, tiny), fused)  # building the casts changed nothing
     hot_cast = comfy_cast.apply_cast(hot, config)

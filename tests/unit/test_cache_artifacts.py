@@ -43,8 +43,8 @@ class _FakeTorchCache:
 def fake(monkeypatch):
     f = _FakeTorchCache()
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", f.save)
-    monkeypatch.setattr(cc, "_load_payload", f.load)
-    monkeypatch.setattr(cc, "_folders", {})
+    monkeypatch.setattr(cc, "load_payload", f.load)
+    monkeypatch.setattr(cc, "FOLDERS", cc.CacheFolders())
     monkeypatch.delenv(cc.ENV, raising=False)
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     return f
@@ -69,7 +69,7 @@ def test_export_then_import_carries_every_member_and_the_compile_config(fake, tm
     a, b = tmp_path / "a", tmp_path / "b"
     cfg = CompileConfig(backend="inductor", mode="max-autotune-no-cudagraphs")
     _compiled_folder(fake, a, "k1", "k2", config=cfg)
-    cc._folders.clear()
+    cc.FOLDERS.forget()
     fake.recorded.clear()
     cc.load(str(a))
     _compiled_folder(fake, a, "k3")  # another shape: a second file beside the first
@@ -81,7 +81,7 @@ def test_export_then_import_carries_every_member_and_the_compile_config(fake, tm
     res = ca.import_bundle(data, str(b))
     assert len(res.written) == 2 and res.artifacts == 3
     assert {os.path.basename(e.path) for e in cc.entries(str(b))} == {os.path.basename(e.path) for e in cc.entries(str(a))}
-    cc._folders.clear()
+    cc.FOLDERS.forget()
     assert cc.load(str(b)).artifacts == 3  # a new process loads them like its own
     again = ca.import_bundle(data, str(b))  # importing twice writes nothing new
     assert again.written == [] and again.present == 2
@@ -90,7 +90,7 @@ def test_export_then_import_carries_every_member_and_the_compile_config(fake, tm
 def test_import_into_a_folder_this_process_loaded_already_loads_at_once(fake, tmp_path):
     _compiled_folder(fake, tmp_path / "a", "k1")
     data = ca.export_bundle(str(tmp_path / "a"))
-    cc._folders.clear()
+    cc.FOLDERS.forget()
     fake.loaded.clear()
     cc.load(str(tmp_path / "b"))  # the worker's first compiled call has passed: b was loaded (empty)
     res = ca.import_bundle(data, str(tmp_path / "b"))

@@ -1,4 +1,5 @@
 """The ComfyUI event forwarder, without a host: a fake PromptServer stands in for server.py."""
+import logging
 import math
 import sys
 import types
@@ -61,12 +62,21 @@ def test_install_is_idempotent(server):
     assert len(server.sent) == 1
 
 
-def test_a_broken_server_never_reaches_the_caller(server):
-    def boom(*a, **k):
+def test_a_broken_server_never_reaches_the_caller(server, caplog):
+    calls = []
+
+    def boom(event, *a, **k):
+        calls.append(event)
         raise RuntimeError("socket closed")
 
     server.send_sync = boom
-    events.emit("compile_end", report={})  # swallowed by events.emit
+    with pytest.raises(RuntimeError, match="socket closed"):
+        comfy_events.forward("compile_end", {"report": {}})  # the forwarder itself does fail
+    calls.clear()
+    with caplog.at_level(logging.DEBUG, logger="sd_accel"):
+        events.emit("compile_end", report={})  # must not raise: the bus contains it
+    assert calls == ["sdaccel.compile_end"]  # the forwarder was subscribed and ran
+    assert "socket closed" in caplog.text and "compile_end" in caplog.text  # and the failure is logged, not lost
 
 
 def test_track_leaves_a_passed_through_model_alone():
@@ -80,7 +90,8 @@ def test_summaries_after_the_loop_keep_the_runs_nodes(server, monkeypatch):
     # DeepCache's summary is emitted by an outer wrapper, after our run scope closed, while
     # ComfyUI still executes the same sampler node.
     monkeypatch.setattr(comfy_events, "_executing", lambda: ("9", "p1"))
-    monkeypatch.setattr(comfy_events, "_last_run", {"9": {"deepcache": "6", "compile": "5"}})
+    monkeypatch.setattr(comfy_events, "LAST_RUN", comfy_events.LastRun())
+    comfy_events.LAST_RUN.record("9", {"deepcache": "6", "compile": "5"})
     events.emit("deepcache_stats", hits=2, full=2, ratio=0.5)
     data = server.sent[-1][1]
     assert data["nodes"] == {"deepcache": "6", "compile": "5"} and data["executing"] == "9" and data["ratio"] == 0.5

@@ -28,6 +28,9 @@ class Patcher:
     def get_attachment(self, key):
         return self.attachments.get(key)
 
+    def get_model_object(self, name):
+        return getattr(self.model, name)
+
 
 @pytest.fixture
 def setup(unet, tmp_path):

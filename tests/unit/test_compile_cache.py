@@ -171,8 +171,8 @@ class _FakeTorchCache:
 def fake(monkeypatch):
     f = _FakeTorchCache()
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", f.save)
-    monkeypatch.setattr(cc, "_load_payload", f.load)
-    monkeypatch.setattr(cc, "_folders", {})  # a fresh "process"
+    monkeypatch.setattr(cc, "load_payload", f.load)
+    monkeypatch.setattr(cc, "FOLDERS", cc.CacheFolders())  # a fresh "process"
     return f
 
 
@@ -191,13 +191,13 @@ def test_save_writes_only_when_something_is_new(fake, tmp_path):
 def test_other_shapes_add_a_file_instead_of_replacing(fake, tmp_path):
     fake.record("a1", "a2")
     a = cc.save(str(tmp_path)).path
-    cc._folders.clear()
+    cc.FOLDERS.forget()
     fake.recorded.clear()  # a new process...
     assert cc.load(str(tmp_path)).artifacts == 2
     fake.record("b1")  # ...that compiled only another shape
     b = cc.save(str(tmp_path)).path
     assert sorted(_files(tmp_path)) == sorted([a, b])
-    cc._folders.clear()
+    cc.FOLDERS.forget()
     fake.recorded.clear()  # a third process loads both
     res = cc.load(str(tmp_path))
     assert (res.files, res.artifacts) == (2, 3) and len(fake.loaded) == 3
@@ -207,7 +207,7 @@ def test_other_shapes_add_a_file_instead_of_replacing(fake, tmp_path):
 def test_size_cap_removes_least_recently_used_first(fake, tmp_path):
     paths = []
     for i, k in enumerate(("k1", "k2", "k3")):
-        cc._folders.clear()
+        cc.FOLDERS.forget()
         fake.recorded.clear()
         fake.record(k)
         paths.append(cc.save(str(tmp_path)).path)
@@ -216,7 +216,7 @@ def test_size_cap_removes_least_recently_used_first(fake, tmp_path):
     os.utime(paths[0], (2000, 2000))  # k1 was used (loaded) most recently
     removed = cc.enforce_cap(str(tmp_path), max_bytes=2 * size + size // 2, keep=paths[2])
     assert removed == [paths[1]] and sorted(_files(tmp_path)) == sorted([paths[0], paths[2]])
-    cc._folders.clear()
+    cc.FOLDERS.forget()
     fake.record("k4")
     res = cc.save(str(tmp_path), max_bytes=1)  # over the cap at once: all but the file just written go
     assert _files(tmp_path) == [res.path]
@@ -228,7 +228,7 @@ def test_corrupt_or_foreign_files_are_skipped_with_a_warning(fake, tmp_path, cap
     (tmp_path / f"torch0.0-py3.0-cpu-deadbeef.1111111111111111{cc.EXT}").write_bytes(b"another torch's file")
     fake.record("k1")
     good = cc.save(str(tmp_path)).path
-    cc._folders.clear()
+    cc.FOLDERS.forget()
     with caplog.at_level(logging.WARNING, logger="sd_accel"):
         res = cc.load(str(tmp_path))
     assert (res.files, res.artifacts) == (1, 1) and len(res.skipped) == 1

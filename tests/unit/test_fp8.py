@@ -79,21 +79,35 @@ def test_1x1_conv_matches_in_both_layouts():
             assert _rel(out, ref) < 0.08
 
 
-def test_refresh_requantizes_in_place_only_when_the_token_changes():
+def test_refresh_requantizes_in_place():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32))
-    to_fp8(model, token="a")
+    to_fp8(model)
     layer = model[0]
     ptr, before = layer.weight_fp8.data_ptr(), layer.weight_fp8.float().clone()
     with torch.no_grad():
-        layer.weight.copy_(torch.randn_like(layer.weight) * 3)  # a LoRA fused in place
-    assert not refresh(model, "a")
-    assert torch.equal(layer.weight_fp8.float(), before)
-    assert refresh(model, "b")
+        layer.weight.copy_(torch.randn_like(layer.weight) * 3)  # a host patched the weight in place
+    assert torch.equal(layer.weight_fp8.float(), before)  # nothing re-quantizes behind the host's back
+    assert refresh(model) == 1
+    assert not torch.equal(layer.weight_fp8.float(), before)
     assert layer.weight_fp8.data_ptr() == ptr  # captured graphs keep reading the same memory
     x = torch.randn(4, 32)
     with torch.no_grad():
         assert _rel(layer(x), x @ layer.weight.t() + layer.bias) < 0.08
+
+
+def test_requantize_param_refreshes_only_that_layer():
+    from sd_accel.accel_core.fp8 import requantize_param
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    to_fp8(model)
+    before = [m.weight_fp8.float().clone() for m in model]
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    requantize_param(model, "1.weight")
+    assert torch.equal(model[0].weight_fp8.float(), before[0])
+    assert not torch.equal(model[1].weight_fp8.float(), before[1])
 
 
 def test_cast_config_accepts_fp8_and_cudnn():
