@@ -20,11 +20,11 @@ from .webui_deepcache import deepcache_paths
 from .webui_hosts import A1111, a1111_unet, apply_forge, finish_generation, is_forge
 from .webui_infotext import K_CAST, K_COMPILE, K_DEEPCACHE, K_LCM, K_LORA, K_STATUS, SETTING_KEYS, from_infotext, infotext_field, to_infotext
 from .webui_lora import fuse_loras, lora_files, lora_specs, restore_loras
-from .webui_options import (BACKEND_CHOICES, DTYPE_CHOICES, NO_LORA, OFF, SETTINGS_FIELDS, UI_FIELDS, WebuiOptions, format_loras,
-                            options_from_args, parse_loras, with_overrides)
+from .webui_options import (BACKEND_CHOICES, DTYPE_CHOICES, NO_LORA, OFF, SETTINGS_FIELDS, UI_FIELDS, UI_OPTIONS, Plan, WebuiOptions,
+                            format_loras, options_from_args, parse_loras, with_overrides)
 from .webui_status import FEATURES, Applied, backend_table, feature_module, feature_status, last_applied
 
-__all__ = ["WebuiOptions", "UI_FIELDS", "SETTINGS_FIELDS", "BACKEND_CHOICES", "DTYPE_CHOICES", "OFF", "NO_LORA", "ATTENTION", "MODES",
+__all__ = ["WebuiOptions", "Plan", "UI_FIELDS", "UI_OPTIONS", "SETTINGS_FIELDS", "BACKEND_CHOICES", "DTYPE_CHOICES", "OFF", "NO_LORA", "ATTENTION", "MODES",
            "SDAccelError", "parse_loras", "format_loras", "options_from_args", "with_overrides",
            "K_COMPILE", "K_CAST", "K_DEEPCACHE", "K_LCM", "K_LORA", "K_STATUS", "SETTING_KEYS", "to_infotext", "from_infotext", "infotext_field",
            "FEATURES", "feature_module", "feature_status", "Applied", "last_applied", "backend_table",

@@ -1,80 +1,65 @@
 """The webui's "SD Accel" accordion as options: WebuiOptions, its fields, and parsing of what the UI sends.
 
-Plain data (no webui imports): the scripts, the infotext and both host installers read the
-same frozen dataclass, and turn it into the core's configs through its methods.
+Plain data (no webui imports). Each field of WebuiOptions is a core option (declared once, on
+the core's config, with the webui's own default where it differs: the accordion starts off)
+or one of the webui's own three (enabled, lcm_lora, loras). `plan()` turns the options into
+the core's configs once; the installers hand that plan down to the runtime.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from ..backends import CHOICES
-from ..cast import ATTENTION, DTYPES, CastConfig
+from ..cast import ATTENTION, CastConfig
 from ..compile import MODES, CompileConfig
 from ..compile_cache import default_cache_dir
-from ..errors import SDAccelError, choice_error
+from ..deepcache import DeepCacheConfig
+from ..errors import SDAccelError
+from ..lcm import LcmConfig
+from ..options import KEY, check_declared, declared, option
 
 OFF = "off"
-BACKEND_CHOICES = (OFF, *CHOICES)
-DTYPE_CHOICES = (OFF, *DTYPES)
 NO_LORA = "None"
+CORE = "sd_accel.core"  # field metadata: (config class, field name) of the core option a webui field shows
+
+
+def _core(config, name: str):
+    """A WebuiOptions field showing the core option `config.name` as the webui does."""
+    opt = declared(config, "webui")[name]
+    return field(default=opt.default, metadata={KEY: opt, CORE: (config, name)})
 
 
 @dataclass(frozen=True)
 class WebuiOptions:
-    """What the "SD Accel" accordion asks for, one generation at a time.
+    """What the "SD Accel" accordion asks for, one generation at a time (see each option's help)."""
 
-    Args:
-        enabled: master switch; off means the webui runs exactly as without the extension.
-        backend: "off" or a compile backend ("auto", "inductor", "onediff", "stable-fast").
-        mode: compile mode (see CompileConfig).
-        dtype: "off" (keep the webui's) or a CastConfig dtype ("auto", "fp16", "bf16", "fp32").
-        channels_last: NHWC weights and activations (needs a cast copy of the UNet, like dtype).
-        attention: SDPA kernel for the calls inside the UNet ("auto" leaves torch's choice).
-        deepcache_interval: recompute the deep UNet features every N steps (1 = off).
-        deepcache_depth: how many outer blocks stay live on cached steps.
-        deepcache_start / deepcache_end: the fraction of the steps where caching is allowed.
-        lcm_lora: LoRA name (webui LoRA folder) of an LCM-LoRA, or "None".
-        lcm_strength: its weight.
-        loras: (name, strength) pairs swapped into the UNet in place (no recompilation).
-    """
-
-    enabled: bool = False
-    backend: str = OFF
-    mode: str = "default"
-    dtype: str = OFF
-    channels_last: bool = False
-    attention: str = "auto"
-    deepcache_interval: int = 1
-    deepcache_depth: int = 1
-    deepcache_start: float = 0.0
-    deepcache_end: float = 1.0
-    lcm_lora: str = NO_LORA
-    lcm_strength: float = 1.0
-    loras: tuple[tuple[str, float], ...] = ()
+    enabled: bool = option(False, "Master switch; off means the webui runs exactly as without the extension.", label="Enable SD Accel")
+    backend: str = _core(CompileConfig, "backend")
+    mode: str = _core(CompileConfig, "mode")
+    dtype: str = _core(CastConfig, "dtype")
+    channels_last: bool = _core(CastConfig, "channels_last")
+    attention: str = _core(CastConfig, "attention")
+    deepcache_interval: int = _core(DeepCacheConfig, "cache_interval")
+    deepcache_depth: int = _core(DeepCacheConfig, "cache_depth")
+    deepcache_start: float = _core(DeepCacheConfig, "start_percent")
+    deepcache_end: float = _core(DeepCacheConfig, "end_percent")
+    lcm_lora: str = option(NO_LORA, "An LCM-LoRA from the webui's LoRA folder, or None.", label="LCM-LoRA")
+    lcm_strength: float = _core(LcmConfig, "strength")
+    loras: tuple[tuple[str, float], ...] = option((), "LoRAs swapped into the UNet in place (no recompilation).",
+                                                   label="LoRA hot-swap (name:weight, comma separated)")
 
     def __post_init__(self):
-        if self.backend not in BACKEND_CHOICES:
-            raise choice_error("backend", self.backend, BACKEND_CHOICES)
-        if self.mode not in MODES:
-            raise choice_error("mode", self.mode, MODES)
-        if self.dtype not in DTYPE_CHOICES:
-            raise choice_error("dtype", self.dtype, DTYPE_CHOICES)
-        if self.attention not in ATTENTION:
-            raise choice_error("attention", self.attention, ATTENTION)
-        if int(self.deepcache_interval) < 1:
-            raise SDAccelError(f"SD Accel: DeepCache interval must be 1 (off) or more, found {self.deepcache_interval}. Set it to 1 to switch DeepCache off, or 2-5 to cache.")
-        if int(self.deepcache_depth) < 0:
-            raise SDAccelError(f"SD Accel: DeepCache depth must be 0 or more, found {self.deepcache_depth}.")
-        if not 0.0 <= float(self.deepcache_start) < float(self.deepcache_end) <= 1.0:
-            raise SDAccelError(f"SD Accel: DeepCache start/end must satisfy 0 <= start < end <= 1 (fractions of the steps), found {self.deepcache_start}..{self.deepcache_end}.")
         # Gradio sliders deliver floats; keep ints ints so infotext round-trips exactly.
-        object.__setattr__(self, "deepcache_interval", int(self.deepcache_interval))
-        object.__setattr__(self, "deepcache_depth", int(self.deepcache_depth))
-        object.__setattr__(self, "deepcache_start", round(float(self.deepcache_start), 3))
-        object.__setattr__(self, "deepcache_end", round(float(self.deepcache_end), 3))
-        object.__setattr__(self, "lcm_strength", round(float(self.lcm_strength), 3))
+        for name, opt in declared(self).items():
+            value = getattr(self, name)
+            if opt.kind == "INT" and isinstance(value, float) and value.is_integer():
+                object.__setattr__(self, name, int(value))
+            elif opt.kind == "FLOAT" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                object.__setattr__(self, name, round(float(value), 3))
+        check_declared(self, "webui")
+        if not float(self.deepcache_start) < float(self.deepcache_end):
+            raise SDAccelError(f"SD Accel: DeepCache start/end must satisfy 0 <= start < end <= 1 (fractions of the steps), found {self.deepcache_start}..{self.deepcache_end}.")
         object.__setattr__(self, "loras", tuple((str(n), round(float(s), 3)) for n, s in self.loras))
 
     # What is on (enabled and set to something other than off).
@@ -106,25 +91,46 @@ class WebuiOptions:
     def active(self) -> bool:
         return any((self.compile_on, self.cast_on, self.attention_on, self.deepcache_on, self.lcm_on, self.loras_on))
 
+    def core_values(self, config) -> dict:
+        """The values of this config class's options, by the core's field names."""
+        return {f.metadata[CORE][1]: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get(CORE, (None,))[0] is config}
+
     def compile_config(self) -> CompileConfig | None:
         if not self.compile_on:
             return None
         # SD_ACCEL_DYNAMO_BACKEND=eager|aot_eager runs Dynamo without Inductor: isolates Inductor
         # problems when debugging (and keeps tests fast on CPUs).
-        return CompileConfig(backend=self.backend, mode=self.mode, torch_backend=os.environ.get("SD_ACCEL_DYNAMO_BACKEND", "inductor"),
+        return CompileConfig(**self.core_values(CompileConfig), torch_backend=os.environ.get("SD_ACCEL_DYNAMO_BACKEND", "inductor"),
                              cache_dir=default_cache_dir("webui"))
 
     def cast_config(self) -> CastConfig | None:
         if not self.cast_on:
             return None
-        return CastConfig(dtype="auto" if self.dtype == OFF else self.dtype, channels_last=self.channels_last, attention=self.attention)
+        values = self.core_values(CastConfig)
+        return CastConfig(**{**values, "dtype": "auto" if self.dtype == OFF else self.dtype})
 
-    def deepcache_config(self):
+    def deepcache_config(self) -> DeepCacheConfig:
         """The DeepCacheConfig these options ask for (whether or not DeepCache is on: the depth is checked before sampling)."""
-        from ..deepcache import DeepCacheConfig  # lazily: a copy of SD Accel may lack the DeepCache module
+        return DeepCacheConfig(**self.core_values(DeepCacheConfig))
 
-        return DeepCacheConfig(cache_interval=self.deepcache_interval, cache_depth=self.deepcache_depth,
-                               start_percent=self.deepcache_start, end_percent=self.deepcache_end)
+    def plan(self) -> "Plan":
+        """The core's configs for this generation (None where a feature is off)."""
+        return Plan(compile=self.compile_config(), cast=self.cast_config(), deepcache=self.deepcache_config() if self.deepcache_on else None,
+                    attention=self.attention if self.enabled else "auto")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the runtime gets: the core's configs, built once from the options at the top of a generation."""
+
+    compile: CompileConfig | None = None
+    cast: CastConfig | None = None
+    deepcache: DeepCacheConfig | None = None
+    attention: str = "auto"
+
+
+BACKEND_CHOICES = declared(WebuiOptions)["backend"].choices
+DTYPE_CHOICES = declared(WebuiOptions)["dtype"].choices
 
 
 # The accordion's components, in the order `Script.ui` returns them (= the order of *args).
@@ -132,6 +138,8 @@ UI_FIELDS = tuple(f.name for f in dataclasses.fields(WebuiOptions))
 # Defaults the webui Settings page can change (the rest are per-image choices).
 SETTINGS_FIELDS = ("enabled", "backend", "mode", "dtype", "channels_last", "attention",
                    "deepcache_interval", "deepcache_depth", "deepcache_start", "deepcache_end")
+# The accordion's and the Settings page's widgets: name -> Option (kind, label, default, range, choices).
+UI_OPTIONS = declared(WebuiOptions)
 
 
 def parse_loras(text: str) -> tuple[tuple[str, float], ...]:
@@ -187,5 +195,5 @@ def with_overrides(opts: WebuiOptions, overrides: dict | None) -> WebuiOptions:
     return replace(opts, **values)
 
 
-__all__ = ["OFF", "BACKEND_CHOICES", "DTYPE_CHOICES", "NO_LORA", "ATTENTION", "MODES", "WebuiOptions", "UI_FIELDS", "SETTINGS_FIELDS",
+__all__ = ["Plan", "UI_OPTIONS", "OFF", "BACKEND_CHOICES", "DTYPE_CHOICES", "NO_LORA", "ATTENTION", "MODES", "WebuiOptions", "UI_FIELDS", "SETTINGS_FIELDS",
            "parse_loras", "format_loras", "format_num", "options_from_args", "with_overrides"]
