@@ -15,19 +15,26 @@ from __future__ import annotations
 from ..cast import ATTENTION  # noqa: F401  (re-exported for the scripts)
 from ..compile import MODES  # noqa: F401  (re-exported)
 from ..errors import SDAccelError
-from .webui_cache import cache_state, cast_copy_for, clear_caches, compiled_for
+from ..registry import compiled_for
+from .webui_cache import cache_state, cast_copy_for, clear_caches
 from .webui_deepcache import deepcache_paths
-from .webui_hosts import A1111, a1111_unet, apply_forge, finish_generation, is_forge
+from .webui_hosts import Session, a1111_unet, is_forge
 from .webui_infotext import K_CAST, K_COMPILE, K_DEEPCACHE, K_LCM, K_LORA, K_STATUS, SETTING_KEYS, from_infotext, infotext_field, to_infotext
-from .webui_lora import fuse_loras, lora_files, lora_specs, restore_loras
+from .webui_lora import FusedLoras, lora_files, lora_specs
 from .webui_options import (BACKEND_CHOICES, DTYPE_CHOICES, NO_LORA, OFF, SETTINGS_FIELDS, UI_FIELDS, UI_OPTIONS, Plan, WebuiOptions,
                             format_loras, options_from_args, parse_loras, with_overrides)
-from .webui_status import FEATURES, Applied, backend_table, feature_module, feature_status, last_applied
+from .webui_status import FEATURES, Applied, backend_table, feature_module, feature_status
+
+# SD Accel's state in this webui process (the A1111 swap, Forge passes, fused LoRAs, the last
+# generation's report), owned by the extension; the scripts reach it through these names.
+SESSION = Session()
+A1111 = SESSION.a1111
+apply_forge, finish_generation, last_applied = SESSION.apply_forge, SESSION.finish_generation, SESSION.last_applied
 
 __all__ = ["WebuiOptions", "Plan", "UI_FIELDS", "UI_OPTIONS", "SETTINGS_FIELDS", "BACKEND_CHOICES", "DTYPE_CHOICES", "OFF", "NO_LORA", "ATTENTION", "MODES",
            "SDAccelError", "parse_loras", "format_loras", "options_from_args", "with_overrides",
            "K_COMPILE", "K_CAST", "K_DEEPCACHE", "K_LCM", "K_LORA", "K_STATUS", "SETTING_KEYS", "to_infotext", "from_infotext", "infotext_field",
            "FEATURES", "feature_module", "feature_status", "Applied", "last_applied", "backend_table",
-           "lora_files", "lora_specs", "fuse_loras", "restore_loras",
-           "A1111", "a1111_unet", "apply_forge", "finish_generation", "is_forge",
+           "lora_files", "lora_specs", "FusedLoras",
+           "Session", "SESSION", "A1111", "a1111_unet", "apply_forge", "finish_generation", "is_forge",
            "compiled_for", "cast_copy_for", "clear_caches", "cache_state", "deepcache_paths"]

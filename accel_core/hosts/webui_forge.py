@@ -19,15 +19,16 @@ from dataclasses import replace
 
 from torch import nn
 
+from ..deepcache import check_depth
 from ..errors import SDAccelError
 from ..registry import compiled_for
 from ..unet import LDM, unet_kind
 from ..log import logger
-from .webui_lora import fuse_loras, lora_specs
-from .webui_options import OFF, WebuiOptions
+from .webui_lora import FusedLoras, lora_specs
+from .webui_options import OFF, Plan, WebuiOptions
 from .webui_quant import FORGE_HINT, check_quantized
 from .webui_runner import MISSING, Runner, build_runner
-from .webui_status import Applied, feature_module, record, unavailable_notes
+from .webui_status import Applied, feature_module, unavailable_notes
 
 
 def host_compile(kmodel) -> str | None:
@@ -64,9 +65,10 @@ class _ForgeWrapper:
     another wrapper of `apply_model` appears, the call runs as Forge would make it.
     """
 
-    def __init__(self, opts: WebuiOptions, previous=None, *, kmodel=None, specs=None, progress=None, swap=True):
-        self.opts, self.previous, self.progress, self.swap = opts, previous, progress, swap
+    def __init__(self, plan: Plan, previous=None, *, kmodel=None, specs=None, loras: FusedLoras | None = None, progress=None, swap=True):
+        self.plan, self.previous, self.progress, self.swap = plan, previous, progress, swap
         self.specs = list(specs) if specs is not None else None
+        self.loras = loras if loras is not None else FusedLoras()
         self.kmodel_ref = weakref.ref(kmodel) if isinstance(kmodel, nn.Module) else None
         self.runner: Runner | None = None
         self.unet_ref = None
@@ -86,8 +88,8 @@ class _ForgeWrapper:
         if self.unet_ref is None or self.unet_ref() is not unet:
             if self.specs is not None:
                 # Fused now, after Forge has loaded the UNet and applied its own LoRAs for this pass.
-                fuse_loras(unet, self.specs)
-            self.runner = build_runner(unet, self.opts, device_type, self.progress)[0] if self.swap else None
+                self.loras.fuse(unet, self.specs)
+            self.runner = build_runner(unet, self.plan, device_type, self.progress)[0] if self.swap else None
             self.unet_ref = weakref.ref(unet)
         return self.runner
 
@@ -127,13 +129,15 @@ class _ForgeWrapper:
         return self.runner.finish() if self.runner is not None else []
 
 
-def apply_forge(unet_patcher, opts: WebuiOptions, *, lora_dirs=None, progress=None):
-    """A clone of Forge's UNet patcher with SD Accel applied, and what was applied. The input is never modified.
+def apply_forge(unet_patcher, opts: WebuiOptions, *, loras: FusedLoras, lora_dirs=None, progress=None):
+    """(a clone of Forge's UNet patcher with SD Accel applied, what was applied, this pass's wrapper or None). The input is never modified.
 
-    `lora_dirs`: the webui's LoRA folder(s) (`--lora-dir`, and Neo's `--lora-dirs`).
+    `loras`: the session's record of fused LoRAs; `lora_dirs`: the webui's LoRA folder(s)
+    (`--lora-dir`, and Neo's `--lora-dirs`). The wrapper holds the pass's runner until the
+    session finishes the generation.
     """
     if not opts.active:
-        return unet_patcher, record(None)
+        return unet_patcher, None, None
     applied = Applied("Forge", opts, unavailable_notes(opts))
     if not hasattr(unet_patcher, "clone") or not hasattr(unet_patcher, "model_options"):
         raise SDAccelError(f"SD Accel: expected Forge's UNet patcher (p.sd_model.forge_objects.unet), found {type(unet_patcher).__name__}.")
@@ -141,7 +145,7 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, lora_dirs=None, progress=No
     unet = getattr(kmodel, "diffusion_model", None)
     if unet_kind(unet) != LDM:
         applied.notes.append(f"not applied: {type(unet).__name__} is not an SD1.x/SD2.x/SDXL UNet (Flux and SD3 run unchanged)")
-        return unet_patcher, record(applied)
+        return unet_patcher, applied, None
     if opts.cast_on:
         # Forge owns the UNet's storage dtype and moves it between devices itself; a second
         # cast copy would sit outside its memory management. Its own selector does this job.
@@ -158,26 +162,18 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, lora_dirs=None, progress=No
     specs = None
     if (opts.loras_on or opts.lcm_on) and feature_module("lora") is not None:
         specs = lora_specs(opts, lora_dirs)  # names checked now: an unknown one fails before sampling
-    deepcache = opts.deepcache_on and feature_module("deepcache") is not None
-    if deepcache:
-        from ..deepcache import check_depth
-
-        check_depth(unet, opts.deepcache_config())
-    swap = opts.compile_on or opts.attention_on or deepcache
+    plan = opts.plan()  # the core's configs, built once here and handed down
+    if plan.deepcache is not None:
+        check_depth(unet, plan.deepcache)
+    swap = plan.compile is not None or plan.attention != "auto" or plan.deepcache is not None
     if not swap and specs is None:
-        return unet_patcher, record(applied)  # nothing left to apply (e.g. stepped aside for Neo's compile)
+        return unet_patcher, applied, None  # nothing left to apply (e.g. stepped aside for Neo's compile)
     m = unet_patcher.clone()
-    wrapper = _ForgeWrapper(opts, m.model_options.get("model_function_wrapper"), kmodel=kmodel, specs=specs, progress=progress, swap=swap)
+    wrapper = _ForgeWrapper(plan, m.model_options.get("model_function_wrapper"), kmodel=kmodel, specs=specs, loras=loras, progress=progress, swap=swap)
     m.set_model_unet_function_wrapper(wrapper)
-    if opts.compile_on:
-        applied.compile_report = compiled_for(unet, opts.compile_config()).report
-    forge_passes.append(wrapper)
-    return m, record(applied)
+    if plan.compile is not None:
+        applied.compile_report = compiled_for(unet, plan.compile).report
+    return m, applied, wrapper
 
 
-# This generation's Forge wrappers (one per sampling pass: hires fix makes two); they hold
-# their pass's runner, and through it the UNet, until the generation ends.
-forge_passes: list[_ForgeWrapper] = []
-
-
-__all__ = ["apply_forge", "forge_passes", "host_compile"]
+__all__ = ["apply_forge", "host_compile"]

@@ -66,18 +66,6 @@ class Applied:
         return "\n".join(lines)
 
 
-_last: dict[str, Applied | None] = {"applied": None}
-
-
-def last_applied() -> Applied | None:
-    return _last["applied"]
-
-
-def record(applied: Applied | None) -> Applied | None:
-    _last["applied"] = applied
-    return applied
-
-
 def unavailable_notes(opts: WebuiOptions) -> list[str]:
     notes = []
     status = feature_status()
@@ -100,4 +88,4 @@ def backend_table() -> list[list[str]]:
     return rows
 
 
-__all__ = ["FEATURES", "feature_module", "feature_status", "Applied", "last_applied", "record", "unavailable_notes", "backend_table"]
+__all__ = ["FEATURES", "feature_module", "feature_status", "Applied", "unavailable_notes", "backend_table"]
