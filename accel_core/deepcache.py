@@ -17,7 +17,7 @@ full path (which also hands back the feature to keep) and the shallow path are t
 callables (the walks in `unet/`); with compile each is compiled once (`cut_paths`).
 
 One runner (`DeepCacheRunner`: step decision, kept features, counts) serves every host:
-ComfyUI through `hosts/comfy_deepcache.py`, A1111 and Forge through `hosts/webui.py`,
+ComfyUI through `hosts/comfy_deepcache.py`, A1111 and Forge through `hosts/webui/`,
 diffusers' UNet2DConditionModel through `deepcache(unet, config)` here.
 """
 from __future__ import annotations

@@ -88,7 +88,7 @@ def unet_of(webui):
 def adapter_forge():
     import importlib
 
-    return importlib.import_module("sd_accel.accel_core.hosts.webui_forge")
+    return importlib.import_module("sd_accel.accel_core.hosts.webui.forge_wrapper")
 
 
 def kmodel_of(webui):

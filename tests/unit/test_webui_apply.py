@@ -16,8 +16,8 @@ from sd_accel.accel_core import registry
 from sd_accel.accel_core.compile import CompileReport
 from sd_accel.accel_core.deepcache import DeepCacheConfig, full_steps
 from sd_accel.accel_core.hosts import webui as w
-from sd_accel.accel_core.hosts import webui_deepcache, webui_forge
-from sd_accel.accel_core.hosts.webui_runner import Runner
+from sd_accel.accel_core.hosts.webui import deepcache as webui_deepcache, forge_wrapper
+from sd_accel.accel_core.hosts.webui.runner import Runner
 
 
 class _Seq(nn.Sequential):
@@ -351,24 +351,24 @@ def test_forge_steps_aside_for_neos_compile_with_a_note(tiny, xs):
     kmodel = _KModel(tiny)
     _neo_compile(kmodel, preset="max-autotune")
     patcher = _Patcher(kmodel)
-    assert webui_forge.host_compile(kmodel) == "Forge Neo's Torch Compile Integrated (preset max-autotune)"
+    assert forge_wrapper.host_compile(kmodel) == "Forge Neo's Torch Compile Integrated (preset max-autotune)"
     m, applied = w.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor", deepcache_interval=3, attention="math"))
     assert m is patcher  # nothing of SD Accel's left to apply: Forge's own patcher, untouched
     status = applied.status()
     assert "compile and DeepCache and attention kernel not applied" in status and "preset max-autotune" in status and "Disable" in status
     assert registry.compiled_of(tiny) == {}
     assert "forward" not in tiny.__dict__
-    assert webui_forge.host_compile(_KModel(tiny)) is None
+    assert forge_wrapper.host_compile(_KModel(tiny)) is None
     kmodel.apply_model = kmodel.__dict__.pop("apply_model").__wrapped__  # Neo's compile set to Disable: its own bound method back
     del kmodel._torch_compile_config
-    assert "apply_model" in vars(kmodel) and webui_forge.host_compile(kmodel) is None
+    assert "apply_model" in vars(kmodel) and forge_wrapper.host_compile(kmodel) is None
 
 
 def test_forge_wrapper_under_neos_compile_calls_through(tiny, xs):
     # With only LoRAs left, the wrapper runs apply_model as Forge would (a wrapped one too) and never swaps the forward.
     kmodel = _KModel(tiny)
     _neo_compile(kmodel)
-    wrapper = webui_forge._ForgeWrapper(w.Plan(), kmodel=kmodel, specs=None, swap=False)
+    wrapper = forge_wrapper.ForgeWrapper(w.Plan(), kmodel=kmodel, specs=None, swap=False)
     with torch.no_grad():
         ref = tiny(*xs)
         x, t, ctx = xs
@@ -414,7 +414,7 @@ def test_quantized_unet_is_refused_for_compile_and_loras_untouched(tiny, quantiz
 
 
 def test_plain_unets_are_not_quantized(tiny):
-    from sd_accel.accel_core.hosts.webui_quant import quantized_storage
+    from sd_accel.accel_core.hosts.webui.quant import quantized_storage
 
     assert quantized_storage(tiny) is None
     assert quantized_storage(tiny.to(torch.bfloat16)) is None

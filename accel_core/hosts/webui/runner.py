@@ -11,11 +11,11 @@ import contextlib
 import torch
 from torch import nn
 
-from ..cast import attention_context, resolve_dtype
-from ..compile import CompiledUNet
-from ..registry import compiled_for
-from .webui_cache import cast_copy_for
-from .webui_deepcache import DeepCacheRun
+from ...cast import attention_context, resolve_dtype
+from ...compile import CompiledUNet
+from ...registry import compiled_for
+from .cache import cast_copy_for
+from .deepcache import DeepCacheRun
 
 MISSING = object()  # "the module had no instance forward" (None could be one)
 
@@ -64,7 +64,7 @@ def class_forward(module: nn.Module):
 def build_runner(unet: nn.Module, plan, device_type: str, progress=None) -> tuple[Runner, CompiledUNet | None, nn.Module]:
     """The callable that replaces `unet`'s forward for a generation, its compiled holder (if any), and the module it runs.
 
-    `plan`: the generation's configs (webui_options.Plan: compile, cast, deepcache, attention; None where off).
+    `plan`: the generation's configs (options.Plan: compile, cast, deepcache, attention; None where off).
     """
     # The webui's own pieces first (its cast copy, DeepCache's webui hooks), then the core's.
     target = cast_copy_for(unet, plan.cast) if plan.cast is not None else unet

@@ -11,8 +11,8 @@ import weakref
 
 from torch import nn
 
-from ..errors import SDAccelError
-from .webui_options import WebuiOptions
+from ...errors import SDAccelError
+from .options import WebuiOptions
 
 LORA_EXTS = (".safetensors",)
 
@@ -43,7 +43,7 @@ def lora_files(lora_dirs) -> dict[str, str]:
 
 def lora_specs(opts: WebuiOptions, lora_dirs) -> list:
     """The LoraSpecs (hot-swap list plus the LCM-LoRA) named by `opts`, resolved in the LoRA folder(s) `lora_dirs`."""
-    from ..lora import LoraSpec
+    from ...lora import LoraSpec
 
     files = lora_files(lora_dirs)
     wanted = list(opts.loras) if opts.loras_on else []
@@ -69,7 +69,7 @@ class FusedLoras:
 
     def fuse(self, module: nn.Module, specs) -> str | None:
         """Bring `module`'s weights to exactly `specs` (in place); remembered so `restore` can undo it."""
-        from ..lora import apply_loras
+        from ...lora import apply_loras
 
         report = apply_loras(module, specs)
         if specs:
@@ -82,7 +82,7 @@ class FusedLoras:
         """Put the original weights back into every UNet fused here (bit-exact). Returns how many."""
         if not self.modules:
             return 0  # nothing fused: no need for the LoRA module
-        from ..lora import apply_loras
+        from ...lora import apply_loras
 
         n = 0
         for module in list(self.modules):

@@ -7,10 +7,10 @@ either host and is also safe to call when nothing was applied.
 """
 from __future__ import annotations
 
-from . import webui_forge
-from .webui_a1111 import A1111Patch, a1111_unet
-from .webui_lora import FusedLoras
-from .webui_status import Applied
+from . import forge
+from .a1111 import A1111Patch, a1111_unet
+from .lora import FusedLoras
+from .status import Applied
 
 
 def is_forge(sd_model) -> bool:
@@ -35,8 +35,8 @@ class Session:
         return self.last
 
     def apply_forge(self, unet_patcher, opts, *, lora_dirs=None, progress=None):
-        """A clone of Forge's UNet patcher with SD Accel applied, and what was applied (webui_forge.apply_forge)."""
-        m, applied, wrapper = webui_forge.apply_forge(unet_patcher, opts, loras=self.loras, lora_dirs=lora_dirs, progress=progress)
+        """A clone of Forge's UNet patcher with SD Accel applied, and what was applied (forge.apply_forge)."""
+        m, applied, wrapper = forge.apply_forge(unet_patcher, opts, loras=self.loras, lora_dirs=lora_dirs, progress=progress)
         if wrapper is not None:
             self.forge_passes.append(wrapper)
         self._record(applied)

@@ -14,15 +14,15 @@ import weakref
 
 from torch import nn
 
-from ..compile import CompiledUNet
-from ..log import logger
-from ..unet import LDM, unet_kind
-from .webui_cache import _weights_token
-from .webui_lora import FusedLoras, lora_specs, webui_lora_active
-from .webui_options import WebuiOptions
-from .webui_quant import A1111_HINT, check_quantized
-from .webui_runner import MISSING, Runner, build_runner
-from .webui_status import Applied, feature_module, unavailable_notes
+from ...compile import CompiledUNet
+from ...log import logger
+from ...unet import LDM, unet_kind
+from .cache import weights_token
+from .lora import FusedLoras, lora_specs, webui_lora_active
+from .options import WebuiOptions
+from .quant import A1111_HINT, check_quantized
+from .runner import MISSING, Runner, build_runner
+from .status import Applied, feature_module, unavailable_notes
 
 
 def a1111_unet(sd_model) -> nn.Module | None:
@@ -34,7 +34,7 @@ def a1111_unet(sd_model) -> nn.Module | None:
 class A1111Patch:
     """The one scoped forward swap SD Accel has on the A1111 UNet at a time (apply / undo).
 
-    Owned by the webui session (webui_hosts.Session), which hands it the session's fused-LoRA
+    Owned by the webui session (session.Session), which hands it the session's fused-LoRA
     record and a callback told what each apply did.
     """
 
@@ -83,7 +83,7 @@ class A1111Patch:
             self.undo()
             applied.notes.append("not applied: another extension replaced the UNet's forward for this generation (e.g. ControlNet)")
             return applied
-        key = (id(unet), opts, _weights_token(unet) if opts.cast_on else None)
+        key = (id(unet), opts, weights_token(unet) if opts.cast_on else None)
         if self.active and self.unet_ref() is unet and self.key == key:
             applied.compile_report = self.compiled.report if self.compiled is not None else None
             return applied

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..compile import CompileConfig
-from ..deepcache import DeepCacheConfig, DeepCachePaths, DeepCacheRunner, check_depth, cut_paths
-from ..errors import SDAccelError
-from ..unet import ldm
+from ...compile import CompileConfig
+from ...deepcache import DeepCacheConfig, DeepCachePaths, DeepCacheRunner, check_depth, cut_paths
+from ...errors import SDAccelError
+from ...unet import ldm
 
 
 class A1111Hooks(ldm.LdmHooks):

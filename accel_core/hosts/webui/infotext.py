@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import functools
 
-from ..errors import SDAccelError
-from ..log import logger
-from .webui_options import UI_OPTIONS, WebuiOptions, format_loras, format_num, parse_loras
+from ...errors import SDAccelError
+from ...log import logger
+from .accordion import format_loras, format_num, parse_loras
+from .options import UI_OPTIONS, WebuiOptions
 
 # One key per feature, only for features that are on, so images made without SD Accel carry nothing.
 K_COMPILE, K_CAST, K_DEEPCACHE, K_LCM, K_LORA, K_STATUS = (
