@@ -9,13 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import registry
-from ..cast import CastConfig, cast
-from ..compile import CompileConfig, CompiledUNet
-
-
-def compiled_for(module: nn.Module, config: CompileConfig) -> CompiledUNet:
-    return registry.compiled_for(module, config)
+from ... import registry
+from ...cast import CastConfig, cast
 
 
 def weights_token(module: nn.Module):
@@ -78,4 +73,4 @@ def cache_state() -> list[dict]:
     return out
 
 
-__all__ = ["compiled_for", "cast_copy_for", "clear_caches", "cache_state"]
+__all__ = ["cast_copy_for", "clear_caches", "cache_state"]
