@@ -1,19 +1,11 @@
 """ComfyUI's own compilation, probed per MODEL: its per-block CUDA graphs and its model compiler.
 
-Read (docs/comfyui-versions.md has the detail):
-- 0.33.0 (tested): comfy/model_prefetch.py `prefetch_queue_pop(queue, device, module, dtype, core,
-  enable_graph)` captures one CUDA graph per unit whose `_v_block` DynamicVRAM's loader set from the
-  model's `get_dynamic_vram__units()`; `--disable-cuda-graphs` turns it off. Only text-encoder
-  decoders (llama, gemma4, ACE 1.5 and MiniMax Music AR) pass `core`/`enable_graph`; no diffusion model.
-- Comfy-Org/ComfyUI 0.38.1 (read only: comfy/model_prefetch.py, comfy/cli_args.py,
-  comfy/ldm/minimax/model.py, comfy/ldm/wan/model.py): the Comfy Compiler (PR 15861) is comfy-aimdo's
-  memory compiler (`malloc_graph_begin/end`, `prefetch_queue_pop(..., malloc_scope="block")`) with the
-  CUDA graphs above as its subfeature (they now need an open malloc graph). `malloc_graph_enabled(device)`
-  = no `--disable-comfy-compiler`, aimdo on, CUDA. A model opts in from its own forward (MiniMax H3 does,
-  before its DIFFUSION_MODEL wrappers run; Wan does not).
-Neither offers a per-model switch (no model_options key): both flags are process-wide, so SD Accel never
-flips them. Where ComfyUI's own compilation acts on a model, a feature that would collide with it steps
-aside with one log line naming the flag that hands the model to SD Accel; the others run beside it.
+0.33 captures a CUDA graph per unit DynamicVRAM loaded (`prefetch_queue_pop(..., core, enable_graph)`,
+`--disable-cuda-graphs`); the Comfy Compiler (0.34+, read in 0.38.1) adds comfy-aimdo's memory plan per
+block (`malloc_graph_*`, `malloc_scope=`, `--disable-comfy-compiler`) with those graphs as its subfeature.
+A model opts in from its own forward; neither has a per-model switch, and SD Accel never flips the
+process-wide flags. Where ComfyUI's compilation acts, a colliding feature steps aside with one log line
+naming the flag that hands the model to SD Accel. What was read where: docs/comfyui-versions.md.
 """
 from __future__ import annotations
 
@@ -35,14 +27,14 @@ class NativeState:
     comfy_compiler: bool = False  # its memory compiler records the model's forward
     note: str = ""  # one line for logs and the compile report ("" when ComfyUI does neither)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict:  # for the compile report
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class Decision:
     step_aside: bool
-    note: str = ""
+    note: str = ""  # "" when ComfyUI does nothing SD Accel needs to mention
 
 
 def _code_words(code) -> set:
@@ -87,8 +79,11 @@ def _accepts(fn, name: str) -> bool:
         return False
 
 
-def _is_cuda(device) -> bool:
-    return getattr(device, "type", None) == "cuda"
+def _ask(enabled, device) -> bool:
+    try:  # the host's own answer: its flag, aimdo, the device
+        return bool(enabled(device))
+    except Exception:
+        return False
 
 
 def _declares_units(model) -> bool:
@@ -110,26 +105,16 @@ def native_compile_state(model) -> NativeState:
     words = class_words(type(dm))
     device = getattr(model, "load_device", None)
     enabled = getattr(prefetch, "malloc_graph_enabled", None)
-    compiler = False
-    if callable(enabled) and words & _COMPILER_WORDS:
-        try:
-            compiler = bool(enabled(device))
-        except Exception:
-            compiler = False
+    compiler = callable(enabled) and bool(words & _COMPILER_WORDS) and _ask(enabled, device)
     dynamic = getattr(model, "is_dynamic", None)
     graphs = (_accepts(getattr(prefetch, "prefetch_queue_pop", None), "enable_graph") and bool(words & _GRAPH_WORDS)
-              and not getattr(args, "disable_cuda_graphs", False) and _is_cuda(device)
+              and not getattr(args, "disable_cuda_graphs", False) and getattr(device, "type", None) == "cuda"
               and callable(dynamic) and bool(dynamic()) and _declares_units(model)
               and (compiler or not callable(enabled)))  # with a compiler in the host, graphs are its subfeature
     name = type(dm).__name__
-    if compiler and graphs:
-        note = f"ComfyUI's model compiler and its CUDA graphs already compile {name}"
-    elif compiler:
-        note = f"ComfyUI's model compiler (memory plan per block) already records {name}"
-    elif graphs:
-        note = f"ComfyUI already captures {name}'s blocks in CUDA graphs"
-    else:
-        note = ""
+    note = {(True, True): f"ComfyUI's model compiler and its CUDA graphs already compile {name}",
+            (True, False): f"ComfyUI's model compiler (a memory plan per block) already records {name}",
+            (False, True): f"ComfyUI already captures {name}'s blocks in CUDA graphs"}.get((compiler, graphs), "")
     return NativeState(graphs, compiler, note)
 
 
@@ -154,8 +139,8 @@ def decide(feature: str, state: NativeState) -> Decision:
     hit = [k for k in _YIELDS[feature] if getattr(state, k)]
     if not hit:
         return Decision(False, state.note and f"{state.note}; SD Accel runs beside it")
-    flags = " and ".join(_FLAGS[k] for k in hit)
-    return Decision(True, f"{state.note}; SD Accel leaves it to ComfyUI (start ComfyUI with {flags} to use SD Accel's instead)")
+    flag = _FLAGS["comfy_compiler" if "comfy_compiler" in hit else "cuda_graphs"]  # the compiler's flag also stops its graphs
+    return Decision(True, f"{state.note}; SD Accel leaves it to ComfyUI (start ComfyUI with {flag} to use SD Accel's instead)")
 
 
 def step_aside(feature: str, model, node: str) -> bool:
@@ -165,5 +150,3 @@ def step_aside(feature: str, model, node: str) -> bool:
         (logger.warning if d.step_aside else logger.info)("SD Accel %s: %s.", node, d.note)
     return d.step_aside
 
-
-__all__ = ["NativeState", "Decision", "native_compile_state", "decide", "step_aside", "class_words"]
