@@ -72,28 +72,18 @@ def _host():
     return prefetch, args
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _ask(enabled, device) -> bool:
-    try:  # the host's own answer: its flag, aimdo, the device
-        return bool(enabled(device))
+def _quiet(fn, *args) -> bool:
+    try:  # a probe that raises means "no"; the host's own errors are not ours to raise here
+        return bool(fn(*args))
     except Exception:
         return False
 
 
 def _declares_units(model) -> bool:
-    # ModelPatcher's DynamicVRAM load only gives a unit its `_v_block` (what a graph is keyed on) when
-    # the model names its units; text encoders name none unless their graph switch is on.
+    # DynamicVRAM's load gives a unit the `_v_block` a graph is keyed on only when the model names its
+    # units (`get_dynamic_vram__units`); text encoders name none unless their graph switch is on.
     units = getattr(getattr(model, "model", None), "get_dynamic_vram__units", None)
-    try:
-        return callable(units) and bool(units()[0])
-    except Exception:
-        return False
+    return callable(units) and _quiet(lambda: units()[0])
 
 
 def native_compile_state(model) -> NativeState:
@@ -105,11 +95,10 @@ def native_compile_state(model) -> NativeState:
     words = class_words(type(dm))
     device = getattr(model, "load_device", None)
     enabled = getattr(prefetch, "malloc_graph_enabled", None)
-    compiler = callable(enabled) and bool(words & _COMPILER_WORDS) and _ask(enabled, device)
-    dynamic = getattr(model, "is_dynamic", None)
-    graphs = (_accepts(getattr(prefetch, "prefetch_queue_pop", None), "enable_graph") and bool(words & _GRAPH_WORDS)
-              and not getattr(args, "disable_cuda_graphs", False) and getattr(device, "type", None) == "cuda"
-              and callable(dynamic) and bool(dynamic()) and _declares_units(model)
+    compiler = callable(enabled) and bool(words & _COMPILER_WORDS) and _quiet(enabled, device)
+    takes_graphs = _quiet(lambda: "enable_graph" in inspect.signature(prefetch.prefetch_queue_pop).parameters)
+    graphs = (takes_graphs and bool(words & _GRAPH_WORDS) and not getattr(args, "disable_cuda_graphs", False)
+              and getattr(device, "type", None) == "cuda" and _quiet(getattr(model, "is_dynamic", bool)) and _declares_units(model)
               and (compiler or not callable(enabled)))  # with a compiler in the host, graphs are its subfeature
     name = type(dm).__name__
     note = {(True, True): f"ComfyUI's model compiler and its CUDA graphs already compile {name}",
