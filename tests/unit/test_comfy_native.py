@@ -6,7 +6,7 @@ enable_graph, generator, malloc_scope)`), comfy/cli_args.py (`--disable-cuda-gra
 `--disable-comfy-compiler`), comfy/ldm/minimax/model.py (MiniMaxH3Model.forward opens the malloc graph,
 `_forward` pops the prefetch queue with `malloc_scope="block"`), comfy/ldm/wan/model.py (no prefetch,
 no compiler) and comfy/text_encoders/llama.py (a decoder passing `core=` and `enable_graph=`, units
-named by `get_dynamic_vram__units`). The real 0.33 tree is probed in tests/integration/test_comfy_native.py.
+named by `get_dynamic_vram__units`). The real 0.33 tree is probed in tests/integration/test_comfy_native_host.py.
 """
 from __future__ import annotations
 
