@@ -17,8 +17,10 @@ from .. import registry
 from ..compile import CompileConfig, CompiledUNet
 from ..compile_cache import default_cache_dir
 from ..errors import SDAccelError
+from ..families import families, family_of
 from ..log import logger
-from ..unet import LDM, unet_kind
+from ..regional import is_regional
+from .comfy_memory import regular_copy_fits
 
 COMPILE_KEY = "sd_accel.compile"
 _MISSING = object()
@@ -51,8 +53,13 @@ def _missing_hooks(model) -> list[str]:
     return missing + [f"CallbacksMP.{k}" for k in ("ON_PRE_RUN", "ON_CLEANUP", "ON_DETACH") if not hasattr(getattr(pe, "CallbacksMP", None), k)]
 
 
+# What a node needs of a model's family (a slot of families.Family that must be set); nodes not
+# listed take any registered family.
+_NEEDS = {"DeepCache": "host_walk", "LoRA Hot-Swap": "lora_keys", "LCM-LoRA Sampler": "lora_keys"}
+
+
 def check_model(model, node: str):
-    """The LDM UNet inside a ComfyUI MODEL, or None (with a warning) when SD Accel cannot patch it."""
+    """The diffusion model inside a ComfyUI MODEL, or None (with a warning) when SD Accel cannot patch it."""
     if not hasattr(model, "clone") or not hasattr(model, "get_model_object"):
         raise SDAccelError(f"SD Accel {node}: expected a ComfyUI MODEL (ModelPatcher), found {type(model).__name__}. Connect the MODEL output of a loader.")
     missing = _missing_hooks(model)
@@ -61,8 +68,11 @@ def check_model(model, node: str):
                        "Update ComfyUI or SD Accel.", node, ", ".join(missing))
         return None
     unet = model.get_model_object("diffusion_model")
-    if unet_kind(unet) != LDM:
-        logger.warning("SD Accel %s: %s is not a UNet SD Accel knows (SD1.x/SD2.x/SDXL); passing the model through unchanged.", node, type(unet).__name__)
+    need = _NEEDS.get(node)
+    fam = family_of(unet)
+    if fam is None or (need and not getattr(fam, need)):
+        able = "; ".join(f.display for f in families() if not need or getattr(f, need))
+        logger.warning("SD Accel %s: %s is not a model this node knows (%s); passing the model through unchanged.", node, type(unet).__name__, able)
         return None
     return unet
 
@@ -114,6 +124,8 @@ def patchable_clone(model, node: str):
         return None
     shared = "model_override" in params and callable(getattr(model, "get_clone_model_override", None))
     override = CLASSIC_COPIES.get(model.model) if shared else None
+    if override is None and not regular_copy_fits(model, node):
+        return None
     try:
         m = model.clone(disable_dynamic=True, model_override=override) if shared else model.clone(disable_dynamic=True)
     except RuntimeError as e:  # no cached_patcher_init: the model was not loaded from a file by a core loader
@@ -135,9 +147,9 @@ def compiled_for(unet: torch.nn.Module, config: CompileConfig) -> CompiledUNet:
 def active_compile_config(transformer_options: dict) -> CompileConfig | None:
     """The CompileConfig of the Compile UNet wrapper in this sampling run (from its merged wrappers), if any."""
     entries = transformer_options.get("wrappers", {}).get(wrappers_mp().APPLY_MODEL, {}).get(COMPILE_KEY, [])
-    for fn in entries:
-        if isinstance(fn, functools.partial) and fn.func is _compile_wrapper:
-            return fn.args[0]
+    for fn in entries:  # _compile_wrapper(config, ...) or comfy_regional.regional_wrapper(family, config, ...)
+        if isinstance(fn, functools.partial):
+            return next((a for a in fn.args if isinstance(a, CompileConfig)), None)
     return None
 
 
@@ -161,11 +173,11 @@ def _compile_wrapper(config: CompileConfig, executor, *args, **kwargs):
     # compiled code, and state_dict keys / LoRA key matching never see a compiled module.
     unet = executor.class_obj.diffusion_model
     compiled = compiled_for(unet, config)
-    prev = _swap_attr(unet, "_forward", compiled)
+    prev = _swap_attr(unet, config.method, compiled)
     try:
         return executor(*args, **kwargs)
     finally:
-        _restore_attr(unet, "_forward", prev)
+        _restore_attr(unet, config.method, prev)
 
 
 def _sdpa_attention(func, *args, **kwargs):
@@ -194,16 +206,30 @@ def _host_attention_probes_memory() -> bool:
 
 
 def apply_compile(model, config: CompileConfig):
-    """Clone `model` and install a keyed compile wrapper on the clone."""
+    """Clone `model` and install a keyed compile wrapper on the clone.
+
+    UNets (and DiT families without per-block hooks) compile their entry method whole, with
+    per-block fallback; DiT families with `patches_replace["dit"]` hooks compile regionally.
+    """
     unet = check_model(model, "Compile UNet")
     if unet is None:
         return model
+    fam = family_of(unet)
     # cache_dir: compiled graphs persist in ComfyUI's user folder, so the next start reuses them.
-    config = replace(config, method="_forward", cache_dir=config.cache_dir or default_cache_dir("comfy"))
+    config = replace(config, method=fam.entry_of(unet), cache_dir=config.cache_dir or default_cache_dir("comfy"))
     dynamic = is_dynamic(model)
     m = patchable_clone(model, "Compile UNet")
     if m is None:
         return model
+    if is_regional(fam, unet):
+        from .comfy_regional import regional_wrapper
+
+        m.weight_inplace_update = True  # as below: CUDA graphs keep reading the same parameter storage
+        _attention_for_compile(m)
+        wmp = wrappers_mp()
+        m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
+        m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(regional_wrapper, fam, config))
+        return m
     if dynamic:
         # The UNet is now the regular copy only SD Accel's clones use, so its conv weights may be
         # stored NHWC for the compiled convolutions; a classic model's UNet is the user's too.
@@ -211,15 +237,19 @@ def apply_compile(model, config: CompileConfig):
     # LoRA patches applied later (ComfyUI's LoraLoader, our hot-swap) then copy into the
     # existing parameters, so CUDA graphs and other captured storage see the new weights.
     m.weight_inplace_update = True
+    _attention_for_compile(m)
+    wmp = wrappers_mp()
+    m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
+    m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))
+    return m
+
+
+def _attention_for_compile(m):
     to = m.model_options.setdefault("transformer_options", {})
     if "optimized_attention_override" not in to and _host_attention_probes_memory():
         to["optimized_attention_override"] = _sdpa_attention  # a user's or FP16 Cast's choice stays
         logger.info("SD Accel Compile UNet: the compiled model uses PyTorch SDPA attention (ComfyUI's %s asks for free memory "
                     "on every call, which a compiled graph would recompile on).", _host_attention_name())
-    wmp = wrappers_mp()
-    m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
-    m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))
-    return m
 
 
 def compile_report(model) -> dict | None:

@@ -17,8 +17,8 @@ from dataclasses import replace
 
 from ...deepcache import check_depth
 from ...errors import SDAccelError
+from ...families import family_of
 from ...registry import compiled_for
-from ...unet import LDM, unet_kind
 from .forge_wrapper import ForgeWrapper, host_compile
 from .lora import FusedLoras, lora_specs
 from .options import OFF, WebuiOptions
@@ -40,7 +40,8 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, loras: FusedLoras, lora_dir
         raise SDAccelError(f"SD Accel: expected Forge's UNet patcher (p.sd_model.forge_objects.unet), found {type(unet_patcher).__name__}.")
     kmodel = getattr(unet_patcher, "model", None)
     unet = getattr(kmodel, "diffusion_model", None)
-    if unet_kind(unet) != LDM:
+    fam = family_of(unet)
+    if fam is None or fam.host_walk is None:  # the webui runner cuts the model with the host walk
         applied.notes.append(f"not applied: {type(unet).__name__} is not an SD1.x/SD2.x/SDXL UNet (Flux and SD3 run unchanged)")
         return unet_patcher, applied, None
     if opts.cast_on:
