@@ -232,3 +232,16 @@ def test_unknown_model_runs_unchanged_with_a_note():
     patcher = _Patcher(_KModel(nn.Linear(2, 2)))
     m, applied = w.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor"))
     assert m is patcher and "Linear is not a model SD Accel knows" in applied.status() and "Flux / Chroma (DiT)" in applied.status()
+
+
+def test_a_quantized_dit_is_refused_for_compile_and_loras_and_left_untouched(flux):
+    flux.double_blocks[0].txt_mlp.weight = nn.Parameter(flux.double_blocks[0].txt_mlp.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    weights = copy.deepcopy(flux.state_dict())
+    patcher = _Patcher(_KModel(flux))
+    with pytest.raises(w.SDAccelError) as e:
+        w.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor"))
+    msg = str(e.value)
+    assert "compile needs a Flux / Chroma (DiT) model with fp16, bf16 or fp32 weights" in msg
+    assert "float8_e4m3fn, e.g. double_blocks.0.txt_mlp.weight" in msg and "DeepCache" not in msg and "model was not changed" in msg
+    assert "model_function_wrapper" not in patcher.model_options
+    assert all(torch.equal(v.float(), weights[k].float()) for k, v in flux.state_dict().items())

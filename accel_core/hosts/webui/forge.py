@@ -62,7 +62,7 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, loras: FusedLoras, lora_dir
             applied.notes.append(f"{' and '.join(asked)} not applied: {other} compiles the UNet for this generation, and SD Accel steps aside "
                                  "(set its preset to Disable to use SD Accel's)")
             opts = replace(opts, backend=OFF, deepcache_interval=1, attention="auto")
-    check_quantized(unet, opts, FORGE_HINT)
+    check_quantized(unet, opts, FORGE_HINT, "UNet" if takes_unet_features(fam) else f"{fam.display} model")
     specs = None
     if (opts.loras_on or opts.lcm_on) and feature_module("lora") is not None:
         specs = lora_specs(opts, lora_dirs)  # names checked now: an unknown one fails before sampling
