@@ -245,3 +245,20 @@ def test_a_quantized_dit_is_refused_for_compile_and_loras_and_left_untouched(flu
     assert "float8_e4m3fn, e.g. double_blocks.0.txt_mlp.weight" in msg and "DeepCache" not in msg and "model was not changed" in msg
     assert "model_function_wrapper" not in patcher.model_options
     assert all(torch.equal(v.float(), weights[k].float()) for k, v in flux.state_dict().items())
+
+
+def test_attention_kernel_applies_to_a_dits_calls_only(flux, monkeypatch):
+    seen = []
+    block = flux.double_blocks[0]
+    orig = type(block).forward
+
+    def spy(self, *a, **k):
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(DoubleStreamBlock, "forward", spy)
+    m, applied = w.apply_forge(_Patcher(_KModel(flux)), w.WebuiOptions(enabled=True, attention="math"))
+    assert isinstance(m.model_options["model_function_wrapper"], DitWrapper) and applied.compile_report is None
+    assert torch.allclose(_call(m), _eager(flux), atol=1e-6)
+    assert seen[0] == (False, True)  # inside the call: math only
+    assert torch.backends.cuda.flash_sdp_enabled()  # and the process's setting is back after it
