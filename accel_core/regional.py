@@ -17,10 +17,12 @@ calls reach `run` (ComfyUI: hosts/comfy_regional.py, through `patches_replace["d
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import types
 from typing import Callable
 
+import torch
 from torch import nn
 
 from . import events
@@ -123,6 +125,56 @@ class RegionalCompiled(DiskCacheUser):
         logger.info("SD Accel: compiled %s", self.report.summary())
 
 
+# --- routing a host's blocks here ---------------------------------------------------------------
+# ComfyUI's DiT forwards and Forge Neo's (ComfyUI-derived) ones offer block i to
+# `transformer_options["patches_replace"]["dit"][(name, i)]`. The compiled block gets a
+# transformer_options holding only what blocks read (`optimized_attention_override`): dynamo
+# guards on what it reads, and the host's dict changes per block (block_index) and per run.
+# When the run has patches that the blocks themselves call (attn1_patch, ...), blocks run as
+# the host's own code for that call.
+
+KEEP = ("optimized_attention_override",)
+INNER_PATCHES = ("attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch")
+
+
+class _Block:
+    """One `patches_replace["dit"]` entry for one call: the block through its kind's compiled callable."""
+
+    __slots__ = ("rc", "kind", "name", "prev")
+
+    def __init__(self, rc, kind, name, prev):
+        self.rc, self.kind, self.name, self.prev = rc, kind, name, prev
+
+    def __call__(self, args, extra):
+        original = extra["original_block"]
+        if self.prev is not None:  # another pack's replacement: it decides, our compiled block is its original
+            return self.prev(args, {**extra, "original_block": functools.partial(self._run, original)})
+        return self._run(original, args)
+
+    def _run(self, original, args):
+        to = args.get("transformer_options") or {}
+        patches = to.get("patches") or {}
+        if any(patches.get(k) for k in INNER_PATCHES):
+            return original(args)
+        # Contiguous inputs: the first block often gets a transposed view (Wan's patch embedding),
+        # the others contiguous outputs; dynamo guards on strides, so one frame serves all only so.
+        slim = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        slim["transformer_options"] = {k: to[k] for k in KEEP if k in to}
+        return self.rc.run(self.kind, self.name, original, slim, args)
+
+
+def with_blocks(to: dict, rc: RegionalCompiled) -> dict:
+    """A copy of a call's transformer_options whose `patches_replace["dit"]` routes every block of `rc` through its compiled callable."""
+    to = dict(to)
+    replace = dict(to.get("patches_replace") or {})
+    dit = dict(replace.get("dit") or {})
+    for key, (kind, name) in rc.targets.items():
+        dit[key] = _Block(rc, kind, name, dit.get(key))
+    replace["dit"] = dit
+    to["patches_replace"] = replace
+    return to
+
+
 def is_regional(family: Family | None, module: nn.Module) -> bool:
     """Whether the host can route `module`'s blocks through a regional compile (a hook per block)."""
     return family is not None and any(bl.patch for bl, _ in family.block_lists(module))
@@ -135,4 +187,4 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-__all__ = ["RegionalCompiled", "is_regional", "dynamo_graphs"]
+__all__ = ["RegionalCompiled", "is_regional", "dynamo_graphs", "with_blocks", "KEEP", "INNER_PATCHES"]

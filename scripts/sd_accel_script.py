@@ -134,7 +134,7 @@ class SDAccelScript(scripts.Script):
         p.sd_accel_options = opts
         p.sd_accel_lora_dirs = _lora_dirs()
         p.extra_generation_params.update(webui.to_infotext(opts))
-        if opts.lcm_on:
+        if opts.lcm_on and webui.takes_lcm(p.sd_model):  # on a DiT model the LCM-LoRA is refused with a note (forge_dit)
             _use_lcm_sampler(p)
 
     @staticmethod

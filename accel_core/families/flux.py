@@ -1,5 +1,7 @@
 """Flux (Flux.1 dev/schnell, Flux.2, Kontext: ComfyUI's `comfy/ldm/flux` `Flux`) and Chroma
-(`comfy/ldm/chroma`, the same double/single stream blocks).
+(`comfy/ldm/chroma`, the same double/single stream blocks). Forge Neo's `backend/nn/flux.py` and
+`chroma.py` (`IntegratedFluxTransformer2DModel`, `IntegratedChromaTransformer2DModel`) are
+ComfyUI-derived: same block lists, parameter names and `patches_replace["dit"]` hooks.
 
 The forward runs 19 double-stream blocks (image and text streams apart) then 38 single-stream
 blocks (one joint stream) on Flux.1-dev; each block i is offered to
@@ -13,7 +15,7 @@ from ._dit import probe
 
 FLUX = register(Family(
     name="flux", display="Flux / Chroma (DiT)",
-    probe=probe(("Flux", "Chroma", "ChromaRadiance"), "double_blocks", "single_blocks"),
+    probe=probe(("Flux", "Chroma", "ChromaRadiance", "IntegratedFluxTransformer2DModel", "IntegratedChromaTransformer2DModel"), "double_blocks", "single_blocks"),
     entry=("_forward", "forward"),
     blocks=(BlockList("double_blocks", "double_block"), BlockList("single_blocks", "single_block")),
 ))

@@ -19,7 +19,7 @@ from ...errors import SDAccelError
 from ...registry import compiled_for
 from .cache import cache_state, cast_copy_for, clear_caches
 from .deepcache import deepcache_paths
-from .session import Session, a1111_unet, is_forge
+from .session import Session, a1111_unet, diffusion_model, is_forge, takes_lcm
 from .infotext import K_CAST, K_COMPILE, K_DEEPCACHE, K_LCM, K_LORA, K_STATUS, SETTING_KEYS, from_infotext, infotext_field, to_infotext
 from .lora import FusedLoras, lora_files, lora_specs
 from .accordion import format_loras, options_from_args, parse_loras, with_overrides
@@ -37,5 +37,5 @@ __all__ = ["WebuiOptions", "Plan", "UI_FIELDS", "UI_OPTIONS", "SETTINGS_FIELDS",
            "K_COMPILE", "K_CAST", "K_DEEPCACHE", "K_LCM", "K_LORA", "K_STATUS", "SETTING_KEYS", "to_infotext", "from_infotext", "infotext_field",
            "FEATURES", "feature_module", "feature_status", "Applied", "last_applied", "backend_table",
            "lora_files", "lora_specs", "FusedLoras",
-           "Session", "SESSION", "A1111", "a1111_unet", "apply_forge", "finish_generation", "is_forge",
+           "Session", "SESSION", "A1111", "a1111_unet", "apply_forge", "finish_generation", "is_forge", "diffusion_model", "takes_lcm",
            "compiled_for", "cast_copy_for", "clear_caches", "cache_state", "deepcache_paths"]

@@ -10,6 +10,9 @@ Integrated" replaces it with a plain function that runs a torch.compile'd diffus
 `process_batch`, so before us). SD Accel's forward would then run inside that compiled region,
 so compile, DeepCache and the attention kernel step aside with a note; LoRAs are fused into
 the weights outside it and still apply.
+
+The model's family comes from the core's registry (accel_core/families). On a DiT model (Forge
+Neo's Flux, Chroma, Qwen-Image, Wan, Z-Image) forge_dit says what runs and how.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from dataclasses import replace
 
 from ...deepcache import check_depth
 from ...errors import SDAccelError
-from ...registry import compiled_for
-from ...families import family_of
+from ...families import family_of, known_names
+from ...registry import compiled_for, regional_for
+from .forge_dit import DitWrapper, dit_options, regional, takes_unet_features
 from .forge_wrapper import ForgeWrapper, host_compile
 from .lora import FusedLoras, lora_specs
 from .options import OFF, WebuiOptions
@@ -41,9 +45,11 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, loras: FusedLoras, lora_dir
     kmodel = getattr(unet_patcher, "model", None)
     unet = getattr(kmodel, "diffusion_model", None)
     fam = family_of(unet)
-    if fam is None or fam.host_walk is None:  # the webui runner cuts the model with the host walk
-        applied.notes.append(f"not applied: {type(unet).__name__} is not an SD1.x/SD2.x/SDXL UNet (Flux and SD3 run unchanged)")
+    if fam is None:
+        applied.notes.append(f"not applied: {type(unet).__name__} is not a model SD Accel knows (it knows {known_names()}); it runs unchanged")
         return unet_patcher, applied, None
+    if not takes_unet_features(fam):
+        opts = dit_options(fam, opts, applied.notes)
     if opts.cast_on:
         # Forge owns the UNet's storage dtype and moves it between devices itself; a second
         # cast copy would sit outside its memory management. Its own selector does this job.
@@ -56,7 +62,7 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, loras: FusedLoras, lora_dir
             applied.notes.append(f"{' and '.join(asked)} not applied: {other} compiles the UNet for this generation, and SD Accel steps aside "
                                  "(set its preset to Disable to use SD Accel's)")
             opts = replace(opts, backend=OFF, deepcache_interval=1, attention="auto")
-    check_quantized(unet, opts, FORGE_HINT)
+    check_quantized(unet, opts, FORGE_HINT, "UNet" if takes_unet_features(fam) else f"{fam.display} model")
     specs = None
     if (opts.loras_on or opts.lcm_on) and feature_module("lora") is not None:
         specs = lora_specs(opts, lora_dirs)  # names checked now: an unknown one fails before sampling
@@ -67,10 +73,15 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, loras: FusedLoras, lora_dir
     if not swap and specs is None:
         return unet_patcher, applied, None  # nothing left to apply (e.g. stepped aside for Neo's compile)
     m = unet_patcher.clone()
-    wrapper = ForgeWrapper(plan, m.model_options.get("model_function_wrapper"), kmodel=kmodel, specs=specs, loras=loras, progress=progress, swap=swap)
+    previous = m.model_options.get("model_function_wrapper")
+    if not takes_unet_features(fam) and regional(fam, unet):  # DiT blocks through the regional compile
+        wrapper = DitWrapper(plan, previous, family=fam, kmodel=kmodel, specs=specs, loras=loras)
+        report = regional_for(unet, fam, plan.compile).report if plan.compile is not None else None
+    else:
+        wrapper = ForgeWrapper(plan, previous, kmodel=kmodel, specs=specs, loras=loras, progress=progress, swap=swap)
+        report = compiled_for(unet, plan.compile).report if plan.compile is not None else None
     m.set_model_unet_function_wrapper(wrapper)
-    if plan.compile is not None:
-        applied.compile_report = compiled_for(unet, plan.compile).report
+    applied.compile_report = report
     return m, applied, wrapper
 
 

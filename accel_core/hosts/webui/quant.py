@@ -43,16 +43,20 @@ def refused_on_quantized(opts: WebuiOptions) -> list[str]:
     return [label for label, on in (("compile", opts.compile_on), ("LoRA hot-swap", opts.loras_on), ("LCM-LoRA", opts.lcm_on)) if on]
 
 
-def check_quantized(unet: nn.Module, opts: WebuiOptions, what_to_do: str) -> None:
-    """Raise SDAccelError, before anything is changed, when `opts` asks for a feature that cannot run on `unet`'s quantized weights."""
+def check_quantized(unet: nn.Module, opts: WebuiOptions, what_to_do: str, model: str = "UNet") -> None:
+    """Raise SDAccelError, before anything is changed, when `opts` asks for a feature that cannot run on `unet`'s quantized weights.
+
+    `model`: what the messages call it ("UNet", or a DiT family's name on Forge Neo).
+    """
     refused = refused_on_quantized(opts)
     if not refused:
         return
     found = quantized_storage(unet)
     if found is None:
         return
-    raise SDAccelError(f"SD Accel: {' and '.join(refused)} {'need' if len(refused) > 1 else 'needs'} a UNet with fp16, bf16 or fp32 weights; this UNet stores them quantized "
-                       f"({found}). {what_to_do} DeepCache works on quantized UNets. Nothing was applied and the model was not changed.")
+    also = " DeepCache works on quantized UNets." if model == "UNet" else ""
+    raise SDAccelError(f"SD Accel: {' and '.join(refused)} {'need' if len(refused) > 1 else 'needs'} a {model} with fp16, bf16 or fp32 weights; this "
+                       f"{'UNet' if model == 'UNet' else 'model'} stores them quantized ({found}). {what_to_do}{also} Nothing was applied and the model was not changed.")
 
 
 FORGE_HINT = ("Load a checkpoint that is not quantized (not GGUF / fp8 / int8 / nf4) with 'Diffusion in Low Bits' on Automatic, "

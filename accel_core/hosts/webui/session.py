@@ -7,7 +7,9 @@ either host and is also safe to call when nothing was applied.
 """
 from __future__ import annotations
 
+from ...families import family_of
 from . import forge
+from .forge_dit import takes_unet_features
 from .a1111 import A1111Patch, a1111_unet
 from .lora import FusedLoras
 from .status import Applied
@@ -15,6 +17,18 @@ from .status import Applied
 
 def is_forge(sd_model) -> bool:
     return hasattr(sd_model, "forge_objects")
+
+
+def diffusion_model(sd_model):
+    """The loaded model's diffusion model: Forge's `forge_objects.unet.model.diffusion_model`, A1111's `model.diffusion_model`."""
+    if is_forge(sd_model):
+        return getattr(getattr(getattr(sd_model.forge_objects, "unet", None), "model", None), "diffusion_model", None)
+    return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+
+
+def takes_lcm(sd_model) -> bool:
+    """Whether the loaded model takes an LCM-LoRA (an SD1.x/SDXL UNet), so the LCM sampler may be switched on for it."""
+    return takes_unet_features(family_of(diffusion_model(sd_model)))
 
 
 class Session:
@@ -53,4 +67,4 @@ class Session:
         return {"deepcache": runs + self.a1111.last_deepcache}
 
 
-__all__ = ["Session", "is_forge", "a1111_unet"]
+__all__ = ["Session", "is_forge", "a1111_unet", "diffusion_model", "takes_lcm"]
