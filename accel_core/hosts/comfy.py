@@ -21,6 +21,7 @@ from ..families import families, family_of
 from ..log import logger
 from ..regional import is_regional
 from .comfy_memory import regular_copy_fits
+from .comfy_native import native_compile_state, step_aside
 
 COMPILE_KEY = "sd_accel.compile"
 _MISSING = object()
@@ -212,7 +213,7 @@ def apply_compile(model, config: CompileConfig):
     per-block fallback; DiT families with `patches_replace["dit"]` hooks compile regionally.
     """
     unet = check_model(model, "Compile UNet")
-    if unet is None:
+    if unet is None or step_aside("compile", model, "Compile UNet"):  # ComfyUI's own graphs/compiler act on it
         return model
     fam = family_of(unet)
     # cache_dir: compiled graphs persist in ComfyUI's user folder, so the next start reuses them.
@@ -261,7 +262,7 @@ def compile_report(model) -> dict | None:
     # Only this model's config: other clones of the same checkpoint may be compiled differently.
     reports = [cu.report for key, cu in registry.compiled_of(unet).items() if registry.key_config(key) == config]
     # DeepCache runs its own compiled paths; the plain one may then never have been called.
-    for r in reports:
-        if r.status != "pending":
-            return r.to_dict()
-    return reports[0].to_dict() if reports else None
+    report = next((r for r in reports if r.status != "pending"), reports[0] if reports else None)
+    if report is None:
+        return None
+    return {**report.to_dict(), "comfy_native": native_compile_state(model).to_dict()}

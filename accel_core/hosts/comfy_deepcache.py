@@ -17,6 +17,7 @@ from ..deepcache import DeepCacheConfig, DeepCacheRunner, check_depth, cut_paths
 from ..log import logger
 from ..families import ldm
 from .comfy import check_model, wrappers_mp, active_compile_config
+from .comfy_native import step_aside
 
 DEEPCACHE_KEY = "sd_accel.deepcache"
 
@@ -131,7 +132,7 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
 def apply_deepcache(model, config: DeepCacheConfig):
     """Clone `model` and install DeepCache on the clone (interval 1: a clone without it)."""
     unet = check_model(model, "DeepCache")
-    if unet is None:
+    if unet is None or step_aside("deepcache", model, "DeepCache"):  # ComfyUI's own graphs/compiler act on it
         return model
     check_depth(unet, config)
     m = model.clone()
