@@ -1,4 +1,4 @@
-from ..accel_core.cast import ATTENTION, NODE_DTYPES, CastConfig
+from ..accel_core.casting import ATTENTION, NODE_DTYPES, CastConfig
 from ..accel_core.hosts import comfy_cast as host, comfy_events
 
 

@@ -1,5 +1,5 @@
 from ..accel_core.backends import CHOICES
-from ..accel_core.compile import MODES, CompileConfig
+from ..accel_core.compiling import MODES, CompileConfig
 from ..accel_core.hosts import comfy as host, comfy_events
 
 

@@ -1,4 +1,4 @@
-from ..accel_core.deepcache import SCHEDULES, DeepCacheConfig
+from ..accel_core.deepcaching import SCHEDULES, DeepCacheConfig
 from ..accel_core.hosts import comfy_deepcache as host, comfy_events
 
 

@@ -12,8 +12,8 @@ DeepCache runs the core's walk and runner with the A1111 / Forge hooks of `webui
 """
 from __future__ import annotations
 
-from ..cast import ATTENTION  # noqa: F401  (re-exported for the scripts)
-from ..compile import MODES  # noqa: F401  (re-exported)
+from ..casting import ATTENTION  # noqa: F401  (re-exported for the scripts)
+from ..compiling import MODES  # noqa: F401  (re-exported)
 from ..errors import SDAccelError
 from .webui_cache import cache_state, cast_copy_for, clear_caches, compiled_for
 from .webui_deepcache import deepcache_paths

@@ -14,7 +14,7 @@ import weakref
 
 from torch import nn
 
-from ..compile import CompiledUNet
+from ..compiling import CompiledUNet
 from ..log import logger
 from ..unet import LDM, unet_kind
 from .webui_cache import weights_token

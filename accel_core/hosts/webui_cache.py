@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..cast import CastConfig, cast
-from ..compile import CompileConfig, CompiledUNet
+from ..casting import CastConfig, cast
+from ..compiling import CompileConfig, CompiledUNet
 
 
 def compiled_for(module: nn.Module, config: CompileConfig) -> CompiledUNet:

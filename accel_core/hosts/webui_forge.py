@@ -160,7 +160,7 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, lora_dirs=None, progress=No
         specs = lora_specs(opts, lora_dirs)  # names checked now: an unknown one fails before sampling
     deepcache = opts.deepcache_on and feature_module("deepcache") is not None
     if deepcache:
-        from ..deepcache import check_depth
+        from ..deepcaching import check_depth
 
         check_depth(unet, opts.deepcache_config())
     swap = opts.compile_on or opts.attention_on or deepcache

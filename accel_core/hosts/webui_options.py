@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, replace
 
 from ..backends import CHOICES
-from ..cast import ATTENTION, DTYPES, CastConfig
-from ..compile import MODES, CompileConfig
+from ..casting import ATTENTION, DTYPES, CastConfig
+from ..compiling import MODES, CompileConfig
 from ..compile_cache import default_cache_dir
 from ..errors import SDAccelError, choice_error
 
@@ -121,7 +121,7 @@ class WebuiOptions:
 
     def deepcache_config(self):
         """The DeepCacheConfig these options ask for (whether or not DeepCache is on: the depth is checked before sampling)."""
-        from ..deepcache import DeepCacheConfig  # lazily: a copy of SD Accel may lack the DeepCache module
+        from ..deepcaching import DeepCacheConfig  # lazily: a copy of SD Accel may lack the DeepCache module
 
         return DeepCacheConfig(cache_interval=self.deepcache_interval, cache_depth=self.deepcache_depth,
                                start_percent=self.deepcache_start, end_percent=self.deepcache_end)

@@ -10,8 +10,8 @@ import contextlib
 import torch
 from torch import nn
 
-from ..cast import attention_context, resolve_dtype
-from ..compile import CompiledUNet
+from ..casting import attention_context, resolve_dtype
+from ..compiling import CompiledUNet
 from ..registry import compiled_for
 from .webui_cache import cast_copy_for
 from .webui_deepcache import DeepCacheRun

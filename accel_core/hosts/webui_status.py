@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 
 from ..backends import BACKENDS
-from ..compile import CompileReport
+from ..compiling import CompileReport
 from .webui_infotext import to_infotext
 from .webui_options import WebuiOptions
 

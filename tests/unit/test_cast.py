@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sd_accel.accel_core import CastConfig, SDAccelError, cast
-from sd_accel.accel_core.cast import resolve_dtype
+from sd_accel.accel_core.casting import resolve_dtype
 
 
 def _state(m):
@@ -40,7 +40,7 @@ def test_bad_cast_options(kw):
 
 
 def test_attention_context_limits_sdpa_for_the_call_only():
-    from sd_accel.accel_core.cast import attention_context
+    from sd_accel.accel_core.casting import attention_context
 
     q = torch.randn(1, 2, 8, 4)
     with attention_context("math"):
