@@ -360,12 +360,13 @@ def test_comfy_lora_after_cast_patches_the_copy(comfy_cast, comfy_host, tiny, ti
     harness.sample(tiny)  # the shared UNet is loaded and marked as patched by ComfyUI
     before = harness.Snapshot.of(tiny)
     cast = comfy_cast.apply_cast(tiny, castmod.CastConfig(dtype="bf16", channels_last=False))
+    out = harness.sample(_comfy_lora(cast, tiny_loras["a"], 3.0))  # the copy's first load carries ComfyUI's patches
     ref_cast = harness.sample(cast)
-    out = harness.sample(_comfy_lora(cast, tiny_loras["a"], 3.0))
+    assert torch.equal(harness.sample(_comfy_lora(cast, tiny_loras["a"], 3.0)), out)
+    assert torch.equal(harness.sample(cast), ref_cast)  # the LoRA'd clone's patches left the copy
+    assert before.diff(tiny) == []  # and never touched the shared UNet
     want = harness.sample(_comfy_lora(tiny, tiny_loras["a"], 3.0))  # fp32 reference
     assert harness.rel_err(out, want) < harness.rel_err(ref_cast, want) / 3
-    assert torch.equal(harness.sample(cast), ref_cast)  # the LoRA'd clone's patches left the copy
-    assert before.diff(tiny) == []
 
 
 # --- bad input ------------------------------------------------------------------------------------
