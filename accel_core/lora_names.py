@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lora_file import _UNET_PREFIXES, LoraFile, LoraLayer
+from .lora_file import UNET_PREFIXES, LoraFile, LoraLayer
 from .unet import DIFFUSERS, LDM, unet_kind
 
 # --- UNet names: LDM <-> diffusers -------------------------------------------------------------
@@ -190,7 +190,7 @@ class Targets:
         changed = True
         while changed:  # prefixes may nest: base_model.model.unet....
             changed = False
-            for p in _UNET_PREFIXES:
+            for p in UNET_PREFIXES:
                 if base.startswith(p):
                     base, changed = base[len(p):], True
         return self.exact.get(base) or self.flat.get(base.replace(".", "_"))
