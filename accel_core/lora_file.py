@@ -18,7 +18,7 @@ import torch
 from .errors import SDAccelError
 
 # (up suffix, down suffix) pairs in the formats users have; the first that matches a key wins.
-_PAIRS = (
+KEY_PAIRS = (
     (".lora_up.weight", ".lora_down.weight"),  # kohya / A1111 / LyCORIS LoCon
     (".lora_B.weight", ".lora_A.weight"),  # PEFT / diffusers
     (".lora_B.default.weight", ".lora_A.default.weight"),  # PEFT state dict saved with the adapter name
@@ -27,10 +27,10 @@ _PAIRS = (
     (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
 )
 _MID = ".lora_mid.weight"
-_ALPHA = ".alpha"
+ALPHA_SUFFIX = ".alpha"
 _DORA = (".dora_scale", ".lora_magnitude_vector")
 _OTHER_ADAPTERS = {"hada_w": "LoHa", "lokr_w": "LoKr", "oft_": "OFT", ".diff": "full weight diff", "a1.weight": "GLoRA"}
-_UNET_PREFIXES = ("lora_unet_", "lycoris_", "base_model.model.", "unet.", "model.diffusion_model.", "diffusion_model.")
+UNET_PREFIXES = ("lora_unet_", "lycoris_", "base_model.model.", "unet.", "model.diffusion_model.", "diffusion_model.")
 _TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te_text_model", "te1_", "te2_", "lycoris_te")
 
 
@@ -141,16 +141,16 @@ def parse_lora(sd: dict[str, torch.Tensor], path: str = "<state dict>", key: tup
     used: set[str] = set()
     layers: dict[str, LoraLayer] = {}
     for k in sd:
-        for up_s, down_s in _PAIRS:
+        for up_s, down_s in KEY_PAIRS:
             if k.endswith(up_s):
                 base = k[: -len(up_s)]
                 down_k = base + down_s
                 if down_k not in sd:
                     break
-                alpha = sd.get(base + _ALPHA)
+                alpha = sd.get(base + ALPHA_SUFFIX)
                 mid = sd.get(base + _MID)
                 layers[base] = LoraLayer(base, sd[k], sd[down_k], mid, float(alpha.float()) if alpha is not None else None)
-                used.update(x for x in (k, down_k, base + _ALPHA, base + _MID) if x in sd)
+                used.update(x for x in (k, down_k, base + ALPHA_SUFFIX, base + _MID) if x in sd)
                 break
     te = [b for b in layers if b.startswith(_TE_PREFIXES)]
     for b in te:

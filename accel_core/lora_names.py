@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lora_file import _UNET_PREFIXES, LoraFile, LoraLayer
+from .lora_file import UNET_PREFIXES, LoraFile, LoraLayer
 from .families import family_of
 from .families.unet_names import UNetNames
 
@@ -43,7 +43,7 @@ class Targets:
         changed = True
         while changed:  # prefixes may nest: base_model.model.unet....
             changed = False
-            for p in _UNET_PREFIXES:
+            for p in UNET_PREFIXES:
                 if base.startswith(p):
                     base, changed = base[len(p):], True
         return self.exact.get(base) or self.flat.get(base.replace(".", "_"))

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import events
 from .backends import BACKENDS, resolve
-from .compile import CompileConfig, CompileReport, DiskCacheUser, is_run_error, roomy_recompile_limit, short_error
+from .compiling import CompileConfig, CompileReport, DiskCacheUser, is_run_error, roomy_recompile_limit, short_error
 from .families import Family, describe, module_dtype
 from .log import logger
 

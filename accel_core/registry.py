@@ -19,7 +19,7 @@ from typing import Callable
 
 from torch import nn
 
-from .compile import CompileConfig, CompiledUNet
+from .compiling import CompileConfig, CompiledUNet
 
 ATTR = "_sd_accel_artifacts"
 

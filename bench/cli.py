@@ -289,7 +289,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..accel_core.compile import CompileConfig
+    from ..accel_core.compiling import CompileConfig
     from ..accel_core.options import cli_argument
     from .measure import DEFAULT_REPEATS, default_threads
     from .models import PRESETS

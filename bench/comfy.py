@@ -459,7 +459,7 @@ def builtin_compile(model, backend: str = "inductor"):
 
 def our_compile(model, mode: str, dynamic: bool | None = False, guards: str = "full"):
     if dynamic is None or guards != "full":  # not node choices: through the adapter
-        from ..accel_core.compile import CompileConfig
+        from ..accel_core.compiling import CompileConfig
         from ..accel_core.hosts.comfy import apply_compile
 
         return apply_compile(model, CompileConfig(backend="inductor", mode=mode, dynamic=dynamic, guards=guards))

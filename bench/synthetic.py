@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..accel_core.errors import choice_error
-from ..accel_core.lora_file import _ALPHA, _PAIRS
+from ..accel_core.lora_file import ALPHA_SUFFIX, KEY_PAIRS
 from ..accel_core.families.unet_names import UNetNames
 
 FORMATS = ("kohya-ldm", "kohya-diffusers", "peft", "diffusers-old")
@@ -44,21 +44,21 @@ def make_random_lora(unet: nn.Module, fmt: str = "kohya-ldm", rank: int = 4, see
         if fmt == "diffusers-old" and ".to_" not in diff:
             continue  # that format had attention projections only (drawn anyway: same seed, same deltas)
         if fmt == "kohya-ldm":
-            base, pair = "lora_unet_" + names.ldm_name(mname).replace(".", "_"), _PAIRS[0]
+            base, pair = "lora_unet_" + names.ldm_name(mname).replace(".", "_"), KEY_PAIRS[0]
         elif fmt == "kohya-diffusers":
-            base, pair = "lora_unet_" + diff.replace(".", "_"), _PAIRS[0]
+            base, pair = "lora_unet_" + diff.replace(".", "_"), KEY_PAIRS[0]
         elif fmt == "peft":
-            base, pair = "unet." + diff, _PAIRS[1]
+            base, pair = "unet." + diff, KEY_PAIRS[1]
         else:
             proc = diff.replace(".to_", ".processor.to_")
-            base, pair = "unet." + (proc[:-2] if proc.endswith(".to_out.0") else proc), _PAIRS[3]
+            base, pair = "unet." + (proc[:-2] if proc.endswith(".to_out.0") else proc), KEY_PAIRS[3]
         out[base + pair[0]] = up.to(dtype)
         out[base + pair[1]] = down.to(dtype)
         if fmt.startswith("kohya"):
-            out[base + _ALPHA] = torch.tensor(a)
+            out[base + ALPHA_SUFFIX] = torch.tensor(a)
     if with_text_encoder:
         te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj" if fmt.startswith("kohya") else "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
-        p = _PAIRS[0] if fmt.startswith("kohya") else _PAIRS[1]
+        p = KEY_PAIRS[0] if fmt.startswith("kohya") else KEY_PAIRS[1]
         out[te + p[0]] = torch.randn(768, rank, generator=g).to(dtype)
         out[te + p[1]] = torch.randn(rank, 768, generator=g).to(dtype)
     return out

@@ -1,4 +1,4 @@
-from ..accel_core.cast import CastConfig
+from ..accel_core.casting import CastConfig
 from ..accel_core.options import comfy_inputs
 from ..accel_core.hosts import comfy_cast as host, comfy_events
 

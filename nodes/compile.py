@@ -1,4 +1,4 @@
-from ..accel_core.compile import CompileConfig
+from ..accel_core.compiling import CompileConfig
 from ..accel_core.options import comfy_inputs
 from ..accel_core.hosts import comfy as host, comfy_events
 

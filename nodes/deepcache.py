@@ -1,4 +1,4 @@
-from ..accel_core.deepcache import DeepCacheConfig
+from ..accel_core.deepcaching import DeepCacheConfig
 from ..accel_core.options import comfy_inputs
 from ..accel_core.hosts import comfy_deepcache as host, comfy_events
 

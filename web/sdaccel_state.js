@@ -166,7 +166,7 @@ function fallbackEntries(report) {
   return Object.entries(report?.fallbacks ?? {});
 }
 
-// accel_core/compile.py marks a unit whose own code stays eager while its children get their
+// accel_core/compiling.py marks a unit whose own code stays eager while its children get their
 // own compile with this suffix; only the units without it run entirely eager.
 const SPLIT = / \[its \d+ submodules compiled separately\]$/;
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from .. import registry
-from ..compile import CompileConfig, CompiledUNet
+from ..compiling import CompileConfig, CompiledUNet
 from ..compile_cache import default_cache_dir
 from ..errors import SDAccelError
 from ..families import families, family_of

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from ..cast import CastConfig, resolve_dtype
+from ..casting import CastConfig, resolve_dtype
 from ..errors import SDAccelError
 from ..log import logger
 from ..lora import original_weights

@@ -13,7 +13,7 @@ with the compile node's config.
 """
 from __future__ import annotations
 
-from ..deepcache import DeepCacheConfig, DeepCacheRunner, check_depth, cut_paths
+from ..deepcaching import DeepCacheConfig, DeepCacheRunner, check_depth, cut_paths
 from ..log import logger
 from ..families import ldm
 from .comfy import check_model, wrappers_mp, active_compile_config

@@ -1,179 +1,23 @@
-"""ComfyUI host for LoRA hot-swap and the LCM-LoRA sampler.
+"""ComfyUI host for LoRA Hot-Swap: a clone that wants a LoRA set fused while it samples.
+
+The node clones the model and records the set as an attachment (an immutable `HotSwapSet`,
+shared by later clones; a chained node appends to it); keyed callbacks and an OUTER_SAMPLE
+wrapper bring the UNet to that set at each run and restore the original weights when the
+clone stops being the loaded one (comfy_lora_owner.py says when and why).
 
 Why not ComfyUI's own weight patches: `add_patches` gives the clone a new `patches_uuid`, so
 the next load unpatches, moves the UNet to the offload device and back, and repatches
 (comfyui-api.md §2.6); a compiled UNet may then also recompile. Hot-swap instead fuses the
 deltas in place with `accel_core.lora`, keeping tensor identity.
-
-Every clone of a MODEL shares one UNet, so *when* the deltas are in the weights is what keeps
-clones apart. Like ComfyUI's own LoRA patches, they stay in while the patcher that asked for
-them stays loaded:
-- the node clones the model and records the LoRA set it wants as an attachment (an
-  immutable `HotSwapSet`, shared by later clones; a chained node appends to it);
-- ON_PRE_RUN (fired by `CFGGuider.outer_sample` after ComfyUI has loaded and patched the
-  weights for this run) brings the UNet to exactly that set and makes the sampling clone the
-  set's owner (`LoraState.owner`). `apply_loras` diffs against what is fused, so the next run
-  of the same clone (new seed, cfg, ...) writes no weight;
-- the owner is released (exact original bits back) when it stops being the loaded patcher:
-  at ON_DETACH (`load_models_gpu` detaches every loaded clone of the model before loading
-  another; model unloads detach too), or when it is garbage-collected while loaded
-  (`LoadedModel._switch_parent` then makes its parent the loaded patcher; `ModelPatcher.__del__`
-  detaches, and a `weakref.finalize` covers patchers that do not). `load_models_gpu` also
-  detaches a patcher to reload *itself*: an OUTER_SAMPLE wrapper marks the patcher being
-  sampled, and a detach for it (or for a clone that wants the same set over the same ComfyUI
-  patches, which then becomes the owner) keeps the deltas.
-So another clone always loads onto restored weights, and ComfyUI, which backs weights up only
-while loading a patcher, never backs up our deltas (LoraLoader before or after hot-swap). One
-case keeps the per-run cycle: where ComfyUI's own patches touch a layer we fuse, ComfyUI writes
-its backups over that layer without a callback first (an unload unpatches before ON_DETACH
-fires, a lowvram partial unload restores single layers), so such runs restore at ON_CLEANUP.
-Module-level callbacks (never per-clone closures) keep what dynamo may guard on identical
-across clones: swapping never recompiles.
 """
 from __future__ import annotations
 
-import contextvars
 import math
-import weakref
-from dataclasses import dataclass
 
-from .. import events
 from ..errors import SDAccelError
-from ..log import logger
-from ..lora import LoraConfig, LoraSpec, apply_loras, lora_state, read_lora
+from ..lora import LoraConfig, LoraSpec, lora_state, read_lora
 from .comfy import callbacks_mp, check_model, patchable_clone, wrappers_mp
-
-LORA_KEY = "sd_accel.lora"
-_OWNER_ATTR = "_sd_accel_lora_owner"  # on a patcher that fused a set: its _Owner
-
-# The patcher whose OUTER_SAMPLE (model load, pre-run, sampling) is running in this context.
-_sampling: contextvars.ContextVar = contextvars.ContextVar("sd_accel_lora_sampling", default=None)
-
-
-@dataclass(frozen=True)
-class HotSwapSet:
-    """The LoRAs a clone wants fused while it samples (immutable: clones share it)."""
-
-    specs: tuple[LoraSpec, ...]
-    config: LoraConfig = LoraConfig()
-
-    def plus(self, spec: LoraSpec) -> "HotSwapSet":
-        return HotSwapSet(self.specs + (spec,), self.config)
-
-
-class _Owner:
-    """Stands for one patcher in `LoraState.owner` without keeping it alive.
-
-    lazy: the deltas may stay fused after a run (False: ComfyUI patches the same layers, or the
-    pre-run did not finish; then ON_CLEANUP restores).
-    """
-
-    __slots__ = ("unet", "lazy")
-
-    def __init__(self, unet):
-        self.unet = weakref.ref(unet)
-        self.lazy = False
-
-
-def _owner(patcher, unet) -> _Owner:
-    own = patcher.__dict__.get(_OWNER_ATTR)  # clone() builds a new object: never inherited
-    if own is None:
-        own = patcher.__dict__[_OWNER_ATTR] = _Owner(unet)
-        weakref.finalize(patcher, _release, own).atexit = False
-    return own
-
-
-def _release(own: _Owner | None):
-    """Restore the original weights if `own`'s patcher still owns what is fused."""
-    unet = own.unet() if own is not None else None
-    if unet is None:
-        return
-    state = lora_state(unet)
-    with state.lock:
-        if state.owner is not own:
-            return
-        state.owner = None
-        if state.active:
-            report = apply_loras(unet, [])
-            logger.debug("SD Accel LoRA Hot-Swap: released: %s", report.summary())
-
-
-def _overlaps_comfy_patches(patcher, state) -> bool:
-    """Whether ComfyUI weight patches (LoraLoader) of `patcher` touch a weight we fused."""
-    if not patcher.patches and not patcher.backup:
-        return False
-    comfy_keys = patcher.patches.keys() | patcher.backup.keys()
-    return any(f"diffusion_model.{k}" in comfy_keys for k in state.signature)
-
-
-def _on_pre_run(patcher):
-    wanted = hotswap_set(patcher)
-    if wanted is None:
-        return
-    unet = patcher.get_model_object("diffusion_model")  # at pre-run: the module this clone samples with
-    state = lora_state(unet)
-    own = _owner(patcher, unet)
-    with state.lock:
-        if state.owner is not own:
-            own.lazy = False  # until the set is in: a failed fuse is undone at cleanup
-            state.owner = own
-        report = apply_loras(unet, list(wanted.specs), wanted.config)
-        own.lazy = not _overlaps_comfy_patches(patcher, state)
-    key = tuple(wanted.specs)
-    if state.last_run != key:  # the log says "swapped" only when the set changes
-        state.last_run = key
-        logger.info("SD Accel LoRA Hot-Swap: %s (no reload, no recompile).", report.summary())
-        events.emit("lora_swap", loras=[{"name": n, "strength": s, "layers": k} for n, s, k in report.applied],
-                    layers_changed=report.layers_changed, seconds=report.seconds)
-    else:
-        logger.debug("SD Accel LoRA Hot-Swap: %s", report.summary())
-
-
-def _on_cleanup(patcher):
-    own = patcher.__dict__.get(_OWNER_ATTR)
-    if own is not None and not own.lazy:
-        _release(own)
-
-
-def _keeps_fused(patcher, own: _Owner) -> bool:
-    """At a detach inside `load_models_gpu`: is the patcher about to be loaded one the fused set is right for?"""
-    nxt = _sampling.get()
-    if nxt is patcher:
-        return True  # reloaded for its own run
-    if nxt is None or not own.lazy or nxt.patches_uuid != patcher.patches_uuid or hotswap_set(nxt) != hotswap_set(patcher):
-        return False
-    # Same set over the same ComfyUI patches (one hot-swap MODEL behind two samplers, one of
-    # them through a ModelSamplingDiscrete node): nothing to restore; the next patcher takes over.
-    nown = _owner(nxt, own.unet())
-    nown.lazy = True
-    lora_state(own.unet()).owner = nown
-    return True
-
-
-def _on_detach(patcher, unpatch_all=True):
-    own = patcher.__dict__.get(_OWNER_ATTR)
-    if own is None or own.unet() is None:
-        return
-    state = lora_state(own.unet())
-    with state.lock:
-        if state.owner is not own or (not unpatch_all and _keeps_fused(patcher, own)):
-            return
-    _release(own)
-
-
-def _outer_sample(executor, *args, **kwargs):
-    # OUTER_SAMPLE runs around the model load: a detach during it can tell a reload of the
-    # patcher being sampled from a switch to another clone.
-    token = _sampling.set(getattr(executor.class_obj, "model_patcher", None))
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        _sampling.reset(token)
-
-
-def hotswap_set(model) -> HotSwapSet | None:
-    s = model.get_attachment(LORA_KEY) if hasattr(model, "get_attachment") else None
-    return s if isinstance(s, HotSwapSet) else None
+from .comfy_lora_owner import LORA_KEY, HotSwapSet, hotswap_set, on_cleanup, on_detach, on_pre_run, outer_sample
 
 
 def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None = None):
@@ -199,12 +43,12 @@ def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None =
     wanted = (prev or HotSwapSet((), config)).plus(LoraSpec(str(path), float(strength)))
     m.set_attachments(LORA_KEY, wanted)
     cmp = callbacks_mp()
-    for kind, fn in ((cmp.ON_PRE_RUN, _on_pre_run), (cmp.ON_CLEANUP, _on_cleanup), (cmp.ON_DETACH, _on_detach)):
+    for kind, fn in ((cmp.ON_PRE_RUN, on_pre_run), (cmp.ON_CLEANUP, on_cleanup), (cmp.ON_DETACH, on_detach)):
         m.remove_callbacks_with_key(kind, LORA_KEY)
         m.add_callback_with_key(kind, LORA_KEY, fn)
     outer = wrappers_mp().OUTER_SAMPLE
     m.remove_wrappers_with_key(outer, LORA_KEY)
-    m.add_wrapper_with_key(outer, LORA_KEY, _outer_sample)
+    m.add_wrapper_with_key(outer, LORA_KEY, outer_sample)
     return m
 
 

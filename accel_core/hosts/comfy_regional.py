@@ -13,7 +13,7 @@ same hooks, and its adapter uses them too.
 from __future__ import annotations
 
 from .. import registry
-from ..compile import CompileConfig
+from ..compiling import CompileConfig
 from ..families import Family
 from ..regional import INNER_PATCHES, KEEP, with_blocks
 

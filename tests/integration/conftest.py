@@ -52,8 +52,8 @@ def comfy_cast(comfy_host):
 def accel(comfy_host):
     """The pack's accel_core modules as ComfyUI loaded them: .compile, .cast, .errors."""
     class _Accel:
-        compile = comfy_host.pack_module("accel_core.compile")
-        cast = comfy_host.pack_module("accel_core.cast")
+        compile = comfy_host.pack_module("accel_core.compiling")
+        cast = comfy_host.pack_module("accel_core.casting")
         errors = comfy_host.pack_module("accel_core.errors")
 
     return _Accel

@@ -60,7 +60,7 @@ def _sample(comfy, model, steps=2):
 
 def test_run_events_name_the_nodes_that_built_the_model(comfy, model):
     from sd_accel.accel_core import events
-    from sd_accel.accel_core.compile import CompileConfig
+    from sd_accel.accel_core.compiling import CompileConfig
     from sd_accel.accel_core.hosts import comfy as host, comfy_events
 
     seen = []
@@ -100,8 +100,8 @@ def test_run_events_name_the_nodes_that_built_the_model(comfy, model):
 
 
 def test_chained_nodes_accumulate_and_input_stays_clean(comfy, model):
-    from sd_accel.accel_core.cast import CastConfig
-    from sd_accel.accel_core.compile import CompileConfig
+    from sd_accel.accel_core.casting import CastConfig
+    from sd_accel.accel_core.compiling import CompileConfig
     from sd_accel.accel_core.hosts import comfy as host, comfy_cast, comfy_events
 
     cast = comfy_events.track(comfy_cast.apply_cast(model, CastConfig(dtype="fp32", channels_last=False)), "cast", "4", source=model)

@@ -24,11 +24,11 @@ class Pack:
     def __init__(self, host):
         self.host = host
         self.dc = host.pack_module("accel_core.hosts.comfy_deepcache")
-        self.core = host.pack_module("accel_core.deepcache")
+        self.core = host.pack_module("accel_core.deepcaching")
         self.ldm = host.pack_module("accel_core.families.ldm")
         self.registry = host.pack_module("accel_core.registry")
         self.comfy = host.pack_module("accel_core.hosts.comfy")
-        self.compile = host.pack_module("accel_core.compile")
+        self.compile = host.pack_module("accel_core.compiling")
         self.events = host.pack_module("accel_core.events")
         self.errors = host.pack_module("accel_core.errors")
 

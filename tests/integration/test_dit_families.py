@@ -146,7 +146,7 @@ def test_another_packs_block_replacement_runs_around_ours(comfy_host, comfy_adap
 @pytest.mark.parametrize("fam", dit_models.FAMILIES)
 def test_fp16_cast_bf16(comfy_host, comfy_cast, models, fam):
     model, ref = _model(models, fam)
-    castmod = comfy_host.pack_module("accel_core.cast")
+    castmod = comfy_host.pack_module("accel_core.casting")
     cast = comfy_cast.apply_cast(model, castmod.CastConfig(dtype="bf16", channels_last=False))
     assert cast is not model
     unet = cast.get_model_object("diffusion_model")
@@ -161,7 +161,7 @@ def test_fp16_cast_bf16(comfy_host, comfy_cast, models, fam):
 def test_nodes_without_dit_support_pass_a_dit_model_through(comfy_host, comfy_adapter, models, caplog):
     model, _ = _model(models, "flux")
     dc = comfy_host.pack_module("accel_core.hosts.comfy_deepcache")
-    dcmod = comfy_host.pack_module("accel_core.deepcache")
+    dcmod = comfy_host.pack_module("accel_core.deepcaching")
     with caplog.at_level(logging.WARNING):
         out = dc.apply_deepcache(model, dcmod.DeepCacheConfig())
     assert out is model

@@ -108,8 +108,8 @@ def test_core_sampler_matches_comfy(comfy_host, tiny):
 
 def test_compiled_and_cast_models(comfy_cast, comfy_host, comfy_adapter, tiny, lcm_lora):
     name, path = lcm_lora
-    cc = comfy_host.pack_module("accel_core.compile")
-    castmod = comfy_host.pack_module("accel_core.cast")
+    cc = comfy_host.pack_module("accel_core.compiling")
+    castmod = comfy_host.pack_module("accel_core.casting")
     eager = _node(comfy_host, tiny, name)
     torch._dynamo.reset()
     compiled = comfy_adapter.apply_compile(tiny, cc.CompileConfig(torch_backend="eager"))
@@ -124,7 +124,7 @@ def test_compiled_and_cast_models(comfy_cast, comfy_host, comfy_adapter, tiny, l
 
 def test_deepcache_switches_itself_off_for_short_runs(comfy_host, tiny, lcm_lora, caplog):
     name, _ = lcm_lora
-    dc = comfy_host.pack_module("accel_core.deepcache")
+    dc = comfy_host.pack_module("accel_core.deepcaching")
     hdc = comfy_host.pack_module("accel_core.hosts.comfy_deepcache")
     cached = hdc.apply_deepcache(tiny, dc.DeepCacheConfig(cache_interval=3))
     plain = _node(comfy_host, tiny, name, steps=4)

@@ -300,9 +300,9 @@ def test_clone_dropped_while_loaded_restores_the_weights(comfy_host, lora, tiny,
 
 
 def test_compiled_model_swaps_without_recompiling(comfy_host, comfy_adapter, tiny, tiny_loras):
-    from sd_accel.accel_core.compile import CompileConfig as _  # noqa: F401  (import check only)
+    from sd_accel.accel_core.compiling import CompileConfig as _  # noqa: F401  (import check only)
 
-    cc = comfy_host.pack_module("accel_core.compile")
+    cc = comfy_host.pack_module("accel_core.compiling")
     torch._dynamo.reset()
     compiled = comfy_adapter.apply_compile(tiny, cc.CompileConfig(torch_backend="eager"))
     node = comfy_host.node("SDAccelLoRAHotSwap")
@@ -321,7 +321,7 @@ def test_compiled_model_swaps_without_recompiling(comfy_host, comfy_adapter, tin
 
 
 def test_cast_model_with_hotswap(comfy_cast, comfy_host, comfy_adapter, tiny, tiny_loras):
-    castmod = comfy_host.pack_module("accel_core.cast")
+    castmod = comfy_host.pack_module("accel_core.casting")
     cast = comfy_cast.apply_cast(tiny, castmod.CastConfig(dtype="bf16", channels_last=True))
     ref_cast = harness.sample(cast)
     hot = comfy_host.node("SDAccelLoRAHotSwap").apply(cast, "tiny_a.safetensors", 3.0)[0]
@@ -334,7 +334,7 @@ def test_cast_model_with_hotswap(comfy_cast, comfy_host, comfy_adapter, tiny, ti
 
 
 def test_cast_copies_the_original_weights_while_deltas_are_fused(comfy_cast, comfy_host, comfy_adapter, lora, tiny, tiny_loras):
-    castmod = comfy_host.pack_module("accel_core.cast")
+    castmod = comfy_host.pack_module("accel_core.casting")
     config = castmod.CastConfig(dtype="bf16")
     harness.sample(tiny)  # nothing fused
     clean = comfy_cast.apply_cast(tiny, config)
@@ -351,6 +351,22 @@ def test_cast_copies_the_original_weights_while_deltas_are_fused(comfy_cast, com
     assert _same_objects(_fused(lora, tiny), fused)  # building the casts changed nothing
     hot_cast = comfy_cast.apply_cast(hot, config)
     assert torch.equal(harness.sample(hot_cast), harness.sample(node.apply(clean, "tiny_a.safetensors", 3.0)[0]))
+
+
+def test_comfy_lora_after_cast_patches_the_copy(comfy_cast, comfy_host, tiny, tiny_loras):
+    # The cast UNet is an object patch: ComfyUI loads and patches it with the clone, from a loaded
+    # shared UNet too (its load markers must not carry over), and unpatches it afterwards.
+    castmod = comfy_host.pack_module("accel_core.casting")
+    harness.sample(tiny)  # the shared UNet is loaded and marked as patched by ComfyUI
+    before = harness.Snapshot.of(tiny)
+    cast = comfy_cast.apply_cast(tiny, castmod.CastConfig(dtype="bf16", channels_last=False))
+    out = harness.sample(_comfy_lora(cast, tiny_loras["a"], 3.0))  # the copy's first load carries ComfyUI's patches
+    ref_cast = harness.sample(cast)
+    assert torch.equal(harness.sample(_comfy_lora(cast, tiny_loras["a"], 3.0)), out)
+    assert torch.equal(harness.sample(cast), ref_cast)  # the LoRA'd clone's patches left the copy
+    assert before.diff(tiny) == []  # and never touched the shared UNet
+    want = harness.sample(_comfy_lora(tiny, tiny_loras["a"], 3.0))  # fp32 reference
+    assert harness.rel_err(out, want) < harness.rel_err(ref_cast, want) / 3
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_deepcache_walk_is_the_ldm_forward(webui, adapter):
 
 
 def test_deepcache_generation_reuses_features_on_the_planned_steps(webui, adapter):
-    from sd_accel.accel_core.deepcache import DeepCacheConfig, full_steps
+    from sd_accel.accel_core.deepcaching import DeepCacheConfig, full_steps
 
     p, res = webui.txt2img(accel(deepcache_interval=3, deepcache_depth=1), steps=9)
     runs = p.sd_accel_deepcache_runs

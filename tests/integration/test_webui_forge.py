@@ -139,7 +139,7 @@ def test_deepcache_walk_is_forges_unet_forward(webui, adapter):
 
 
 def test_deepcache_generation_follows_forges_denoiser(webui, adapter):
-    from sd_accel.accel_core.deepcache import DeepCacheConfig, full_steps
+    from sd_accel.accel_core.deepcaching import DeepCacheConfig, full_steps
 
     p, res = webui.txt2img(accel(deepcache_interval=3, deepcache_depth=1), steps=9)
     stats = adapter.last_applied()

@@ -16,24 +16,27 @@ VERBS = ("compile", "cast", "deepcache", "apply_loras", "lcm_sample")
 
 
 CHECK_VERBS = """
-import importlib, inspect, sys, types
+import importlib, importlib.util, inspect, sys, types
 first = sys.argv[1]
 if first != "-":
     importlib.import_module("sd_accel.accel_core." + first)  # sets the package attribute of that name...
 import sd_accel.accel_core as core
-import sd_accel.accel_core.deepcache  # ...and so does this, after the package is there
+import sd_accel.accel_core.deepcaching  # ...and so does this, after the package is there
 from sd_accel.accel_core import deepcache
 bad = [v for v in {verbs!r} if not inspect.isfunction(getattr(core, v)) or isinstance(getattr(core, v), types.ModuleType)]
 assert callable(deepcache) and not isinstance(deepcache, types.ModuleType), deepcache
 assert not bad, bad
+# No runtime module shares a verb's name, so no import order can bind one over a verb.
+clash = [v for v in {verbs!r} if importlib.util.find_spec("sd_accel.accel_core." + v) is not None]
+assert not clash, clash
 print("ok")
 """
 
 
-@pytest.mark.parametrize("first", ["-", "deepcache", "lcm"])
+@pytest.mark.parametrize("first", ["-", "deepcaching", "compiling", "casting", "lcm"])
 def test_verbs_are_functions_whatever_was_imported_first(first):
-    # A submodule import sets the package attribute of its name; the verb must win anyway
-    # (a fresh interpreter per order: the import order is the thing under test).
+    # A submodule import sets the package attribute of its name: no runtime module may be named
+    # like a verb (a fresh interpreter per order: the import order is the thing under test).
     import subprocess
 
     r = subprocess.run([sys.executable, "-c", CHECK_VERBS.format(verbs=VERBS), first], capture_output=True, text=True)
@@ -41,7 +44,7 @@ def test_verbs_are_functions_whatever_was_imported_first(first):
 
 
 def test_the_package_exports_the_verbs_and_their_configs():
-    import sd_accel.accel_core.deepcache  # noqa: F401  (the module import must not shadow the verb)
+    import sd_accel.accel_core.deepcaching  # noqa: F401  (the module import must not shadow the verb)
     from sd_accel import accel_core
     from sd_accel.accel_core import deepcache
 
@@ -52,7 +55,7 @@ def test_the_package_exports_the_verbs_and_their_configs():
 
 
 def test_importing_the_core_does_not_import_the_bench_or_a_host():
-    code = ("import sys, sd_accel.accel_core, sd_accel.accel_core.deepcache, sd_accel.accel_core.lora, sd_accel.accel_core.lcm; "
+    code = ("import sys, sd_accel.accel_core, sd_accel.accel_core.deepcaching, sd_accel.accel_core.lora, sd_accel.accel_core.lcm; "
             "bad = [m for m in sys.modules if m.startswith(('sd_accel.bench', 'sd_accel.nodes', 'sd_accel.accel_core.hosts', 'comfy'))]; "
             "print(bad); sys.exit(1 if bad else 0)")
     import subprocess
@@ -140,7 +143,7 @@ def test_the_readme_diffusers_snippet_runs_as_written(tmp_path, monkeypatch):
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
     from sd_accel import accel_core
-    from sd_accel.accel_core.deepcache import DeepCacheUNet
+    from sd_accel.accel_core.deepcaching import DeepCacheUNet
     from sd_accel.bench.synthetic import make_random_lora
 
     torch.manual_seed(0)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sd_accel.accel_core import CastConfig, SDAccelError, cast
-from sd_accel.accel_core.cast import resolve_dtype
+from sd_accel.accel_core.casting import resolve_dtype
 
 
 def _state(m):
@@ -40,7 +40,7 @@ def test_bad_cast_options(kw):
 
 
 def test_attention_context_limits_sdpa_for_the_call_only():
-    from sd_accel.accel_core.cast import attention_context
+    from sd_accel.accel_core.casting import attention_context
 
     q = torch.randn(1, 2, 8, 4)
     with attention_context("math"):
@@ -51,7 +51,7 @@ def test_attention_context_limits_sdpa_for_the_call_only():
 
 def _cpu_runs(attention: str) -> bool:
     """Whether this CPU build runs SDPA under `attention` (efficient attention has no CPU kernel)."""
-    from sd_accel.accel_core.cast import attention_context
+    from sd_accel.accel_core.casting import attention_context
 
     q = torch.randn(1, 2, 4, 8)
     try:
@@ -66,7 +66,7 @@ def _cpu_runs(attention: str) -> bool:
 def test_attention_choice_compiles_into_one_graph(attention):
     # The kernel choice runs inside compiled code (ComfyUI's per-model attention override): a
     # graph break there splits the model at every attention layer (cudnn did: 129 graphs on SD1.5).
-    from sd_accel.accel_core.cast import attention_context
+    from sd_accel.accel_core.casting import attention_context
 
     if not _cpu_runs(attention):
         pytest.skip(f"this CPU build has no SDPA kernel for attention={attention}")

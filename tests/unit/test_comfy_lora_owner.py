@@ -1,4 +1,4 @@
-"""Who owns the fused LoRA set in the ComfyUI host (hosts/comfy_lora.py), without ComfyUI: the
+"""Who owns the fused LoRA set in the ComfyUI host (hosts/comfy_lora_owner.py), without ComfyUI: the
 callbacks ComfyUI would fire (pre-run, cleanup, detach, the patcher's death) driven in the
 orders ComfyUI fires them, on a tiny UNet. The real host is exercised in
 tests/integration/test_lora_hotswap.py."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd_accel.accel_core.hosts import comfy_lora as hl
+from sd_accel.accel_core.hosts import comfy_lora_owner as hl
 from sd_accel.accel_core.lora import LoraSpec, lora_state
 from sd_accel.bench.synthetic import make_random_lora
 
@@ -59,34 +59,34 @@ def _sampling(patcher, fn, *args):
 def test_stays_fused_until_another_clone_loads(setup):
     unet, w0, (s1, _) = setup
     h = Patcher(unet, s1)
-    hl._on_pre_run(h)
+    hl.on_pre_run(h)
     fused = dict(lora_state(unet).originals)
-    hl._on_cleanup(h)
+    hl.on_cleanup(h)
     assert fused and not _original(unet, w0)
-    _sampling(h, hl._on_detach, h, False)  # load_models_gpu reloading h for its own next run
-    hl._on_pre_run(h)
+    _sampling(h, hl.on_detach, h, False)  # load_models_gpu reloading h for its own next run
+    hl.on_pre_run(h)
     now = lora_state(unet).originals
     assert all(now[k] is fused[k] for k in fused)  # nothing restored, nothing fused again
-    _sampling(Patcher(unet), hl._on_detach, h, False)  # another clone loads
+    _sampling(Patcher(unet), hl.on_detach, h, False)  # another clone loads
     assert _original(unet, w0) and lora_state(unet).owner is None
 
 
 def test_unload_restores_even_during_its_own_run(setup):
     unet, w0, (s1, _) = setup
     h = Patcher(unet, s1)
-    hl._on_pre_run(h)
-    _sampling(h, hl._on_detach, h, True)  # model_unload: ComfyUI unpatched, weights leave the device
+    hl.on_pre_run(h)
+    _sampling(h, hl.on_detach, h, True)  # model_unload: ComfyUI unpatched, weights leave the device
     assert _original(unet, w0)
 
 
 def test_only_the_owner_restores(setup):
     unet, w0, (s1, s2) = setup
     h1, h2 = Patcher(unet, s1), Patcher(unet, s2)
-    hl._on_pre_run(h1)
-    _sampling(h2, hl._on_detach, h1, False)
-    hl._on_pre_run(h2)
+    hl.on_pre_run(h1)
+    _sampling(h2, hl.on_detach, h1, False)
+    hl.on_pre_run(h2)
     fused = dict(lora_state(unet).originals)
-    hl._on_detach(h1, True)  # h1 is not the owner any more
+    hl.on_detach(h1, True)  # h1 is not the owner any more
     del h1
     gc.collect()
     assert lora_state(unet).originals == fused
@@ -98,36 +98,36 @@ def test_only_the_owner_restores(setup):
 def test_same_set_over_same_patches_takes_over_without_writing(setup):
     unet, w0, (s1, s2) = setup
     h = Patcher(unet, s1)
-    hl._on_pre_run(h)
+    hl.on_pre_run(h)
     fused = dict(lora_state(unet).originals)
     twin = Patcher(unet, s1, patches_uuid=h.patches_uuid)  # what clone() of h gives
-    _sampling(twin, hl._on_detach, h, False)
-    hl._on_pre_run(twin)
+    _sampling(twin, hl.on_detach, h, False)
+    hl.on_pre_run(twin)
     assert lora_state(unet).originals == fused
     del h
     gc.collect()
     assert lora_state(unet).originals == fused
     # other ComfyUI patches (a new patches_uuid) or another set: restored at the switch
     for other in (Patcher(unet, s1), Patcher(unet, s2, patches_uuid=twin.patches_uuid)):
-        hl._on_pre_run(twin)
-        _sampling(other, hl._on_detach, twin, False)
+        hl.on_pre_run(twin)
+        _sampling(other, hl.on_detach, twin, False)
         assert _original(unet, w0)
 
 
 def test_comfy_patches_on_the_same_layers_restore_at_cleanup(setup):
     unet, w0, (s1, _) = setup
     h = Patcher(unet, s1)
-    hl._on_pre_run(h)
+    hl.on_pre_run(h)
     layer = next(iter(lora_state(unet).signature))
-    hl._on_cleanup(h)
+    hl.on_cleanup(h)
     assert not _original(unet, w0)  # no ComfyUI patches: stays
     overlapping = Patcher(unet, s1, patches={f"diffusion_model.{layer}": []})
-    hl._on_pre_run(overlapping)
-    hl._on_cleanup(overlapping)
+    hl.on_pre_run(overlapping)
+    hl.on_cleanup(overlapping)
     assert _original(unet, w0)
     elsewhere = Patcher(unet, s1, patches={"diffusion_model.conv_in.weight": []})
-    hl._on_pre_run(elsewhere)
-    hl._on_cleanup(elsewhere)
+    hl.on_pre_run(elsewhere)
+    hl.on_cleanup(elsewhere)
     assert not _original(unet, w0)
 
 
@@ -138,6 +138,6 @@ def test_failed_pre_run_leaves_no_owner(setup, tmp_path):
     h = Patcher(unet, hl.HotSwapSet(s1.specs + (LoraSpec(str(gone), 1.0),)))
     gone.unlink()  # read at the node, missing at the run
     with pytest.raises(Exception, match="does not exist"):
-        hl._on_pre_run(h)
-    hl._on_cleanup(h)
+        hl.on_pre_run(h)
+    hl.on_cleanup(h)
     assert _original(unet, w0) and lora_state(unet).owner is None

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sd_accel.accel_core.deepcache import DeepCacheConfig, DeepCachePaths, DeepCacheRunner, cut_paths, full_steps
+from sd_accel.accel_core.deepcaching import DeepCacheConfig, DeepCachePaths, DeepCacheRunner, cut_paths, full_steps
 from sd_accel.accel_core.hosts.webui.deepcache import A1111_HOOKS as A1111, FORGE_HOOKS as FORGE, DeepCacheRun
 from sd_accel.accel_core.families import ldm
 

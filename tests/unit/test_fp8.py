@@ -112,7 +112,7 @@ def test_requantize_param_refreshes_only_that_layer():
 
 def test_cast_config_accepts_fp8_and_cudnn():
     assert CastConfig(dtype="fp8", attention="cudnn").dtype == "fp8"
-    from sd_accel.accel_core.cast import sdpa_backends
+    from sd_accel.accel_core.casting import sdpa_backends
     from torch.nn.attention import SDPBackend
 
     assert sdpa_backends("cudnn") == [SDPBackend.CUDNN_ATTENTION]

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from sd_accel.accel_core import SDAccelError
-from sd_accel.accel_core.compile import CompileConfig, compile
+from sd_accel.accel_core.compiling import CompileConfig, compile
 from sd_accel.accel_core.lora import LoraConfig, LoraSpec, UNetNames, apply_loras, lora_state, read_lora
 from sd_accel.bench.synthetic import FORMATS, make_random_lora
 

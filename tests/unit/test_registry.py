@@ -6,7 +6,7 @@ import weakref
 import torch
 
 from sd_accel.accel_core import registry
-from sd_accel.accel_core.compile import CompileConfig
+from sd_accel.accel_core.compiling import CompileConfig
 
 CFG = CompileConfig(backend="inductor", torch_backend="eager")
 

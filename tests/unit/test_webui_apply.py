@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from sd_accel.accel_core import registry
-from sd_accel.accel_core.compile import CompileReport
-from sd_accel.accel_core.deepcache import DeepCacheConfig, full_steps
+from sd_accel.accel_core.compiling import CompileReport
+from sd_accel.accel_core.deepcaching import DeepCacheConfig, full_steps
 from sd_accel.accel_core.hosts import webui as w
 from sd_accel.accel_core.hosts.webui import deepcache as webui_deepcache, forge_wrapper
 from sd_accel.accel_core.hosts.webui.runner import Runner

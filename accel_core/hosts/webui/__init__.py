@@ -13,8 +13,8 @@ runner with the A1111 / Forge hooks of `deepcache`.
 """
 from __future__ import annotations
 
-from ...cast import ATTENTION  # noqa: F401  (re-exported for the scripts)
-from ...compile import MODES  # noqa: F401  (re-exported)
+from ...casting import ATTENTION  # noqa: F401  (re-exported for the scripts)
+from ...compiling import MODES  # noqa: F401  (re-exported)
 from ...errors import SDAccelError
 from ...registry import compiled_for
 from .cache import cache_state, cast_copy_for, clear_caches

@@ -14,7 +14,7 @@ import weakref
 
 from torch import nn
 
-from ...compile import CompiledUNet
+from ...compiling import CompiledUNet
 from ...log import logger
 from ...families import family_of
 from .cache import weights_token

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ... import registry
-from ...cast import CastConfig, cast
+from ...casting import CastConfig, cast
 
 
 def weights_token(module: nn.Module):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...compile import CompileConfig
-from ...deepcache import DeepCacheConfig, DeepCachePaths, DeepCacheRunner, check_depth, cut_paths
+from ...compiling import CompileConfig
+from ...deepcaching import DeepCacheConfig, DeepCachePaths, DeepCacheRunner, check_depth, cut_paths
 from ...errors import SDAccelError
 from ...families import ldm
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ...deepcache import check_depth
+from ...deepcaching import check_depth
 from ...errors import SDAccelError
 from ...families import family_of, known_names
 from ...registry import compiled_for, regional_for

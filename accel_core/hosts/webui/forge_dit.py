@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from ...cast import attention_context
+from ...casting import attention_context
 from ...families import Family
 from ...regional import is_regional, with_blocks
 from ...registry import regional_for

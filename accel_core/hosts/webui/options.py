@@ -11,10 +11,10 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from ...cast import ATTENTION, CastConfig
-from ...compile import MODES, CompileConfig
+from ...casting import ATTENTION, CastConfig
+from ...compiling import MODES, CompileConfig
 from ...compile_cache import default_cache_dir
-from ...deepcache import DeepCacheConfig
+from ...deepcaching import DeepCacheConfig
 from ...errors import SDAccelError
 from ...lcm import LcmConfig
 from ...options import KEY, check_declared, declared, option

@@ -11,8 +11,8 @@ import contextlib
 import torch
 from torch import nn
 
-from ...cast import attention_context, resolve_dtype
-from ...compile import CompiledUNet
+from ...casting import attention_context, resolve_dtype
+from ...compiling import CompiledUNet
 from ...registry import compiled_for
 from .cache import cast_copy_for
 from .deepcache import DeepCacheRun

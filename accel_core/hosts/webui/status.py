@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 
 from ...backends import BACKENDS
-from ...compile import CompileReport
+from ...compiling import CompileReport
 from .infotext import to_infotext
 from .options import WebuiOptions
 
