@@ -181,7 +181,7 @@ def test_an_unknown_model_passes_through_with_a_warning(comfy_host, comfy_adapte
 @pytest.mark.parametrize("fam", dit_models.FAMILIES)
 def test_fp8_converts_the_block_linears_and_keeps_the_family_s_steering_layers(comfy_host, models, fam):
     model, _ = _model(models, fam)
-    castmod = comfy_host.pack_module("accel_core.cast")
+    castmod = comfy_host.pack_module("accel_core.casting")
     fp8 = comfy_host.pack_module("accel_core.fp8")
     families = comfy_host.pack_module("accel_core.families")
     unet = model.get_model_object("diffusion_model")
@@ -198,7 +198,7 @@ def test_fp8_converts_the_block_linears_and_keeps_the_family_s_steering_layers(c
 
 def test_fp8_flux_call_is_close_to_eager(comfy_host, models):
     model, _ = _model(models, "flux")
-    castmod = comfy_host.pack_module("accel_core.cast")
+    castmod = comfy_host.pack_module("accel_core.casting")
     fp8 = comfy_host.pack_module("accel_core.fp8")
     unet = model.get_model_object("diffusion_model")
     copy = castmod.cast(unet, castmod.CastConfig(dtype="bf16", channels_last=False), device_type="cpu")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sd_accel.accel_core import families, regional
-from sd_accel.accel_core.compile import CompileConfig
+from sd_accel.accel_core.compiling import CompileConfig
 from sd_accel.accel_core.errors import SDAccelError
 
 
