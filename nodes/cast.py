@@ -3,7 +3,7 @@ from ..accel_core.hosts import comfy_cast as host, comfy_events
 
 
 class SDAccelFP16Cast:
-    DESCRIPTION = ("Runs the UNet in fp16 or bf16 (auto: bf16 on CPU, fp16 on CUDA), or fp16 with fp8 matmuls on GPUs with "
+    DESCRIPTION = ("Runs the UNet in fp16 or bf16 (auto: fp16 on CUDA; on the CPU bf16 with AMX, else fp32), or fp16 with fp8 matmuls on GPUs with "
                    "fp8 tensor cores, optionally channels_last, with the attention kernel of your choice. Works on a copy "
                    "of the UNet; the input model is unchanged.")
     CATEGORY = "SD Accel"
@@ -15,7 +15,7 @@ class SDAccelFP16Cast:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to cast (SD1.x, SD2.x, SDXL)."}),
-            "dtype": (list(NODE_DTYPES), {"default": "auto", "tooltip": "auto = bf16 on CPU, fp16 on CUDA. fp32 restores full precision. "
+            "dtype": (list(NODE_DTYPES), {"default": "auto", "tooltip": "auto = fp16 on CUDA; on the CPU bf16 where it has AMX (faster there), else fp32 (bf16 measured slower). fp32 restores full precision. "
                                           "fp8 = fp16 with float8 matmuls in the linear layers (Ada, Hopper, Blackwell only; "
                                           "slightly changes the image, and is refused on other devices)."}),
             "channels_last": ("BOOLEAN", {"default": True, "tooltip": "NHWC memory format for convolutions (faster with fp16/bf16)."}),
