@@ -96,7 +96,7 @@ def export_bundle(path: str, fid: str | None = None, config=None) -> bytes:
     files = [e for e in cc.entries(path) if e.header is not None]
     if not files:
         raise ArtifactsError(f"SD Accel: no compile-cache files in {path} to export; expected the files a compiled run leaves there. "
-                             "Run a compiled generation first (Compile UNet with the inductor backend), or give the folder it used (--dir).")
+                             "Run a compiled generation first (Compile UNet with the inductor backend, or `sd-accel bench --configs inductor`), or give the folder it used (--dir).")
     chosen = _pick_fingerprint(files, fid, path)
     members, listed, configs = [], [], []
     for e in files:

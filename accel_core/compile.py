@@ -46,7 +46,8 @@ class CompileConfig:
             uses "_forward", the body inside its wrapper chain).
         torch_backend: the dynamo backend behind "inductor" ("eager"/"aot_eager" for tests).
         cache_dir: folder where torch.compile's caches persist between processes (inductor only;
-            see compile_cache; None: no persistence). Hosts fill in their default folder.
+            see compile_cache). None: the default folder, $SD_ACCEL_COMPILE_CACHE or else
+            ~/.cache/sd_accel/compile_cache (hosts fill in their own); "off": no persistence.
         guards: "full" (dynamo's own) or "skip-module" (inductor: drop dynamo's guards on the
             UNet's modules and weights, about 13,000 on SD1.5 and ~1 ms per call, checked while
             the GPU waits; then a monkeypatched forward, a replaced submodule, a changed module
@@ -190,6 +191,7 @@ class CompiledUNet:
         self._announced = False
         self._graphs_seen: int | None = None  # dynamo's graph count at the last cache save (None: no cache)
         self._cache_loaded = ""
+        self._cache_path = ""  # the folder the caches persist in (resolved at the first compiled call)
 
     # -- calling -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -258,11 +260,17 @@ class CompiledUNet:
 
     # -- on-disk compile cache (inductor only: onediff and stable-fast keep their own) ----
     def _load_cache(self):
-        if not self.config.cache_dir or self.backend.name != "inductor" or self.config.torch_backend != "inductor":
+        if self.backend.name != "inductor" or self.config.torch_backend != "inductor":
             return
         from . import compile_cache
 
-        self._cache_loaded = compile_cache.load(self.config.cache_dir, self._device).describe()
+        path = self.config.cache_dir
+        if path is None:  # persisted by default, as in the hosts; $SD_ACCEL_COMPILE_CACHE=off gives None here
+            path = compile_cache.default_cache_dir(None)
+        if not path or path.lower() in compile_cache.OFF_VALUES:
+            return
+        self._cache_path = path
+        self._cache_loaded = compile_cache.load(path, self._device).describe()
         self.report.cache = self._cache_loaded
         self._graphs_seen = compile_cache.graphs_compiled()
 
@@ -275,7 +283,7 @@ class CompiledUNet:
         if now == self._graphs_seen:  # nothing compiled since the last save: the common, per-step case
             return
         self._graphs_seen = now
-        res = compile_cache.save(self.config.cache_dir, self._device, config=self.config)
+        res = compile_cache.save(self._cache_path, self._device, config=self.config)
         if res.path or res.error:
             self.report.cache = f"{self._cache_loaded}; {res.describe()}"
 
