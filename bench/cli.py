@@ -41,6 +41,11 @@ def _bench(args) -> int:
     except SDAccelError as e:
         print(e, file=sys.stderr)
         return 2
+    if cfg.device == "cpu" and (cfg.preset != "tiny" or cfg.checkpoint):
+        what = f"--checkpoint {os.path.basename(cfg.checkpoint)}" if cfg.checkpoint else cfg.preset
+        print(f"sd-accel bench: {what} on the CPU is a full-size UNet: expect minutes per row ({len(planned)} rows, each a warm-up "
+              f"and {cfg.repeats} timed runs; sdxl-1024 took more than 5 minutes for its first row on 2 cores). Ctrl-C stops it and keeps "
+              "the rows already measured; --preset tiny (the CPU default) takes about a minute.", file=sys.stderr)
     bar = tqdm(desc="sd-accel bench", unit="row", total=len(planned), disable=args.no_progress)
 
     def progress(name):
@@ -373,12 +378,26 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _version() -> str:
+    """Without importing torch (`sd-accel --help` / `--version` stay quick)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"sd-accel {of('sd-accel')} (torch {of('torch')}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .measure import DEFAULT_REPEATS, default_threads
     from .models import PRESETS
 
     p = argparse.ArgumentParser(prog="sd-accel", description="SD Accel: Stable Diffusion acceleration, measured side by side.",
                                 formatter_class=_Help)
+    p.add_argument("--version", action="version", version=_version(), help="the package, torch and Python versions")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="baseline vs each acceleration: ms/step (median, min-max), speed-up, relative error, memory, compile time",
                        formatter_class=_Help, description="Times the unaccelerated baseline and each acceleration side by side in one process. "
