@@ -281,6 +281,7 @@ def test_lora_for_another_architecture(unet, tmp_path):
     with pytest.raises(SDAccelError, match=r"\d+ of \d+ UNet layers matched") as e:
         apply_loras(unet, [LoraSpec(p)])
     assert "another architecture" in str(e.value) and "not changed" in str(e.value)
+    assert "The model is a UNet of cross-attention width 16 (" in str(e.value)  # the tiny test UNet: no SD name, and "a", not "an"
     _untouched(unet, orig)
 
 
