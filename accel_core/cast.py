@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import check_flag, choice_error
+from .options import check_declared, option
 
 logger = logging.getLogger("sd_accel")
 
@@ -28,23 +29,21 @@ _DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 @dataclass(frozen=True)
 class CastConfig:
-    """Args:
-        dtype: "auto" (fp16 on CUDA; on the CPU bf16 where it has AMX, else fp32: see
-            `cpu_bf16_is_fast`), "fp16", "bf16", "fp32", or "fp8" (fp16, with the
-            linear layers' matmuls in float8 on GPUs with fp8 tensor cores; see accel_core/fp8.py).
-        channels_last: store conv weights (and feed inputs) in NHWC, which the fast conv kernels want.
-        attention: SDPA kernel: "auto" (torch picks), "flash", "efficient" (mem-efficient), "math" or "cudnn".
-    """
+    """How to cast the UNet (see the help of each option; fp8 is accel_core/fp8.py)."""
 
-    dtype: str = "auto"
-    channels_last: bool = True
-    attention: str = "auto"
+    dtype: str = option("auto", "auto = fp16 on CUDA; on the CPU bf16 where it has AMX (faster there), else fp32 (bf16 measured slower). "
+                        "fp32 restores full precision. fp8 = fp16 with float8 matmuls in the linear layers (Ada, Hopper, Blackwell "
+                        "only; slightly changes the image, and is refused on other devices).",
+                        label="UNet dtype", choices=NODE_DTYPES,
+                        # the webui's cast starts off, and its cast copy has no fp8 path (no refresh after its LoRAs)
+                        hosts={"webui": {"default": "off", "choices": ("off", *DTYPES)}})
+    channels_last: bool = option(True, "NHWC memory format for convolutions (faster with fp16/bf16).", label="channels_last",
+                                 hosts={"webui": {"default": False}})  # on the webui it makes a cast copy: off until asked for
+    attention: str = option("auto", "PyTorch SDPA kernel: auto lets torch pick; flash / efficient / math force one; cudnn prefers "
+                            "cuDNN's kernel, with flash where cuDNN does not take the shape.", label="Attention kernel", choices=ATTENTION)
 
     def __post_init__(self):
-        if self.dtype not in NODE_DTYPES:
-            raise choice_error("dtype", self.dtype, NODE_DTYPES)
-        if self.attention not in ATTENTION:
-            raise choice_error("attention", self.attention, ATTENTION)
+        check_declared(self, "cast")
         check_flag("cast", "channels_last", self.channels_last, "Use True on GPUs and CPUs with fast NHWC convolutions (most), else False.")
 
 

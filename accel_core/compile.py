@@ -22,6 +22,7 @@ from . import events
 from .backends import BACKENDS, CHOICES, resolve
 from .errors import SDAccelError, check_flag, choice_error
 from .log import logger
+from .options import check_declared, option
 from .unet import compile_units, describe, module_dtype, split_unit
 
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
@@ -32,15 +33,9 @@ _MISSING = object()
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """What to compile with.
+    """What to compile with (the user-facing options are declared with their help below).
 
-    Args:
-        backend: "auto", "inductor" (torch.compile), "onediff" or "stable-fast".
-        mode: "default", "max-autotune-no-cudagraphs", "reduce-overhead" (CUDA graphs) or
-            "max-autotune" (slow to compile: minutes on SD1.5).
-        dynamic: torch.compile's `dynamic` (False: specialise on shapes; None: let torch decide).
-        fullgraph: require one graph for the whole UNet; when that fails, the blockwise
-            fallback still applies, with one graph per block.
+    Args (internal):
         fallback: compile block by block when the whole fails (off: the failure is raised).
         method: the entry method of the module to compile ("forward"; ComfyUI's UNetModel
             uses "_forward", the body inside its wrapper chain).
@@ -59,10 +54,16 @@ class CompileConfig:
             host owns (a copy of its own), since every user of the module sees the new layout.
     """
 
-    backend: str = "auto"
-    mode: str = "default"
-    dynamic: bool | None = False
-    fullgraph: bool = False
+    backend: str = option("auto", "auto picks the best installed: stable-fast, onediff, then inductor.", label="Compile backend", choices=CHOICES,
+                          # the webui's accordion starts with compile off
+                          hosts={"webui": {"default": "off", "choices": ("off", *CHOICES)}})
+    mode: str = option("default", "reduce-overhead adds CUDA graphs (the fastest; one graph per resolution and batch size); default: no CUDA "
+                       "graphs; max-autotune takes minutes to compile. On the CPU there are no CUDA graphs, so reduce-overhead equals default.",
+                       label="Compile mode", choices=MODES,
+                       # a ComfyUI graph samples one size over and over: CUDA graphs pay there from the start
+                       hosts={"comfy": {"default": "reduce-overhead"}})
+    dynamic: bool | None = option(False, "Compile for varying sizes at once (fewer recompiles, slightly slower kernels).", label="Dynamic shapes")
+    fullgraph: bool = option(False, "Require one graph per compiled unit; failures fall back block by block.", label="Full graph")
     fallback: bool = True
     method: str = "forward"
     torch_backend: str = "inductor"
@@ -71,10 +72,7 @@ class CompileConfig:
     channels_last: bool = False
 
     def __post_init__(self):
-        if self.backend not in CHOICES:
-            raise choice_error("backend", self.backend, CHOICES)
-        if self.mode not in MODES:
-            raise choice_error("mode", self.mode, MODES)
+        check_declared(self, "compile")
         if self.guards not in GUARDS:
             raise choice_error("guards", self.guards, GUARDS)
         if not (self.dynamic is None or isinstance(self.dynamic, bool)):
@@ -86,7 +84,7 @@ class CompileConfig:
         if not isinstance(self.method, str) or not self.method.isidentifier():
             raise SDAccelError(f"SD Accel compile: method must be the name of the module's entry method, found {self.method!r}. Use \"forward\".")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
-            raise SDAccelError(f"SD Accel compile: cache_dir must be a folder path (str) or None, found {self.cache_dir!r}. Pass str(path), or None.")
+            raise SDAccelError(f"SD Accel compile: cache_dir must be a folder path (str) or None, found {self.cache_dir!r}. Pass str(path), None (the default folder) or "off".")
 
 
 @dataclass

@@ -17,7 +17,7 @@ full path (which also hands back the feature to keep) and the shallow path are t
 callables (the walks in `unet/`); with compile each is compiled once (`cut_paths`).
 
 One runner (`DeepCacheRunner`: step decision, kept features, counts) serves every host:
-ComfyUI through `hosts/comfy_deepcache.py`, A1111 and Forge through `hosts/webui.py`,
+ComfyUI through `hosts/comfy_deepcache.py`, A1111 and Forge through `hosts/webui/`,
 diffusers' UNet2DConditionModel through `deepcache(unet, config)` here.
 """
 from __future__ import annotations
@@ -32,13 +32,16 @@ import torch
 from torch import nn
 
 from . import events
-from .errors import SDAccelError, check_range, choice_error
+from .errors import SDAccelError
+from .options import check_declared, option
 from .log import logger
 from .registry import compiled_for
 from .unet import DIFFUSERS, skip_count, unet_kind
 from .unet import diffusers as dwalk
 
 SCHEDULES = ("uniform", "non-uniform")
+# Past 20 a run of 20-50 steps has one or two full steps left: it stops being a cache.
+MAX_INTERVAL = 20
 # Non-uniform schedule: full steps packed around this point of the window (as a fraction of it)
 # and thinned out towards both ends with this power (the paper's sample_from_quad_center idea).
 NONUNIFORM_CENTER = 0.3
@@ -49,36 +52,30 @@ _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 @dataclass(frozen=True)
 class DeepCacheConfig:
-    """How to cache.
+    """How to cache. cache_depth counts skip connections from the shallowest (0 = the first conv's skip, the
+    `DeepCache` package's `cache_branch_id`); "non-uniform" is the paper's non-uniform 1:N strategy."""
 
-    Args:
-        cache_interval: run the full UNet every N steps (1 turns DeepCache off; the paper uses 3 to 5).
-        cache_depth: the skip connection at which the deep branch is cut, counted from the
-            shallowest (0 = the first conv's skip, the `DeepCache` package's `cache_branch_id`).
-        start_percent: caching may start at this fraction of the run's steps (earlier steps are full).
-        end_percent: caching stops at this fraction of the run's steps (later steps are full).
-        schedule: "uniform" (a full step every `cache_interval` steps) or "non-uniform" (the same
-            number of full steps, packed where features change fastest, as in the paper's
-            non-uniform 1:N strategy).
-    """
-
-    cache_interval: int = 3
-    cache_depth: int = 0
-    start_percent: float = 0.0
-    end_percent: float = 1.0
-    schedule: str = "uniform"
+    cache_interval: int = option(3, "Run the full UNet every N steps; 1 turns DeepCache off. 3 is the paper's default, 5 is faster and rougher.",
+                                 label="DeepCache interval (1 = off)", min=1, max=MAX_INTERVAL, step=1,
+                                 hosts={"webui": {"default": 1}})  # the webui's accordion starts with DeepCache off
+    cache_depth: int = option(0, "Which skip connection cuts off the cached deep branch, from the shallowest (0, fastest) down; "
+                              "SD1.x/SD2.x have 0-11, SDXL 0-8. Higher keeps more quality.", label="DeepCache depth", min=0, max=11, step=1,
+                              per_model=True)  # check_depth holds it to the UNet's own skips
+    start_percent: float = option(0.0, "Fraction of the run's steps after which caching may start; earlier steps always run in full.",
+                                  label="DeepCache start", min=0.0, max=1.0, step=0.01)
+    end_percent: float = option(1.0, "Fraction of the run's steps after which caching stops; later steps run in full (raise detail at the "
+                                "end by lowering it).", label="DeepCache end", min=0.0, max=1.0, step=0.01)
+    schedule: str = option("uniform", "uniform: a full step every N steps. non-uniform: as many full steps, packed where the features change "
+                           "fastest (the paper's non-uniform variant).", label="DeepCache schedule", choices=SCHEDULES)
 
     def __post_init__(self):
         if isinstance(self.cache_interval, bool) or not isinstance(self.cache_interval, int) or self.cache_interval < 1:
             raise SDAccelError(f"SD Accel DeepCache: cache_interval must be a whole number of steps >= 1, found {self.cache_interval!r}. Use 1 to turn caching off, 3 for the paper's default.")
         if isinstance(self.cache_depth, bool) or not isinstance(self.cache_depth, int) or self.cache_depth < 0:
             raise SDAccelError(f"SD Accel DeepCache: cache_depth must be a skip-connection index >= 0, found {self.cache_depth!r}. Use 0 (shallowest, fastest) unless you want more quality.")
-        for name in ("start_percent", "end_percent"):
-            check_range("DeepCache", name, getattr(self, name), 0.0, 1.0, "It is a fraction of the run's steps: use e.g. 0.0 and 1.0.")
+        check_declared(self, "DeepCache")
         if self.start_percent >= self.end_percent:
             raise SDAccelError(f"SD Accel DeepCache: start_percent ({self.start_percent}) must be below end_percent ({self.end_percent}); no step would be cached. Set start_percent < end_percent, e.g. 0.0 and 1.0.")
-        if self.schedule not in SCHEDULES:
-            raise choice_error("schedule", self.schedule, SCHEDULES)
 
     @property
     def enabled(self) -> bool:

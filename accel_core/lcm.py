@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-from .errors import SDAccelError, check_range
+from .errors import SDAccelError
+from .options import check_declared, option
 
 ORIGINAL_STEPS = 50  # LCM's distillation schedule (ModelSamplingDiscreteDistilled.original_timesteps)
 SIGMA_DATA = 0.5
@@ -34,25 +35,20 @@ DEEPCACHE_MIN_STEPS = 8
 
 @dataclass(frozen=True)
 class LcmConfig:
-    """Args:
-        steps: sampling steps (LCM works at 2-8; 4 is the usual trade-off).
-        cfg: classifier-free guidance scale; LCM-LoRA wants 1-2 (1.0 skips the negative pass).
-        strength: LCM-LoRA strength.
-        denoise: fraction of the schedule to run (img2img below 1).
-    """
+    """LCM sampling with an LCM-LoRA."""
 
-    steps: int = 4
-    cfg: float = 1.5
-    strength: float = 1.0
-    denoise: float = 1.0
+    steps: int = option(4, "LCM needs few steps: 4 is the usual choice, 2-8 work.", label="LCM steps", min=1, max=ORIGINAL_STEPS, step=1)
+    cfg: float = option(1.5, "Guidance scale; LCM wants 1.0-2.0. At 1.0 the negative pass is skipped (faster).", label="LCM CFG",
+                        min=0.0, max=10.0, step=0.1, round=0.01)
+    # 0..2: distilled at 1.0; a negative LCM-LoRA or one past 2 gives no usable few-step image.
+    strength: float = option(1.0, "LCM-LoRA strength; 1.0 is what it was distilled for.", label="LCM-LoRA strength", min=0.0, max=2.0, step=0.01)
+    denoise: float = option(1.0, "1.0 for txt2img; lower keeps more of the input latent.", label="Denoise", min=0.01, max=1.0, step=0.01)
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= ORIGINAL_STEPS:
             raise SDAccelError(f"SD Accel LCM: steps must be a whole number from 1 to {ORIGINAL_STEPS}, found {self.steps!r}. "
                                "LCM-LoRA is made for 2-8 steps; use 4.")
-        check_range("LCM", "denoise", self.denoise, 0.0, 1.0, "Use 1.0 for txt2img.", lo_open=True)
-        check_range("LCM", "cfg", self.cfg, 0.0, 100.0, "LCM-LoRA wants 1.0-2.0.")
-        check_range("LCM", "strength", self.strength, -100.0, 100.0, "Use 1.0, the LCM-LoRA as trained.")
+        check_declared(self, "LCM")
 
 
 def deepcache_helps(steps: int, cache_interval: int) -> bool:

@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import SDAccelError, check_range, choice_error
 from .log import logger
+from .options import declared, option
 from .lora_file import LoraFile, LoraLayer, move_factors, parse_lora, read_lora
 from .lora_names import Resolved, UNetNames, _resolve, _Targets
 
@@ -38,10 +39,12 @@ class LoraSpec:
     """One LoRA to apply: a .safetensors file and its strength (0 = not applied)."""
 
     path: str
-    strength: float = 1.0
+    strength: float = option(1.0, "How strongly the LoRA changes the UNet; 0 leaves the model as it is.", label="LoRA strength",
+                             min=-100.0, max=100.0, step=0.01)
 
     def __post_init__(self):
-        check_range("LoRA", f"the strength of {self.path!r}", self.strength, -100.0, 100.0, "Use 1.0 for the LoRA as trained, 0 to leave it out.")
+        opt = declared(self)["strength"]
+        check_range("LoRA", f"the strength of {self.path!r}", self.strength, opt.min, opt.max, "Use 1.0 for the LoRA as trained, 0 to leave it out.")
 
 
 @dataclass(frozen=True)

@@ -392,6 +392,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..accel_core.compile import CompileConfig
+    from ..accel_core.options import cli_argument
     from .measure import DEFAULT_REPEATS, default_threads
     from .models import PRESETS
 
@@ -464,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache-dir", default=None, help="a folder all replicas share for the compile artifacts (default: Ray's object store)")
     v.add_argument("--lora-dir", default=None, help="folder of .safetensors LoRAs requests may name")
     v.add_argument("--no-compile", action="store_true", help="eager UNet (DeepCache and LoRAs still apply)")
-    v.add_argument("--mode", default="default", choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"], help="torch.compile mode")
+    cli_argument(v, CompileConfig, "mode")  # choices, default and help declared on CompileConfig
     v.add_argument("--max-batch-size", type=_count("the largest batch", "give e.g. --max-batch-size 4"), default=4,
                    help="requests batched into one UNet call (padded to a power of two)")
     v.add_argument("--batch-wait", type=_scale, default=0.05, help="seconds a replica waits to fill a batch")

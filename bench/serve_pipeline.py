@@ -28,6 +28,7 @@ import torch
 
 from ..accel_core import CompileConfig, DeepCacheConfig, LoraSpec, SDAccelError, apply_loras, compile, deepcache
 from ..accel_core import cache_artifacts as ca
+from ..accel_core.options import declared
 from .measure import make_inputs
 from .models import PRESETS, Preset, build_unet
 
@@ -184,7 +185,8 @@ def parse_request(body: bytes, cfg: ServeConfig, loras: dict[str, str]) -> Reque
     if dc is not None:
         if not isinstance(dc, dict) or set(dc) - {"interval", "depth"}:
             raise RequestError(f"SD Accel serve: 'deepcache' must be null or {{\"interval\": N, \"depth\": D}}, found {dc!r}. Give e.g. {{\"interval\": 3}}.")
-        dcv = (_int(dc, "interval", 3, 1, 64), _int(dc, "depth", 0, 0, 11))
+        iv, dp = (declared(DeepCacheConfig)[n] for n in ("cache_interval", "cache_depth"))  # the same numbers as every other surface
+        dcv = (_int(dc, "interval", iv.default, iv.min, iv.max), _int(dc, "depth", dp.default, dp.min, dp.max))
         try:
             DeepCacheConfig(cache_interval=dcv[0], cache_depth=dcv[1])
         except SDAccelError as e:
@@ -204,8 +206,9 @@ def parse_request(body: bytes, cfg: ServeConfig, loras: dict[str, str]) -> Reque
             where = f"the .safetensors files in {cfg.lora_dir}" if cfg.lora_dir else "no --lora-dir was given"
             raise RequestError(f"SD Accel serve: unknown LoRA {name!r}; this deployment has: {have} ({where}). Use one of those names "
                                "(the file name without .safetensors), or add the file to the LoRA folder and redeploy.")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not -100 <= strength <= 100:
-            raise RequestError(f"SD Accel serve: the strength of LoRA {name!r} must be a number in [-100, 100], found {strength!r}. Use 1.0 as trained.")
+        st = declared(LoraSpec)["strength"]
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not st.min <= strength <= st.max:
+            raise RequestError(f"SD Accel serve: the strength of LoRA {name!r} must be a number in [{st.min:g}, {st.max:g}], found {strength!r}. Use 1.0 as trained.")
         if strength:
             picked[name] = picked.get(name, 0.0) + float(strength)
     out = data.get("output", "latent")

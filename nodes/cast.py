@@ -1,4 +1,5 @@
-from ..accel_core.cast import ATTENTION, NODE_DTYPES, CastConfig
+from ..accel_core.cast import CastConfig
+from ..accel_core.options import comfy_inputs
 from ..accel_core.hosts import comfy_cast as host, comfy_events
 
 
@@ -15,11 +16,7 @@ class SDAccelFP16Cast:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to cast (SD1.x, SD2.x, SDXL)."}),
-            "dtype": (list(NODE_DTYPES), {"default": "auto", "tooltip": "auto = fp16 on CUDA; on the CPU bf16 where it has AMX (faster there), else fp32 (bf16 measured slower). fp32 restores full precision. "
-                                          "fp8 = fp16 with float8 matmuls in the linear layers (Ada, Hopper, Blackwell only; "
-                                          "slightly changes the image, and is refused on other devices)."}),
-            "channels_last": ("BOOLEAN", {"default": True, "tooltip": "NHWC memory format for convolutions (faster with fp16/bf16)."}),
-            "attention": (list(ATTENTION), {"default": "auto", "tooltip": "PyTorch SDPA kernel: auto lets torch pick; flash / efficient / math force one; cudnn prefers cuDNN's kernel, with flash where cuDNN does not take the shape."}),
+            **comfy_inputs(CastConfig),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model, dtype, channels_last, attention, unique_id=None):

@@ -1,5 +1,5 @@
-from ..accel_core.backends import CHOICES
-from ..accel_core.compile import MODES, CompileConfig
+from ..accel_core.compile import CompileConfig
+from ..accel_core.options import comfy_inputs
 from ..accel_core.hosts import comfy as host, comfy_events
 
 
@@ -16,10 +16,7 @@ class SDAccelCompileUNet:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to accelerate (SD1.x, SD2.x, SDXL)."}),
-            "backend": (list(CHOICES), {"default": "auto", "tooltip": "auto picks the best installed: stable-fast, onediff, then inductor."}),
-            "mode": (list(MODES), {"default": "reduce-overhead", "tooltip": "reduce-overhead adds CUDA graphs (the fastest; one graph per resolution and batch size); default: no CUDA graphs; max-autotune takes minutes to compile. On the CPU there are no CUDA graphs, so reduce-overhead equals default."}),
-            "dynamic": ("BOOLEAN", {"default": False, "tooltip": "Compile for varying sizes at once (fewer recompiles, slightly slower kernels)."}),
-            "fullgraph": ("BOOLEAN", {"default": False, "tooltip": "Require one graph per compiled unit; failures fall back block by block."}),
+            **comfy_inputs(CompileConfig, "backend", "mode", "dynamic", "fullgraph"),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model, backend, mode, dynamic, fullgraph, unique_id=None):

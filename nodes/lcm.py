@@ -2,6 +2,7 @@ import folder_paths
 
 from ..accel_core.hosts import comfy_lcm as host
 from ..accel_core.lcm import LcmConfig
+from ..accel_core.options import comfy_input, comfy_inputs
 
 
 class SDAccelLCMLoRASampler:
@@ -21,12 +22,9 @@ class SDAccelLCMLoRASampler:
             "negative": ("CONDITIONING", {"tooltip": "What to steer away from (only used when cfg is above 1)."}),
             "latent_image": ("LATENT", {"tooltip": "The latent to denoise: an empty latent for txt2img, an encoded image for img2img."}),
             "lcm_lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "The LCM-LoRA for this base model (e.g. lcm-lora-sdv1-5 or lcm-lora-sdxl) from models/loras."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "LCM-LoRA strength; 1.0 is what it was distilled for."}),
+            "strength": comfy_input(LcmConfig, "strength"),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True, "tooltip": "Noise seed."}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "LCM needs few steps: 4 is the usual choice, 2-8 work."}),
-            "cfg": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 10.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Guidance scale; LCM wants 1.0-2.0. At 1.0 the negative pass is skipped (faster)."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "1.0 for txt2img; lower keeps more of the input latent."}),
+            **comfy_inputs(LcmConfig, "steps", "cfg", "denoise"),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model, positive, negative, latent_image, lcm_lora_name, strength, seed, steps, cfg, denoise, unique_id=None):

@@ -1,6 +1,8 @@
 import folder_paths
 
 from ..accel_core.hosts import comfy_events, comfy_lora as host
+from ..accel_core.lora import LoraSpec
+from ..accel_core.options import comfy_input
 
 
 class SDAccelLoRAHotSwap:
@@ -20,8 +22,7 @@ class SDAccelLoRAHotSwap:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model (SD1.x, SD2.x, SDXL), compiled or not. It is not changed."}),
             "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A LoRA .safetensors file from models/loras (kohya/A1111 or diffusers/PEFT keys)."}),
-            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
-                                         "tooltip": "How strongly the LoRA changes the UNet; 0 leaves the model as it is."}),
+            "strength_model": comfy_input(LoraSpec, "strength"),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model, lora_name, strength_model, unique_id=None):

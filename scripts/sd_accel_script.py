@@ -33,23 +33,19 @@ def _pack():
 
 webui = _pack()
 SECTION = ("sd_accel", "SD Accel")
-_LABELS = {
-    "enabled": "Enable SD Accel",
-    "backend": "Compile backend",
-    "mode": "Compile mode",
-    "dtype": "UNet dtype",
-    "channels_last": "channels_last",
-    "attention": "Attention kernel",
-    "deepcache_interval": "DeepCache interval (1 = off)",
-    "deepcache_depth": "DeepCache depth",
-    "deepcache_start": "DeepCache start",
-    "deepcache_end": "DeepCache end",
-    "lcm_strength": "LCM-LoRA strength",
-}
-# The same choices and slider ranges in the accordion and on the Settings page.
-_CHOICES = {"backend": webui.BACKEND_CHOICES, "mode": webui.MODES, "dtype": webui.DTYPE_CHOICES, "attention": webui.ATTENTION}
-_RANGES = {"deepcache_interval": (1, 10, 1), "deepcache_depth": (0, 11, 1), "deepcache_start": (0.0, 1.0, 0.01),
-           "deepcache_end": (0.0, 1.0, 0.01), "lcm_strength": (0.0, 2.0, 0.05)}
+# Labels, defaults, choices and slider ranges come from the options' declarations (the same in
+# the accordion and on the Settings page): webui.UI_OPTIONS, name -> Option.
+OPTIONS = webui.UI_OPTIONS
+
+
+def _widget(name, value, **kw):
+    """The gradio component for one option: a Dropdown, Slider or Checkbox with its declared choices or range."""
+    opt = OPTIONS[name]
+    if opt.kind == "COMBO":
+        return gr.Dropdown(list(opt.choices), value=value, label=opt.label, **kw)
+    if opt.kind in ("INT", "FLOAT"):
+        return gr.Slider(opt.min, opt.max, step=opt.step, value=value, label=opt.label, **kw)
+    return gr.Checkbox(value=value, label=opt.label, **kw)
 
 
 def _option_key(name):
@@ -96,14 +92,8 @@ class SDAccelScript(scripts.Script):
         d = _defaults()
         missing = webui.feature_status()
 
-        def field(name):  # a Dropdown, Slider or Checkbox for one option, with its default and element id
-            kw = dict(value=getattr(d, name), label=_LABELS[name], elem_id=self.elem_id(f"sd_accel_{name}"))
-            if name in _CHOICES:
-                return gr.Dropdown(list(_CHOICES[name]), **kw)
-            if name in _RANGES:
-                lo, hi, step = _RANGES[name]
-                return gr.Slider(lo, hi, step=step, **kw)
-            return gr.Checkbox(**kw)
+        def field(name):  # one option's widget, with its default and element id
+            return _widget(name, getattr(d, name), elem_id=self.elem_id(f"sd_accel_{name}"))
 
         with InputAccordion(d.enabled, label="SD Accel", elem_id=self.elem_id("sd_accel")) as enabled:
             with gr.Row():
@@ -114,9 +104,9 @@ class SDAccelScript(scripts.Script):
                 dc_interval, dc_depth = field("deepcache_interval"), field("deepcache_depth")
                 dc_start, dc_end = field("deepcache_start"), field("deepcache_end")
             with gr.Row():
-                lcm_lora = gr.Dropdown(_lora_names(), value=d.lcm_lora, label="LCM-LoRA", allow_custom_value=True, elem_id=self.elem_id("sd_accel_lcm_lora"))
+                lcm_lora = gr.Dropdown(_lora_names(), value=d.lcm_lora, label=OPTIONS["lcm_lora"].label, allow_custom_value=True, elem_id=self.elem_id("sd_accel_lcm_lora"))
                 lcm_strength = field("lcm_strength")
-            loras = gr.Textbox(value=webui.format_loras(d.loras), label="LoRA hot-swap (name:weight, comma separated)", placeholder="my_style:0.8, detail:0.5",
+            loras = gr.Textbox(value=webui.format_loras(d.loras), label=OPTIONS["loras"].label, placeholder="my_style:0.8, detail:0.5",
                                elem_id=self.elem_id("sd_accel_loras"))
             notes = [m for m in missing.values() if m]
             if notes:
@@ -219,14 +209,15 @@ def on_ui_settings():
 
     d = webui.WebuiOptions()
     for name in webui.SETTINGS_FIELDS:
-        label = f"Default: {_LABELS[name]}"
-        if name in _CHOICES:
-            info = OptionInfo(getattr(d, name), label, gr.Dropdown, {"choices": list(_CHOICES[name])}, section=SECTION)
-        elif name in _RANGES:
-            lo, hi, step = _RANGES[name]
-            info = OptionInfo(getattr(d, name), label, gr.Slider, {"minimum": lo, "maximum": hi, "step": step}, section=SECTION)
+        opt, label = OPTIONS[name], f"Default: {OPTIONS[name].label}"
+        if opt.kind == "COMBO":
+            info = OptionInfo(getattr(d, name), label, gr.Dropdown, {"choices": list(opt.choices)}, section=SECTION)
+        elif opt.kind in ("INT", "FLOAT"):
+            info = OptionInfo(getattr(d, name), label, gr.Slider, {"minimum": opt.min, "maximum": opt.max, "step": opt.step}, section=SECTION)
         else:
             info = OptionInfo(getattr(d, name), label, gr.Checkbox, section=SECTION)
+        if hasattr(info, "info"):  # the help line under the setting (OptionInfo.info, webui 1.6+)
+            info = info.info(opt.help)
         shared.opts.add_option(_option_key(name), info)
 
 
@@ -243,12 +234,16 @@ def _add_xyz_axes():
     xyz = next((d.module for d in scripts.scripts_data if d.script_class.__module__ in ("xyz_grid.py", "xy_grid.py")), None)
     if xyz is None:
         return
+    casts = {"COMBO": str, "INT": int, "FLOAT": float}
+
+    def label(opt):  # the axis name: the label without its hint ("DeepCache interval (1 = off)" -> "DeepCache interval")
+        return f"[SD Accel] {opt.label.split(' (')[0]}"
+
     axes = [
-        *(xyz.AxisOption(f"[SD Accel] {_LABELS[n]}", str, _override(n, str), choices=lambda n=n: list(_CHOICES[n])) for n in _CHOICES),
-        xyz.AxisOption("[SD Accel] DeepCache interval", int, _override("deepcache_interval", int)),
-        xyz.AxisOption("[SD Accel] DeepCache depth", int, _override("deepcache_depth", int)),
-        xyz.AxisOption("[SD Accel] LCM-LoRA strength", float, _override("lcm_strength", float)),
-        xyz.AxisOption("[SD Accel] LoRA hot-swap", str, _override("loras", str)),
+        *(xyz.AxisOption(label(opt), str, _override(n, str), choices=lambda opt=opt: list(opt.choices)) for n, opt in OPTIONS.items() if opt.kind == "COMBO"),
+        *(xyz.AxisOption(label(OPTIONS[n]), casts[OPTIONS[n].kind], _override(n, casts[OPTIONS[n].kind]))
+          for n in ("deepcache_interval", "deepcache_depth", "lcm_strength")),
+        xyz.AxisOption(label(OPTIONS["loras"]), str, _override("loras", str)),
     ]
     known = {a.label for a in xyz.axis_options}
     xyz.axis_options.extend(a for a in axes if a.label not in known)

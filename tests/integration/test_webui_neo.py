@@ -21,7 +21,7 @@ import webui_harness as harness  # noqa: E402
 
 pytestmark = pytest.mark.skipif(harness.skip_reason("neo") is not None, reason=str(harness.skip_reason("neo")))
 
-OFF = [False, "off", "default", "off", False, "auto", 1, 1, 0.0, 1.0, "None", 1.0, ""]
+OFF = [False, "off", "default", "off", False, "auto", 1, 0, 0.0, 1.0, "None", 1.0, ""]  # the declared webui defaults, in UI_FIELDS order
 NEO_COMPILE = "TorchCompileForForge"  # the class of Neo's compile script (its title is translated in some copies)
 
 
@@ -88,7 +88,7 @@ def unet_of(webui):
 def adapter_forge():
     import importlib
 
-    return importlib.import_module("sd_accel.accel_core.hosts.webui_forge")
+    return importlib.import_module("sd_accel.accel_core.hosts.webui.forge_wrapper")
 
 
 def kmodel_of(webui):

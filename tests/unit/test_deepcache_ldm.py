@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sd_accel.accel_core.deepcache import DeepCacheConfig, DeepCachePaths, DeepCacheRunner, cut_paths, full_steps
-from sd_accel.accel_core.hosts.webui_deepcache import A1111, FORGE, DeepCacheRun
+from sd_accel.accel_core.hosts.webui.deepcache import A1111_HOOKS as A1111, FORGE_HOOKS as FORGE, DeepCacheRun
 from sd_accel.accel_core.unet import ldm
 
 

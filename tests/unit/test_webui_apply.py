@@ -16,8 +16,8 @@ from sd_accel.accel_core import registry
 from sd_accel.accel_core.compile import CompileReport
 from sd_accel.accel_core.deepcache import DeepCacheConfig, full_steps
 from sd_accel.accel_core.hosts import webui as w
-from sd_accel.accel_core.hosts import webui_deepcache, webui_forge, webui_hosts as hosts
-from sd_accel.accel_core.hosts.webui_runner import Runner
+from sd_accel.accel_core.hosts.webui import deepcache as webui_deepcache, forge_wrapper
+from sd_accel.accel_core.hosts.webui.runner import Runner
 
 
 class _Seq(nn.Sequential):
@@ -79,45 +79,45 @@ def xs():
 def _eager_dynamo(monkeypatch):
     monkeypatch.setenv("SD_ACCEL_DYNAMO_BACKEND", "eager")  # Dynamo without Inductor: same graphs, seconds not minutes
     yield
-    hosts.finish_generation()
+    w.finish_generation()
     w.clear_caches()
 
 
 def test_compile_swaps_forward_for_the_generation_and_undo_restores(tiny, xs):
     with torch.no_grad():
         ref = tiny(*xs)
-        applied = hosts.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
+        applied = w.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
         assert isinstance(tiny.__dict__.get("forward"), Runner)
         out = tiny(*xs)
         assert torch.allclose(out, ref, atol=1e-6)
         assert applied.compile_report is not None and applied.compile_report.status == "compiled"
         assert applied.status() is None
-        assert hosts.A1111.undo() is True
+        assert w.A1111.undo() is True
         assert "forward" not in tiny.__dict__
         assert torch.equal(tiny(*xs), ref)
-        assert hosts.A1111.undo() is False  # idempotent
+        assert w.A1111.undo() is False  # idempotent
 
 
 def test_apply_is_idempotent_per_options_and_reuses_compiled(tiny):
     sd = _sd_model(tiny)
     opts = w.WebuiOptions(enabled=True, backend="inductor")
-    hosts.A1111.apply(sd, opts)
+    w.A1111.apply(sd, opts)
     runner = tiny.forward
-    hosts.A1111.apply(sd, opts)  # process_batch then process_before_every_sampling
+    w.A1111.apply(sd, opts)  # process_batch then process_before_every_sampling
     assert tiny.forward is runner
-    compiled = hosts.A1111.compiled
-    hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor", attention="math"))
+    compiled = w.A1111.compiled
+    w.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor", attention="math"))
     assert tiny.forward is not runner
-    assert hosts.A1111.compiled is compiled  # same UNet, same CompileConfig: the compiled callable is kept
-    hosts.A1111.undo()
-    hosts.A1111.apply(sd, opts)
-    assert hosts.A1111.compiled is compiled
+    assert w.A1111.compiled is compiled  # same UNet, same CompileConfig: the compiled callable is kept
+    w.A1111.undo()
+    w.A1111.apply(sd, opts)
+    assert w.A1111.compiled is compiled
 
 
 def test_switched_off_leaves_the_webui_path(tiny):
     sd = _sd_model(tiny)
-    hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor"))
-    assert hosts.A1111.apply(sd, w.WebuiOptions(enabled=False, backend="inductor")) is None
+    w.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor"))
+    assert w.A1111.apply(sd, w.WebuiOptions(enabled=False, backend="inductor")) is None
     assert "forward" not in tiny.__dict__
     assert w.last_applied() is None
 
@@ -125,24 +125,24 @@ def test_switched_off_leaves_the_webui_path(tiny):
 def test_another_extensions_forward_is_left_alone(tiny, xs):
     theirs = lambda *a, **k: "controlnet"  # noqa: E731
     tiny.forward = theirs
-    applied = hosts.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
+    applied = w.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
     assert tiny.__dict__["forward"] is theirs
     assert "another extension" in applied.status()
 
 
 def test_undo_does_not_remove_a_forward_installed_after_ours(tiny, caplog):
-    hosts.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
+    w.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
     later = lambda *a, **k: None  # noqa: E731
     tiny.forward = later
     with caplog.at_level(logging.WARNING, logger="sd_accel"):
-        assert hosts.A1111.undo() is False
+        assert w.A1111.undo() is False
     assert tiny.__dict__["forward"] is later
     assert "replaced by something else" in caplog.text
 
 
 def test_non_unet_model_is_not_touched():
     sd = _sd_model(nn.Linear(2, 2))
-    applied = hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor"))
+    applied = w.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor"))
     assert "not an SD1.x" in applied.status()
     assert "forward" not in sd.model.diffusion_model.__dict__
 
@@ -153,7 +153,7 @@ def test_cast_copy_leaves_the_original_and_follows_weight_changes(tiny, xs):
     ptr, dtype = p0.data_ptr(), p0.dtype
     with torch.no_grad():
         ref = tiny(*xs)
-        hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True))
+        w.A1111.apply(sd, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True))
         out = tiny(*xs)
         assert out.dtype == ref.dtype  # the webui gets its own dtype back
         err = float((out - ref).norm() / ref.norm())
@@ -162,10 +162,10 @@ def test_cast_copy_leaves_the_original_and_follows_weight_changes(tiny, xs):
         assert next(copy1.parameters()).dtype == torch.bfloat16
         assert copy1.out[0].weight.dtype == torch.float32  # norms stay fp32 (GroupNorm32 on CPU)
         assert (p0.data_ptr(), p0.dtype) == (ptr, dtype)
-        hosts.A1111.undo()
-        hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True))
+        w.A1111.undo()
+        w.A1111.apply(sd, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True))
         assert w.cast_copy_for(tiny, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True).cast_config()) is copy1
-        hosts.A1111.undo()
+        w.A1111.undo()
         p0.add_(1.0)  # the webui loaded other weights into the same module (or patched them)
         copy2 = w.cast_copy_for(tiny, w.WebuiOptions(enabled=True, dtype="bf16", channels_last=True).cast_config())
         assert copy2 is not copy1
@@ -177,9 +177,9 @@ def test_artifacts_die_with_the_checkpoint(xs):
     unet = TinyLDM().eval()
     sd = _sd_model(unet)
     with torch.no_grad():
-        hosts.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor", dtype="bf16"))
+        w.A1111.apply(sd, w.WebuiOptions(enabled=True, backend="inductor", dtype="bf16"))
         unet(*xs)
-    hosts.A1111.undo()
+    w.A1111.undo()
     assert len(w.cache_state()) == 2  # the UNet and its cast copy, each with a compiled callable or a copy
     ref = weakref.ref(unet)
     del unet, sd
@@ -279,7 +279,7 @@ def test_forge_clone_routes_through_the_compiled_unet_for_the_call(tiny, xs):
     patcher = _Patcher(_KModel(tiny))
     patcher.set_model_unet_function_wrapper(theirs)
     before = dict(patcher.model_options)
-    m, applied = hosts.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor"))
+    m, applied = w.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor"))
     assert m is not patcher and patcher.model_options == before
     x, t, ctx = xs
     with torch.no_grad():
@@ -294,20 +294,20 @@ def test_forge_clone_routes_through_the_compiled_unet_for_the_call(tiny, xs):
 
 
 def test_forge_cast_is_declined_with_a_note(tiny):
-    m, applied = hosts.apply_forge(_Patcher(_KModel(tiny)), w.WebuiOptions(enabled=True, dtype="fp16"))
+    m, applied = w.apply_forge(_Patcher(_KModel(tiny)), w.WebuiOptions(enabled=True, dtype="fp16"))
     assert "Diffusion in Low Bits" in applied.status()
     assert next(tiny.parameters()).dtype == torch.float32
 
 
 def test_forge_non_unet_passes_through():
     patcher = _Patcher(_KModel(nn.Linear(2, 2)))
-    m, applied = hosts.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor"))
+    m, applied = w.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor"))
     assert m is patcher and "Flux and SD3 run unchanged" in applied.status()
 
 
 def test_forge_off_is_the_input():
     patcher = _Patcher(_KModel(TinyLDM()))
-    m, applied = hosts.apply_forge(patcher, w.WebuiOptions())
+    m, applied = w.apply_forge(patcher, w.WebuiOptions())
     assert m is patcher and applied is None
 
 
@@ -338,7 +338,7 @@ def test_forge_wrapper_takes_a_plain_function_as_apply_model(tiny, xs):
     # A script that wraps apply_model after SD Accel's wrapper is installed (no __self__, no __wrapped__):
     # the wrapper finds the UNet through the patcher's model and never raises.
     kmodel = _KModel(tiny)
-    m, applied = hosts.apply_forge(_Patcher(kmodel), w.WebuiOptions(enabled=True, backend="inductor"))
+    m, applied = w.apply_forge(_Patcher(kmodel), w.WebuiOptions(enabled=True, backend="inductor"))
     _neo_compile(kmodel, with_wraps=False)
     with torch.no_grad():
         ref = tiny(*xs)
@@ -351,24 +351,24 @@ def test_forge_steps_aside_for_neos_compile_with_a_note(tiny, xs):
     kmodel = _KModel(tiny)
     _neo_compile(kmodel, preset="max-autotune")
     patcher = _Patcher(kmodel)
-    assert webui_forge.host_compile(kmodel) == "Forge Neo's Torch Compile Integrated (preset max-autotune)"
-    m, applied = hosts.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor", deepcache_interval=3, attention="math"))
+    assert forge_wrapper.host_compile(kmodel) == "Forge Neo's Torch Compile Integrated (preset max-autotune)"
+    m, applied = w.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor", deepcache_interval=3, attention="math"))
     assert m is patcher  # nothing of SD Accel's left to apply: Forge's own patcher, untouched
     status = applied.status()
     assert "compile and DeepCache and attention kernel not applied" in status and "preset max-autotune" in status and "Disable" in status
     assert registry.compiled_of(tiny) == {}
     assert "forward" not in tiny.__dict__
-    assert webui_forge.host_compile(_KModel(tiny)) is None
+    assert forge_wrapper.host_compile(_KModel(tiny)) is None
     kmodel.apply_model = kmodel.__dict__.pop("apply_model").__wrapped__  # Neo's compile set to Disable: its own bound method back
     del kmodel._torch_compile_config
-    assert "apply_model" in vars(kmodel) and webui_forge.host_compile(kmodel) is None
+    assert "apply_model" in vars(kmodel) and forge_wrapper.host_compile(kmodel) is None
 
 
 def test_forge_wrapper_under_neos_compile_calls_through(tiny, xs):
     # With only LoRAs left, the wrapper runs apply_model as Forge would (a wrapped one too) and never swaps the forward.
     kmodel = _KModel(tiny)
     _neo_compile(kmodel)
-    wrapper = webui_forge._ForgeWrapper(w.WebuiOptions(enabled=True), kmodel=kmodel, specs=None, swap=False)
+    wrapper = forge_wrapper.ForgeWrapper(w.Plan(), kmodel=kmodel, specs=None, swap=False)
     with torch.no_grad():
         ref = tiny(*xs)
         x, t, ctx = xs
@@ -400,21 +400,21 @@ def test_quantized_unet_is_refused_for_compile_and_loras_untouched(tiny, quantiz
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
     for opts in (w.WebuiOptions(enabled=True, backend="inductor"), w.WebuiOptions(enabled=True, loras=(("style", 1.0),))):
         with pytest.raises(w.SDAccelError) as e:
-            hosts.apply_forge(patcher, opts)
+            w.apply_forge(patcher, opts)
         msg = str(e.value)
         assert found in msg and "input_blocks.1.0.weight" in msg  # what was found
         assert "fp16, bf16 or fp32" in msg and "Diffusion in Low Bits" in msg and "not changed" in msg  # expected, what to do
-        assert patcher.model_options == before and not hosts.forge_passes
+        assert patcher.model_options == before and not w.SESSION.forge_passes
         assert registry.compiled_of(tiny) == {}
     assert all(torch.equal(v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v, state[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else state[k])
                for k, v in tiny.state_dict().items())
     with pytest.raises(w.SDAccelError, match="FP8 weight"):
-        hosts.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
+        w.A1111.apply(_sd_model(tiny), w.WebuiOptions(enabled=True, backend="inductor"))
     assert "forward" not in tiny.__dict__
 
 
 def test_plain_unets_are_not_quantized(tiny):
-    from sd_accel.accel_core.hosts.webui_quant import quantized_storage
+    from sd_accel.accel_core.hosts.webui.quant import quantized_storage
 
     assert quantized_storage(tiny) is None
     assert quantized_storage(tiny.to(torch.bfloat16)) is None

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import SDAccelError
-from .webui_options import WebuiOptions
+from ...errors import SDAccelError
+from .options import WebuiOptions
 
 PLAIN = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -1,7 +1,8 @@
 """The callable both webui hosts run instead of the UNet's forward for a generation.
 
-It composes what the options ask for: the cast copy (with its compute dtype under autocast),
-the compiled callable or DeepCache's full/shallow paths, and the attention kernel.
+It composes what the generation's plan (the core's configs, built once from the webui's
+options by the installer) asks for: the cast copy (with its compute dtype under autocast), the
+compiled callable or DeepCache's full/shallow paths, and the attention kernel.
 """
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ import contextlib
 import torch
 from torch import nn
 
-from ..cast import attention_context, resolve_dtype
-from ..compile import CompiledUNet
-from ..registry import compiled_for
-from .webui_cache import cast_copy_for
-from .webui_deepcache import DeepCacheRun
-from .webui_options import WebuiOptions
-from .webui_status import feature_module
+from ...cast import attention_context, resolve_dtype
+from ...compile import CompiledUNet
+from ...registry import compiled_for
+from .cache import cast_copy_for
+from .deepcache import DeepCacheRun
 
 MISSING = object()  # "the module had no instance forward" (None could be one)
 
@@ -62,23 +61,21 @@ def class_forward(module: nn.Module):
     return type(module).forward.__get__(module)
 
 
-def build_runner(unet: nn.Module, opts: WebuiOptions, device_type: str, progress=None) -> tuple[Runner, CompiledUNet | None, nn.Module]:
-    """The callable that replaces `unet`'s forward for a generation, its compiled holder (if any), and the module it runs."""
-    target, dtype = unet, None
-    cc = opts.cast_config()
-    if cc is not None:
-        dtype = resolve_dtype(cc.dtype, device_type)
-        target = cast_copy_for(unet, cc)
-    config = opts.compile_config()
-    compiled = compiled_for(target, config) if config is not None else None
+def build_runner(unet: nn.Module, plan, device_type: str, progress=None) -> tuple[Runner, CompiledUNet | None, nn.Module]:
+    """The callable that replaces `unet`'s forward for a generation, its compiled holder (if any), and the module it runs.
+
+    `plan`: the generation's configs (options.Plan: compile, cast, deepcache, attention; None where off).
+    """
+    # The webui's own pieces first (its cast copy, DeepCache's webui hooks), then the core's.
+    target = cast_copy_for(unet, plan.cast) if plan.cast is not None else unet
+    dc = DeepCacheRun(target, plan.deepcache, plan.compile, progress) if plan.deepcache is not None else None
+    compiled = compiled_for(target, plan.compile) if plan.compile is not None else None
     call = compiled if compiled is not None else class_forward(target)
-    dc = None
-    if opts.deepcache_on and feature_module("deepcache") is not None:
-        dc = DeepCacheRun(target, opts.deepcache_config(), config, progress)
-        if config is not None:
-            compiled = dc.full  # what runs compiled now: DeepCache's full path (and its shallow one)
-    attention = opts.attention if opts.enabled else "auto"
-    return Runner(call, dtype, opts.channels_last and opts.cast_on, attention, dc), compiled, target
+    if dc is not None and compiled is not None:
+        compiled = dc.full  # what runs compiled now: DeepCache's full path (and its shallow one)
+    dtype = resolve_dtype(plan.cast.dtype, device_type) if plan.cast is not None else None
+    channels_last = plan.cast is not None and plan.cast.channels_last
+    return Runner(call, dtype, channels_last, plan.attention, dc), compiled, target
 
 
 __all__ = ["MISSING", "Runner", "build_runner", "class_forward"]

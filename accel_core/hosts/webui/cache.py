@@ -9,16 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import registry
-from ..cast import CastConfig, cast
-from ..compile import CompileConfig, CompiledUNet
+from ... import registry
+from ...cast import CastConfig, cast
 
 
-def compiled_for(module: nn.Module, config: CompileConfig) -> CompiledUNet:
-    return registry.compiled_for(module, config)
-
-
-def _weights_token(module: nn.Module):
+def weights_token(module: nn.Module):
     # Changes when the webui loads other weights into the same module (checkpoint switch with
     # the same architecture) or patches them in place (LoRA applied to the original).
     params = list(module.parameters())
@@ -28,7 +23,7 @@ def _weights_token(module: nn.Module):
 def cast_copy_for(unet: nn.Module, config: CastConfig) -> nn.Module:
     """The UNet cast per `config`, made once per (weights, config); one copy is kept per UNet (in the registry)."""
     art = registry.artifacts(unet)
-    key = (config.dtype, config.channels_last, _weights_token(unet))
+    key = (config.dtype, config.channels_last, weights_token(unet))
     if art.copy_key != key:
         art.copy, art.copy_key = None, None  # free the old copy before making the new one
         copy = cast(unet, CastConfig(dtype=config.dtype, channels_last=config.channels_last))
@@ -78,4 +73,4 @@ def cache_state() -> list[dict]:
     return out
 
 
-__all__ = ["compiled_for", "cast_copy_for", "clear_caches", "cache_state"]
+__all__ = ["cast_copy_for", "clear_caches", "cache_state"]

@@ -1,7 +1,7 @@
 """LoRA hot-swap and LCM-LoRA in the webui: names from its LoRA folder, fused into a UNet in place for one generation.
 
-The fused UNets are remembered (weakly) so that the end of a generation, an interrupted one
-or a model load puts the original weights back bit-exactly.
+The fused UNets are remembered (weakly) by a `FusedLoras` the webui session owns, so that the end
+of a generation, an interrupted one or a model load puts the original weights back bit-exactly.
 """
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import weakref
 
 from torch import nn
 
-from ..errors import SDAccelError
-from .webui_options import WebuiOptions
+from ...errors import SDAccelError
+from .options import WebuiOptions
 
 LORA_EXTS = (".safetensors",)
-_fused: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _dirs(lora_dirs) -> list[str]:
@@ -44,7 +43,7 @@ def lora_files(lora_dirs) -> dict[str, str]:
 
 def lora_specs(opts: WebuiOptions, lora_dirs) -> list:
     """The LoraSpecs (hot-swap list plus the LCM-LoRA) named by `opts`, resolved in the LoRA folder(s) `lora_dirs`."""
-    from ..lora import LoraSpec
+    from ...lora import LoraSpec
 
     files = lora_files(lora_dirs)
     wanted = list(opts.loras) if opts.loras_on else []
@@ -62,30 +61,35 @@ def lora_specs(opts: WebuiOptions, lora_dirs) -> list:
     return specs
 
 
-def fuse_loras(module: nn.Module, specs) -> str | None:
-    """Bring `module`'s weights to exactly `specs` (in place); remembered so `restore_loras` can undo it."""
-    from ..lora import apply_loras
+class FusedLoras:
+    """The UNets SD Accel fused LoRAs into this generation (weakly), so that their original weights come back."""
 
-    report = apply_loras(module, specs)
-    if specs:
-        _fused.add(module)
-    else:
-        _fused.discard(module)
-    return report.summary()
+    def __init__(self):
+        self.modules: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
+    def fuse(self, module: nn.Module, specs) -> str | None:
+        """Bring `module`'s weights to exactly `specs` (in place); remembered so `restore` can undo it."""
+        from ...lora import apply_loras
 
-def restore_loras() -> int:
-    """Put the original weights back into every UNet SD Accel fused LoRAs into (bit-exact). Returns how many."""
-    if not _fused:
-        return 0  # nothing fused: no need for the LoRA module (a copy of SD Accel may lack it)
-    from ..lora import apply_loras
+        report = apply_loras(module, specs)
+        if specs:
+            self.modules.add(module)
+        else:
+            self.modules.discard(module)
+        return report.summary()
 
-    n = 0
-    for module in list(_fused):
-        apply_loras(module, [])
-        _fused.discard(module)
-        n += 1
-    return n
+    def restore(self) -> int:
+        """Put the original weights back into every UNet fused here (bit-exact). Returns how many."""
+        if not self.modules:
+            return 0  # nothing fused: no need for the LoRA module
+        from ...lora import apply_loras
+
+        n = 0
+        for module in list(self.modules):
+            apply_loras(module, [])
+            self.modules.discard(module)
+            n += 1
+        return n
 
 
 def webui_lora_active(unet: nn.Module) -> bool:
@@ -96,4 +100,4 @@ def webui_lora_active(unet: nn.Module) -> bool:
     return any(getattr(m, "network_current_names", ()) for m in unet.modules())
 
 
-__all__ = ["LORA_EXTS", "lora_files", "lora_specs", "fuse_loras", "restore_loras", "webui_lora_active"]
+__all__ = ["LORA_EXTS", "lora_files", "lora_specs", "FusedLoras", "webui_lora_active"]

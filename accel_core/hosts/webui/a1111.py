@@ -14,15 +14,15 @@ import weakref
 
 from torch import nn
 
-from ..compile import CompiledUNet
-from ..log import logger
-from ..unet import LDM, unet_kind
-from .webui_cache import _weights_token
-from .webui_lora import fuse_loras, lora_specs, restore_loras, webui_lora_active
-from .webui_options import WebuiOptions
-from .webui_quant import A1111_HINT, check_quantized
-from .webui_runner import MISSING, Runner, build_runner
-from .webui_status import Applied, feature_module, record, unavailable_notes
+from ...compile import CompiledUNet
+from ...log import logger
+from ...unet import LDM, unet_kind
+from .cache import weights_token
+from .lora import FusedLoras, lora_specs, webui_lora_active
+from .options import WebuiOptions
+from .quant import A1111_HINT, check_quantized
+from .runner import MISSING, Runner, build_runner
+from .status import Applied, feature_module, unavailable_notes
 
 
 def a1111_unet(sd_model) -> nn.Module | None:
@@ -32,9 +32,15 @@ def a1111_unet(sd_model) -> nn.Module | None:
 
 
 class A1111Patch:
-    """The one scoped forward swap SD Accel has on the A1111 UNet at a time (apply / undo)."""
+    """The one scoped forward swap SD Accel has on the A1111 UNet at a time (apply / undo).
 
-    def __init__(self):
+    Owned by the webui session (session.Session), which hands it the session's fused-LoRA
+    record and a callback told what each apply did.
+    """
+
+    def __init__(self, loras: FusedLoras | None = None, on_applied=None):
+        self.loras = loras if loras is not None else FusedLoras()
+        self.on_applied = on_applied or (lambda applied: None)
         self.unet_ref: weakref.ref | None = None
         self.prev = MISSING
         self.runner: Runner | None = None
@@ -52,56 +58,61 @@ class A1111Patch:
         `progress()` -> (step, total) of the sampler's denoiser, for DeepCache; `lora_dirs`: the
         webui's LoRA folder(s).
         """
+        applied = self._apply(sd_model, opts, lora_dirs, progress)
+        self.on_applied(applied)
+        return applied
+
+    def _apply(self, sd_model, opts: WebuiOptions, lora_dirs, progress) -> Applied | None:
         if not opts.active:
             self.undo()
-            return record(None)
+            return None
         applied = Applied("A1111", opts, unavailable_notes(opts))
         unet = a1111_unet(sd_model)
         if unet is None:
             self.undo()
             applied.notes.append("not applied: the loaded model is not an SD1.x/SD2.x/SDXL UNet")
-            return record(applied)
+            return applied
         active_sd_unet = _active_sd_unet()
         if active_sd_unet:
             self.undo()
             applied.notes.append(f"not applied: the SD Unet {active_sd_unet!r} is active (Settings > SD Unet)")
-            return record(applied)
+            return applied
         if "forward" in unet.__dict__ and not (self.runner is not None and unet.__dict__["forward"] is self.runner):
             # Another extension (ControlNet, ...) routes the UNet through its own forward for this
             # generation; going around it would silently drop what it adds.
             self.undo()
             applied.notes.append("not applied: another extension replaced the UNet's forward for this generation (e.g. ControlNet)")
-            return record(applied)
-        key = (id(unet), opts, _weights_token(unet) if opts.cast_on else None)
+            return applied
+        key = (id(unet), opts, weights_token(unet) if opts.cast_on else None)
         if self.active and self.unet_ref() is unet and self.key == key:
             applied.compile_report = self.compiled.report if self.compiled is not None else None
-            return record(applied)
+            return applied
         if not opts.cast_on:
             check_quantized(unet, opts, A1111_HINT)  # with a cast, compile and LoRAs run on a float copy
         self.undo()
         device_type = next(unet.parameters()).device.type
-        needs_runner = opts.compile_on or opts.cast_on or opts.attention_on or (opts.deepcache_on and feature_module("deepcache") is not None)
-        runner, compiled, target = build_runner(unet, opts, device_type, progress) if needs_runner else (None, None, unet)
+        plan = opts.plan()  # the core's configs, built once here and handed down
+        needs_runner = any(c is not None for c in (plan.compile, plan.cast, plan.deepcache)) or plan.attention != "auto"
+        runner, compiled, target = build_runner(unet, plan, device_type, progress) if needs_runner else (None, None, unet)
         applied.compile_report = compiled.report if compiled is not None else None
         self._apply_loras(target, opts, lora_dirs, applied)
         if runner is not None:
             self.prev = unet.__dict__.get("forward", MISSING)
             unet.forward = runner  # a plain callable: nn.Module.__setattr__ keeps it in __dict__
             self.unet_ref, self.runner, self.compiled, self.key = weakref.ref(unet), runner, compiled, key
-        return record(applied)
+        return applied
 
-    @staticmethod
-    def _apply_loras(target, opts, lora_dirs, applied):
+    def _apply_loras(self, target, opts, lora_dirs, applied):
         if not (opts.loras_on or opts.lcm_on) or feature_module("lora") is None:
             return
         if webui_lora_active(target):
             applied.notes.append("LoRA hot-swap not applied: the prompt's <lora:...> networks are active on the same weights; use one or the other")
             return
-        applied.lora = fuse_loras(target, lora_specs(opts, lora_dirs))
+        applied.lora = self.loras.fuse(target, lora_specs(opts, lora_dirs))
 
     def undo(self) -> bool:
         """Take SD Accel's forward off the UNet and its LoRAs out of the weights. True when a forward was removed."""
-        restore_loras()
+        self.loras.restore()
         unet = self.unet_ref() if self.unet_ref is not None else None
         runner, prev = self.runner, self.prev
         self.unet_ref, self.runner, self.prev, self.compiled, self.key = None, None, MISSING, None, None
@@ -130,7 +141,4 @@ def _active_sd_unet() -> str | None:
     return getattr(getattr(cur, "option", None), "label", None) or type(cur).__name__
 
 
-A1111 = A1111Patch()
-
-
-__all__ = ["a1111_unet", "A1111Patch", "A1111"]
+__all__ = ["a1111_unet", "A1111Patch"]

@@ -5,10 +5,10 @@ import functools
 import importlib
 from dataclasses import dataclass, field
 
-from ..backends import BACKENDS
-from ..compile import CompileReport
-from .webui_infotext import to_infotext
-from .webui_options import WebuiOptions
+from ...backends import BACKENDS
+from ...compile import CompileReport
+from .infotext import to_infotext
+from .options import WebuiOptions
 
 # Feature modules written alongside the compile/cast core; a copy of SD Accel may lack one.
 FEATURES = {"deepcache": "DeepCache", "lora": "LoRA hot-swap", "lcm": "LCM-LoRA"}
@@ -18,7 +18,7 @@ FEATURES = {"deepcache": "DeepCache", "lora": "LoRA hot-swap", "lcm": "LCM-LoRA"
 def feature_module(name: str):
     """The core module for a feature, or None when this copy of SD Accel does not have it."""
     try:
-        return importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.{name}")
+        return importlib.import_module(f"{__package__.rsplit('.', 2)[0]}.{name}")
     except ModuleNotFoundError as e:
         if e.name and e.name.endswith(f".{name}"):
             return None
@@ -66,18 +66,6 @@ class Applied:
         return "\n".join(lines)
 
 
-_last: dict[str, Applied | None] = {"applied": None}
-
-
-def last_applied() -> Applied | None:
-    return _last["applied"]
-
-
-def record(applied: Applied | None) -> Applied | None:
-    _last["applied"] = applied
-    return applied
-
-
 def unavailable_notes(opts: WebuiOptions) -> list[str]:
     notes = []
     status = feature_status()
@@ -89,7 +77,7 @@ def unavailable_notes(opts: WebuiOptions) -> list[str]:
 
 def backend_table() -> list[list[str]]:
     """Rows for the tab: backend, available on CUDA, available on CPU, what is missing."""
-    from ..optional import INSTALL_HINTS
+    from ...optional import INSTALL_HINTS
 
     rows = []
     for name, b in BACKENDS.items():
@@ -100,4 +88,4 @@ def backend_table() -> list[list[str]]:
     return rows
 
 
-__all__ = ["FEATURES", "feature_module", "feature_status", "Applied", "last_applied", "record", "unavailable_notes", "backend_table"]
+__all__ = ["FEATURES", "feature_module", "feature_status", "Applied", "unavailable_notes", "backend_table"]

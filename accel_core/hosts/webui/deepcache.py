@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..compile import CompileConfig
-from ..deepcache import DeepCachePaths, DeepCacheRunner, check_depth, cut_paths
-from ..errors import SDAccelError
-from ..unet import ldm
+from ...compile import CompileConfig
+from ...deepcache import DeepCacheConfig, DeepCachePaths, DeepCacheRunner, check_depth, cut_paths
+from ...errors import SDAccelError
+from ...unet import ldm
 
 
 class A1111Hooks(ldm.LdmHooks):
@@ -54,19 +54,21 @@ class ForgeHooks(ldm.LdmHooks):
         return h.type(x.dtype)
 
 
-A1111, FORGE = A1111Hooks(), ForgeHooks()
+# Stateless: how each webui's forward differs (one instance each, shared read-only by every walk).
+A1111_HOOKS, FORGE_HOOKS = A1111Hooks(), ForgeHooks()
 
 
 def hooks_for(unet: nn.Module) -> ldm.LdmHooks | None:
     if type(unet).__module__.startswith(("ldm.", "sgm.")):
-        return A1111
+        return A1111_HOOKS
     if type(unet).__name__ == "IntegratedUNet2DConditionModel":
-        return FORGE
+        return FORGE_HOOKS
     return None
 
 
 def cut(unet: nn.Module, depth: int, compile_config: CompileConfig | None) -> DeepCachePaths:
     """The full and shallow paths over a webui UNet cut at `depth`: eager, or compiled once each (kept on the UNet)."""
+    check_depth(unet, DeepCacheConfig(cache_depth=depth))
     hooks = hooks_for(unet)
     if hooks is None:
         raise SDAccelError(f"SD Accel DeepCache: {type(unet).__module__}.{type(unet).__name__} is not a webui UNet SD Accel can walk "
@@ -88,7 +90,6 @@ class DeepCacheRun:
     """
 
     def __init__(self, unet, config, compile_config, progress, paths=None):
-        check_depth(unet, config)
         paths = DeepCachePaths(*paths) if paths is not None else cut(unet, config.cache_depth, compile_config)
         self.runner = DeepCacheRunner(config, paths)
         self.progress = progress
@@ -112,4 +113,4 @@ class DeepCacheRun:
         self.runner.finish()
 
 
-__all__ = ["A1111Hooks", "ForgeHooks", "A1111", "FORGE", "hooks_for", "cut", "deepcache_paths", "DeepCacheRun"]
+__all__ = ["A1111Hooks", "ForgeHooks", "A1111_HOOKS", "FORGE_HOOKS", "hooks_for", "cut", "deepcache_paths", "DeepCacheRun"]

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import functools
 
-from ..errors import SDAccelError
-from ..log import logger
-from .webui_options import WebuiOptions, format_num, format_loras, parse_loras
+from ...errors import SDAccelError
+from ...log import logger
+from .accordion import format_loras, format_num, parse_loras
+from .options import UI_OPTIONS, WebuiOptions
 
 # One key per feature, only for features that are on, so images made without SD Accel carry nothing.
 K_COMPILE, K_CAST, K_DEEPCACHE, K_LCM, K_LORA, K_STATUS = (
     "SD Accel compile", "SD Accel cast", "SD Accel DeepCache", "SD Accel LCM-LoRA", "SD Accel LoRA", "SD Accel status")
 SETTING_KEYS = (K_COMPILE, K_CAST, K_DEEPCACHE, K_LCM, K_LORA)
+
+
+# The DeepCache entry's `key=value` words and the options they hold (what SD Accel has always written).
+DEEPCACHE_WORDS = {"interval": "deepcache_interval", "depth": "deepcache_depth", "start": "deepcache_start", "end": "deepcache_end"}
 
 
 def to_infotext(opts: WebuiOptions) -> dict[str, str]:
@@ -22,7 +27,7 @@ def to_infotext(opts: WebuiOptions) -> dict[str, str]:
         parts = [opts.dtype] + (["channels_last"] if opts.channels_last else []) + [f"attention={opts.attention}"]
         out[K_CAST] = " ".join(parts)
     if opts.deepcache_on:
-        out[K_DEEPCACHE] = f"interval={opts.deepcache_interval} depth={opts.deepcache_depth} start={format_num(opts.deepcache_start)} end={format_num(opts.deepcache_end)}"
+        out[K_DEEPCACHE] = " ".join(f"{word}={_format(getattr(opts, name))}" for word, name in DEEPCACHE_WORDS.items())
     if opts.lcm_on:
         out[K_LCM] = f"{opts.lcm_lora}:{format_num(opts.lcm_strength)}"
     if opts.loras_on:
@@ -30,8 +35,18 @@ def to_infotext(opts: WebuiOptions) -> dict[str, str]:
     return out
 
 
+def _format(value) -> str:
+    return str(value) if isinstance(value, int) else format_num(value)
+
+
 def _kv(text: str) -> dict[str, str]:
     return dict(tok.split("=", 1) for tok in str(text).split() if "=" in tok)
+
+
+def _parse(name: str, text: str):
+    """One recorded value, read as its option's kind; the declared default where the entry leaves it out."""
+    kind = UI_OPTIONS[name].kind
+    return int(text) if kind == "INT" else float(text) if kind == "FLOAT" else text
 
 
 def from_infotext(params: dict) -> WebuiOptions:
@@ -44,14 +59,14 @@ def from_infotext(params: dict) -> WebuiOptions:
     try:
         if K_COMPILE in params:
             backend, _, mode = str(params[K_COMPILE]).strip().partition(" ")
-            values.update(backend=backend, mode=mode.strip() or "default")
+            values.update(backend=backend, mode=mode.strip() or UI_OPTIONS["mode"].default)
         if K_CAST in params:
             toks = str(params[K_CAST]).split()
-            values.update(dtype=toks[0], channels_last="channels_last" in toks, attention=_kv(params[K_CAST]).get("attention", "auto"))
+            values.update(dtype=toks[0], channels_last="channels_last" in toks, attention=_kv(params[K_CAST]).get("attention", UI_OPTIONS["attention"].default))
         if K_DEEPCACHE in params:
             kv = _kv(params[K_DEEPCACHE])
-            values.update(deepcache_interval=int(kv["interval"]), deepcache_depth=int(kv.get("depth", 1)),
-                          deepcache_start=float(kv.get("start", 0)), deepcache_end=float(kv.get("end", 1)))
+            kv["interval"]  # the one word every DeepCache entry has
+            values.update({name: _parse(name, kv[word]) for word, name in DEEPCACHE_WORDS.items() if word in kv})
         if K_LCM in params:
             ((name, strength),) = parse_loras(str(params[K_LCM]))
             values.update(lcm_lora=name, lcm_strength=strength)
@@ -83,4 +98,4 @@ def infotext_field(name: str):
     return read
 
 
-__all__ = ["K_COMPILE", "K_CAST", "K_DEEPCACHE", "K_LCM", "K_LORA", "K_STATUS", "SETTING_KEYS", "to_infotext", "from_infotext", "infotext_field"]
+__all__ = ["DEEPCACHE_WORDS", "K_COMPILE", "K_CAST", "K_DEEPCACHE", "K_LCM", "K_LORA", "K_STATUS", "SETTING_KEYS", "to_infotext", "from_infotext", "infotext_field"]
