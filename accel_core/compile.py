@@ -84,7 +84,7 @@ class CompileConfig:
         if not isinstance(self.method, str) or not self.method.isidentifier():
             raise SDAccelError(f"SD Accel compile: method must be the name of the module's entry method, found {self.method!r}. Use \"forward\".")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
-            raise SDAccelError(f"SD Accel compile: cache_dir must be a folder path (str) or None, found {self.cache_dir!r}. Pass str(path), None (the default folder) or "off".")
+            raise SDAccelError(f"SD Accel compile: cache_dir must be a folder path (str) or None, found {self.cache_dir!r}. Pass str(path), None (the default folder) or 'off'.")
 
 
 @dataclass
