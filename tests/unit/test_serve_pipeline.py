@@ -40,7 +40,7 @@ def test_buckets():
     assert [bucket_for(n, 6) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
 
 
-@pytest.mark.parametrize("body,status,found", [
+_BAD = [
     (b"x" * 70000, 413, "the request body is 70000 bytes, above the limit of 65536"),
     (_body(steps=9), 413, "'steps' is 9, above this deployment's limit of 8. Ask for 8 or less."),
     (_body(side=64), 413, "'side' is 64, above this deployment's limit of 16 (the latent side: pixels / 8)"),
@@ -54,7 +54,10 @@ def test_buckets():
     (_body(deepcache={"every": 3}), 400, "'deepcache' must be null or"),
     (_body(output="jpeg"), 400, "'output' must be one of latent, preview"),
     (_body(cfg="high"), 400, "'cfg' must be a number in [0, 100]"),
-])
+]
+
+
+@pytest.mark.parametrize("body,status,found", _BAD, ids=[f"{i}-{status}" for i, (_, status, _) in enumerate(_BAD)])  # short ids: a body is 70 kB
 def test_bad_requests_are_refused_with_a_message(pipe, body, status, found):
     with pytest.raises(RequestError) as e:
         parse_request(body, pipe.cfg, pipe.loras)
