@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from sd_accel.accel_core import cache_artifacts as ca
 from sd_accel.accel_core import compile_cache as cc
 from sd_accel.bench.serve_pipeline import (Pipeline, RequestError, ServeConfig, bucket_for, buckets, decode_latent, parse_request)
-from sd_accel.bench.synthetic import make_random_lora
+from testkit.loras import make_random_lora
 
 
 def _body(**kw) -> bytes:
