@@ -20,7 +20,7 @@ import torch
 
 from . import compile_cache as cc
 from .errors import SDAccelError
-from .log import logger
+from .log import logger, plural
 
 BUNDLE_MAGIC = b"SDACCEL-COMPILE-ARTIFACTS 1\n"
 BUNDLE_EXT = ".sdca"
@@ -57,7 +57,7 @@ class Bundle:
     def describe(self) -> str:
         size = sum(len(p) for _, p in self.members)
         confs = "; ".join(", ".join(f"{k}={v}" for k, v in c.items()) for c in self.configs) or "not recorded"
-        return (f"{self.artifacts} artifacts in {len(self.members)} members ({size / 2 ** 20:.1f} MB), made with "
+        return (f"{plural(self.artifacts, 'artifact')} in {plural(len(self.members), 'member')} ({size / 2 ** 20:.1f} MB), made with "
                 f"{_describe_fp(self.fingerprint)}; compile config: {confs}")
 
 
@@ -96,7 +96,7 @@ def export_bundle(path: str, fid: str | None = None, config=None) -> bytes:
     files = [e for e in cc.entries(path) if e.header is not None]
     if not files:
         raise ArtifactsError(f"SD Accel: no compile-cache files in {path} to export; expected the files a compiled run leaves there. "
-                             "Run a compiled generation first (Compile UNet with the inductor backend), or give the folder it used (--dir).")
+                             "Run a compiled generation first (Compile UNet with the inductor backend, or `sd-accel bench --configs inductor`), or give the folder it used (--dir).")
     chosen = _pick_fingerprint(files, fid, path)
     members, listed, configs = [], [], []
     for e in files:
@@ -136,6 +136,8 @@ def read_bundle(data: bytes, source: str = "the artifacts file") -> Bundle:
     if data.startswith(cc.MAGIC):  # a single compile-cache file from a folder is accepted as it is
         try:
             r = _Reader(data)
+            if len(data) < len(cc.MAGIC) + 8:
+                raise ValueError(f"it ends after its first line ({len(data)} bytes); expected the header's length and the artifacts after it")
             header = cc.read_header(r)
             payload = data[r.at:]
             if not isinstance(header, dict) or "fingerprint" not in header:
@@ -149,6 +151,8 @@ def read_bundle(data: bytes, source: str = "the artifacts file") -> Bundle:
                              f"found {data[:24]!r}). Give a file written by `sd-accel cache export`; this worker compiles as usual.")
     try:
         at = len(BUNDLE_MAGIC)
+        if len(data) < at + 8:  # a header line and nothing after it: cut off
+            raise ValueError(f"it ends after its first line ({len(data)} bytes); expected the header's length and the artifacts after it")
         (n,) = struct.unpack_from("<Q", data, at)
         at += 8
         if n > 64 * 2 ** 20 or at + n > len(data):
@@ -211,7 +215,7 @@ class ImportResult:
     loaded_now: int = 0  # artifacts put into torch's caches at once (the folder was loaded earlier in this process)
 
     def describe(self) -> str:
-        text = f"imported {self.artifacts} artifacts: {len(self.written)} new files in {self.folder}"
+        text = f"imported {self.artifacts} artifacts: {plural(len(self.written), 'new file')} in {self.folder}"
         if self.present:
             text += f", {self.present} already there"
         if self.loaded_now:

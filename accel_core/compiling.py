@@ -41,7 +41,8 @@ class CompileConfig:
             uses "_forward", the body inside its wrapper chain).
         torch_backend: the dynamo backend behind "inductor" ("eager"/"aot_eager" for tests).
         cache_dir: folder where torch.compile's caches persist between processes (inductor only;
-            see compile_cache; None: no persistence). Hosts fill in their default folder.
+            see compile_cache). None: the default folder, $SD_ACCEL_COMPILE_CACHE or else
+            ~/.cache/sd_accel/compile_cache (hosts fill in their own); "off": no persistence.
         guards: "full" (dynamo's own) or "skip-module" (inductor: drop dynamo's guards on the
             UNet's modules and weights, about 13,000 on SD1.5 and ~1 ms per call, checked while
             the GPU waits; then a monkeypatched forward, a replaced submodule, a changed module
@@ -83,7 +84,7 @@ class CompileConfig:
         if not isinstance(self.method, str) or not self.method.isidentifier():
             raise SDAccelError(f"SD Accel compile: method must be the name of the module's entry method, found {self.method!r}. Use \"forward\".")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
-            raise SDAccelError(f"SD Accel compile: cache_dir must be a folder path (str) or None, found {self.cache_dir!r}. Pass str(path), or None.")
+            raise SDAccelError(f"SD Accel compile: cache_dir must be a folder path (str) or None, found {self.cache_dir!r}. Pass str(path), None (the default folder) or 'off'.")
 
 
 @dataclass
@@ -165,13 +166,20 @@ class DiskCacheUser:
 
     _graphs_seen: int | None = None  # dynamo's graph count at the last cache save (None: no cache)
     _cache_loaded = ""
+    _cache_path = ""  # the folder the caches persist in (resolved at the first compiled call)
 
     def _load_cache(self):
-        if not self.config.cache_dir or self.backend.name != "inductor" or self.config.torch_backend != "inductor":
+        if self.backend.name != "inductor" or self.config.torch_backend != "inductor":
             return
         from . import compile_cache
 
-        self._cache_loaded = compile_cache.load(self.config.cache_dir, self._device).describe()
+        path = self.config.cache_dir
+        if path is None:  # persisted by default, as in the hosts; $SD_ACCEL_COMPILE_CACHE=off gives None here
+            path = compile_cache.default_cache_dir(None)
+        if not path or path.lower() in compile_cache.OFF_VALUES:
+            return
+        self._cache_path = path
+        self._cache_loaded = compile_cache.load(path, self._device).describe()
         self.report.cache = self._cache_loaded
         self._graphs_seen = compile_cache.graphs_compiled()
 
@@ -184,7 +192,7 @@ class DiskCacheUser:
         if now == self._graphs_seen:  # nothing compiled since the last save: the common, per-step case
             return
         self._graphs_seen = now
-        res = compile_cache.save(self.config.cache_dir, self._device, config=self.config)
+        res = compile_cache.save(self._cache_path, self._device, config=self.config)
         if res.path or res.error:
             self.report.cache = f"{self._cache_loaded}; {res.describe()}"
 

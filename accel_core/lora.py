@@ -162,8 +162,10 @@ def original_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
 def _arch_label(targets: Targets) -> str:
     shapes = targets.shapes
     ctx = next((s[1] for n, s in shapes.items() if n.endswith("attn2.to_k.weight")), None)
-    arch = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(ctx, f"cross-attention width {ctx}")
-    return f"{arch} UNet ({targets.kind}, {len(shapes)} weight layers)" if ctx else f"{targets.label} ({len(shapes)} weight layers)"
+    arch = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(ctx)
+    if ctx is None:
+        return f"{targets.label} ({len(shapes)} weight layers)"
+    return (f"an {arch} UNet" if arch else f"a UNet of cross-attention width {ctx}") + f" ({targets.kind}, {len(shapes)} weight layers)"
 
 
 def _check_match(lf: LoraFile, r: Resolved, targets: Targets, config: LoraConfig):
@@ -179,7 +181,7 @@ def _check_match(lf: LoraFile, r: Resolved, targets: Targets, config: LoraConfig
         detail = f"; {len(r.wrong_shape)} matched by name but have the wrong shape (e.g. {base}: LoRA {got[0]}x{got[1]}, model {'x'.join(map(str, want))})"
     example = f"; unmatched e.g. {r.unmatched[0]}" if r.unmatched else ""
     raise SDAccelError(f"SD Accel LoRA: {lf.name} does not fit this model: {r.matched} of {r.total} UNet layers matched"
-                       f"{detail}{example}. The model is an {_arch_label(targets)}; the LoRA was probably made for another "
+                       f"{detail}{example}. The model is {_arch_label(targets)}; the LoRA was probably made for another "
                        "architecture (e.g. SDXL vs SD1.5). Pick a LoRA made for this checkpoint's base model. The model was not changed.")
 
 

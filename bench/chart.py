@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
+from ..accel_core.log import plural
 from .measure import BenchResult
 
 
@@ -13,6 +14,12 @@ def write_chart(result: BenchResult, path: str) -> str | None:
     if not is_available("matplotlib"):
         warn_missing("matplotlib", "so the benchmark chart (PNG) is not written")
         return None
+    figure(result).savefig(path, dpi=110)
+    return path
+
+
+def figure(result: BenchResult):
+    """The chart as a matplotlib Figure, laid out so that the title and labels fit inside it."""
     # A Figure of its own (no pyplot): no process-wide backend switch inside a host's process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -34,13 +41,14 @@ def write_chart(result: BenchResult, path: str) -> str | None:
             label = f" {r.speedup:.2f}x{spread}  {r.ms_per_step:.1f} ms/step  err {r.rel_err:.3f}"
         ax.text(bar.get_width() + h, bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=8)
     ax.axvline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel(f"speed-up vs baseline (same run): median of {result.repeats} timed run(s), whisker = slowest..fastest")
-    threads = f", {result.threads} threads" if result.threads else ""
-    title = f"SD Accel bench: {result.preset}, {result.steps} steps, {result.device_name}{threads}"
+    ax.set_xlabel(f"speed-up vs baseline (same run): median of {plural(result.repeats, 'timed run')}\nwhisker: slowest..fastest run")
+    threads = f", {plural(result.threads, 'thread')}" if result.threads else ""
+    title = textwrap.fill(f"SD Accel bench: {result.preset}, {result.steps} steps, {result.device_name}{threads}", 100)
     if result.busy:
-        title += "\n" + textwrap.fill("BUSY MACHINE, noisy numbers: " + result.busy_reason, 110)
-    ax.set_title(title, fontsize=9, color="#a00" if result.busy else "black")
+        title += "\n" + textwrap.fill("BUSY MACHINE, noisy numbers: " + result.busy_reason, 100)
+    # The title goes over the whole figure (a title over the axes starts right of the row names and
+    # ran off the right edge); the layout then leaves room for its lines at the top.
+    fig.suptitle(title, fontsize=9, color="#a00" if result.busy else "black")
     ax.set_xlim(0, max([s + h for s, h in zip(speed, hi)] + [1.0]) * 1.7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return fig

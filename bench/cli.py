@@ -41,6 +41,11 @@ def _bench(args) -> int:
     except SDAccelError as e:
         print(e, file=sys.stderr)
         return 2
+    if cfg.device == "cpu" and (cfg.preset != "tiny" or cfg.checkpoint):
+        what = f"--checkpoint {os.path.basename(cfg.checkpoint)}" if cfg.checkpoint else cfg.preset
+        print(f"sd-accel bench: {what} on the CPU is a full-size UNet: expect minutes per row ({len(planned)} rows, each a warm-up "
+              f"and {cfg.repeats} timed runs; sdxl-1024 took more than 5 minutes for its first row on 2 cores). Ctrl-C stops it and keeps "
+              "the rows already measured; --preset tiny (the CPU default) takes about a minute.", file=sys.stderr)
     bar = tqdm(desc="sd-accel bench", unit="row", total=len(planned), disable=args.no_progress)
 
     def progress(name):
@@ -203,8 +208,39 @@ def _cache_import(folder: str, args) -> int:
     return 0
 
 
+def _serve_checks(args, cfg) -> str | None:
+    """What `serve` refuses before Ray starts (devices, port, checkpoint), as the message; None when fine."""
+    import socket
+
+    if args.device == "cuda" and not args.address:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            return ("sd-accel serve: --device cuda was asked for, but torch sees no CUDA device. Run with --device cpu, or on a machine "
+                    "with an NVIDIA GPU and a CUDA build of torch (or give --address of a Ray cluster with GPUs).")
+        if args.replicas > n:
+            return (f"sd-accel serve: --replicas {args.replicas} with --device cuda needs one GPU each, found {n} GPU(s) here. "
+                    f"Give --replicas {n} or fewer, or --address of a Ray cluster with more GPUs.")
+    if args.checkpoint:
+        from .models import check_checkpoint
+
+        check_checkpoint(args.checkpoint)
+    if not args.address or args.listen in ("127.0.0.1", "localhost", "0.0.0.0"):
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in args.listen else socket.AF_INET) as sock:
+                sock.bind((args.listen, args.port))
+        except OSError as e:
+            return (f"sd-accel serve: cannot listen on {args.listen}:{args.port} ({e.strerror or e}); expected a free port on an address "
+                    "of this machine. Give another --port (or stop what uses it), or another --listen.")
+    return None
+
+
 def _serve(args) -> int:
-    """Start `--replicas` Ray Serve replicas and serve until interrupted."""
+    """Start `--replicas` Ray Serve replicas and serve until Ctrl-C or SIGTERM."""
+    import shutil
+    import signal
+    import tempfile
     import time
 
     from ..accel_core.errors import SDAccelError
@@ -216,12 +252,13 @@ def _serve(args) -> int:
         sd_serve.require_ray()
         cfg = ServeConfig(preset=args.preset, checkpoint=args.checkpoint, device=args.device, compile=not args.no_compile, mode=args.mode,
                           max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait, max_steps=args.max_steps, lora_dir=args.lora_dir,
-                          cache_dir=os.path.abspath(args.cache_dir) if args.cache_dir else None, threads=args.threads)
+                          cache_dir=os.path.abspath(args.cache_dir) if args.cache_dir else None, threads=args.threads,
+                          warm_deepcache=tuple(d for d in args.warm_deepcache if d))
+        refused = _serve_checks(args, cfg)
     except (SDAccelError, ImportError) as e:
-        print(e, file=sys.stderr)
-        return 2
-    if args.checkpoint and not os.path.isfile(args.checkpoint):
-        print(f"sd-accel serve: --checkpoint {args.checkpoint!r} does not exist; expected an SD1.x / SDXL .safetensors file. Check the path.", file=sys.stderr)
+        refused = str(e)
+    if refused:
+        print(refused, file=sys.stderr)
         return 2
     data = None
     if args.artifacts:
@@ -238,33 +275,86 @@ def _serve(args) -> int:
         except ca.ArtifactsError as e:
             print(f"{e}\nstarting without it.", file=sys.stderr)
             data = None
+
+    class Stop(Exception):
+        pass
+
+    def on_term(signum, frame):
+        raise Stop()
+
+    def say(line):
+        print(f"[{time.perf_counter() - t0:6.1f} s] {line}", flush=True)
+
     import ray
 
-    ray.init(address=args.address, namespace=sd_serve.NAMESPACE, include_dashboard=False, logging_level=logging.WARNING)
+    work = None if args.address else tempfile.mkdtemp(prefix="sd-accel-serve-")  # the replicas' temp folders, removed at exit
+    if work:
+        from dataclasses import replace
+
+        cfg = replace(cfg, work_dir=work)
+    old_term = signal.signal(signal.SIGTERM, on_term)
     t0 = time.perf_counter()
+    code = 0
     try:
-        sd_serve.start(cfg, args.replicas, data, args.artifacts or "", port=args.port, host=args.listen)
-        print(f"serving {args.replicas} replica(s) at http://{args.listen}:{args.port}/ (POST / with JSON, GET /info), "
-              f"warm after {time.perf_counter() - t0:.1f} s; artifacts: {sd_serve.store_status()}")
-        print("Ctrl-C stops it.")
+        say(f"starting {'a local Ray cluster' if not args.address else 'on the Ray cluster at ' + args.address}")
+        # log_to_driver=False: the replicas' start-up comes as progress lines, not as Ray's log stream.
+        ray.init(address=args.address, namespace=sd_serve.NAMESPACE, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        signal.signal(signal.SIGTERM, on_term)  # again: Ray's core put its own (a stack dump, then death) in place of ours
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        say(f"starting {args.replicas} replica(s) on {args.device}: each loads the model, the first compiles "
+            f"{'(minutes on a CPU)' if args.device == 'cpu' and not args.no_compile else ''}".rstrip())
+        sd_serve.start(cfg, args.replicas, data, args.artifacts or "", port=args.port, host=args.listen, progress=say)
+        say(f"serving {args.replicas} replica(s) at http://{args.listen}:{args.port}/ (POST / with JSON, GET /info), "
+            f"warm after {time.perf_counter() - t0:.1f} s; artifacts: {sd_serve.store_status()}")
+        print("Ctrl-C (or SIGTERM) stops it.", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
+    except (KeyboardInterrupt, Stop):
+        print("\nstopping...", file=sys.stderr, flush=True)
+    except SDAccelError as e:
+        print(e, file=sys.stderr)
+        code = 2
     finally:
-        sd_serve.stop()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if ray.is_initialized():
+                sd_serve.stop()
+        except Exception as e:  # noqa: BLE001 - stopping goes on; Ray itself goes below
+            print(f"sd-accel serve: stopping the replicas: {type(e).__name__}: {e}", file=sys.stderr)
         ray.shutdown()
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, old_term)
+    if code == 0:
+        print("stopped.", file=sys.stderr)
+    return code
 
 
-def _count(what: str, todo: str, minimum: int = 1):
-    """argparse type: a whole number >= minimum; the message says what was expected, what was found, what to do."""
+def _deepcache_setting(text: str):
+    """argparse type for --warm-deepcache: INTERVAL:DEPTH, or none."""
+    if text.lower() == "none":
+        return None
+    try:
+        interval, depth = (int(v) for v in text.split(":"))
+    except ValueError:
+        interval = depth = -1
+    if interval < 2 or not 0 <= depth <= 11:
+        raise argparse.ArgumentTypeError(f"expects INTERVAL:DEPTH (interval 2 or more, depth 0 to 11) or none, found {text!r}; give e.g. 3:0")
+    return interval, depth
+
+
+def _count(what: str, todo: str, minimum: int = 1, maximum: int | None = None):
+    """argparse type: a whole number >= minimum (<= maximum); the message says what was expected, what was found, what to do."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expects {what} (a whole number of at least {minimum}), found {text!r}; {todo}")
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            span = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+            raise argparse.ArgumentTypeError(f"expects {what} (a whole number {span}), found {text!r}; {todo}")
         return value
     return parse
 
@@ -288,6 +378,19 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _version() -> str:
+    """Without importing torch (`sd-accel --help` / `--version` stay quick)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"sd-accel {of('sd-accel')} (torch {of('torch')}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..accel_core.compiling import CompileConfig
     from ..accel_core.options import cli_argument
@@ -296,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="sd-accel", description="SD Accel: Stable Diffusion acceleration, measured side by side.",
                                 formatter_class=_Help)
+    p.add_argument("--version", action="version", version=_version(), help="the package, torch and Python versions")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="baseline vs each acceleration: ms/step (median, min-max), speed-up, relative error, memory, compile time",
                        formatter_class=_Help, description="Times the unaccelerated baseline and each acceleration side by side in one process. "
@@ -326,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cfg-scale", type=_scale, default=7.0, help="classifier-free guidance scale (cond and uncond run as one batch of 2)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=_bench)
-    s = sub.add_parser("backends", help="which compile backends are available here", formatter_class=_Help)
+    s = sub.add_parser("backends", help="which compile backends are available here", formatter_class=_Help,
+                       description="Lists each compile backend (inductor, onediff, stable-fast) for this machine's device: available, "
+                       "or what is missing and the command that installs it. Nothing is installed.")
     s.set_defaults(fn=_backends)
     c = sub.add_parser("cache", help="where torch.compile's caches persist between runs (ComfyUI: <ComfyUI>/user/sd_accel/compile_cache; "
                                      "webui: <webui>/cache/sd_accel/compile_cache); list or --clear them, export them to one file, import one",
@@ -352,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "them. Requests choose seed, steps, cfg, side, DeepCache and LoRAs. Needs ray[serve]. See docs/fleet.md.")
     v.add_argument("--replicas", type=_count("the number of replicas", "give e.g. --replicas 2"), default=1, help="replicas (one GPU each with --device cuda)")
     v.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where each replica runs its UNet")
-    v.add_argument("--preset", default="tiny", choices=["tiny", "sd15-512", "sdxl-1024", "micro"], help="embedded model, default size and steps")
+    v.add_argument("--preset", default="tiny", choices=["tiny", "sd15-512", "sdxl-1024", "micro"],
+                   help="embedded model, default size and steps: tiny (an SD1.5-layout UNet with narrow widths, 128x128), sd15-512, sdxl-1024, "
+                        "or micro (a UNet of a few kB, 64x64, 4 steps: compiles in seconds, for trying the serving set-up)")
     v.add_argument("--checkpoint", default=None, help="your SD1.x/SDXL .safetensors checkpoint or UNet file (default: seeded random weights)")
     v.add_argument("--artifacts", default=None, help="an artifacts file from `sd-accel cache export` to start every replica warm")
     v.add_argument("--cache-dir", default=None, help="a folder all replicas share for the compile artifacts (default: Ray's object store)")
@@ -366,7 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests asking for more are refused")
     v.add_argument("--threads", type=_count("the number of CPU threads", "give e.g. --threads 1, or leave it out"), default=None,
                    help="torch CPU threads per replica (default: torch's)")
-    v.add_argument("--port", type=_count("a TCP port", "give e.g. --port 8000"), default=8000, help="HTTP port")
+    v.add_argument("--warm-deepcache", nargs="+", type=_deepcache_setting, default=[(3, 0)], metavar="INTERVAL:DEPTH",
+                   help="DeepCache settings compiled at start, so requests with them are served warm (others compile on first use); none: no "
+                        "DeepCache warm-up (default: 3:0, a request's {\"deepcache\": {\"interval\": 3}})")
+    v.add_argument("--port", type=_count("a TCP port", "give e.g. --port 8000", 1, 65535), default=8000, help="HTTP port")
     v.add_argument("--listen", default="127.0.0.1", help="HTTP address (0.0.0.0 for every interface)")
     v.add_argument("--address", default=None, help="a running Ray cluster (default: start a local one)")
     v.set_defaults(fn=_serve)

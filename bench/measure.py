@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..accel_core.errors import SDAccelError, choice_error
+from ..accel_core.log import plural
 from .models import PRESETS, Preset, build_unet
 
 HOSTS = ("diffusers", "comfy")
@@ -219,7 +220,7 @@ class BenchResult:
     def table(self) -> str:
         head = (f"{'configuration':<44} {'ms/step':>9} {'min-max':>15} {'speed-up':>9} {'(range)':>13} {'rel err':>8} {'peak MB':>8} "
                 f"{'compile s':>9}  note")
-        threads = f", {self.threads} threads" if self.threads else ""
+        threads = f", {plural(self.threads, 'thread')}" if self.threads else ""
         lines = [f"SD Accel bench: {self.preset}, {self.steps} steps, CFG batch 2, on {self.device_name} (torch {self.torch}{threads}); "
                  f"median of {self.repeats} timed run(s) per row after a warm-up run", head, "-" * len(head)]
         for r in self.rows:

@@ -1,6 +1,7 @@
 """The benchmark's UNets: SD1.5 / SDXL / tiny configs (diffusers names) and a user's checkpoint file."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -90,3 +91,21 @@ def _arch(sd: dict, sdxl_key: str, ctx_suffix: str, path: str) -> str:
         return "sd15"
     raise SDAccelError(f"SD Accel: {path!r} is a UNet with cross-attention width {ctx}; the benchmark knows SD1.x (768) and SDXL. "
                        "Use an SD1.x or SDXL checkpoint.")
+
+
+def check_checkpoint(path: str) -> None:
+    """Refuse a file that is not a safetensors SD UNet, reading only its header (no weights), so a
+    server can refuse it before it starts anything."""
+    if not os.path.isfile(path):
+        raise SDAccelError(f"SD Accel: --checkpoint {path!r} does not exist; expected an SD1.x / SDXL .safetensors file. Check the path.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:
+        raise SDAccelError(f"SD Accel: {path!r} is not a readable safetensors file ({type(e).__name__}: {str(e)[:120]}). "
+                           "Expected an SD1.x / SDXL .safetensors checkpoint or UNet file; convert .ckpt/.pt files to safetensors first.") from None
+    if not any(k.startswith((LDM_PREFIX, "input_blocks.", "down_blocks.", "unet.down_blocks.")) for k in keys):
+        raise SDAccelError(f"SD Accel: {path!r} holds no Stable Diffusion UNet weights (found {len(keys)} tensors, e.g. {', '.join(keys[:3])}). "
+                           "Expected an SD1.x or SDXL checkpoint or UNet file.")

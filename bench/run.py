@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict
 from typing import Callable, Iterator
 
@@ -41,6 +42,7 @@ def _catalogue(cfg: BenchConfig) -> list[str]:
 def check_rows(cfg: BenchConfig) -> list[str]:
     """--configs against the rows this host and device can measure (before anything is loaded);
     returns the rows the run will measure, about (for the progress bar)."""
+    _check_out(cfg.out_dir)
     names = _catalogue(cfg)
     check_configs(cfg.configs, names)
     if cfg.configs:
@@ -58,6 +60,11 @@ def _check_out(folder: str):
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)  # the folder is created later, inside its nearest existing parent
     why = "it is not a folder" if not os.path.isdir(path) else ("this process may not write there" if not os.access(path, os.W_OK | os.X_OK) else "")
+    if not why:  # os.access says yes to root everywhere, /proc included: make (and remove) a folder to be sure
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".sd-accel-probe-", dir=path))
+        except OSError as e:
+            why = f"no folder can be made there ({e.strerror or e})"
     if why:
         raise SDAccelError(f"SD Accel bench: --out {folder!r} cannot hold bench.json and bench.png: {why} ({path}). "
                            "Expected a writable folder (it is created if missing); give another --out.")

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict
 
 from ..accel_core import cache_artifacts as ca
+from ..accel_core.errors import SDAccelError
 from .serve_pipeline import Pipeline, RequestError, ServeConfig, parse_request
 
 STORE = "sd_accel_artifacts"
@@ -50,6 +51,23 @@ class _Store:
         self.compiler: str | None = None
         self.refusals: dict[str, str] = {}
         self.ready = asyncio.Event()
+        self.events: list[tuple[str, str]] = []  # (replica number, text): start-up progress the driver prints
+        self.numbers: dict[str, str] = {}
+        self.failure: str | None = None  # the first replica error (an SD Accel message): the driver stops
+
+    def _number(self, replica: str) -> str:
+        return self.numbers.setdefault(replica, str(len(self.numbers) + 1))
+
+    def progress(self, replica: str, text: str) -> None:
+        self.events.append((self._number(replica), text))
+
+    def fail(self, replica: str, message: str) -> None:
+        self.events.append((self._number(replica), "failed: " + message))
+        self.failure = self.failure or message
+
+    def poll(self, since: int) -> tuple[list[tuple[str, str]], str | None]:
+        """The progress lines from index `since` on, and the first failure."""
+        return self.events[since:], self.failure
 
     def get(self) -> tuple[bytes | None, str]:
         if self.published is not None:
@@ -99,21 +117,38 @@ class _Replica:
             self.name = str(serve.get_replica_context().replica_id.unique_id)
         except Exception:
             self.name = f"pid-{__import__('os').getpid()}"
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-accel-unet")  # one thread owns the UNet
-        self.pipe: Pipeline = self.pool.submit(Pipeline, cfg).result()
-        self.started = time.time()
+        self.pipe = None
         store = ray.get_actor(store_name, namespace=NAMESPACE)
-        self.role = self.pool.submit(self._warm, ray, store, cfg, wait_s).result()
+        self.say = lambda text: store.progress.remote(self.name, text)  # fire and forget: the driver prints it
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-accel-unet")  # one thread owns the UNet
+        self.started = time.time()
+        try:
+            self.say(f"loading the {'checkpoint ' + cfg.checkpoint if cfg.checkpoint else cfg.preset + ' model'} on {cfg.device}")
+            self.pipe: Pipeline = self.pool.submit(Pipeline, cfg).result()
+            self.say(f"model loaded in {self.pipe.load_s:.1f} s")
+            self.role = self.pool.submit(self._warm, ray, store, cfg, wait_s).result()
+        except Exception as e:  # the driver prints this one line and stops, instead of Serve retrying and logging tracebacks
+            ray.get(store.fail.remote(self.name, str(e) if isinstance(e, SDAccelError) else f"{type(e).__name__}: {e}"))
+            raise
         self.ready_s = time.time() - self.started
+        self.say(f"ready ({self.role}) after {self.ready_s:.1f} s")
+
+    def __del__(self):  # Serve calls it when the replica stops
+        if getattr(self, "pipe", None) is not None:
+            self.pipe.close()
 
     def _import(self, ray, store, data, source) -> bool:
         if data is None:
             return False
         try:
-            logger.info("SD Accel serve: %s", self.pipe.import_artifacts(data, source))
+            self.say(f"importing the artifacts ({source})")
+            msg = self.pipe.import_artifacts(data, source)
+            logger.info("SD Accel serve: %s", msg)
+            self.say(msg)
             return True
         except ca.ArtifactsError as e:
             logger.warning("%s", e)
+            self.say(f"refused the artifacts: {e}")
             ray.get(store.refuse.remote(self.name, str(e)))
             return False
 
@@ -128,13 +163,15 @@ class _Replica:
             elif ray.get(store.claim.remote(self.name)):
                 try:
                     if cfg.warmup:
-                        self.pipe.warm_up()
+                        self.say("compiling (the other replicas wait for its artifacts)")
+                        self.pipe.warm_up(self.say)
                     ray.get(store.publish.remote(self.name, None if cfg.cache_dir else self.pipe.export_artifacts()))
                 except BaseException:
                     ray.get(store.give_up.remote(self.name))
                     raise
                 return "compiled and published"
             else:
+                self.say("waiting for the replica that compiles")
                 data, source = ray.get(store.wait.remote(wait_s))  # another replica is compiling: take what it publishes
                 if cfg.cache_dir:
                     role = "loaded from the shared folder"
@@ -143,7 +180,7 @@ class _Replica:
                 else:
                     role = "compiled (nothing usable was handed out)"
         if cfg.warmup:
-            self.pipe.warm_up()
+            self.pipe.warm_up(self.say)
         return role
 
     async def __call__(self, request):
@@ -191,10 +228,13 @@ _handles: dict = {}
 
 
 def start(cfg: ServeConfig, replicas: int, artifacts: bytes | None = None, artifacts_source: str = "", port: int = 8000,
-          host: str = "127.0.0.1", wait_s: float = 900.0, store_name: str = STORE):
+          host: str = "127.0.0.1", wait_s: float = 900.0, store_name: str = STORE, progress=None, poll_s: float = 1.0):
     """Start the store and `replicas` replicas on the connected (or a new local) Ray cluster; returns the handle.
 
-    Blocks until every replica is warm (compiled or imported)."""
+    Blocks until every replica is warm (compiled or imported); `progress(line)` hears each replica's
+    start-up steps. A replica that fails to start stops it: SDAccelError with that replica's message."""
+    import threading
+
     ray, serve = require_ray()
     if not ray.is_initialized():
         ray.init(namespace=NAMESPACE, include_dashboard=False, logging_level=logging.WARNING)
@@ -203,7 +243,33 @@ def start(cfg: ServeConfig, replicas: int, artifacts: bytes | None = None, artif
     _handles[store_name] = store  # a named actor lives while a handle to it does
     serve.start(http_options={"host": host, "port": port})
     app = deployment(cfg, replicas).bind(asdict(cfg), store_name, wait_s)
-    return serve.run(app, name="sd-accel", route_prefix="/")
+    done: dict = {}
+
+    def run():  # serve.run blocks until every replica is warm; the caller's thread watches the store meanwhile
+        try:
+            done["handle"] = serve.run(app, name="sd-accel", route_prefix="/")
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            done["error"] = e
+
+    thread = threading.Thread(target=run, name="sd-accel-serve-start", daemon=True)
+    thread.start()
+    seen = 0
+    while True:
+        thread.join(poll_s)
+        events, failure = ray.get(store.poll.remote(seen))
+        seen += len(events)
+        for number, text in events:
+            if progress is not None:
+                progress(f"replica {number}: {text}")
+        if failure:
+            raise SDAccelError(failure)
+        if not thread.is_alive():
+            break
+    if "error" in done:
+        first = str(done["error"]).strip().splitlines()
+        raise SDAccelError(f"SD Accel serve: Ray Serve could not start the replicas ({type(done['error']).__name__}: "
+                           f"{first[0] if first else ''}). Ray's logs are in its session folder (/tmp/ray/session_latest/logs).")
+    return done["handle"]
 
 
 def store_status(store_name: str = STORE) -> dict:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import struct
 import tempfile
 import time
@@ -71,6 +72,10 @@ class ServeConfig:
             separate machines (so only the artifacts it was handed can warm it).
         threads: torch CPU threads per replica (None: torch's default).
         warmup: compile at start (each batch size), so the first request is served warm.
+        warm_deepcache: the DeepCache settings ((interval, depth), ...) compiled at start too, so a
+            request with one of them is served warm; other settings compile on their first request.
+        work_dir: where the replica's temporary folders go (None: the system's temp folder); they
+            are removed when the replica stops (`Pipeline.close`).
         inductor_options: torch._inductor.config values set in each replica process, e.g.
             {"fallback_by_default": True} (no generated kernels: fast compiles, for tests).
     """
@@ -91,6 +96,8 @@ class ServeConfig:
     isolated_torch_cache: bool = False
     threads: int | None = None
     warmup: bool = True
+    warm_deepcache: tuple = ((3, 0),)
+    work_dir: str | None = None
     inductor_options: dict | None = None
 
     def __post_init__(self):
@@ -102,6 +109,11 @@ class ServeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SDAccelError(f"SD Accel serve: {name} must be a whole number of at least 1, found {v!r}. Give e.g. {getattr(ServeConfig, name)}.")
+        for dc in self.warm_deepcache:
+            if not (isinstance(dc, (tuple, list)) and len(dc) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in dc)
+                    and dc[0] >= 2 and 0 <= dc[1] <= 11):
+                raise SDAccelError(f"SD Accel serve: each warm DeepCache setting must be (interval >= 2, depth 0..11), found {dc!r}. "
+                                   "Give e.g. 3:0, or none.")
         if self.lora_dir is not None and not os.path.isdir(self.lora_dir):
             raise SDAccelError(f"SD Accel serve: the LoRA folder {self.lora_dir!r} does not exist; expected a folder of .safetensors files. "
                                "Give an existing folder, or leave --lora-dir out.")
@@ -276,8 +288,9 @@ class Pipeline:
 
     def __init__(self, cfg: ServeConfig, cache_dir: str | None = None):
         self.cfg = cfg
+        self._temp: list[str] = []  # folders this replica made: removed by close()
         if cfg.isolated_torch_cache:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sd-accel-inductor-")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = self._mkdtemp("sd-accel-inductor-")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.inductor_options:  # this process is the replica's own: set for its lifetime
@@ -285,7 +298,7 @@ class Pipeline:
 
             for k, v in cfg.inductor_options.items():
                 setattr(inductor_config, k, v)
-        self.cache_dir = cfg.cache_dir or cache_dir or tempfile.mkdtemp(prefix="sd-accel-serve-cache-")
+        self.cache_dir = cfg.cache_dir or cache_dir or self._mkdtemp("sd-accel-serve-cache-")
         self.device = cfg.device
         self.dtype = torch.float16 if cfg.device == "cuda" else torch.float32
         t0 = time.perf_counter()
@@ -298,6 +311,18 @@ class Pipeline:
         self.artifacts = "none"  # what happened to the artifacts this replica was handed
         self.served = 0
         self.warmup_s = 0.0
+
+    def _mkdtemp(self, prefix: str) -> str:
+        if self.cfg.work_dir:
+            os.makedirs(self.cfg.work_dir, exist_ok=True)
+        path = tempfile.mkdtemp(prefix=prefix, dir=self.cfg.work_dir)
+        self._temp.append(path)
+        return path
+
+    def close(self) -> None:
+        """Remove the temporary folders this replica made (its compile cache copy)."""
+        while self._temp:
+            shutil.rmtree(self._temp.pop(), ignore_errors=True)
 
     # -- artifacts -----------------------------------------------------------------------------
     def import_artifacts(self, data: bytes, source: str = "the artifacts handed out") -> str:
@@ -318,12 +343,21 @@ class Pipeline:
             return None
 
     # -- sampling ------------------------------------------------------------------------------
-    def warm_up(self) -> float:
-        """One batch of every batch size at the default settings: compiles (or loads) what requests will use."""
+    def warm_up(self, progress=None) -> float:
+        """One batch of every batch size at the default settings, plainly and with each `warm_deepcache`
+        setting: compiles (or loads) what requests will use. `progress(text)` hears each step."""
         t0 = time.perf_counter()
-        base = Request(0, self.cfg.spec.steps, 7.0, self.cfg.spec.latent, None, (), "latent")
-        for b in buckets(self.cfg.max_batch_size):
-            self.run_batch([base] * b)
+        paths = [None, *(tuple(dc) for dc in self.cfg.warm_deepcache)]
+        sizes = buckets(self.cfg.max_batch_size)
+        n, total = 0, len(paths) * len(sizes)
+        for dc in paths:
+            base = Request(0, self.cfg.spec.steps, 7.0, self.cfg.spec.latent, dc, (), "latent")
+            for b in sizes:
+                n += 1
+                if progress is not None:
+                    what = f"DeepCache interval {dc[0]} depth {dc[1]}" if dc else "plain UNet"
+                    progress(f"warm-up {n}/{total}: {what}, batch {b} ({time.perf_counter() - t0:.0f} s so far)")
+                self.run_batch([base] * b)
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
 

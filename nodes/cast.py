@@ -4,7 +4,7 @@ from ..accel_core.hosts import comfy_cast as host, comfy_events
 
 
 class SDAccelFP16Cast:
-    DESCRIPTION = ("Runs the UNet in fp16 or bf16 (auto: bf16 on CPU, fp16 on CUDA), or fp16 with fp8 matmuls on GPUs with "
+    DESCRIPTION = ("Runs the UNet in fp16 or bf16 (auto: fp16 on CUDA; on the CPU bf16 with AMX, else fp32), or fp16 with fp8 matmuls on GPUs with "
                    "fp8 tensor cores, optionally channels_last, with the attention kernel of your choice. Works on a copy "
                    "of the UNet; the input model is unchanged.")
     CATEGORY = "SD Accel"

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import comfy_harness as harness
-from sd_accel.bench.synthetic import make_random_lora  # seeded random LoRAs in the real key formats
+from testkit.loras import make_random_lora  # seeded random LoRAs in the real key formats
 from test_lora_hotswap import TINY_SD15  # noqa: F401  (same tiny layout)
 
 

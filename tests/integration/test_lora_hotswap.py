@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import comfy_harness as harness
-from sd_accel.bench.synthetic import make_random_lora  # seeded random LoRAs in the real key formats
+from testkit.loras import make_random_lora  # seeded random LoRAs in the real key formats
 
 TINY_SD15 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
                  transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,

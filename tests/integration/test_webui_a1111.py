@@ -217,7 +217,7 @@ def test_deepcache_generation_reuses_features_on_the_planned_steps(webui, adapte
 def test_lora_hot_swap_changes_the_image_and_restores_the_weights(webui, adapter):
     from safetensors.torch import save_file
 
-    from sd_accel.bench.synthetic import make_random_lora
+    from testkit.loras import make_random_lora
 
     unet = unet_of(webui)
     save_file(make_random_lora(unet, fmt="kohya-ldm", seed=1, magnitude=2.0, with_text_encoder=False), str(webui.lora_dir / "rand_a.safetensors"))
@@ -239,7 +239,7 @@ def test_unknown_lora_is_reported_in_the_infotext(webui):
 def test_lcm_lora_switches_to_the_lcm_sampler(webui):
     from safetensors.torch import save_file
 
-    from sd_accel.bench.synthetic import make_random_lora
+    from testkit.loras import make_random_lora
 
     save_file(make_random_lora(unet_of(webui), fmt="kohya-ldm", seed=2, with_text_encoder=False), str(webui.lora_dir / "lcm_rand.safetensors"))
     p, res = webui.txt2img(accel(lcm_lora="lcm_rand", lcm_strength=1.0))

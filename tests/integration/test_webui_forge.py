@@ -161,7 +161,7 @@ def test_cast_is_left_to_forge(webui):
 def test_lora_hot_swap_on_forge_restores_the_weights(webui):
     from safetensors.torch import save_file
 
-    from sd_accel.bench.synthetic import make_random_lora
+    from testkit.loras import make_random_lora
 
     unet = unet_of(webui)
     save_file(make_random_lora(unet, fmt="kohya-ldm", seed=1, magnitude=2.0, with_text_encoder=False), str(webui.lora_dir / "rand_f.safetensors"))

@@ -47,7 +47,7 @@ def image(res) -> np.ndarray:
 def lora_file(unet, path: Path, seed: int):
     from safetensors.torch import save_file
 
-    from sd_accel.bench.synthetic import make_random_lora
+    from testkit.loras import make_random_lora
 
     save_file(make_random_lora(unet, fmt="kohya-ldm", seed=seed, magnitude=2.0, with_text_encoder=False), str(path))
 

@@ -112,6 +112,7 @@ SETUP = {
     "forge": {
         "env": "WEBUI_FORGE_PATH", "label": "Forge (June 2025)", "path": ".hosts/webui-forge", "venv": ".hosts/venv-forge",
         "test": "tests/integration/test_webui_forge.py",
+        "modules": {"sentencepiece": "sentencepiece"},  # Forge's bundled gguf imports it at start-up
         "tree": ["git clone https://github.com/lllyasviel/stable-diffusion-webui-forge .hosts/webui-forge",
                  "git -C .hosts/webui-forge checkout dfdcbab"],
         "repositories": {
@@ -124,7 +125,7 @@ SETUP = {
             ".hosts/venv-forge/bin/pip install -c constraints-cpu.txt gradio==4.40.0 fastapi==0.104.1 pydantic==2.8.2 httpx==0.24.1 "
             "omegaconf==2.2.3 pytorch_lightning==1.9.4 \"setuptools<81\" transformers==4.46.1 huggingface-hub==0.26.2 diffusers==0.31.0 "
             "peft==0.13.2 accelerate==0.31.0 diskcache GitPython jsonmerge inflection piexif lark blendmodes opencv-python-headless "
-            "scikit-image gradio_rangeslider==0.0.6 gradio_imageslider==0.0.20 loadimg==0.1.2",
+            "scikit-image gradio_rangeslider==0.0.6 gradio_imageslider==0.0.20 loadimg==0.1.2 sentencepiece",
             ".hosts/venv-forge/bin/pip install --no-deps torchmetrics==0.11.4 open-clip-torch==2.20.0 ftfy timm==0.9.2 pillow-avif-plugin "
             "resize-right torchdiffeq tomesd clean-fid kornia==0.6.7 spandrel==0.3.4 spandrel-extra-arches==0.1.1 facexlib",
         ],
@@ -213,6 +214,10 @@ def skip_reason(kind: str) -> str | None:
         if importlib.util.find_spec(module) is None:
             return (f"the {s['label']} packages are not in this Python ({sys.executable}: no {module}). Make its venv and run the tests "
                     f"with it: {venv_cmd} && {run_command(kind).replace(s['path'], str(path))}")
+    for module, dist in s.get("modules", {}).items():  # one package the venv may lack: name it and its install line
+        if importlib.util.find_spec(module) is None:
+            return (f"this Python ({sys.executable}) lacks {module}, which {s['label']} imports at start-up. "
+                    f"Install it with: {s['venv']}/bin/pip install -c constraints-cpu.txt {dist}")
     wrong = []
     for dist, want in pins(kind, path).items():
         try:

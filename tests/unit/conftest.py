@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# The compile cache persists by default (docs/compile-cache.md); tests that compile on the defaults
+# must not fill the user's ~/.cache, and each test sees its own compiles. Tests of persistence give
+# their own folders (or unset this).
+os.environ.setdefault("SD_ACCEL_COMPILE_CACHE", "off")
 
 
 def tiny_unet(seed=0):

@@ -104,13 +104,16 @@ def test_import_into_a_folder_this_process_loaded_already_loads_at_once(fake, tm
     (lambda d: d[:40], "is damaged"),
     (lambda d: b"PK\x03\x04 a zip file", "is not an SD Accel artifacts file"),
     (lambda d: cc.MAGIC + b"\xff" * 8, "is a damaged compile-cache file"),
+    (lambda d: ca.BUNDLE_MAGIC, "ends after its first line"),  # header line only: no internal struct message
+    (lambda d: ca.BUNDLE_MAGIC + b"\x01\x02", "ends after its first line"),
+    (lambda d: cc.MAGIC, "ends after its first line"),
 ])
 def test_a_damaged_file_is_refused_with_what_to_do_and_nothing_is_written(fake, tmp_path, damage, found):
     _compiled_folder(fake, tmp_path / "a", "k1")
     data = damage(ca.export_bundle(str(tmp_path / "a")))
     with pytest.raises(ca.ArtifactsError) as e:
         ca.import_bundle(data, str(tmp_path / "b"), source="w.sdca")
-    assert found in str(e.value) and "w.sdca" in str(e.value)
+    assert found in str(e.value) and "w.sdca" in str(e.value) and "unpack" not in str(e.value)
     assert "sd-accel cache export" in str(e.value) and "compiles as usual" in str(e.value)
     assert not (tmp_path / "b").exists()
 
@@ -170,7 +173,7 @@ def test_cli_export_import_round_trip(fake, tmp_path, capsys):
     assert "wrote " in capsys.readouterr().out and f.is_file()
     assert main(["cache", "--dir", str(tmp_path / "b"), "import", str(f)]) == 0
     out = capsys.readouterr().out
-    assert "imported 2 artifacts: 1 new files in" in out and "the next compiled run there loads them" in out
+    assert "imported 2 artifacts: 1 new file in" in out and "the next compiled run there loads them" in out
 
 
 def test_cli_import_goes_to_the_host_folders(fake, tmp_path, capsys, monkeypatch):

@@ -9,7 +9,8 @@ def _state(m):
     return {k: (v.dtype, v.data_ptr(), v.clone()) for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32), ("auto", torch.bfloat16)])
+@pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32),
+                                        ("auto", resolve_dtype("auto", "cpu"))])
 def test_cast_dtypes_and_input_untouched(unet, inputs, name, dtype):
     before = _state(unet)
     out = cast(unet, CastConfig(dtype=name, channels_last=True))
@@ -28,9 +29,26 @@ def test_cast_dtypes_and_input_untouched(unet, inputs, name, dtype):
     assert err < {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
 
 
-def test_auto_dtype_per_device():
-    assert resolve_dtype("auto", "cpu") == torch.bfloat16
+def test_auto_dtype_per_device(monkeypatch):
+    import sys
+
+    cast_mod = sys.modules[resolve_dtype.__module__]  # the module (accel_core.casting the name is the verb)
+
     assert resolve_dtype("auto", "cuda") == torch.float16
+    monkeypatch.setattr(cast_mod, "cpu_bf16_is_fast", lambda: True)
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16  # AMX: measured faster
+    monkeypatch.setattr(cast_mod, "cpu_bf16_is_fast", lambda: False)
+    assert resolve_dtype("auto", "cpu") == torch.float32  # AVX512-BF16 alone measured 0.80x: fp32
+
+
+def test_bf16_on_the_cpu_only_with_amx():
+    from sd_accel.accel_core.casting import cpu_bf16_is_fast
+
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    assert cpu_bf16_is_fast() == (" amx_bf16" in flags)
 
 
 @pytest.mark.parametrize("kw", [{"dtype": "int8"}, {"attention": "xformers"}])

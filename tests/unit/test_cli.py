@@ -145,3 +145,63 @@ def test_cache_command_checks_its_folders(tmp_path, capsys):
     assert "is not a ComfyUI folder (expected comfy/ inside it)" in capsys.readouterr().err
     assert main(["cache", "--dir", str(tmp_path / "none")]) == 0
     assert "does not exist yet" in capsys.readouterr().out
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_without_a_traceback(capsys, monkeypatch):
+    import os
+
+    import sd_accel.bench.measure as measure
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    monkeypatch.setattr(measure, "build_unet", lambda *a, **k: pytest.fail("the UNet was built before --out was checked"))
+    assert main(["bench", "--out", "/proc/x", "--configs", "eager", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--out '/proc/x' cannot hold bench.json and bench.png" in err and "give another --out" in err and "Traceback" not in err
+
+
+def test_version(capsys):
+    from importlib.metadata import PackageNotFoundError, version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    try:
+        expected = version("sd-accel")
+    except PackageNotFoundError:
+        expected = "sd-accel"
+    assert out.startswith("sd-accel ") and expected in out and "torch" in out
+
+
+def test_a_long_preset_on_the_cpu_says_how_long_it_may_take(tmp_path, capsys, monkeypatch):
+    import sd_accel.bench.run as run
+
+    monkeypatch.setattr(run, "run_bench", lambda cfg, progress=None: pytest.fail("stop here"))
+    with pytest.raises(pytest.fail.Exception):
+        main(["bench", "--preset", "sdxl-1024", "--no-progress", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "sdxl-1024 on the CPU" in err and "--preset tiny" in err
+
+
+def test_the_chart_title_and_labels_fit_inside_the_figure():
+    pytest.importorskip("matplotlib")
+    from sd_accel.bench.chart import figure
+    from sd_accel.bench.measure import BenchResult, BenchRow
+
+    r = BenchResult(device="cuda", device_name="NVIDIA GeForce RTX 4090 Laptop GPU (a long name to wrap, CUDA 12.8)", preset="sdxl-1024",
+                    steps=20, torch="2.13", repeats=5, threads=8, busy=True, busy_reason="load average 3.2 on 2 cores; " * 6)
+    r.rows = [BenchRow("eager fp16 (baseline)", 10.0, runs=5),
+              BenchRow("deepcache i3 + inductor reduce-overhead + fp16 + channels_last", 5.0, speedup=2.0, runs=5)]
+    fig = figure(r)
+    fig.canvas.draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    for text in (*fig.texts, fig.axes[0].xaxis.label, *fig.axes[0].get_yticklabels()):
+        ext = text.get_window_extent(renderer)
+        assert ext.x0 >= 0 and ext.y0 >= 0 and ext.x1 <= box.x1 + 0.5 and ext.y1 <= box.y1 + 0.5, (text.get_text()[:40], ext, box)
+
+
+def test_backends_has_a_description(capsys):
+    with pytest.raises(SystemExit):
+        main(["backends", "--help"])
+    assert "Lists each compile backend" in capsys.readouterr().out

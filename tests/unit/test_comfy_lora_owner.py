@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from sd_accel.accel_core.hosts import comfy_lora_owner as hl
 from sd_accel.accel_core.lora import LoraSpec, lora_state
-from sd_accel.bench.synthetic import make_random_lora
+from testkit.loras import make_random_lora
 
 
 class Patcher:

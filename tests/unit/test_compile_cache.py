@@ -132,16 +132,34 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 
 def test_off_means_no_load_and_no_save(monkeypatch):
-    """cache_dir None (what "off" resolves to): the holder never touches the cache API."""
+    """cache_dir "off", or None with $SD_ACCEL_COMPILE_CACHE=off: the holder never touches the cache API."""
     calls = []
     monkeypatch.setattr(cc, "load", lambda *a, **k: calls.append("load"))
     monkeypatch.setattr(cc, "save", lambda *a, **k: calls.append("save"))
     m = torch.nn.Linear(4, 4)
-    cu = compile(m, CompileConfig(backend="inductor", torch_backend="eager", cache_dir=None))
+    cu = compile(m, CompileConfig(backend="inductor", cache_dir="off"))
     cu(torch.randn(2, 4))
+    monkeypatch.setenv(cc.ENV, "off")
+    cu3 = compile(m, CompileConfig(backend="inductor"))
+    cu3(torch.randn(3, 4))
+    assert calls == [] and cu3.report.cache == ""
     cu2 = compile(m, CompileConfig(backend="inductor", torch_backend="eager", cache_dir="/nonexistent"))
     cu2(torch.randn(2, 4))  # not inductor underneath: nothing to persist either
     assert calls == [] and cu.report.cache == "" and cu2.report.cache == ""
+
+
+def test_the_python_api_persists_by_default_in_the_user_cache_folder(monkeypatch, tmp_path):
+    """CompileConfig() with no cache_dir keeps the caches where docs/compile-cache.md says (and
+    `sd-accel cache export` looks): $SD_ACCEL_COMPILE_CACHE, else ~/.cache/sd_accel/compile_cache."""
+    seen = []
+    monkeypatch.setattr(cc, "load", lambda path, device: seen.append(("load", path)) or cc.LoadResult(path))
+    monkeypatch.setattr(cc, "save", lambda path, device, **k: seen.append(("save", path)) or cc.SaveResult())
+    monkeypatch.delenv(cc.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cu = compile(torch.nn.Linear(4, 4), CompileConfig(backend="inductor"))
+    cu(torch.randn(2, 4))
+    assert seen and seen[0] == ("load", str(tmp_path / "xdg" / "sd_accel" / "compile_cache")), seen
+    assert ("save", str(tmp_path / "xdg" / "sd_accel" / "compile_cache")) in seen
 
 
 class _FakeTorchCache:

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from sd_accel.accel_core import SDAccelError
 from sd_accel.accel_core.compiling import CompileConfig, compile
 from sd_accel.accel_core.lora import LoraConfig, LoraSpec, UNetNames, apply_loras, lora_state, read_lora
-from sd_accel.bench.synthetic import FORMATS, make_random_lora
+from testkit.loras import FORMATS, make_random_lora
 
 
 def _save(tmp_path, name, sd):
@@ -202,7 +202,7 @@ def test_swaps_on_inductor_compiled_unet_do_not_recompile(unet, two_loras, input
 def test_diffusers_ldm_names_for_real_sd15_and_sdxl_layouts():
     from diffusers import UNet2DConditionModel
 
-    from sd_accel.bench import SD15, SDXL
+    from testkit.unets import SD15, SDXL
 
     with torch.device("meta"):
         sd15, sdxl = UNet2DConditionModel(**SD15), UNet2DConditionModel(**SDXL)
@@ -281,13 +281,14 @@ def test_lora_for_another_architecture(unet, tmp_path):
     with pytest.raises(SDAccelError, match=r"\d+ of \d+ UNet layers matched") as e:
         apply_loras(unet, [LoraSpec(p)])
     assert "another architecture" in str(e.value) and "not changed" in str(e.value)
+    assert "The model is a UNet of cross-attention width 16 (" in str(e.value)  # the tiny test UNet: no SD name, and "a", not "an"
     _untouched(unet, orig)
 
 
 def test_real_size_sdxl_lora_on_sd15_names_the_match_count():
     from diffusers import UNet2DConditionModel
 
-    from sd_accel.bench import SD15, SDXL
+    from testkit.unets import SD15, SDXL
 
     with torch.device("meta"):
         sd15, sdxl = UNet2DConditionModel(**SD15), UNet2DConditionModel(**SDXL)

@@ -91,6 +91,11 @@ def test_named_repository_paths_exist(page):
     assert not missing, f"{page.relative_to(ROOT)} names paths that are not in the repository: {sorted(missing)}"
 
 
+def _shell_blocks(text: str) -> list[str]:
+    """The bodies of the fenced blocks marked sh / bash (or unmarked), each fence paired with its own end."""
+    return [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M) if lang in ("", "sh", "bash")]
+
+
 def _ci_commands() -> list[str]:
     lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith(("#", "set ", "cd "))]
@@ -99,14 +104,28 @@ def _ci_commands() -> list[str]:
 def test_readme_commands_are_the_ones_ci_runs():
     ci = _ci_commands()
     assert len(ci) == 2, f".ci/run should run a set-up and a test command, found {ci}"
-    blocks = re.findall(r"^```(?:sh|bash)?\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
-    shown = [ln.strip() for b in blocks for ln in b.splitlines()]
+    shown = [ln.strip() for b in _shell_blocks(README.read_text(encoding="utf-8")) for ln in b.splitlines()]
     for cmd in ci:
         assert cmd in shown, (f"README.md does not show the command .ci/run runs: {cmd!r}. "
                               "Keep the README's set-up and test commands byte-identical with .ci/run.")
     text = README.read_text(encoding="utf-8")
-    assert text.index(ci[0]) < text.index("## Install"), "the set-up command belongs at the top, before Install"
-    assert "sd-accel bench" in text[: text.index("## Install")], "the main job's command belongs at the top"
+    dev = text.index("## Development and tests")
+    assert text.index("## Install") < dev, "Install (what a ComfyUI / webui user does) comes before the development set-up"
+    section = text[dev: text.index("\n## ", dev + 1)]
+    for cmd in ci:
+        assert cmd in section, f"the CI command {cmd!r} belongs under '## Development and tests', after Install"
+    assert "fresh virtual environment" in section, "the development set-up pins a CPU torch: it must say to keep it out of a host's environment"
+
+
+def test_a_host_user_meets_no_command_that_replaces_their_torch_before_the_development_section():
+    """The CPU/CI set-up pins torch==...; run in a ComfyUI environment it would replace the CUDA build."""
+    text = README.read_text(encoding="utf-8")
+    before = text[: text.index("## Development and tests")]
+    blocks = _shell_blocks(before)
+    assert blocks, "README.md shows no shell command before the development section"
+    pinned = [ln for b in blocks for ln in b.splitlines() if re.search(r"pip install[^\n]*\btorch==", ln)]
+    assert not pinned, f"README.md shows a command that installs a pinned torch before '## Development and tests': {pinned}"
+    assert "sd-accel bench" in before[: before.index("## Quick start")], "the main job's command belongs in Install"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -1,6 +1,7 @@
 """One `sd-accel serve` replica's work without Ray: request checks, batches, LoRA, DeepCache, outputs."""
 import base64
 import json
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from safetensors.torch import save_file
 from sd_accel.accel_core import cache_artifacts as ca
 from sd_accel.accel_core import compile_cache as cc
 from sd_accel.bench.serve_pipeline import (Pipeline, RequestError, ServeConfig, bucket_for, buckets, decode_latent, parse_request)
-from sd_accel.bench.synthetic import make_random_lora
+from testkit.loras import make_random_lora
 
 
 def _body(**kw) -> bytes:
@@ -39,7 +40,7 @@ def test_buckets():
     assert [bucket_for(n, 6) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
 
 
-@pytest.mark.parametrize("body,status,found", [
+_BAD = [
     (b"x" * 70000, 413, "the request body is 70000 bytes, above the limit of 65536"),
     (_body(steps=9), 413, "'steps' is 9, above this deployment's limit of 8. Ask for 8 or less."),
     (_body(side=64), 413, "'side' is 64, above this deployment's limit of 16 (the latent side: pixels / 8)"),
@@ -53,7 +54,10 @@ def test_buckets():
     (_body(deepcache={"every": 3}), 400, "'deepcache' must be null or"),
     (_body(output="jpeg"), 400, "'output' must be one of latent, preview"),
     (_body(cfg="high"), 400, "'cfg' must be a number in [0, 100]"),
-])
+]
+
+
+@pytest.mark.parametrize("body,status,found", _BAD, ids=[f"{i}-{status}" for i, (_, status, _) in enumerate(_BAD)])  # short ids: a body is 70 kB
 def test_bad_requests_are_refused_with_a_message(pipe, body, status, found):
     with pytest.raises(RequestError) as e:
         parse_request(body, pipe.cfg, pipe.loras)
@@ -113,17 +117,25 @@ def test_preview_is_a_png(pipe):
 def test_compiled_pipeline_exports_artifacts_and_refuses_bad_ones(tmp_path):
     if not cc.supported():
         pytest.skip("this torch has no portable compile caches")
-    p = Pipeline(ServeConfig(preset="micro", max_batch_size=1, inductor_options={"fallback_by_default": True}), cache_dir=str(tmp_path / "c"))
+    p = Pipeline(ServeConfig(preset="micro", max_batch_size=1, inductor_options={"fallback_by_default": True}, isolated_torch_cache=True,
+                             work_dir=str(tmp_path / "w")), cache_dir=str(tmp_path / "c"))
     try:
-        p.warm_up()
+        said = []
+        p.warm_up(said.append)
         assert p.compiled.report.status == "compiled"
+        assert [s.split(":")[1].split(",")[0].strip() for s in said] == ["plain UNet", "DeepCache interval 3 depth 0"]
+        assert (3, 0) in p._deepcaches  # the default DeepCache request is served warm
         data = p.export_artifacts()
         assert data is not None and ca.read_bundle(data).artifacts > 0
         with pytest.raises(ca.ArtifactsError, match="is damaged"):
             p.import_artifacts(data[:-3], "a.sdca")
         assert p.artifacts.startswith("refused: SD Accel: a.sdca is damaged")
         assert "sha256" in p.run_batch([_req(p, seed=1)])[0]  # and it goes on serving
+        assert len(os.listdir(tmp_path / "w")) == 1  # its own torch cache folder
+        p.close()
+        assert os.listdir(tmp_path / "w") == []
     finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
         import torch._inductor.config as ic
 
         ic.fallback_by_default = False
@@ -156,13 +168,16 @@ class _FakePipe:
     def __init__(self, cfg, fail=False):
         self.cfg, self.fail, self.calls, self.artifacts = cfg, fail, [], "none"
 
-    def warm_up(self):
+    def warm_up(self, progress=None):
         self.calls.append("warm_up")
         if self.fail:
             raise RuntimeError("out of memory")
 
     def export_artifacts(self):
         return b"ARTIFACTS"
+
+    def close(self):
+        pass
 
     def import_artifacts(self, data, source):
         self.calls.append(("import", data, source))
@@ -175,7 +190,8 @@ def _replica(name, cfg, fail=False):
     from sd_accel.bench.serve import _Replica
 
     r = _Replica.__new__(_Replica)
-    r.name, r.pipe = name, _FakePipe(cfg, fail)
+    r.name, r.pipe, r.said = name, _FakePipe(cfg, fail), []
+    r.say = r.said.append
     return r
 
 
@@ -196,6 +212,8 @@ def test_the_first_replica_compiles_and_publishes_the_others_import(shared_folde
     else:
         assert role == "imported" and ("import", b"ARTIFACTS", "the artifacts replica r1 published") in second.pipe.calls
     assert second.pipe.calls[-1] == "warm_up"
+    assert "compiling (the other replicas wait for its artifacts)" in first.said
+    assert ("waiting for the replica that compiles" if shared_folder else "importing the artifacts (the artifacts replica r1 published)") in second.said
 
 
 def test_a_replica_that_fails_to_compile_hands_the_job_on():

@@ -56,7 +56,7 @@ def fleet(tmp_path_factory):
              logging_level="WARNING", log_to_driver=False)
     port = _free_port()
     cfg = ServeConfig(preset="micro", max_batch_size=2, batch_wait_s=0.2, max_steps=8, threads=1, isolated_torch_cache=True,
-                      inductor_options={"fallback_by_default": True})
+                      inductor_options={"fallback_by_default": True}, warm_deepcache=((2, 0),))  # the DeepCache request below is served warm
     t0 = time.perf_counter()
     try:
         sd_serve.start(cfg, replicas=2, artifacts=b"SDACCEL-COMPILE-ARTIFACTS 1\n\x05\x00garbage", artifacts_source="seed.sdca", port=port)

@@ -76,3 +76,16 @@ def test_wrong_versions_are_named_with_the_install_command(tmp_path, monkeypatch
     reason = harness.skip_reason("neo")
     assert "transformers" in reason and "expected 0.0.1" in reason
     assert ".hosts/venv-neo/bin/pip install -c constraints-cpu.txt torch==2.13.0 torchvision==0.28.0" in reason
+
+
+def test_a_forge_venv_without_sentencepiece_skips_with_the_pip_line(tmp_path, monkeypatch):
+    """Forge's bundled gguf imports sentencepiece at start-up: without it every Forge test would error."""
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "initialize.py").write_text("")
+    (tmp_path / "repositories" / "huggingface_guess" / "huggingface_guess").mkdir(parents=True)
+    monkeypatch.setenv("WEBUI_FORGE_PATH", str(tmp_path))
+    monkeypatch.setattr(harness, "_MODULES", ())
+    real = harness.importlib.util.find_spec
+    monkeypatch.setattr(harness.importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real(name, *a))
+    reason = harness.skip_reason("forge")
+    assert "lacks sentencepiece" in reason and ".hosts/venv-forge/bin/pip install -c constraints-cpu.txt sentencepiece" in reason
