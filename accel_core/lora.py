@@ -135,7 +135,7 @@ def _arch_label(targets: _Targets) -> str:
     shapes = targets.shapes
     ctx = next((s[1] for n, s in shapes.items() if n.endswith("attn2.to_k.weight")), None)
     arch = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(ctx, f"cross-attention width {ctx}")
-    return f"{arch} UNet ({targets.names.kind}, {len(shapes)} weight layers)"
+    return f"{arch} UNet ({targets.kind}, {len(shapes)} weight layers)" if ctx else f"{targets.label} ({len(shapes)} weight layers)"
 
 
 def _check_match(lf: LoraFile, r: Resolved, targets: _Targets, config: LoraConfig):
