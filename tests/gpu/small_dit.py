@@ -210,6 +210,11 @@ def read_meta(path: Path) -> dict:
         return dict(f.metadata() or {})
 
 
+def spec_of_file(path: Path) -> Spec:
+    meta = read_meta(path)
+    return spec_for(meta["sdaccel_family"], smoke=json.loads(meta.get("sdaccel_train", "{}")).get("smoke", False))
+
+
 def load_model(path: Path):
     """(ModelPatcher, how): through `comfy.sd.load_diffusion_model` where detection knows the reduced
     family, else the family's supported-model class built from the file's metadata."""
