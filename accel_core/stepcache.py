@@ -180,6 +180,7 @@ class StepCacheRun:
         blocks = len(self.cuts.points) if self.cuts else 0
         skipped = cached * (self.cuts.cached_blocks if self.cuts else 0)
         return {"calls": total, "cached": cached, "full": total - cached, "mode": c.mode, "cfg": c.cfg,
+                "cached_steps": [e["step"] for e in self.log if e["cached"]], "lanes": len(self.lanes),
                 "block_fraction": 1.0 - skipped / (blocks * total) if blocks and total else 1.0}
 
     def finish(self) -> dict:
