@@ -298,13 +298,16 @@ class StepCacheRun:
 
 def cut_points(module) -> list[tuple[str, int]]:
     """The block replacements a host offers for `module`, in call order, from its family's block lists."""
-    from .families import require
+    from .families import families, family_of
 
-    fam = require(module, "Step Cache", "blocks")
-    points = [(bl.patch, i) for bl, mods in fam.block_lists(module) if bl.patch for i in range(len(mods))]
+    fam = family_of(module)
+    points = [(bl.patch, i) for bl, mods in fam.block_lists(module) if bl.patch for i in range(len(mods))] if fam else []
     if not points:
-        raise SDAccelError(f"SD Accel Step Cache: expected a model whose blocks the host lets a node replace; "
-                           f"{fam.display} has none. Use DeepCache on UNets; the model was left unchanged.")
+        able = ", ".join(f.display for f in families() if any(bl.patch for bl in f.blocks))
+        found = type(module).__name__ + (f" ({fam.display})" if fam else "")
+        todo = "use DeepCache on UNets" if fam is not None and fam.skip_count else "use it on one of those models"
+        raise SDAccelError(f"SD Accel Step Cache: expected a model whose blocks the host lets a node replace ({able}); "
+                           f"found {found}. Step Cache cannot cut it: {todo}. The model was left unchanged.")
     return points
 
 
