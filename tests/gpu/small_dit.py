@@ -109,11 +109,13 @@ def _accepted(family: str, config: dict) -> dict:
     return dict(config)
 
 
-def build(family: str, smoke: bool = False, seed: int = 0, device="cpu"):
-    """A ComfyUI BaseModel of the family's real class with seeded weights (fp32)."""
+def build(family: str, smoke: bool = False, seed: int = 0, device="cpu", **overrides):
+    """A ComfyUI BaseModel of the family's real class with seeded weights (fp32); `overrides` change the config."""
     import comfy.supported_models
 
     s = spec_for(family, smoke)
+    if overrides:
+        s = dataclasses.replace(s, config=dict(s.config, **overrides))
     cfg = _accepted(family, s.config)
     if not hasattr(comfy.supported_models, s.supported):
         raise SystemExit(f"this ComfyUI has no {s.supported} (family {family}); use a newer tree")
@@ -227,13 +229,18 @@ def load_model(path: Path):
     meta = read_meta(path)
     family = meta["sdaccel_family"]
     s = SPECS[family]
-    if s.detected:
-        m = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
-        got = type(m.model).__name__
-        if got != s.model_class:
-            raise RuntimeError(f"{path}: ComfyUI detected {got}, expected {s.model_class}")
-        return m, "load_diffusion_model"
     cfg = json.loads(meta["sdaccel_config"])
+    if s.detected:
+        try:
+            m = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+            why = f"detected {type(m.model).__name__}, expected {s.model_class}"
+            if type(m.model).__name__ == s.model_class and _detected_matches(m, cfg):
+                return m, "load_diffusion_model"
+            if type(m.model).__name__ == s.model_class:
+                why = "detection filled in other widths"
+        except Exception as e:  # older hosts hard-code widths (0.8.0: Flux's 24 heads)
+            why = f"{type(e).__name__}: {e}"
+        print(f"small_dit: this ComfyUI's detection does not load the reduced {family} ({why}); building {s.supported} from the file's config", file=sys.stderr)
     mc = getattr(comfy.supported_models, s.supported)(dict(cfg))
     mc.set_inference_dtype(torch.float32, None)
     base = mc.get_model({}, "", device=torch.device("cpu"))
@@ -242,6 +249,12 @@ def load_model(path: Path):
     if type(base).__name__ != s.model_class:
         raise RuntimeError(f"{path}: built {type(base).__name__}, expected {s.model_class}")
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()), "supported_models." + s.supported
+
+
+def _detected_matches(m, cfg: dict) -> bool:
+    got = getattr(m.model, "model_config", None)
+    uc = getattr(got, "unet_config", {}) or {}
+    return all(uc.get(k) == v for k, v in cfg.items() if k in uc and isinstance(v, (int, float, str)) and not isinstance(v, bool))
 
 
 def conds(s: Spec, labels, device="cpu"):

@@ -1,31 +1,50 @@
 """Step Cache through a real ComfyUI (COMFYUI_PATH): the node on reduced Flux, Qwen-Image and Wan models
-of ComfyUI's own classes (tests/integration/dit_models.py), KSampler runs with CFG, Compile stacking.
+of ComfyUI's own classes (tests/gpu/small_dit.py, the builder the trained judge models use),
+KSampler runs with CFG, Compile stacking.
 
 The runtime's arithmetic is tested host-free in tests/unit/test_stepcache.py; here: that
 ComfyUI's block hooks, sigmas, cond/uncond batches and wrappers reach it as assumed.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import comfy_harness as harness
-import dit_models
 
-FAMS = ("flux", "qwen_image", "wan")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
+import small_dit  # noqa: E402
+
+FAMS = ("flux", "qwen", "wan")
 STEPS = 7
+SMALL = {  # 5, 3 and 3 blocks
+    "flux": dict(hidden_size=128, num_heads=1, depth=2, depth_single_blocks=3, context_in_dim=32),
+    "qwen": dict(num_layers=3, num_attention_heads=1, joint_attention_dim=32),
+    "wan": dict(dim=128, ffn_dim=256, num_heads=1, num_layers=3),
+}
 
 
 @pytest.fixture(scope="module")
-def models(comfy_host, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stepcache")
-    return {f: dit_models.build(f, tmp=tmp) for f in FAMS if dit_models.available(f) is None}
+def models(comfy_host):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    out = {}
+    for fam in FAMS:
+        if hasattr(comfy.supported_models, small_dit.SPECS[fam].supported):
+            base, spec, _ = small_dit.build(fam, smoke=True, seed=1, **SMALL[fam])
+            out[fam] = (comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()), spec)
+    return out
 
 
 def _model(models, fam):
     if fam not in models:
-        pytest.skip(dit_models.available(fam))
-    return models[fam]
+        pytest.skip(f"this ComfyUI has no {small_dit.SPECS[fam].supported} model config")
+    return models[fam][0]
 
 
 @pytest.fixture
@@ -46,8 +65,15 @@ def step_cache(host, model, mode="fixed", interval=3, front=1, back=0, threshold
     return host.node("SDAccelStepCache").apply(model, mode, interval, front, back, threshold, max_cached, start, end, cfg)[0]
 
 
-def sample(model, fam, **kw):
-    return dit_models.sample(model, fam, steps=STEPS, cfg=2.0, **kw)
+def sample(model, fam, seed=0):
+    import comfy.sample
+
+    spec = small_dit.spec_for(fam, smoke=True)
+    spec = small_dit.dataclasses.replace(spec, ctx_dim=SMALL[fam].get("context_in_dim", SMALL[fam].get("joint_attention_dim", spec.ctx_dim)))
+    pos, neg = small_dit.conds(spec, [1])
+    noise = torch.randn(small_dit.latent_shape(spec, 1, 8), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, STEPS, 2.0, "euler", "simple", pos, neg, torch.zeros_like(noise), seed=seed, disable_pbar=True)
 
 
 @pytest.mark.parametrize("fam", FAMS)
@@ -147,13 +173,13 @@ def test_with_compile_each_block_kind_compiles_once_and_nothing_recompiles_over_
     assert int(counters["stats"]["unique_graphs"]) == graphs and not counters["recompiles"], dict(counters["recompiles"])
 
 
-def test_models_without_block_hooks_get_a_clear_message_and_stay_untouched(comfy_host, accel):
+def test_models_without_block_hooks_get_a_clear_message_and_stay_untouched(comfy_host, accel, models):
     unet = harness.tiny_unet_model()
     before = dict(unet.model_options)
     with pytest.raises(accel.errors.SDAccelError, match="DeepCache"):
         step_cache(comfy_host, unet)
     assert unet.model_options == before
-    model = dit_models.build("flux") if dit_models.available("flux") is None else None
+    model = models.get("flux", (None,))[0]
     if model is not None:
         with pytest.raises(accel.errors.SDAccelError, match="front_blocks"):
             step_cache(comfy_host, model, front=3, back=2)  # Flux here has 5 blocks
