@@ -34,14 +34,15 @@ class Spec:
     ctx_dim: int  # conditioning width
     frames: int = 0  # > 0: a 5-D latent (B, C, T, H, W) (Qwen-Image's is too, with T = 1)
     detected: bool = True  # comfy.sd.load_diffusion_model recognises the reduced config
+    pooled: int = 0  # width of a pooled text vector (Flux's vector_in; older hosts require one)
 
 
 SPECS = {
     # Flux.1 schnell layout (no guidance embedding, so CFG drives the conditioning); hidden 384 = 3 heads of 128.
     "flux": Spec("FluxSchnell", "Flux", dict(
-        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=64, hidden_size=384,
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=64, context_in_dim=64, hidden_size=384,
         mlp_ratio=4.0, num_heads=3, depth=2, depth_single_blocks=4, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-        qkv_bias=True, guidance_embed=False, txt_ids_dims=[]), 16, 64),
+        qkv_bias=True, guidance_embed=False, txt_ids_dims=[]), 16, 64, pooled=64),
     # Qwen-Image: detection reads only in_channels and the depth (width 3072 is hard-coded).
     "qwen": Spec("QwenImage", "QwenImage", dict(
         image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=5, attention_head_dim=128,
@@ -66,7 +67,7 @@ SPECS = {
 }
 # Smoke: the same classes, as small as they go (CPU, seconds).
 SMOKE = {
-    "flux": dict(hidden_size=128, num_heads=1, depth=1, depth_single_blocks=2, context_in_dim=32),
+    "flux": dict(hidden_size=128, num_heads=1, depth=1, depth_single_blocks=2, context_in_dim=32, vec_in_dim=32),
     "qwen": dict(num_layers=2, num_attention_heads=1, joint_attention_dim=32),
     "zimage": dict(dim=256, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=32),
     "wan": dict(dim=128, ffn_dim=256, num_heads=1, num_layers=2),
@@ -95,7 +96,7 @@ def spec_for(family: str, smoke: bool = False) -> Spec:
         raise SystemExit(f"unknown family {family!r}: expected one of {', '.join(SPECS)}")
     s = SPECS[family]
     if smoke:
-        s = dataclasses.replace(s, config=dict(s.config, **SMOKE[family]), ctx_dim=SMOKE_CTX[family])
+        s = dataclasses.replace(s, config=dict(s.config, **SMOKE[family]), ctx_dim=SMOKE_CTX[family], pooled=32 if s.pooled else 0)
     return s
 
 
@@ -147,6 +148,14 @@ def class_embeddings(s: Spec, seed: int = 1234) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     e = torch.randn((len(CLASSES), CTX_TOKENS, s.ctx_dim), generator=g)
     return torch.cat([e, torch.zeros((1, CTX_TOKENS, s.ctx_dim))])
+
+
+def class_pooled(s: Spec, seed: int = 4321) -> torch.Tensor | None:
+    """(classes + 1, pooled): the pooled vector per class (zeros for the uncond), or None."""
+    if not s.pooled:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randn((len(CLASSES), s.pooled), generator=g), torch.zeros((1, s.pooled))])
 
 
 def _mask(kind: str, yy, xx, g: torch.Generator):
@@ -259,11 +268,14 @@ def _detected_matches(m, cfg: dict) -> bool:
 
 def conds(s: Spec, labels, device="cpu"):
     """ComfyUI positive/negative lists for class ids `labels` (negative: the zero embedding)."""
-    emb = class_embeddings(s)
-    pos = emb[torch.as_tensor(labels)]
+    emb, pooled = class_embeddings(s), class_pooled(s)
+    idx = torch.as_tensor(labels)
+    pos = emb[idx]
     neg = emb[-1:].expand(len(labels), -1, -1)
-    return [[pos.to(device), {}]], [[neg.contiguous().to(device), {}]]
+    pe = {"pooled_output": pooled[idx].to(device)} if pooled is not None else {}
+    ne = {"pooled_output": pooled[-1:].expand(len(labels), -1).contiguous().to(device)} if pooled is not None else {}
+    return [[pos.to(device), pe]], [[neg.contiguous().to(device), ne]]
 
 
 __all__ = ["SPECS", "Spec", "boot", "spec_for", "build", "latent_shape", "class_embeddings", "sample_batch", "save",
-           "load_model", "read_meta", "conds", "CLASSES"]
+           "load_model", "read_meta", "conds", "CLASSES", "class_pooled", "spec_of_file"]

@@ -45,6 +45,8 @@ def train(args) -> dict:
     sigmas = ms.sigmas.to(dev).float()
     sigmas = sigmas[sigmas > 1e-3]
     emb = small_dit.class_embeddings(spec).to(dev)
+    pooled = small_dit.class_pooled(spec)
+    pooled = pooled.to(dev) if pooled is not None else None
     # ComfyUI's blocks add into their activations in place (`img += ...`) after a norm saved them for the
     # backward pass; norms get a copy instead (training only, nothing is patched in the host).
     for mod in base.diffusion_model.modules():
@@ -68,7 +70,8 @@ def train(args) -> dict:
         noise = torch.randn(x0.shape, generator=g).to(dev)
         xt = ms.noise_scaling(sigma, noise, x0)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            den = base.apply_model(xt, sigma, c_crossattn=emb[labels], **extra)
+            y = {"y": pooled[labels]} if pooled is not None else {}
+            den = base.apply_model(xt, sigma, c_crossattn=emb[labels], **extra, **y)
         sv = sigma.view((-1,) + (1,) * (x0.ndim - 1))
         pred = (xt - den.float()) / sv  # the raw model output (v for flow, eps for SD)
         target = noise - x0 if const else noise

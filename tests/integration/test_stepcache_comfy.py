@@ -21,7 +21,7 @@ import small_dit  # noqa: E402
 FAMS = ("flux", "qwen", "wan")
 STEPS = 7
 SMALL = {  # 5, 3 and 3 blocks
-    "flux": dict(hidden_size=128, num_heads=1, depth=2, depth_single_blocks=3, context_in_dim=32),
+    "flux": dict(hidden_size=128, num_heads=1, depth=2, depth_single_blocks=3, context_in_dim=32, vec_in_dim=32),
     "qwen": dict(num_layers=3, num_attention_heads=1, joint_attention_dim=32),
     "wan": dict(dim=128, ffn_dim=256, num_heads=1, num_layers=3),
 }
