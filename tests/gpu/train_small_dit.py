@@ -28,12 +28,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import small_dit  # noqa: E402
 
 
+NO_BACKWARD = ("this ComfyUI binds comfy-kitchen's RoPE (no backward pass) and has no training switch "
+               "(comfy.model_management.in_training): train with ComfyUI 0.33 (or one without comfy-kitchen); "
+               "the trained file loads on this one")
+
+
 def train(args) -> dict:
     small_dit.boot(args.comfyui, cpu=args.smoke or args.cpu)
     import comfy.model_management
     import comfy.model_sampling
 
     # ComfyUI's own training switch: RoPE etc. take their differentiable paths (comfy-kitchen's have no backward).
+    # Hosts without it that bound comfy-kitchen's RoPE at import (0.8.0) cannot train; the file still loads there.
+    if not hasattr(comfy.model_management, "in_training"):
+        import comfy.ldm.flux.math as fm
+
+        if "kitchen" in str(getattr(fm.apply_rope, "__module__", "")):
+            raise SystemExit(NO_BACKWARD)
     comfy.model_management.in_training = True
 
     dev = torch.device("cuda" if torch.cuda.is_available() and not (args.smoke or args.cpu) else "cpu")
