@@ -1,7 +1,7 @@
 """Judge step caches on a trained small model (from train_small_dit.py): quality against eager, and speed.
 
 For every configuration (one process each, so a crash or a compile cache stays with its row):
-eager; ours (SDAccelStepCache, several settings); ComfyUI's EasyCache and LazyCache nodes;
+eager; ours (SDAccelStepCache at several settings; DeepCache on the SD1.5 UNet); ComfyUI's EasyCache and LazyCache nodes;
 WaveSpeed's First Block Cache when `--wavespeed PATH` points at a Comfy-WaveSpeed checkout
 (it patches Flux and UNetModel only); with `--compile`, our Compile Model alone and stacked.
 Each samples the same prompts and seeds (class ids of the procedural set, CFG on) and records:
@@ -45,16 +45,21 @@ OURS = {  # name: SDAccelStepCache inputs (others at the node's defaults)
     "ours fixed 3 shared": dict(mode="fixed", interval=3, cfg="shared"),
     "ours fixed 3 f2b1": dict(mode="fixed", interval=3, front_blocks=2, back_blocks=1),
 }
+OURS_UNET = {  # UNets (sd15): our step cache there is DeepCache (interval, depth)
+    "ours deepcache 2": (2, 0), "ours deepcache 3": (3, 0), "ours deepcache 4": (4, 0), "ours deepcache 3 depth 2": (3, 2),
+}
 PEERS = {"EasyCache 0.1": ("EasyCache", 0.1), "EasyCache 0.2": ("EasyCache", 0.2), "LazyCache 0.2": ("LazyCache", 0.2),
          "FBCache 0.08": ("FBCache", 0.08), "FBCache 0.12": ("FBCache", 0.12)}
-COMPILED = {"compile": None, "compile + ours fixed 3": "ours fixed 3", "compile + ours forecast 3": "ours forecast 3"}
+COMPILED = {"compile": None, "compile + ours fixed 3": "ours fixed 3", "compile + ours forecast 3": "ours forecast 3",
+            "compile + ours deepcache 3": "ours deepcache 3"}
 DEFAULTS = {"sample_steps": 20, "cfg": 4.0}
 
 
 def configs(args) -> list[str]:
-    names = ["eager", *OURS, *[p for p in PEERS if not p.startswith("FBCache") or args.wavespeed]]
+    unet = small_dit.read_meta(Path(args.model))["sdaccel_family"] == "sd15"
+    names = ["eager", *(OURS_UNET if unet else OURS), *[p for p in PEERS if not p.startswith("FBCache") or args.wavespeed]]
     if args.compile:
-        names += list(COMPILED)
+        names += [n for n in COMPILED if COMPILED[n] is None or COMPILED[n] in names]
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         names = ["eager"] + [n for n in names if n in keep]
@@ -96,6 +101,9 @@ def _apply(name: str, model, nodes, args):
     if name in COMPILED:
         model = _node_out(nodes.NODE_CLASS_MAPPINGS["SDAccelCompileUNet"]().apply(model, "inductor", "default", False, False))
         return model if COMPILED[name] is None else _apply(COMPILED[name], model, nodes, args)
+    if name in OURS_UNET:
+        interval, depth = OURS_UNET[name]
+        return _node_out(nodes.NODE_CLASS_MAPPINGS["SDAccelDeepCache"]().apply(model, interval, depth, 0.0, 1.0, "uniform"))
     if name in OURS:
         node = nodes.NODE_CLASS_MAPPINGS["SDAccelStepCache"]()
         kw = {k: v.get("default") for k, (_, v) in node.INPUT_TYPES()["required"].items() if k != "model"}
