@@ -121,7 +121,8 @@ def _block_modules(dm) -> list[torch.nn.Module]:
     mods = []
     for _, child in dm.named_children():
         if isinstance(child, torch.nn.ModuleList):
-            mods.extend(child)
+            # ComfyUI's UNet walks its TimestepEmbedSequential blocks layer by layer: count the first layer
+            mods.extend(m[0] if isinstance(m, torch.nn.Sequential) and len(m) else m for m in child)
     return mods
 
 
