@@ -222,6 +222,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=0, help="latent size (default: the training size)")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
+    ap.add_argument("--budget", type=float, default=540, help="start no configuration after this many seconds (device commands stop at 600)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.workdir = args.workdir or str(Path(args.out).resolve().parent)
@@ -229,10 +230,13 @@ def main(argv=None):
         print("JUDGE " + json.dumps(run_one(args)), flush=True)
         return
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, start = [], time.perf_counter()
     child = [sys.executable, str(Path(__file__).resolve())] + [a for a in (argv if argv is not None else sys.argv[1:])]
     for name in configs(args):
         t0 = time.perf_counter()
+        if t0 - start > args.budget:
+            rows.append({"config": name, "error": f"not run: the {args.budget:.0f}s budget was spent"})
+            continue
         try:
             p = subprocess.run(child + ["--one", name, "--workdir", args.workdir], capture_output=True, text=True, timeout=args.timeout,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -244,10 +248,10 @@ def main(argv=None):
             row["error"] = str(row["error"])
         print(f"{name}: {time.perf_counter() - t0:.0f}s {json.dumps({k: v for k, v in row.items() if k != 'curve'})}", flush=True)
         rows.append(row)
+        out = {"model": args.model, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "prompts": args.prompts, "rows": rows}
+        Path(args.out).write_text(json.dumps(out, indent=1))  # after every row: a killed command keeps what ran
         if name == "eager" and "error" in row:
             break
-    out = {"model": args.model, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "prompts": args.prompts, "rows": rows}
-    Path(args.out).write_text(json.dumps(out, indent=1))
     md = table(rows)
     Path(args.out).with_suffix(".md").write_text(md + "\n")
     print(md)
