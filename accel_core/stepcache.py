@@ -206,7 +206,9 @@ class StepCacheRun:
         return step
 
     def _in_window(self, step: int) -> bool:
-        n = max(len(self.schedule) - 1, 1)
+        if len(self.schedule) < 2:  # no schedule known: the window cannot be placed, every call may cache
+            return True
+        n = len(self.schedule) - 1
         return self.config.start_percent <= step / n < self.config.end_percent
 
     def _start_call(self, lane_key, sigma, x: torch.Tensor):
@@ -216,7 +218,9 @@ class StepCacheRun:
         if lane.meta is not None and lane.meta != meta:  # another size / batch: what was kept does not fit
             self.lanes[key] = lane = Lane()
         lane.meta = meta
-        self.call = Call(lane, lane.calls, self.step_of(sigma))
+        # Without the run's sigmas (a sampler that hid them), each call of a lane counts as a step.
+        step = self.step_of(sigma) if sigma is not None and self.schedule else lane.calls
+        self.call = Call(lane, lane.calls, step)
         lane.calls += 1
 
     def _decide(self, front: torch.Tensor | None) -> bool:

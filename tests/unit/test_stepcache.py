@@ -184,3 +184,12 @@ def test_spans_never_cross_the_glue_between_block_lists():
     cuts = Cuts(Toy(3, 3).points, 1, 1)
     assert (cuts.first_mid, cuts.end_mid) == (1, 5)
     assert sorted(cuts.span_start) == [1, 3] and sorted(cuts.span_end) == [2, 4]
+
+
+def test_without_the_runs_sigmas_each_call_counts_as_a_step():
+    toy = Toy()
+    cfg = StepCacheConfig(mode="fixed", interval=3)
+    run = StepCacheRun(cfg, Cuts(toy.points, 1, 0)).begin(None)
+    for step in range(7):
+        toy.forward(*inputs(step), step, run, sigma=None)
+    assert run.finish()["cached_steps"] == [1, 2, 4, 5]
