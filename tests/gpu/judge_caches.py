@@ -99,7 +99,7 @@ def _apply(name: str, model, nodes, args):
     if name == "eager":
         return model
     if name in COMPILED:
-        model = _node_out(nodes.NODE_CLASS_MAPPINGS["SDAccelCompileUNet"]().apply(model, "inductor", "default", False, False))
+        model = _node_out(nodes.NODE_CLASS_MAPPINGS["SDAccelCompileUNet"]().apply(model, "inductor", args.compile_mode, False, False))
         return model if COMPILED[name] is None else _apply(COMPILED[name], model, nodes, args)
     if name in OURS_UNET:
         interval, depth = OURS_UNET[name]
@@ -137,6 +137,12 @@ def run_one(args) -> dict:
     size = args.size or train.get("size", 32)
     m = _apply(args.one, model, nodes, args)
     dev = mm.get_torch_device()
+    import importlib
+
+    pack = nodes.NODE_CLASS_MAPPINGS["SDAccelStepCache"].__module__.rsplit(".nodes.", 1)[0]
+    seen: list = []
+    importlib.import_module(pack + ".accel_core.events").subscribe(
+        lambda ev, data: seen.append({"event": ev, **data}) if ev in ("stepcache_stats", "deepcache_stats") else None)
 
     def sample(i: int, record: list | None):
         pos, neg = small_dit.conds(spec, [i % len(small_dit.CLASSES)])
@@ -166,7 +172,7 @@ def run_one(args) -> dict:
             finals.append(out.float().cpu())
             curves.append(torch.stack(rec))
         graphs1 = du.counters["stats"].get("unique_graphs", 0)
-        stats = {}
+        stats = {"cache_stats": seen[-1]} if seen else {}
         blocks = _block_modules(m.model.diffusion_model)
         count = [0]
         hooks = [b.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1)) for b in blocks]
@@ -213,6 +219,7 @@ def main(argv=None):
     ap.add_argument("--workdir", default=None, help="where the eager reference goes (default: next to --out)")
     ap.add_argument("--wavespeed", default=None, help="a Comfy-WaveSpeed checkout (adds its FBCache rows)")
     ap.add_argument("--compile", action="store_true", help="add Compile Model rows (alone and stacked)")
+    ap.add_argument("--compile-mode", default="default", help="Compile Model's mode (reduce-overhead: CUDA graphs)")
     ap.add_argument("--only", default=None, help="comma-separated config names (eager always runs)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--steps", type=int, default=DEFAULTS["sample_steps"])
