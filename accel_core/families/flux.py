@@ -16,4 +16,5 @@ FLUX = register(Family(
     probe=probe(("Flux", "Chroma", "ChromaRadiance"), "double_blocks", "single_blocks"),
     entry=("_forward", "forward"),
     blocks=(BlockList("double_blocks", "double_block"), BlockList("single_blocks", "single_block")),
+    fp8_skip=("time_in", "vector_in", "guidance_in", "distilled_guidance", "img_mod", "txt_mod", "modulation", "adaLN"),
 ))

@@ -13,4 +13,5 @@ QWEN_IMAGE = register(Family(
     probe=probe(("QwenImageTransformer2DModel",), "transformer_blocks"),
     entry=("_forward", "forward"),
     blocks=(BlockList("transformer_blocks", "double_block"),),
+    fp8_skip=("time_text_embed", "img_mod", "txt_mod", "norm_out"),
 ))

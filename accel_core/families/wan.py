@@ -15,4 +15,5 @@ WAN = register(Family(
     entry=("_forward", "forward"),
     blocks=(BlockList("blocks", "double_block"),),
     keep_dtype=("patch_embedding",),  # built fp32 and called as patch_embedding(x.float())
+    fp8_skip=("time_embedding", "time_projection"),
 ))

@@ -19,4 +19,5 @@ ZIMAGE = register(Family(
     entry=("_forward", "forward"),
     blocks=(BlockList("noise_refiner"), BlockList("context_refiner"), BlockList("layers")),
     units=lambda m: units_of(m, _PARTS),
+    fp8_skip=("t_embedder", "adaLN_modulation"),
 ))
