@@ -11,9 +11,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {}
 WEB_DIRECTORY = "./web"
 
 if importlib.util.find_spec("comfy") is not None and importlib.util.find_spec("folder_paths") is not None:
-    from .nodes import cast as _cast, compile as _compile, deepcache as _deepcache, lcm as _lcm, lora as _lora
+    from .nodes import cast as _cast, compile as _compile, deepcache as _deepcache, lcm as _lcm, lora as _lora, stepcache as _stepcache
 
-    for _m in (_compile, _cast, _deepcache, _lora, _lcm):
+    for _m in (_compile, _cast, _deepcache, _stepcache, _lora, _lcm):
         NODE_CLASS_MAPPINGS.update(_m.NODE_CLASS_MAPPINGS)
         NODE_DISPLAY_NAME_MAPPINGS.update(_m.NODE_DISPLAY_NAME_MAPPINGS)
 

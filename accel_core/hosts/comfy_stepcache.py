@@ -1,0 +1,102 @@
+"""ComfyUI host for the step cache: block replacements and one wrapper on a clone of the MODEL.
+
+- `patches_replace["dit"][(name, i)]` for every block the family lists (Flux's double and
+  single blocks, Qwen-Image's and Wan's blocks): each hands the call to the run's
+  `StepCacheRun.block`, which runs the block (through any replacement that was there before
+  ours) or stands in for it.
+- OUTER_SAMPLE ("sd_accel.stepcache"): a fresh `StepCacheRun` per sampling run, in a per-run
+  copy of the model options (ComfyUI's EasyCache pattern), told the run's sigmas; finished at
+  the end (one summary line, a `stepcache_stats` event).
+
+The blocks themselves are untouched: with Compile Model's regional compile on the same model
+(either node order) each block stays compiled once; a cached call calls fewer of them.
+"""
+from __future__ import annotations
+
+from ..log import logger
+from ..stepcache import Cuts, StepCacheConfig, StepCacheRun, cut_points
+from .comfy import _check_model, _wrappers_mp
+
+STEPCACHE_KEY = "sd_accel.stepcache"
+
+
+def _lane_key(to: dict):
+    for name in ("cond_or_uncond", "uuids"):
+        v = to.get(name)
+        if v:
+            return tuple(v)
+    return "all"
+
+
+class BlockReplacement:
+    """Our `patches_replace["dit"]` entry for one block; keeps the entry it replaced (`prior`)."""
+
+    def __init__(self, point, prior=None):
+        self.point, self.prior = point, prior
+
+    def _run(self, args, extra):
+        if self.prior is not None:
+            return self.prior(args, extra)
+        return extra["original_block"](args)
+
+    def __call__(self, args, extra):
+        to = args.get("transformer_options") or {}
+        run = to.get(STEPCACHE_KEY)
+        if not isinstance(run, StepCacheRun) or not run.running or self.point not in run.cuts.pos:
+            return self._run(args, extra)
+        sigmas = to.get("sigmas")
+        sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
+        return run.block(self.point, args, lambda a: self._run(a, extra), _lane_key(to), sigma)
+
+
+def _outer_sample_wrapper(executor, *args, **kwargs):
+    import comfy.model_patcher
+
+    guider = executor.class_obj
+    orig = guider.model_options
+    template = orig.get("transformer_options", {}).get(STEPCACHE_KEY)
+    if not isinstance(template, StepCacheRun):
+        return executor(*args, **kwargs)
+    guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
+    run = template.fresh()
+    guider.model_options["transformer_options"][STEPCACHE_KEY] = run
+    sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+    run.begin(sigmas.detach().flatten().float().cpu().tolist() if sigmas is not None else None)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        run.finish()
+        guider.model_options = orig
+
+
+def apply_step_cache(model, config: StepCacheConfig, owner: str = ""):
+    """Clone `model` and install the step cache on the clone (a disabled config: a clone without it)."""
+    dm = _check_model(model, "Step Cache")
+    if dm is None:
+        return model
+    cuts = Cuts(cut_points(dm), config.front_blocks, config.back_blocks)  # raises before anything is cloned
+    m = model.clone()
+    wmp = _wrappers_mp()
+    m.remove_wrappers_with_key(wmp.OUTER_SAMPLE, STEPCACHE_KEY)
+    to = m.model_options.setdefault("transformer_options", {})
+    to.pop(STEPCACHE_KEY, None)
+    dit = to.get("patches_replace", {}).get("dit", {})
+    for point in cuts.points:  # take ours out (a re-applied node), keep anyone else's
+        prev = dit.get(point)
+        while isinstance(prev, BlockReplacement):
+            prev = prev.prior
+        if prev is None:
+            dit.pop(point, None)
+        else:
+            dit[point] = prev
+    if not config.enabled:
+        logger.info("SD Accel Step Cache: this setting caches no call (interval 1 / max_cached 0), so every block runs.")
+        return m
+    for name, i in cuts.points:
+        m.set_model_patch_replace(BlockReplacement((name, i), dit.get((name, i))), "dit", name, i)
+    m.model_options["transformer_options"][STEPCACHE_KEY] = StepCacheRun(config, cuts, owner)
+    m.add_wrapper_with_key(wmp.OUTER_SAMPLE, STEPCACHE_KEY, _outer_sample_wrapper)
+    return m
+
+
+__all__ = ["apply_step_cache", "STEPCACHE_KEY", "BlockReplacement"]

@@ -1,0 +1,318 @@
+"""Step cache: skip the middle transformer blocks on steps where their effect barely changes.
+
+A DiT runs the same stack of blocks at every sampling step, and the change the middle blocks
+make to the hidden states (their residual) moves slowly from one step to the next. On a
+"full" call every block runs and the residual of the middle blocks is kept; on a "cached"
+call only the first `front_blocks` and the last `back_blocks` run, and the kept residual
+stands in for the middle (DeepCache's idea on UNets; FBCache/DBCache and TaylorSeer on DiTs).
+
+Which calls are cached (`mode`):
+- fixed: a full call every `interval` steps, the calls of the steps between cached.
+- adaptive: cached while the front blocks' residual differs from the one at the last full
+  call by less than `threshold` (relative mean absolute difference), at most `max_cached` in a row.
+- forecast: the fixed schedule, with the middle residual extrapolated to first order from the
+  last two full calls (TaylorSeer) instead of reused as is.
+
+The model is a flat list of cut points (the host's block replacements, in call order). A
+middle block is one between the front and the back; consecutive middle blocks of the same
+list form a span whose residual is kept per output ("img", "txt"), so a span never crosses
+the glue between two block lists (Flux joins txt and img between its double and single blocks).
+
+The decision is eager Python at the first middle block, outside compiled code: the blocks stay
+the host's (compiled once each by Compile's regional compile), a cached call only calls fewer
+of them. State lives in one `StepCacheRun` per sampling run; a clone of the model starts with
+none. CFG: `cfg="separate"` keeps one lane (residuals, counters, decision) per cond/uncond
+composition of a model call; `cfg="shared"` keeps one lane for every call, so when the host
+calls cond and uncond apart the later call reuses the earlier's residual of the same step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import events
+from .errors import SDAccelError, check_range, choice_error
+from .log import logger
+
+MODES = ("fixed", "adaptive", "forecast")
+CFG_MODES = ("separate", "shared")
+
+
+@dataclass(frozen=True)
+class StepCacheConfig:
+    """How to cache.
+
+    Args:
+        mode: "fixed", "adaptive" or "forecast" (see the module doc).
+        interval: fixed/forecast: a full call every N steps (1 turns the cache off).
+        front_blocks: blocks that always run before the cached middle (>= 1 for adaptive: their
+            residual is what it measures).
+        back_blocks: blocks that always run after the cached middle.
+        threshold: adaptive: cache while the front residual's relative change since the last full call is below it.
+        max_cached: adaptive: at most this many cached calls in a row (0 turns the cache off).
+        start_percent, end_percent: the part of the run (fraction of its steps) in which calls may be cached.
+        cfg: "separate" (one cache per cond/uncond composition) or "shared" (one for all calls).
+    """
+
+    mode: str = "fixed"
+    interval: int = 3
+    front_blocks: int = 1
+    back_blocks: int = 0
+    threshold: float = 0.1
+    max_cached: int = 3
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    cfg: str = "separate"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise choice_error("mode", self.mode, MODES)
+        if self.cfg not in CFG_MODES:
+            raise choice_error("cfg", self.cfg, CFG_MODES)
+        for name, lo in (("interval", 1), ("front_blocks", 0), ("back_blocks", 0), ("max_cached", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise SDAccelError(f"SD Accel Step Cache: {name} must be a whole number >= {lo}, found {v!r}.")
+        check_range("Step Cache", "threshold", self.threshold, 0.0, 10.0, "It is a relative change: 0.05-0.3 is typical.")
+        for name in ("start_percent", "end_percent"):
+            check_range("Step Cache", name, getattr(self, name), 0.0, 1.0, "It is a fraction of the run's steps.")
+        if self.start_percent >= self.end_percent:
+            raise SDAccelError(f"SD Accel Step Cache: start_percent ({self.start_percent}) must be below end_percent ({self.end_percent}).")
+        if self.mode == "adaptive" and self.front_blocks < 1:
+            raise SDAccelError("SD Accel Step Cache: adaptive mode measures the front blocks' residual, so front_blocks must be >= 1, found 0.")
+
+    @property
+    def enabled(self) -> bool:
+        if self.mode == "adaptive":
+            return self.max_cached > 0
+        return self.interval > 1
+
+
+@dataclass
+class Lane:
+    """One cache: the kept span residuals and the counters of the calls that share it."""
+
+    residual: dict = field(default_factory=dict)  # span -> {output: tensor} at the last full call
+    previous: dict = field(default_factory=dict)  # span -> {output: tensor} at the full call before (forecast)
+    full_at: list = field(default_factory=list)  # steps of the last two full calls
+    front_ref: torch.Tensor | None = None  # adaptive: the front residual at the last full call
+    calls: int = 0
+    in_a_row: int = 0  # consecutive cached calls
+    last_step: int | None = None  # the step of the last full call
+    meta: tuple | None = None
+
+
+@dataclass
+class Call:
+    lane: Lane
+    index: int
+    step: int
+    first_in: torch.Tensor | None = None
+    cached: bool | None = None  # decided at the first middle block
+    metric: float | None = None
+    entry: dict = field(default_factory=dict)  # span -> {output: tensor} at the span's first block
+
+
+class Cuts:
+    """The flat list of cut points of one model and where the middle spans start and end."""
+
+    def __init__(self, points: list[tuple[str, int]], front: int, back: int):
+        self.points = list(points)
+        self.pos = {p: i for i, p in enumerate(self.points)}
+        n = len(self.points)
+        if front + back >= n:
+            raise SDAccelError(f"SD Accel Step Cache: front_blocks + back_blocks ({front} + {back}) must leave at least one "
+                               f"of the model's {n} blocks to cache. Lower them (e.g. 1 and 0).")
+        self.first_mid, self.end_mid = front, n - back
+        self.span_of: dict[int, int] = {}
+        self.span_start: set[int] = set()
+        self.span_end: set[int] = set()
+        span = -1
+        for i in range(self.first_mid, self.end_mid):
+            if i == self.first_mid or self.points[i][0] != self.points[i - 1][0]:
+                span += 1
+                self.span_start.add(i)
+            if i == self.end_mid - 1 or self.points[i][0] != self.points[i + 1][0]:
+                self.span_end.add(i)
+            self.span_of[i] = span
+
+    @property
+    def cached_blocks(self) -> int:
+        return self.end_mid - self.first_mid
+
+
+def _rel_change(now: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((now.float() - ref.float()).abs().mean() / ref.float().abs().mean().clamp_min(1e-12))
+
+
+class StepCacheRun:
+    """One sampling run's step cache: lanes, counters and the decision per model call.
+
+    A host makes one per run from the node's template (`fresh`), tells it the run's sigmas
+    (`begin`), calls `block` from each block replacement and `finish` at the end.
+    """
+
+    def __init__(self, config: StepCacheConfig, cuts: Cuts | None = None, owner: str = ""):
+        self.config, self.cuts, self.owner = config, cuts, owner
+        self.schedule: list[float] = []
+        self.lanes: dict[object, Lane] = {}
+        self.call: Call | None = None
+        self.log: list[dict] = []  # one entry per model call: step, lane, cached, metric
+        self.running = False
+
+    def fresh(self) -> "StepCacheRun":
+        return StepCacheRun(self.config, self.cuts, self.owner)
+
+    def __deepcopy__(self, memo):  # a ComfyUI clone deep-copies model_options: a copy starts empty
+        return self.fresh()
+
+    # -- run boundaries --------------------------------------------------------------------
+    def begin(self, sigmas=None) -> "StepCacheRun":
+        self.schedule = [float(s) for s in sigmas] if sigmas is not None else []
+        self.lanes, self.call, self.log, self.running = {}, None, [], True
+        return self
+
+    def stats(self) -> dict:
+        cached = sum(1 for e in self.log if e["cached"])
+        total = len(self.log)
+        c = self.config
+        blocks = len(self.cuts.points) if self.cuts else 0
+        skipped = cached * (self.cuts.cached_blocks if self.cuts else 0)
+        return {"calls": total, "cached": cached, "full": total - cached, "mode": c.mode, "cfg": c.cfg,
+                "cached_steps": [e["step"] for e in self.log if e["cached"]], "lanes": len(self.lanes),
+                "block_fraction": 1.0 - skipped / (blocks * total) if blocks and total else 1.0}
+
+    def finish(self) -> dict:
+        stats = self.stats()
+        if self.running and stats["calls"]:
+            c = self.config
+            logger.info("SD Accel Step Cache: %d/%d model calls cached (%s, front %d, back %d, cfg %s); %.0f%% of block evaluations ran%s.",
+                        stats["cached"], stats["calls"], c.mode, c.front_blocks, c.back_blocks, c.cfg,
+                        100 * stats["block_fraction"], f" [{self.owner}]" if self.owner else "")
+            events.emit("stepcache_stats", **stats)
+        self.running, self.lanes, self.call = False, {}, None
+        return stats
+
+    # -- per call --------------------------------------------------------------------------
+    def step_of(self, sigma: float | None) -> int:
+        """The schedule step a call's sigma belongs to (the last entry at or above it)."""
+        if sigma is None or not self.schedule:
+            return 0
+        step = 0
+        for i, s in enumerate(self.schedule[:-1] or self.schedule):
+            if s >= sigma - 1e-4 * max(abs(s), 1e-6):
+                step = i
+        return step
+
+    def _in_window(self, step: int) -> bool:
+        if len(self.schedule) < 2:  # no schedule known: the window cannot be placed, every call may cache
+            return True
+        n = len(self.schedule) - 1
+        return self.config.start_percent <= step / n < self.config.end_percent
+
+    def _start_call(self, lane_key, sigma, x: torch.Tensor):
+        key = "all" if self.config.cfg == "shared" else lane_key
+        lane = self.lanes.setdefault(key, Lane())
+        meta = (tuple(x.shape), x.dtype, x.device)
+        if lane.meta is not None and lane.meta != meta:  # another size / batch: what was kept does not fit
+            self.lanes[key] = lane = Lane()
+        lane.meta = meta
+        # Without the run's sigmas (a sampler that hid them), each call of a lane counts as a step.
+        step = self.step_of(sigma) if sigma is not None and self.schedule else lane.calls
+        self.call = Call(lane, lane.calls, step)
+        lane.calls += 1
+
+    def _decide(self, front: torch.Tensor | None) -> bool:
+        call, c = self.call, self.config
+        lane = call.lane
+        have = bool(lane.residual)
+        if c.cfg == "shared" and have and lane.last_step == call.step and self.log and self.log[-1]["step"] == call.step:
+            return True  # a later call of the same step: the earlier call's residual is fresh
+        if not (c.enabled and have and self._in_window(call.step)):
+            return False
+        if c.mode == "adaptive":
+            if front is None or lane.front_ref is None or lane.front_ref.shape != front.shape:
+                return False
+            call.metric = _rel_change(front, lane.front_ref)
+            return call.metric < c.threshold and lane.in_a_row < c.max_cached
+        return call.step - lane.last_step < c.interval
+
+    def _forecast(self, span: int, out: str, r: torch.Tensor) -> torch.Tensor:
+        lane = self.call.lane
+        prev = lane.previous.get(span, {}).get(out)
+        if self.config.mode != "forecast" or prev is None or len(lane.full_at) < 2:
+            return r
+        a, b = lane.full_at
+        if b <= a:
+            return r
+        return r + (r - prev) * ((self.call.step - b) / (b - a))
+
+    def block(self, point, args: dict, run_block, lane_key, sigma) -> dict:
+        """Run or stand in for the block at cut point `point`.
+
+        args: the host's block inputs (tensors under output names such as "img", "txt");
+        run_block(args) -> {output: tensor}: the host's block (and whatever replacement was there before).
+        """
+        i = self.cuts.pos[point]
+        if i == 0 or self.call is None:
+            self._start_call(lane_key, sigma, args["img"])
+            if self.config.mode == "adaptive":
+                self.call.first_in = args["img"]
+        call, cuts = self.call, self.cuts
+        if i < cuts.first_mid or i >= cuts.end_mid:
+            return run_block(args)
+        lane = call.lane
+        if call.cached is None:  # the first middle block: decide
+            front = None
+            if self.config.mode == "adaptive" and call.first_in is not None and call.first_in.shape == args["img"].shape:
+                front = args["img"] - call.first_in
+            call.cached = self._decide(front)
+            self.log.append({"call": call.index, "step": call.step, "cached": call.cached, "metric": call.metric})
+            if call.cached:
+                lane.in_a_row += 1
+            else:
+                lane.in_a_row = 0
+                lane.last_step = call.step
+                lane.full_at = (lane.full_at + [call.step])[-2:]
+                lane.previous, lane.residual = lane.residual, {}
+                if front is not None:
+                    lane.front_ref = front
+                elif self.config.mode == "adaptive":
+                    lane.front_ref = None
+        span = cuts.span_of[i]
+        if call.cached:
+            kept = lane.residual.get(span)
+            if kept is None or any(k not in args or args[k].shape != v.shape for k, v in kept.items()):
+                raise SDAccelError("SD Accel Step Cache: the kept residual does not fit this call's blocks "
+                                   f"(cut point {point}); this is a bug, please report it with the model's family.")
+            if i in cuts.span_start:
+                return {k: args[k] + self._forecast(span, k, v).to(args[k].dtype) for k, v in kept.items()}
+            return {k: args[k] for k in kept}
+        if i in cuts.span_start:
+            # A copy: under CUDA graphs the next replay of a compiled block may reuse this memory.
+            call.entry[span] = {k: v.clone() for k, v in args.items() if torch.is_tensor(v) and k in ("img", "txt")}
+        out = run_block(args)
+        if i in cuts.span_end:
+            entry = call.entry.pop(span, {})
+            lane.residual[span] = {k: (v - entry[k]).detach() for k, v in out.items()
+                                   if k in entry and torch.is_tensor(v) and v.shape == entry[k].shape}
+        return out
+
+
+def cut_points(module) -> list[tuple[str, int]]:
+    """The block replacements a host offers for `module`, in call order, from its family's block lists."""
+    from .families import families, family_of
+
+    fam = family_of(module)
+    points = [(bl.patch, i) for bl, mods in fam.block_lists(module) if bl.patch for i in range(len(mods))] if fam else []
+    if not points:
+        able = ", ".join(f.display for f in families() if any(bl.patch for bl in f.blocks))
+        found = type(module).__name__ + (f" ({fam.display})" if fam else "")
+        todo = "use DeepCache on UNets" if fam is not None and fam.skip_count else "use it on one of those models"
+        raise SDAccelError(f"SD Accel Step Cache: expected a model whose blocks the host lets a node replace ({able}); "
+                           f"found {found}. Step Cache cannot cut it: {todo}. The model was left unchanged.")
+    return points
+
+
+__all__ = ["StepCacheConfig", "StepCacheRun", "Cuts", "Lane", "cut_points", "MODES", "CFG_MODES"]
