@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..log import logger
 from ..stepcache import Cuts, StepCacheConfig, StepCacheRun, cut_points
-from .comfy import _check_model, _wrappers_mp
+from .comfy import check_model, wrappers_mp
 
 STEPCACHE_KEY = "sd_accel.stepcache"
 
@@ -71,12 +71,12 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
 
 def apply_step_cache(model, config: StepCacheConfig, owner: str = ""):
     """Clone `model` and install the step cache on the clone (a disabled config: a clone without it)."""
-    dm = _check_model(model, "Step Cache")
+    dm = check_model(model, "Step Cache")
     if dm is None:
         return model
     cuts = Cuts(cut_points(dm), config.front_blocks, config.back_blocks)  # raises before anything is cloned
     m = model.clone()
-    wmp = _wrappers_mp()
+    wmp = wrappers_mp()
     m.remove_wrappers_with_key(wmp.OUTER_SAMPLE, STEPCACHE_KEY)
     to = m.model_options.setdefault("transformer_options", {})
     to.pop(STEPCACHE_KEY, None)
