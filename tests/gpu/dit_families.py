@@ -100,6 +100,9 @@ def write_model(family: str, tiny: bool, work: Path) -> Path:
             else:
                 p.normal_(0.0, 0.02 if not tiny else 0.05, generator=g)
     sd = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}  # the class's own dtypes (Wan keeps fp32 parts)
+    n_params = sum(1 for _ in unet.named_parameters())
+    if len(sd) < n_params:
+        raise RuntimeError(f"the state dict has {len(sd)} tensors for {n_params} parameters: lazy layers were left out")
     tmp = path.with_suffix(".part")
     comfy.utils.save_torch_file(sd, str(tmp))
     tmp.rename(path)
@@ -206,7 +209,15 @@ def run_case(ctx: Ctx, case: str) -> dict:
 def child(a) -> int:
     import comfy_dynamic_vram as cdv
 
-    nodes = cdv.boot(a.comfyui, dynamic=not a.tiny and not a.no_dynamic)
+    if a.tiny:  # the CPU smoke test: ComfyUI must not look for a GPU
+        sys.path.insert(0, a.comfyui)
+        sys.path.append(str(Path(a.comfyui) / "_cpu_stubs"))  # torchvision/torchaudio stand-ins, where present
+        from comfy.cli_args import args
+
+        args.cpu = True
+    # The writer boots without DynamicVRAM: its lazy layers hold no weights until loaded, so their
+    # state_dict would leave them out (a 0.0 GB "Flux" file, seen on an H100).
+    nodes = cdv.boot(a.comfyui, dynamic=not a.tiny and not a.no_dynamic and a.child != "write")
     if a.child == "write":
         path = write_model(a.family, a.tiny, Path(a.files))
         Path(a.result).write_text(json.dumps({"path": str(path)}))
