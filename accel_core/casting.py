@@ -73,7 +73,12 @@ def cpu_bf16_is_fast() -> bool:
     return fast
 
 
-def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+def resolve_dtype(name: str, device_type: str, native: torch.dtype | None = None) -> torch.dtype:
+    """The compute dtype for `name`. `native`: the model's stored dtype. A bf16 model (the DiT
+    families ship and run in bf16) stays bf16 under auto and fp8 on CUDA: fp16 overflows their
+    activations, and their kept-precision layers would meet fp16 inputs."""
+    if name in ("auto", "fp8") and device_type == "cuda" and native == torch.bfloat16:
+        return torch.bfloat16
     if name == "auto":
         if device_type == "cuda":
             return torch.float16
@@ -158,7 +163,7 @@ def cast(module: nn.Module, config: CastConfig | None = None, device_type: str |
         from .fp8 import check_fp8_device
 
         check_fp8_device(dev, "SD Accel FP16 Cast")
-    dtype = resolve_dtype(config.dtype, dev)
+    dtype = resolve_dtype(config.dtype, dev, next((q.dtype for q in module.parameters() if q.is_floating_point()), None))
     out = cast_copy(module, dtype, config.channels_last)
     if hasattr(out, "dtype") and not isinstance(getattr(type(out), "dtype", None), property):
         out.dtype = dtype  # LDM UNets cast their inputs to this attribute

@@ -92,7 +92,9 @@ def apply_cast(model, config: CastConfig):
         from ..fp8 import check_fp8_device
 
         check_fp8_device(model.load_device, "SD Accel FP16 Cast")
-    dtype = resolve_dtype(config.dtype, device_type)
+    get_dtype = getattr(model.model, "get_dtype", None)  # the stored dtype; DynamicVRAM's lazy layers list no weights
+    native = get_dtype() if callable(get_dtype) else next((q.dtype for q in unet.parameters() if q.is_floating_point()), None)
+    dtype = resolve_dtype(config.dtype, device_type, native)
     copies = dtype != next(unet.parameters()).dtype or config.channels_last or config.dtype == "fp8"
     m = patchable_clone(model, "FP16 Cast") if copies else model.clone()
     if m is None:

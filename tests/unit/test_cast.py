@@ -99,3 +99,15 @@ def test_attention_choice_compiles_into_one_graph(attention):
     assert explained.graph_count == 1
     compiled = torch.compile(attend, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), attend(q, k, v))
+
+
+def test_bf16_models_stay_bf16_under_auto_and_fp8_on_cuda():
+    # Flux & co. ship in bf16: fp16 overflows their activations, and the layers fp8 keeps in the
+    # compute dtype met fp16 inputs (a crash on Flux.1-dev, H100).
+    from sd_accel.accel_core.casting import resolve_dtype
+
+    assert resolve_dtype("fp8", "cuda", torch.bfloat16) == torch.bfloat16
+    assert resolve_dtype("auto", "cuda", torch.bfloat16) == torch.bfloat16
+    assert resolve_dtype("fp8", "cuda", torch.float16) == torch.float16
+    assert resolve_dtype("auto", "cuda", torch.float32) == torch.float16
+    assert resolve_dtype("fp16", "cuda", torch.bfloat16) == torch.float16  # an explicit choice is kept
