@@ -207,17 +207,16 @@ def run_case(ctx: Ctx, case: str) -> dict:
 # --- processes -------------------------------------------------------------------------------------
 
 def child(a) -> int:
-    import comfy_dynamic_vram as cdv
+    if a.tiny:  # the CPU, as the integration tests boot it
+        import comfy_harness
 
-    if a.tiny:  # the CPU smoke test: ComfyUI must not look for a GPU
-        sys.path.insert(0, a.comfyui)
-        sys.path.append(str(Path(a.comfyui) / "_cpu_stubs"))  # torchvision/torchaudio stand-ins, where present
-        from comfy.cli_args import args
+        nodes = comfy_harness.boot(Path(a.comfyui).resolve()).nodes
+    else:
+        import comfy_dynamic_vram as cdv
 
-        args.cpu = True
-    # The writer boots without DynamicVRAM: its lazy layers hold no weights until loaded, so their
-    # state_dict would leave them out (a 0.0 GB "Flux" file, seen on an H100).
-    nodes = cdv.boot(a.comfyui, dynamic=not a.tiny and not a.no_dynamic and a.child != "write")
+        # The writer boots without DynamicVRAM: its lazy layers hold no weights until loaded, so their
+        # state_dict would leave them out (a 0.0 GB "Flux" file, seen on an H100).
+        nodes = cdv.boot(a.comfyui, dynamic=not a.no_dynamic and a.child != "write")
     if a.child == "write":
         path = write_model(a.family, a.tiny, Path(a.files))
         Path(a.result).write_text(json.dumps({"path": str(path)}))
