@@ -295,7 +295,7 @@ def test_matches_the_deepcache_package(unet, branch):
 
 
 def test_bench_rows(tmp_path):
-    from sd_accel.bench import BenchConfig, run_bench
+    from sd_accel.cli.bench import BenchConfig, run_bench
 
     res = run_bench(BenchConfig(steps=3, configs=("deepcache i2",), out_dir=str(tmp_path)))
     rows = {r.name: r for r in res.rows}

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..accel_core.errors import choice_error
-from ..accel_core.lora_file import _ALPHA, _PAIRS
-from ..accel_core.lora_names import UNetNames
+from ...accel_core.errors import choice_error
+from ...accel_core.lora_file import _ALPHA, _PAIRS
+from ...accel_core.lora_names import UNetNames
 
 FORMATS = ("kohya-ldm", "kohya-diffusers", "peft", "diffusers-old")
 
