@@ -1,12 +1,18 @@
-"""Seeded random LoRAs in the real key formats, for the benchmark's LoRA rows and for tests."""
+"""Seeded random LoRAs in the real key formats, for the benchmark's LoRA rows (the tests have their own,
+tests/testkit/loras.py)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ...accel_core.errors import choice_error
-from ...accel_core.lora_file import _ALPHA, _PAIRS
 from ...accel_core.lora_names import UNetNames
+
+# The key suffixes of each format, as trainers write them (up / down, alpha).
+_KOHYA = (".lora_up.weight", ".lora_down.weight")
+_PEFT = (".lora_B.weight", ".lora_A.weight")
+_OLD_DIFFUSERS = ("_lora.up.weight", "_lora.down.weight")
+_ALPHA = ".alpha"
 
 FORMATS = ("kohya-ldm", "kohya-diffusers", "peft", "diffusers-old")
 
@@ -44,21 +50,21 @@ def make_random_lora(unet: nn.Module, fmt: str = "kohya-ldm", rank: int = 4, see
         if fmt == "diffusers-old" and ".to_" not in diff:
             continue  # that format had attention projections only (drawn anyway: same seed, same deltas)
         if fmt == "kohya-ldm":
-            base, pair = "lora_unet_" + names.ldm_name(mname).replace(".", "_"), _PAIRS[0]
+            base, pair = "lora_unet_" + names.ldm_name(mname).replace(".", "_"), _KOHYA
         elif fmt == "kohya-diffusers":
-            base, pair = "lora_unet_" + diff.replace(".", "_"), _PAIRS[0]
+            base, pair = "lora_unet_" + diff.replace(".", "_"), _KOHYA
         elif fmt == "peft":
-            base, pair = "unet." + diff, _PAIRS[1]
+            base, pair = "unet." + diff, _PEFT
         else:
             proc = diff.replace(".to_", ".processor.to_")
-            base, pair = "unet." + (proc[:-2] if proc.endswith(".to_out.0") else proc), _PAIRS[3]
+            base, pair = "unet." + (proc[:-2] if proc.endswith(".to_out.0") else proc), _OLD_DIFFUSERS
         out[base + pair[0]] = up.to(dtype)
         out[base + pair[1]] = down.to(dtype)
         if fmt.startswith("kohya"):
             out[base + _ALPHA] = torch.tensor(a)
     if with_text_encoder:
         te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj" if fmt.startswith("kohya") else "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
-        p = _PAIRS[0] if fmt.startswith("kohya") else _PAIRS[1]
+        p = _KOHYA if fmt.startswith("kohya") else _PEFT
         out[te + p[0]] = torch.randn(768, rank, generator=g).to(dtype)
         out[te + p[1]] = torch.randn(rank, 768, generator=g).to(dtype)
     return out

@@ -35,7 +35,7 @@ def test_bench_eager_rows_write_json_and_png(tmp_path):
     assert all(isinstance(w["count"], int) for w in data["warnings"])
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert seen == names
-    assert "speed-up" in res.table() and "min-max" in res.table() and "1 threads" in res.table()
+    assert "speed-up" in res.table() and "min-max" in res.table() and "1 thread)" in res.table()
 
 
 def test_bench_config_from_the_webui_tab(tmp_path):
@@ -244,3 +244,12 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["backends"]) == 0
     assert "inductor" in capsys.readouterr().out
+
+
+def test_the_deepcache_rows(tmp_path):
+    from sd_accel.cli.bench import BenchConfig, run_bench
+
+    res = run_bench(BenchConfig(steps=3, configs=("deepcache i2",), out_dir=str(tmp_path)))
+    rows = {r.name: r for r in res.rows}
+    assert list(rows) == ["eager fp32 (baseline)", "deepcache i2"]
+    assert 0 < rows["deepcache i2"].rel_err < 0.1 and "1/3 steps shallow" in rows["deepcache i2"].note

@@ -32,7 +32,7 @@ def test_comfy_host_refuses_checkpoint_before_importing_comfyui(tmp_path):
 
 
 def test_auto_host_picks_comfy_only_when_a_comfyui_tree_is_known(tmp_path, monkeypatch):
-    from sd_accel.cli.main import resolve_host
+    from sd_accel.cli.bench.command import resolve_host
 
     monkeypatch.setenv("COMFYUI_PATH", "x")  # recorded, so the value resolve_host sets is undone after the test
     monkeypatch.delenv("COMFYUI_PATH")
