@@ -73,7 +73,7 @@ def clear_cache():
 
 def run_benchmark(source, device, steps, rows):
     """Generator for the Benchmark button: progress lines, then the table, chart and JSON path."""
-    from sd_accel.bench.run import bench_config, run_bench
+    from sd_accel.cli.bench.run import bench_config, run_bench
     from sd_accel.accel_core.errors import SDAccelError
 
     if not _bench_lock.acquire(blocking=False):

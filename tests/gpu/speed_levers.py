@@ -3,7 +3,7 @@
     python3 tests/gpu/speed_levers.py --comfyui /path/to/ComfyUI-0.33 --out OUT --arch sd15|sdxl [--rows a,b] [--smoke]
 
 Boots ComfyUI as its main.py does on NVIDIA (tests/gpu/comfy_dynamic_vram.py), loads a checkpoint
-of the real architecture with seeded random fp16 weights from a file (bench/comfy.py's writer) and
+of the real architecture with seeded random fp16 weights from a file (cli/bench/comfy.py's writer) and
 samples 20 euler steps at CFG 7 (SD1.5 512x512 or SDXL 1024x1024) through ComfyUI's own sampler.
 
 1. Kernel micro-benchmarks at the model's own shapes, recorded from one eager step: every
@@ -92,7 +92,7 @@ class Levers:
             comfy_args.cpu = True
         self.nodes = dv.boot(args.comfyui, dynamic=not args.no_dynamic)
         self.pack = _pack()
-        self.bc = importlib.import_module(self.pack + ".bench.comfy")
+        self.bc = importlib.import_module(self.pack + ".cli.bench.comfy")
         import comfy.sd
         import comfyui_version
 

@@ -11,7 +11,7 @@ import torch
 
 @pytest.fixture()
 def bench_comfy(comfy_host):
-    return importlib.import_module("sd_accel.bench.comfy")
+    return importlib.import_module("sd_accel.cli.bench.comfy")
 
 
 def _reference_shapes(arch, bench_comfy):

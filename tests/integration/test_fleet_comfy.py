@@ -177,7 +177,7 @@ def workers(tmp_path_factory):
 
 
 def _cli(*args) -> str:
-    p = subprocess.run([sys.executable, "-m", "sd_accel.bench", "cache", *args], capture_output=True, text=True, timeout=120,
+    p = subprocess.run([sys.executable, "-m", "sd_accel.cli", "cache", *args], capture_output=True, text=True, timeout=120,
                        env={k: v for k, v in os.environ.items() if k != "SD_ACCEL_COMPILE_CACHE"})
     assert p.returncode == 0, p.stderr
     return p.stdout
@@ -209,7 +209,7 @@ def test_a_file_from_another_torch_is_refused_and_the_worker_keeps_its_folder(wo
     foreign = tmp_path / "old.sdcc"
     foreign.write_bytes(data.replace(b'"torch": "2', b'"torch": "0', 1))  # the same header, made with "torch 0.x"
     before = sorted(p.name for p in b.cache_dir.glob("*"))
-    p = subprocess.run([sys.executable, "-m", "sd_accel.bench", "cache", "import", str(foreign), "--dir", str(b.cache_dir)],
+    p = subprocess.run([sys.executable, "-m", "sd_accel.cli", "cache", "import", str(foreign), "--dir", str(b.cache_dir)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "was made with torch 0" in p.stderr and "compiles as usual" in p.stderr, p.stderr
     assert sorted(p.name for p in b.cache_dir.glob("*")) == before

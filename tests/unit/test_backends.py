@@ -44,7 +44,7 @@ def test_load_error_says_why_a_module_does_not_import():
 
 def test_backends_verb_prints_the_hint(capsys, monkeypatch):
     _only(monkeypatch, set())
-    from sd_accel.bench.cli import main
+    from sd_accel.cli.main import main
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
     assert "missing: sfast (stable-fast 1.0.5" in out

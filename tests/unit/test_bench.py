@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import save_file
 
 from sd_accel.accel_core import SDAccelError
-from sd_accel.bench import BenchConfig, run_bench
-from sd_accel.bench.cli import main
-from sd_accel.bench.models import load_unet_state_dict
-from sd_accel.bench.run import bench_config, check_rows
-from sd_accel.bench.suites import row_names
+from sd_accel.cli.bench import BenchConfig, run_bench
+from sd_accel.cli.main import main
+from sd_accel.cli.bench.models import load_unet_state_dict
+from sd_accel.cli.bench.run import bench_config, check_rows
+from sd_accel.cli.bench.suites import row_names
 
 
 def test_bench_eager_rows_write_json_and_png(tmp_path):
@@ -35,7 +35,7 @@ def test_bench_eager_rows_write_json_and_png(tmp_path):
     assert all(isinstance(w["count"], int) for w in data["warnings"])
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert seen == names
-    assert "speed-up" in res.table() and "min-max" in res.table() and "1 threads" in res.table()
+    assert "speed-up" in res.table() and "min-max" in res.table() and "1 thread)" in res.table()
 
 
 def test_bench_config_from_the_webui_tab(tmp_path):
@@ -73,7 +73,7 @@ def test_configs_that_match_no_row_list_the_rows():
 
 
 def _suite_run(tmp_path, suite, **kw):
-    import sd_accel.bench.run as run
+    import sd_accel.cli.bench.run as run
 
     old = run.SUITES
     run.SUITES = (suite,)
@@ -84,7 +84,7 @@ def _suite_run(tmp_path, suite, **kw):
 
 
 def test_a_failing_row_is_marked_and_the_run_goes_on(tmp_path):
-    from sd_accel.bench.measure import unet_caller
+    from sd_accel.cli.bench.measure import unet_caller
 
     def boom():
         raise RuntimeError("no kernel for this")
@@ -106,7 +106,7 @@ def test_a_failing_row_is_marked_and_the_run_goes_on(tmp_path):
 
 
 def test_a_run_stopped_part_way_leaves_the_rows_it_finished(tmp_path):
-    from sd_accel.bench.measure import unet_caller
+    from sd_accel.cli.bench.measure import unet_caller
 
     def suite(ctx):
         yield ctx.measure("eager fp32 (baseline)", lambda: unet_caller(ctx.unet))
@@ -130,7 +130,7 @@ def test_a_failing_baseline_ends_the_run_with_a_message(tmp_path):
 
 
 def test_busy_reason_from_load_and_spread():
-    from sd_accel.bench.measure import BenchRow, busy_reason
+    from sd_accel.cli.bench.measure import BenchRow, busy_reason
 
     calm = BenchRow("a", 10.0, runs=5, ms_min=9.8, ms_max=10.3)
     noisy = BenchRow("b", 10.0, runs=5, ms_min=6.0, ms_max=15.0)
@@ -143,7 +143,7 @@ def test_busy_reason_from_load_and_spread():
 
 
 def test_time_runs_warms_up_then_times_each_repeat():
-    from sd_accel.bench.measure import time_runs, timed_row
+    from sd_accel.cli.bench.measure import time_runs, timed_row
 
     calls = []
     t = time_runs(lambda: calls.append(1) or torch.zeros(1), 4, "cpu")
@@ -157,7 +157,7 @@ def test_library_warnings_are_held_back_and_counted(capsys, caplog):
     import logging
     import warnings
 
-    from sd_accel.bench.capture import Caught, captured
+    from sd_accel.cli.bench.capture import Caught, captured
 
     logging.getLogger("torch.fake_lib").addHandler(logging.StreamHandler())
     caplog.set_level(logging.INFO, logger="sd_accel")
@@ -187,7 +187,7 @@ def test_comfy_row_names_are_the_rows_it_measures(monkeypatch):
     """The --configs catalogue of --host comfy against what `rows` asks for (a stand-in ComfyBench)."""
     import types
 
-    import sd_accel.bench.comfy_rows as cr
+    import sd_accel.cli.bench.comfy_rows as cr
 
     asked = []
 
@@ -244,3 +244,12 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["backends"]) == 0
     assert "inductor" in capsys.readouterr().out
+
+
+def test_the_deepcache_rows(tmp_path):
+    from sd_accel.cli.bench import BenchConfig, run_bench
+
+    res = run_bench(BenchConfig(steps=3, configs=("deepcache i2",), out_dir=str(tmp_path)))
+    rows = {r.name: r for r in res.rows}
+    assert list(rows) == ["eager fp32 (baseline)", "deepcache i2"]
+    assert 0 < rows["deepcache i2"].rel_err < 0.1 and "1/3 steps shallow" in rows["deepcache i2"].note

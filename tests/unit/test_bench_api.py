@@ -54,9 +54,9 @@ def test_the_package_exports_the_verbs_and_their_configs():
     assert set(VERBS) | {"CompileConfig", "CastConfig", "DeepCacheConfig", "LoraConfig", "LoraSpec", "LcmConfig"} <= set(accel_core.__all__)
 
 
-def test_importing_the_core_does_not_import_the_bench_or_a_host():
+def test_importing_the_core_does_not_import_the_cli_or_a_host():
     code = ("import sys, sd_accel.accel_core, sd_accel.accel_core.deepcaching, sd_accel.accel_core.lora, sd_accel.accel_core.lcm; "
-            "bad = [m for m in sys.modules if m.startswith(('sd_accel.bench', 'sd_accel.nodes', 'sd_accel.accel_core.hosts', 'comfy'))]; "
+            "bad = [m for m in sys.modules if m.startswith(('sd_accel.cli', 'sd_accel.nodes', 'sd_accel.accel_core.hosts', 'comfy'))]; "
             "print(bad); sys.exit(1 if bad else 0)")
     import subprocess
 
@@ -144,7 +144,7 @@ def test_the_readme_diffusers_snippet_runs_as_written(tmp_path, monkeypatch):
 
     from sd_accel import accel_core
     from sd_accel.accel_core.deepcaching import DeepCacheUNet
-    from sd_accel.bench.synthetic import make_random_lora
+    from testkit.loras import make_random_lora
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
@@ -174,8 +174,8 @@ def test_the_readme_diffusers_snippet_runs_as_written(tmp_path, monkeypatch):
         assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
 
 
-def test_no_core_host_or_node_file_imports_the_bench():
-    """bench imports core, hosts and nodes; none of them imports bench (not even lazily, in a function)."""
+def test_no_core_host_or_node_file_imports_the_cli():
+    """cli (the sd-accel command, the bench, serve) imports core, hosts and nodes; none of them imports cli (not even lazily, in a function)."""
     import ast
 
     offenders = []
@@ -190,5 +190,5 @@ def test_no_core_host_or_node_file_imports_the_bench():
                 names = [a.name for a in node.names]
             else:
                 continue
-            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n == "sd_accel.bench" or n.startswith("sd_accel.bench.")]
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n == "sd_accel.cli" or n.startswith("sd_accel.cli.")]
     assert len(files) > 20 and not offenders, offenders

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from sd_accel.bench import BenchConfig, run_bench
-from sd_accel.bench.cli import main
+from sd_accel.cli.bench import BenchConfig, run_bench
+from sd_accel.cli.main import main
 from sd_accel.accel_core.errors import SDAccelError
 
 
@@ -32,7 +32,7 @@ def test_comfy_host_refuses_checkpoint_before_importing_comfyui(tmp_path):
 
 
 def test_auto_host_picks_comfy_only_when_a_comfyui_tree_is_known(tmp_path, monkeypatch):
-    from sd_accel.bench.cli import resolve_host
+    from sd_accel.cli.bench.command import resolve_host
 
     monkeypatch.setenv("COMFYUI_PATH", "x")  # recorded, so the value resolve_host sets is undone after the test
     monkeypatch.delenv("COMFYUI_PATH")
@@ -55,7 +55,7 @@ def test_write_profile_tables_one_run(tmp_path):
     # The helper behind SD_ACCEL_BENCH_PROFILE and the warm-up child's SD_ACCEL_WARMUP_PROFILE.
     import torch
 
-    from sd_accel.bench.comfy import write_profile
+    from sd_accel.cli.bench.comfy import write_profile
 
     calls = []
     path = tmp_path / "sub" / "profile_x.txt"
@@ -74,7 +74,7 @@ def test_a_comfyui_that_does_not_import_is_a_message_not_a_traceback(tmp_path):
     for name, text in {"__init__.py": "", "sd.py": "", "cli_args.py": "class A:\n    cpu = False\nargs = A()\n",
                        "model_management.py": "import a_requirement_that_is_missing\n"}.items():
         (comfy / name).write_text(text)
-    r = subprocess.run([sys.executable, "-m", "sd_accel.bench", "bench", "--host", "comfy", "--comfyui-path", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "sd_accel.cli", "bench", "--host", "comfy", "--comfyui-path", str(tmp_path),
                         "--no-progress", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "does not import here (ModuleNotFoundError: No module named 'a_requirement_that_is_missing')" in r.stderr

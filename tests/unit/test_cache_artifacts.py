@@ -17,7 +17,7 @@ import torch
 from sd_accel.accel_core import CompileConfig
 from sd_accel.accel_core import cache_artifacts as ca
 from sd_accel.accel_core import compile_cache as cc
-from sd_accel.bench.cli import main
+from sd_accel.cli.main import main
 
 
 class _FakeTorchCache:

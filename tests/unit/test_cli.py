@@ -1,5 +1,5 @@
 """`sd-accel`: every argument is checked with a message, --help shows every default, the console
-script and `python -m sd_accel.bench` both work."""
+script and `python -m sd_accel.cli` both work."""
 import argparse
 import json
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sd_accel.bench.cli import build_parser, main
+from sd_accel.cli.main import build_parser, main
 
 
 def _bench_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def test_bad_arguments_are_refused_with_what_was_expected_and_found(args, found,
 
 
 def test_configs_matching_no_row_lists_the_rows_before_loading_anything(tmp_path, capsys, monkeypatch):
-    import sd_accel.bench.measure as measure
+    import sd_accel.cli.bench.measure as measure
 
     monkeypatch.setattr(measure, "build_unet", lambda *a, **k: pytest.fail("the UNet was built before --configs was checked"))
     assert main(["bench", "--configs", "nope", "eager", "zz", "--no-progress", "--out", str(tmp_path)]) == 2
@@ -74,20 +74,20 @@ def test_every_subcommand_option_has_help():
 
 
 def test_module_and_console_script_entry_points():
-    r = subprocess.run([sys.executable, "-m", "sd_accel.bench", "bench", "--help"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "sd_accel.cli", "bench", "--help"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "--repeats" in r.stdout, r.stderr
     import tomllib
     from pathlib import Path
 
     scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["sd-accel"] == "sd_accel.bench.cli:main"
+    assert scripts["sd-accel"] == "sd_accel.cli.main:main"
     pkgs = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    assert "sd_accel.bench" in pkgs
+    assert {"sd_accel.cli", "sd_accel.cli.bench", "sd_accel.cli.serve"} <= set(pkgs)
 
 
 def test_a_failed_row_makes_the_exit_status_1_and_is_listed(tmp_path, capsys, monkeypatch):
-    import sd_accel.bench.run as run
-    from sd_accel.bench.measure import BenchRow
+    import sd_accel.cli.bench.run as run
+    from sd_accel.cli.bench.measure import BenchRow
 
     def suite(ctx):
         yield ctx.done(BenchRow("eager fp32 (baseline)", 10.0, steps=1, runs=1, ms_min=10.0, ms_max=10.0))
@@ -117,7 +117,7 @@ class _FakeContext:
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
-    import sd_accel.bench.measure as measure
+    import sd_accel.cli.bench.measure as measure
 
     monkeypatch.setattr(measure, "build_unet", lambda *a, **k: pytest.fail("the UNet was built before --out was checked"))
     a_file = tmp_path / "bench-out"
@@ -150,7 +150,7 @@ def test_cache_command_checks_its_folders(tmp_path, capsys):
 def test_an_out_folder_that_cannot_be_made_is_refused_without_a_traceback(capsys, monkeypatch):
     import os
 
-    import sd_accel.bench.measure as measure
+    import sd_accel.cli.bench.measure as measure
 
     if not os.path.isdir("/proc/self"):
         pytest.skip("no /proc here")
@@ -175,7 +175,7 @@ def test_version(capsys):
 
 
 def test_a_long_preset_on_the_cpu_says_how_long_it_may_take(tmp_path, capsys, monkeypatch):
-    import sd_accel.bench.run as run
+    import sd_accel.cli.bench.run as run
 
     monkeypatch.setattr(run, "run_bench", lambda cfg, progress=None: pytest.fail("stop here"))
     with pytest.raises(pytest.fail.Exception):
@@ -186,8 +186,8 @@ def test_a_long_preset_on_the_cpu_says_how_long_it_may_take(tmp_path, capsys, mo
 
 def test_the_chart_title_and_labels_fit_inside_the_figure():
     pytest.importorskip("matplotlib")
-    from sd_accel.bench.chart import figure
-    from sd_accel.bench.measure import BenchResult, BenchRow
+    from sd_accel.cli.bench.chart import figure
+    from sd_accel.cli.bench.measure import BenchResult, BenchRow
 
     r = BenchResult(device="cuda", device_name="NVIDIA GeForce RTX 4090 Laptop GPU (a long name to wrap, CUDA 12.8)", preset="sdxl-1024",
                     steps=20, torch="2.13", repeats=5, threads=8, busy=True, busy_reason="load average 3.2 on 2 cores; " * 6)

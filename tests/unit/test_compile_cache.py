@@ -264,7 +264,7 @@ def test_save_never_raises(fake, tmp_path, caplog):
 
 
 def test_cli_lists_and_clears(fake, tmp_path, capsys):
-    from sd_accel.bench.cli import main
+    from sd_accel.cli.main import main
 
     fake.record("k1", "k2")
     path = cc.save(str(tmp_path)).path
@@ -276,8 +276,8 @@ def test_cli_lists_and_clears(fake, tmp_path, capsys):
 
 
 def test_warmup_rows_report_both_processes_and_skip_warm_after_a_failed_cold(monkeypatch):
-    from sd_accel.bench import BenchConfig
-    from sd_accel.bench import warmup as bw
+    from sd_accel.cli.bench import BenchConfig
+    from sd_accel.cli.bench import warmup as bw
 
     rec = {"first_s": 12.0, "steady_s": 0.2, "eager_s": 0.5, "steps": 20, "process_s": 30.0, "rel_err": 0.001, "peak_mem_mb": None,
            "counters": {"fxgraph_cache_hit": 0, "fxgraph_cache_miss": 1, "autograd_cache_hit": 0, "autograd_cache_miss": 1},

@@ -293,12 +293,3 @@ def test_matches_the_deepcache_package(unet, branch):
     assert torch.equal(ours, ref)
     assert not torch.equal(ours, base)
 
-
-def test_bench_rows(tmp_path):
-    from sd_accel.bench import BenchConfig, run_bench
-
-    res = run_bench(BenchConfig(steps=3, configs=("deepcache i2",), out_dir=str(tmp_path)))
-    rows = {r.name: r for r in res.rows}
-    assert list(rows) == ["eager fp32 (baseline)", "deepcache i2"]
-    assert 0 < rows["deepcache i2"].rel_err < 0.1 and "1/3 steps shallow" in rows["deepcache i2"].note
-

@@ -240,7 +240,7 @@ def test_the_settings_page_shows_the_declarations(script):
 # --- CLI ------------------------------------------------------------------------------------------------
 
 def test_cli_arguments_follow_the_declarations():
-    from sd_accel.bench.cli import build_parser
+    from sd_accel.cli.main import build_parser
 
     checked = 0
     for sub in build_parser()._subparsers._group_actions[0].choices.values():

@@ -10,8 +10,8 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed: pip install 'ray[serve]'")
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'ray[serve]'")
 
-from sd_accel.bench import serve as sd_serve  # noqa: E402
-from sd_accel.bench.cli import main  # noqa: E402
+from sd_accel.cli.serve import deployment as sd_serve  # noqa: E402
+from sd_accel.cli.main import main  # noqa: E402
 
 
 @pytest.fixture

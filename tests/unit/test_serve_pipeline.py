@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from sd_accel.accel_core import cache_artifacts as ca
 from sd_accel.accel_core import compile_cache as cc
-from sd_accel.bench.serve_pipeline import (Pipeline, RequestError, ServeConfig, bucket_for, buckets, decode_latent, parse_request)
+from sd_accel.cli.serve.pipeline import (Pipeline, RequestError, ServeConfig, bucket_for, buckets, decode_latent, parse_request)
 from testkit.loras import make_random_lora
 
 
@@ -19,8 +19,8 @@ def _body(**kw) -> bytes:
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
-    from sd_accel.bench.models import build_unet
-    from sd_accel.bench.serve_pipeline import MICRO
+    from sd_accel.cli.bench.models import build_unet
+    from sd_accel.cli.serve.pipeline import MICRO
 
     folder = tmp_path_factory.mktemp("loras")
     unet = build_unet(MICRO, 0, "cpu", torch.float32)
@@ -187,7 +187,7 @@ class _FakePipe:
 
 
 def _replica(name, cfg, fail=False):
-    from sd_accel.bench.serve import _Replica
+    from sd_accel.cli.serve.deployment import _Replica
 
     r = _Replica.__new__(_Replica)
     r.name, r.pipe, r.said = name, _FakePipe(cfg, fail), []
@@ -197,7 +197,7 @@ def _replica(name, cfg, fail=False):
 
 @pytest.mark.parametrize("shared_folder", [False, True])
 def test_the_first_replica_compiles_and_publishes_the_others_import(shared_folder, tmp_path):
-    from sd_accel.bench.serve import _Store
+    from sd_accel.cli.serve.deployment import _Store
 
     cfg = ServeConfig(preset="micro", cache_dir=str(tmp_path) if shared_folder else None)
     store = _Handle(_Store(b"junk", "seed.sdca"))
@@ -217,7 +217,7 @@ def test_the_first_replica_compiles_and_publishes_the_others_import(shared_folde
 
 
 def test_a_replica_that_fails_to_compile_hands_the_job_on():
-    from sd_accel.bench.serve import _Store
+    from sd_accel.cli.serve.deployment import _Store
 
     cfg = ServeConfig(preset="micro")
     store = _Handle(_Store())

@@ -20,8 +20,8 @@ ray = pytest.importorskip("ray", reason="Ray Serve is not installed: pip install
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'ray[serve]'")
 
 from sd_accel.accel_core import compile_cache as cc  # noqa: E402
-from sd_accel.bench import serve as sd_serve  # noqa: E402
-from sd_accel.bench.serve_pipeline import ServeConfig  # noqa: E402
+from sd_accel.cli.serve import deployment as sd_serve  # noqa: E402
+from sd_accel.cli.serve.pipeline import ServeConfig  # noqa: E402
 
 
 def _free_port() -> int:
@@ -128,7 +128,7 @@ def test_concurrent_requests_are_batched(fleet):
 
 
 def test_cli_checks_its_arguments_and_starts_without_a_damaged_artifacts_file(tmp_path, monkeypatch, capsys):
-    from sd_accel.bench.cli import main
+    from sd_accel.cli.main import main
 
     assert main(["serve", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
     assert "does not exist; expected an SD1.x / SDXL .safetensors file" in capsys.readouterr().err

@@ -13,11 +13,11 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from ..accel_core.casting import CastConfig, cast
-from ..accel_core.compiling import CompileConfig, compile
-from ..accel_core.deepcaching import DeepCacheConfig, deepcache, full_steps
-from ..accel_core.lcm import LcmConfig, lcm_sample
-from ..accel_core.lora import LoraSpec, apply_loras
+from ...accel_core.casting import CastConfig, cast
+from ...accel_core.compiling import CompileConfig, compile
+from ...accel_core.deepcaching import DeepCacheConfig, deepcache, full_steps
+from ...accel_core.lcm import LcmConfig, lcm_sample
+from ...accel_core.lora import LoraSpec, apply_loras
 from .measure import BenchContext, Inputs, Timing, compare, make_inputs, rel_err, sample, time_runs, timed_row, unet_caller
 from .synthetic import make_random_lora
 

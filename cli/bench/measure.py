@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from ..accel_core.errors import SDAccelError, choice_error
-from ..accel_core.log import plural
+from ...accel_core.errors import SDAccelError, choice_error
+from ...accel_core.log import plural
 from .models import PRESETS, Preset, build_unet
 
 HOSTS = ("diffusers", "comfy")

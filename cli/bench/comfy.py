@@ -33,8 +33,8 @@ from typing import Callable
 
 import torch
 
-from ..accel_core.errors import SDAccelError
-from ..accel_core.log import logger
+from ...accel_core.errors import SDAccelError
+from ...accel_core.log import logger
 from .measure import BenchConfig, BenchRow, compare, failed_row, rel_err, time_runs, timed_row
 
 # UNet configs as comfy/model_detection.py writes them (identical in ComfyUI 0.3.64 and 0.8.0).
@@ -411,7 +411,7 @@ class ComfyBench:
 
         log: list = []
         m = model.clone()
-        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "sd_accel.bench.span", functools.partial(_unet_span_wrapper, log))
+        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "sd_accel.cli.bench.span", functools.partial(_unet_span_wrapper, log))
         run(m)
         torch.cuda.synchronize()
         return sum(s.elapsed_time(e) for s, e in log) / max(1, steps)
@@ -459,17 +459,17 @@ def builtin_compile(model, backend: str = "inductor"):
 
 def our_compile(model, mode: str, dynamic: bool | None = False, guards: str = "full"):
     if dynamic is None or guards != "full":  # not node choices: through the adapter
-        from ..accel_core.compiling import CompileConfig
-        from ..accel_core.hosts.comfy import apply_compile
+        from ...accel_core.compiling import CompileConfig
+        from ...accel_core.hosts.comfy import apply_compile
 
         return apply_compile(model, CompileConfig(backend="inductor", mode=mode, dynamic=dynamic, guards=guards))
-    from ..nodes.compile import SDAccelCompileUNet
+    from ...nodes.compile import SDAccelCompileUNet
 
     return SDAccelCompileUNet().apply(model, backend="inductor", mode=mode, dynamic=dynamic, fullgraph=False)[0]
 
 
 def our_cast(model, channels_last=True, attention="auto"):
-    from ..nodes.cast import SDAccelFP16Cast
+    from ...nodes.cast import SDAccelFP16Cast
 
     return SDAccelFP16Cast().apply(model, dtype="auto", channels_last=channels_last, attention=attention)[0]
 
@@ -484,7 +484,7 @@ def inductor_patch(**opts):
 
 def _report_status(model) -> str:
     """Our compile report's status ("compiled", "partial", "eager") for models our nodes patched."""
-    from ..accel_core.hosts.comfy import compile_report
+    from ...accel_core.hosts.comfy import compile_report
 
     try:
         rep = compile_report(model)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import textwrap
 
-from ..accel_core.log import plural
+from ...accel_core.log import plural
 from .measure import BenchResult
 
 
 def write_chart(result: BenchResult, path: str) -> str | None:
-    from ..accel_core.optional import is_available, warn_missing
+    from ...accel_core.optional import is_available, warn_missing
 
     if not is_available("matplotlib"):
         warn_missing("matplotlib", "so the benchmark chart (PNG) is not written")

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..accel_core.errors import SDAccelError
+from ...accel_core.errors import SDAccelError
 from .capture import captured
 from .chart import write_chart
 from .measure import (CPU_DEFAULT_PREFIXES, CPU_DEFAULT_ROWS, BenchConfig, BenchContext, BenchResult, available_cores, busy_reason,

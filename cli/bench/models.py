@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..accel_core.checkpoint import read_safetensors
-from ..accel_core.errors import SDAccelError
+from ...accel_core.checkpoint import read_safetensors
+from ...accel_core.errors import SDAccelError
 
 # "tiny" keeps SD1.5's block layout (4 levels, 2 res blocks each, cross-attention in the first 3)
 # with narrow widths.
@@ -42,7 +42,7 @@ PRESETS = {
 
 
 def build_unet(preset: Preset, seed: int, device: str, dtype: torch.dtype, checkpoint: str | None = None):
-    from ..accel_core.optional import require
+    from ...accel_core.optional import require
 
     diffusers = require("diffusers", "the benchmark")
     if checkpoint:

@@ -8,7 +8,7 @@ fixed set of batch sizes so the compiled UNet meets a handful of shapes; the pad
 dropped. Each request's latent depends only on its own seed and settings.
 
 `Pipeline.export_artifacts()` / `import_artifacts()` carry the compiled code between replicas
-(cache_artifacts' files); `bench/serve.py` hands them out with Ray.
+(cache_artifacts' files); `deployment.py` hands them out with Ray.
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from ..accel_core import CompileConfig, DeepCacheConfig, LoraSpec, SDAccelError, apply_loras, compile, deepcache
-from ..accel_core import cache_artifacts as ca
-from ..accel_core.options import declared
-from .measure import make_inputs
-from .models import PRESETS, Preset, build_unet
+from ...accel_core import CompileConfig, DeepCacheConfig, LoraSpec, SDAccelError, apply_loras, compile, deepcache
+from ...accel_core import cache_artifacts as ca
+from ...accel_core.options import declared
+from ..bench.measure import make_inputs
+from ..bench.models import PRESETS, Preset, build_unet
 
 # A UNet of a few kB with the SD block kinds (cross-attention down/up, mid block): for tests of the
 # serving plumbing, where compile time matters more than numbers.

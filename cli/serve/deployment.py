@@ -21,9 +21,9 @@ import logging
 import time
 from dataclasses import asdict
 
-from ..accel_core import cache_artifacts as ca
-from ..accel_core.errors import SDAccelError
-from .serve_pipeline import Pipeline, RequestError, ServeConfig, parse_request
+from ...accel_core import cache_artifacts as ca
+from ...accel_core.errors import SDAccelError
+from .pipeline import Pipeline, RequestError, ServeConfig, parse_request
 
 STORE = "sd_accel_artifacts"
 NAMESPACE = "sd_accel"

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from ..accel_core.errors import SDAccelError
-from ..accel_core.log import logger
+from ...accel_core.errors import SDAccelError
+from ...accel_core.log import logger
 from .comfy import BASELINE, PRESETS, ComfyBench, builtin_compile, inductor_patch, our_cast, our_compile, comfy_version
 from .measure import BenchConfig, BenchResult
 from .warmup import COLD, WARM, warmup_rows
@@ -70,7 +70,7 @@ def _has(module: str) -> bool:
 
 
 def _deepcache(model, interval: int):
-    from ..nodes.deepcache import SDAccelDeepCache
+    from ...nodes.deepcache import SDAccelDeepCache
 
     return SDAccelDeepCache().apply(model, cache_interval=interval, cache_depth=0, start_percent=0.0, end_percent=1.0, schedule="uniform")[0]
 
@@ -86,7 +86,7 @@ def _lcm_runner(b: ComfyBench, base, cfg_scale: float = 1.5):
 
     import folder_paths
 
-    from ..nodes.lcm import SDAccelLCMLoRASampler
+    from ...nodes.lcm import SDAccelLCMLoRASampler
 
     if not getattr(b, "_lcm_lora_written", False):  # one file for every LCM row
         folder = tempfile.mkdtemp(prefix="sd_accel_bench_lora_")

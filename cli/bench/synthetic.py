@@ -1,12 +1,13 @@
-"""Seeded random LoRAs in the real key formats, for the benchmark's LoRA rows and for tests."""
+"""Seeded random LoRAs in the real key formats, for the benchmark's LoRA rows (the tests have their own,
+tests/testkit/loras.py)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..accel_core.errors import choice_error
-from ..accel_core.lora_file import ALPHA_SUFFIX, KEY_PAIRS
-from ..accel_core.families.unet_names import UNetNames
+from ...accel_core.errors import choice_error
+from ...accel_core.lora_file import ALPHA_SUFFIX, KEY_PAIRS
+from ...accel_core.families.unet_names import UNetNames
 
 FORMATS = ("kohya-ldm", "kohya-diffusers", "peft", "diffusers-old")
 

@@ -11,7 +11,7 @@ The child builds the ComfyUI model as `bench.comfy` does, runs ComfyUI eager sam
 sampling run (load of the cache, dynamo tracing, inductor or cache hits, CUDA-graph
 recording) and the steady run after it. It prints one JSON line.
 
-    python -m sd_accel.bench.warmup --preset tiny      # CPU smoke run (COMFYUI_PATH set)
+    python -m sd_accel.cli.bench.warmup --preset tiny      # CPU smoke run (COMFYUI_PATH set)
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 
-from ..accel_core.log import logger
+from ...accel_core.log import logger
 from .measure import BenchConfig, BenchRow
 
 MARK = "SD_ACCEL_WARMUP "
@@ -39,7 +39,7 @@ WARM = "warm-up: first compiled run, warm (compile cache of the cold process)"
 
 def run_child(cfg: BenchConfig, cache_dir: str, inductor_dir: str, mode: str = "reduce-overhead", timeout_s: float = 1800) -> dict:
     """One fresh process: {"first_s", "steady_s", "eager_s", "counters", "report", ...}, or {"error": ...}."""
-    from ..accel_core import compile_cache
+    from ...accel_core import compile_cache
     from .comfy import comfy_root
 
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_dir, COMFYUI_PATH=comfy_root(cfg.comfyui_path))
@@ -99,7 +99,7 @@ def warmup_rows(cfg: BenchConfig, mode: str = "reduce-overhead", diagnostics: di
                 rec = {"error": "the cold run failed"}
             else:
                 rec = run_child(cfg, cache_dir, os.path.join(tmp, f"inductor-{tag}"), mode, timeout_s)
-                from ..accel_core import compile_cache
+                from ...accel_core import compile_cache
 
                 rec["cache_files_after"] = len(compile_cache.entries(cache_dir))
                 rec["cache_bytes_after"] = sum(e.size for e in compile_cache.entries(cache_dir))
@@ -121,7 +121,7 @@ def _child(spec: dict) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
-    from ..accel_core.hosts.comfy import compile_report
+    from ...accel_core.hosts.comfy import compile_report
     from .comfy import PRESETS, ComfyBench, our_compile, sync_device, write_profile
     from .measure import rel_err
 
@@ -210,7 +210,7 @@ class _BypassReasons(logging.Handler):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sd_accel.bench.warmup", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sd_accel.cli.bench.warmup", description=__doc__.splitlines()[0])
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="tiny")
