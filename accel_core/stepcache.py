@@ -34,6 +34,7 @@ import torch
 from . import events
 from .errors import SDAccelError, check_range, choice_error
 from .log import logger
+from .options import check_declared, option
 
 MODES = ("fixed", "adaptive", "forecast")
 CFG_MODES = ("separate", "shared")
@@ -55,17 +56,30 @@ class StepCacheConfig:
         cfg: "separate" (one cache per cond/uncond composition) or "shared" (one for all calls).
     """
 
-    mode: str = "fixed"
-    interval: int = 3
-    front_blocks: int = 1
-    back_blocks: int = 0
-    threshold: float = 0.1
-    max_cached: int = 3
-    start_percent: float = 0.0
-    end_percent: float = 1.0
-    cfg: str = "separate"
+    mode: str = option("fixed", "fixed: a full step every N steps, predictable speed. adaptive: caches while the first blocks' output "
+                       "barely changes (speed depends on the image). forecast: the fixed schedule, extrapolating the cached change "
+                       "from the last two full steps: better quality at the same speed.", label="Step Cache mode", choices=MODES)
+    interval: int = option(3, "fixed/forecast: run every block every N steps; 1 turns the cache off. Higher is faster and drifts further.",
+                           label="Step Cache interval (1 = off)", min=1, max=20, step=1)
+    front_blocks: int = option(1, "Blocks that always run first. More: better quality, less saved per cached step. adaptive needs >= 1.",
+                               label="Step Cache front blocks", min=0, max=64, step=1, per_model=True)
+    back_blocks: int = option(0, "Blocks that always run last (they refine details). More: better quality, less saved.",
+                              label="Step Cache back blocks", min=0, max=64, step=1, per_model=True)
+    threshold: float = option(0.1, "adaptive: cache while the first blocks' output changed by less than this (relative) since the last "
+                              "full step. Higher: more cached steps, more drift; 0 never caches.", label="Step Cache threshold",
+                              min=0.0, max=10.0, step=0.005)
+    max_cached: int = option(3, "adaptive: at most this many cached steps in a row, a bound on drift; 0 turns the cache off.",
+                             label="Step Cache max cached in a row", min=0, max=50, step=1)
+    start_percent: float = option(0.0, "Steps before this fraction of the run always run in full (the layout forms early).",
+                                  label="Step Cache start", min=0.0, max=1.0, step=0.01)
+    end_percent: float = option(1.0, "Steps after this fraction of the run always run in full (lower it to keep the last details exact).",
+                                label="Step Cache end", min=0.0, max=1.0, step=0.01)
+    cfg: str = option("separate", "separate: cond and uncond keep their own caches (safe). shared: one cache; when ComfyUI runs cond and "
+                      "uncond apart, uncond reuses cond's cached change of the same step (faster, less exact). Identical when they "
+                      "run batched.", label="Step Cache CFG", choices=CFG_MODES)
 
     def __post_init__(self):
+        check_declared(self, "Step Cache")
         if self.mode not in MODES:
             raise choice_error("mode", self.mode, MODES)
         if self.cfg not in CFG_MODES:
