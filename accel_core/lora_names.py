@@ -1,6 +1,12 @@
-"""UNet layer names for LoRA keys: the diffusers <-> LDM name table, derived from the module's own
-block structure (so it follows whatever the host built), and the match of a file's layers to
-the UNet's weights.
+"""Layer names for LoRA keys, and the match of a file's layers to a model's weights.
+
+Every parameter answers to its own module path (`double_blocks.0.img_attn.qkv`, any of the
+prefixes `lora_file._UNET_PREFIXES` strips, dots or kohya underscores). On top of that:
+- SD UNets: the diffusers <-> LDM name table, derived from the module's own block structure
+  (so it follows whatever the host built);
+- DiT families: the family's LoRA name map (`families.<family>_lora.lora_aliases`), which may
+  point a name at a slice of a fused weight (`(dim, start, size)`: diffusers' to_q/to_k/to_v on
+  ComfyUI's Flux qkv) the way ComfyUI's `model_lora_keys_unet` does.
 """
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lora_file import _UNET_PREFIXES, LoraFile, LoraLayer
+from .lora_file import _UNET_PREFIXES, DiffLayer, LoraFile, LoraLayer
 from .unet import DIFFUSERS, LDM, unet_kind
 
 # --- UNet names: LDM <-> diffusers -------------------------------------------------------------
@@ -156,69 +162,134 @@ class UNetNames:
         return name if self.kind == LDM else self.other(name)
 
 
+def _family_map(module: nn.Module):
+    """(family label, its LoRA name map or None) for a DiT the core knows, else (None, None)."""
+    from .families import lora_maps
+
+    return lora_maps.for_module(module)
+
+
 class _Targets:
-    """Every name a LoRA file may use for each weight of one UNet -> that weight's parameter name."""
+    """Every name a LoRA file may use for each weight of one model -> (parameter name, offset)."""
 
     def __init__(self, unet: nn.Module):
         self.names = UNetNames(unet)
-        self.exact: dict[str, str] = {}
-        self.flat: dict[str, str] = {}
+        self.family, family_map = _family_map(unet) if self.names.kind is None else (None, None)
+        self.exact: dict[str, tuple[str, object]] = {}
+        self.flat: dict[str, tuple[str, object]] = {}
         self.shapes: dict[str, torch.Size] = {}
-        for mname, mod in unet.named_modules():
-            w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
-            if w is None or w.dim() < 2:
-                continue
-            pname = f"{mname}.weight"
+        for pname, w in unet.named_parameters():
             self.shapes[pname] = w.shape
+            if not pname.endswith(".weight"):
+                self._add(pname.replace(".base_layer", ""), pname)  # bare parameters (Wan's modulation): their own name
+                continue
+            mname = pname[: -len(".weight")]
             clean = mname.replace(".base_layer", "")  # PEFT-injected diffusers layers
             aliases = {clean}
-            other = self.names.other(clean)
-            if other:
-                aliases.add(other)
-            alt = _BASIC_ALT.get(self.names.ldm_name(clean) or "")
-            if alt:
-                aliases.add(alt)
-            diff = self.names.diffusers_name(clean)
-            if diff and ".to_" in diff:  # old diffusers attention-processor names
-                proc = diff.replace(".to_", ".processor.to_")
-                aliases.add(proc[:-2] if proc.endswith(".to_out.0") else proc)
+            if w.dim() >= 2:
+                other = self.names.other(clean)
+                if other:
+                    aliases.add(other)
+                alt = _BASIC_ALT.get(self.names.ldm_name(clean) or "")
+                if alt:
+                    aliases.add(alt)
+                diff = self.names.diffusers_name(clean)
+                if diff and ".to_" in diff:  # old diffusers attention-processor names
+                    proc = diff.replace(".to_", ".processor.to_")
+                    aliases.add(proc[:-2] if proc.endswith(".to_out.0") else proc)
             for a in aliases:
-                self.exact[a] = pname
-                self.flat[a.replace(".", "_")] = pname
+                self._add(a, pname)
+        if family_map is not None:
+            for alias, pname, offset in family_map(unet):
+                if pname in self.shapes:
+                    self._add(alias, pname, offset, keep=True)
 
-    def lookup(self, base: str) -> str | None:
+    def _add(self, alias: str, pname: str, offset=None, keep: bool = False):
+        for table, key in ((self.exact, alias), (self.flat, alias.replace(".", "_"))):
+            if not (keep and key in table):  # a module's own name wins over a family alias spelled the same
+                table[key] = (pname, offset)
+
+    @property
+    def family_name(self) -> str:
+        return self.family or _FAMILY_HINTS[0][0]
+
+    def label(self) -> str:
+        if self.family:
+            return f"{self.family} model ({len(self.shapes)} weights)"
+        ctx = next((s[1] for n, s in self.shapes.items() if n.endswith("attn2.to_k.weight")), None)
+        arch = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(ctx, f"cross-attention width {ctx}")
+        return f"{arch} UNet ({self.names.kind}, {len(self.shapes)} weights)"
+
+    def lookup(self, base: str) -> tuple[str, object] | None:
         changed = True
         while changed:  # prefixes may nest: base_model.model.unet....
             changed = False
             for p in _UNET_PREFIXES:
                 if base.startswith(p):
                     base, changed = base[len(p):], True
+                    break
         return self.exact.get(base) or self.flat.get(base.replace(".", "_"))
+
+
+# Key fragments that say which family a LoRA file was made for (for the wrong-model message).
+_FAMILY_HINTS = (
+    ("SD1.x/SD2.x/SDXL UNet", ("input_blocks", "output_blocks", "down_blocks", "up_blocks", "mid_block", "middle_block")),
+    ("Flux", ("double_blocks", "single_blocks", "single_transformer_blocks", "qkv_lora")),
+    ("Qwen-Image", ("img_mlp.net", "img_mlp_net", "img_mod.1", "img_mod_1", "txt_mlp.net", "txt_mlp_net")),
+    ("Wan", ("self_attn.q", "self_attn_q", "cross_attn.k", "cross_attn_k", "blocks.0.ffn", "blocks_0_ffn")),
+    ("Z-Image / Lumina 2", ("noise_refiner", "context_refiner", "attention.qkv", "attention_qkv", "feed_forward.w", "feed_forward_w")),
+)
+
+
+def guess_family(keys) -> str | None:
+    """The model family a LoRA's layer names point to, or None."""
+    votes = {}
+    for k in keys:
+        for fam, frags in _FAMILY_HINTS:
+            if any(f in k for f in frags):
+                votes[fam] = votes.get(fam, 0) + 1
+    return max(votes, key=votes.get) if votes else None
 
 
 @dataclass
 class Resolved:
-    """A file's layers placed on one UNet."""
+    """A file's layers placed on one model: parameter -> [(layer, offset), ...]."""
 
-    by_param: dict[str, LoraLayer]
+    by_param: dict[str, list[tuple[LoraLayer | DiffLayer, object]]]
     matched: int
     total: int
     unmatched: list[str]
     wrong_shape: list[tuple[str, tuple, tuple]]
 
 
+def _fits(layer, shape) -> tuple[bool, tuple]:
+    if isinstance(layer, DiffLayer):
+        return layer.diff.numel() == shape.numel() and layer.diff.shape[0] == shape[0], tuple(layer.diff.shape)
+    in_numel = layer.down[0].numel() if layer.mid is None else layer.down.shape[1] * layer.mid[0, 0].numel()
+    return layer.up.shape[0] == shape[0] and in_numel == shape[1:].numel(), (layer.up.shape[0], in_numel)
+
+
 def _resolve(lf: LoraFile, targets: _Targets) -> Resolved:
     by_param, unmatched, wrong = {}, [], []
-    for base, layer in lf.layers.items():
-        pname = targets.lookup(base)
-        if pname is None:
-            unmatched.append(base)
+    matched = 0
+    for key, layer in lf.layers.items():
+        hit = targets.lookup(layer.base)
+        if hit is not None and isinstance(layer, DiffLayer) and layer.bias:
+            pname, offset = hit
+            bias = pname[: -len(".weight")] + ".bias" if pname.endswith(".weight") and offset is None else None
+            hit = (bias, None) if bias in targets.shapes else None
+        if hit is None:
+            unmatched.append(key)
             continue
+        pname, offset = hit
         shape = targets.shapes[pname]
-        out_ok = layer.up.shape[0] == shape[0]
-        in_numel = layer.down[0].numel() if layer.mid is None else layer.down.shape[1] * layer.mid[0, 0].numel()
-        if not out_ok or in_numel != shape[1:].numel():
-            wrong.append((base, (layer.up.shape[0], in_numel), tuple(shape)))
+        if isinstance(offset, tuple):
+            dim, _, size = offset
+            shape = torch.Size(size if d == dim else n for d, n in enumerate(shape))
+        ok, got = _fits(layer, shape)
+        if not ok:
+            wrong.append((key, got, tuple(shape)))
             continue
-        by_param[pname] = layer
-    return Resolved(by_param, len(by_param), len(lf.layers), unmatched, wrong)
+        by_param.setdefault(pname, []).append((layer, offset))
+        matched += 1
+    return Resolved(by_param, matched, len(lf.layers), unmatched, wrong)
