@@ -162,6 +162,16 @@ class UNetNames:
         return name if self.kind == LDM else self.other(name)
 
 
+def _patchable(unet: nn.Module):
+    """(name, parameter) of every parameter a weight patch may change: those of modules without
+    parameters below them (ComfyUI's ModelPatcher patches no others, e.g. not Wan's `blocks.N.modulation`)."""
+    for mname, mod in unet.named_modules():
+        own = list(mod.named_parameters(recurse=False))
+        if own and not any(True for c in mod.children() for _ in c.parameters()):
+            for n, p in own:
+                yield (f"{mname}.{n}" if mname else n), p
+
+
 def _family_map(module: nn.Module):
     """(family label, its LoRA name map or None) for a DiT the core knows, else (None, None)."""
     from .families import lora_maps
@@ -178,7 +188,7 @@ class _Targets:
         self.exact: dict[str, tuple[str, object]] = {}
         self.flat: dict[str, tuple[str, object]] = {}
         self.shapes: dict[str, torch.Size] = {}
-        for pname, w in unet.named_parameters():
+        for pname, w in _patchable(unet):
             self.shapes[pname] = w.shape
             if not pname.endswith(".weight"):
                 self._add(pname.replace(".base_layer", ""), pname)  # bare parameters (Wan's modulation): their own name

@@ -19,7 +19,7 @@ _DOUBLE_XLABS = {"processor.qkv_lora1": "img_attn.qkv", "processor.qkv_lora2": "
                  "processor.proj_lora1": "img_attn.proj", "processor.proj_lora2": "txt_attn.proj"}
 _SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2", "attn.norm_q": "norm.query_norm",
            "attn.norm_k": "norm.key_norm", "attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2",
-           "processor.proj_lora": "linear2"}
+           "processor.proj_lora": "linear2", "processor.proj": "linear2"}
 _BASIC = {"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_embedder": "txt_in",
           "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
           "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
@@ -48,6 +48,7 @@ def lora_aliases(flux):
         yield f"{src}.proj_mlp", linear1, (0, 3 * h, block.linear1.weight.shape[0] - 3 * h)
         yield f"{dst}.linear1_qkv", linear1, (0, 0, 3 * h)  # ComfyUI's own name for the q/k/v part
         yield f"{dst}.processor.qkv_lora", linear1, (0, 0, 3 * h)  # XLabs
+        yield f"{dst}.processor.qkv", linear1, (0, 0, 3 * h)  # XLabs `qkv_lora.up.weight` read as an old-diffusers `_lora.up` pair
         for a, b in _SINGLE.items():
             yield f"{dst if a.startswith('processor.') else src}.{a}", f"{dst}.{b}.weight", None
     for a, b in _BASIC.items():
