@@ -22,7 +22,7 @@ from . import events
 from .backends import BACKENDS, CHOICES, resolve
 from .errors import SDAccelError, check_flag, choice_error
 from .log import logger
-from .unet import compile_units, describe, module_dtype, split_unit
+from .families import compile_units, describe, module_dtype, split_unit
 
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 GUARDS = ("full", "skip-module")

@@ -14,7 +14,7 @@ Shallower is faster and further from the full result.
 
 The decision full/shallow is made here, in eager Python, outside any compiled code. The
 full path (which also hands back the feature to keep) and the shallow path are two separate
-callables (the walks in `unet/`); with compile each is compiled once (`cut_paths`).
+callables (the walks in `families/`); with compile each is compiled once (`cut_paths`).
 
 One runner (`DeepCacheRunner`: step decision, kept features, counts) serves every host:
 ComfyUI through `hosts/comfy_deepcache.py`, A1111 and Forge through `hosts/webui.py`,
@@ -35,8 +35,7 @@ from . import events
 from .errors import SDAccelError, check_range, choice_error
 from .log import logger
 from .registry import compiled_for
-from .unet import DIFFUSERS, skip_count, unet_kind
-from .unet import diffusers as dwalk
+from .families import family_of, skip_count
 
 SCHEDULES = ("uniform", "non-uniform")
 # Non-uniform schedule: full steps packed around this point of the window (as a fraction of it)
@@ -413,7 +412,8 @@ class DeepCacheUNet:
     def __init__(self, unet: nn.Module, config: DeepCacheConfig, compile=None):
         self.unet, self.config, self.compile_config = unet, config, compile
         d = config.cache_depth
-        paths = cut_paths(unet, d, functools.partial(dwalk.full, unet, d), functools.partial(dwalk.shallow, unet, d), compile)
+        walk = family_of(unet).walk
+        paths = cut_paths(unet, d, functools.partial(walk.full, unet, d), functools.partial(walk.shallow, unet, d), compile)
         self.full_path, self.shallow_path = paths.full, paths.shallow
         self.runner = DeepCacheRunner(config, paths)
 
@@ -480,10 +480,11 @@ def deepcache(unet: nn.Module, config: DeepCacheConfig | None = None, *, compile
         ...         eps = dc(latents_in, t, encoder_hidden_states=ctx).sample
     """
     config = config or DeepCacheConfig()
-    if unet_kind(unet) != DIFFUSERS:
+    fam = family_of(unet)
+    if fam is None or fam.walk is None:  # the other families are cut by their host's walk (the nodes, the webui)
         raise SDAccelError(f"SD Accel DeepCache: deepcache() takes a diffusers UNet2DConditionModel, found {type(unet).__name__}. "
                            "For ComfyUI use the DeepCache (SD Accel) node.")
-    dwalk.check(unet)
+    fam.walk.check(unet)
     check_depth(unet, config)
     return DeepCacheUNet(unet, config, compile=compile)
 

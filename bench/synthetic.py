@@ -6,7 +6,7 @@ from torch import nn
 
 from ..accel_core.errors import choice_error
 from ..accel_core.lora_file import _ALPHA, _PAIRS
-from ..accel_core.lora_names import UNetNames
+from ..accel_core.families.unet_names import UNetNames
 
 FORMATS = ("kohya-ldm", "kohya-diffusers", "peft", "diffusers-old")
 

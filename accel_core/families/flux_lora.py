@@ -54,3 +54,8 @@ def lora_aliases(flux):
     for a, b in _BASIC.items():
         yield a, f"{b}.weight", None
     yield "norm_out.linear", "final_layer.adaLN_modulation.1.weight", "swap_halves"
+
+
+def lora_keys(module) -> dict:
+    """The registry's LoRA name map slot: {alias: (parameter name, offset)}; a module's own names come on top."""
+    return {alias: (pname, offset) for alias, pname, offset in lora_aliases(module)}

@@ -28,3 +28,8 @@ def lora_aliases(dit):
                 yield f"{p}.{a}", f"{p}.{b}.weight", None
     for a, b in _BASIC.items():
         yield a, f"{b}.weight", None
+
+
+def lora_keys(module) -> dict:
+    """The registry's LoRA name map slot: {alias: (parameter name, offset)}; a module's own names come on top."""
+    return {alias: (pname, offset) for alias, pname, offset in lora_aliases(module)}

@@ -18,7 +18,7 @@ from ..compile import CompileConfig, CompiledUNet
 from ..compile_cache import default_cache_dir
 from ..errors import SDAccelError
 from ..log import logger
-from ..unet import LDM, unet_kind
+from ..families import families, family_of
 
 COMPILE_KEY = "sd_accel.compile"
 _MISSING = object()
@@ -45,8 +45,13 @@ def _missing_hooks(model) -> list[str]:
     return missing + [f"CallbacksMP.{k}" for k in ("ON_PRE_RUN", "ON_CLEANUP", "ON_DETACH") if not hasattr(getattr(pe, "CallbacksMP", None), k)]
 
 
+# What a node needs of a model's family (a slot of families.Family that must be set); nodes not
+# listed take any registered family.
+_NEEDS = {"DeepCache": "host_walk", "LoRA Hot-Swap": "lora_keys"}
+
+
 def _check_model(model, node: str):
-    """The LDM UNet inside a ComfyUI MODEL, or None (with a warning) when SD Accel cannot patch it."""
+    """The diffusion model inside a ComfyUI MODEL, or None (with a warning) when SD Accel cannot patch it."""
     if not hasattr(model, "clone") or not hasattr(model, "get_model_object"):
         raise SDAccelError(f"SD Accel {node}: expected a ComfyUI MODEL (ModelPatcher), found {type(model).__name__}. Connect the MODEL output of a loader.")
     missing = _missing_hooks(model)
@@ -55,8 +60,11 @@ def _check_model(model, node: str):
                        "Update ComfyUI or SD Accel.", node, ", ".join(missing))
         return None
     unet = model.get_model_object("diffusion_model")
-    if unet_kind(unet) != LDM:
-        logger.warning("SD Accel %s: %s is not a UNet SD Accel knows (SD1.x/SD2.x/SDXL); passing the model through unchanged.", node, type(unet).__name__)
+    need = _NEEDS.get(node)
+    fam = family_of(unet)
+    if fam is None or (need and not getattr(fam, need)):
+        able = "; ".join(f.display for f in families() if not need or getattr(f, need))
+        logger.warning("SD Accel %s: %s is not a model this node knows (%s); passing the model through unchanged.", node, type(unet).__name__, able)
         return None
     return unet
 
@@ -141,11 +149,11 @@ def _compile_wrapper(config: CompileConfig, executor, *args, **kwargs):
     # compiled code, and state_dict keys / LoRA key matching never see a compiled module.
     unet = executor.class_obj.diffusion_model
     compiled = compiled_for(unet, config)
-    prev = _swap_attr(unet, "_forward", compiled)
+    prev = _swap_attr(unet, config.method, compiled)
     try:
         return executor(*args, **kwargs)
     finally:
-        _restore_attr(unet, "_forward", prev)
+        _restore_attr(unet, config.method, prev)
 
 
 def _sdpa_attention(func, *args, **kwargs):
@@ -179,7 +187,7 @@ def apply_compile(model, config: CompileConfig):
     if unet is None:
         return model
     # cache_dir: compiled graphs persist in ComfyUI's user folder, so the next start reuses them.
-    config = replace(config, method="_forward", cache_dir=config.cache_dir or default_cache_dir("comfy"))
+    config = replace(config, method=family_of(unet).entry_of(unet), cache_dir=config.cache_dir or default_cache_dir("comfy"))
     dynamic = is_dynamic(model)
     m = patchable_clone(model, "Compile UNet")
     if m is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..deepcache import DeepCacheConfig, DeepCacheRunner, check_depth, cut_paths
 from ..log import logger
-from ..unet import ldm
+from ..families import ldm
 from .comfy import _check_model, _wrappers_mp, active_compile_config
 
 DEEPCACHE_KEY = "sd_accel.deepcache"

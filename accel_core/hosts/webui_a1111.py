@@ -16,7 +16,7 @@ from torch import nn
 
 from ..compile import CompiledUNet
 from ..log import logger
-from ..unet import LDM, unet_kind
+from ..families import family_of
 from .webui_cache import _weights_token
 from .webui_lora import fuse_loras, lora_specs, restore_loras, webui_lora_active
 from .webui_options import WebuiOptions
@@ -28,7 +28,8 @@ from .webui_status import Applied, feature_module, record, unavailable_notes
 def a1111_unet(sd_model) -> nn.Module | None:
     model = getattr(sd_model, "model", None)
     unet = getattr(model, "diffusion_model", None)
-    return unet if unet_kind(unet) == LDM else None
+    fam = family_of(unet)
+    return unet if fam is not None and fam.host_walk is not None else None  # the webui runs the host walk (DeepCache)
 
 
 class A1111Patch:

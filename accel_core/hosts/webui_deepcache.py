@@ -1,7 +1,7 @@
 """DeepCache on the webui UNets: the hooks that tell the core's LDM walk how A1111 and Forge differ,
 and the runner told the step by the webui's denoiser.
 
-The walk and the per-call decision are the core's (unet/ldm.py, deepcache.DeepCacheRunner),
+The walk and the per-call decision are the core's (families/ldm.py, deepcache.DeepCacheRunner),
 the same ones ComfyUI uses; here only what the webui forwards do their own way.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import nn
 from ..compile import CompileConfig
 from ..deepcache import DeepCachePaths, DeepCacheRunner, check_depth, cut_paths
 from ..errors import SDAccelError
-from ..unet import ldm
+from ..families import ldm
 
 
 class A1111Hooks(ldm.LdmHooks):

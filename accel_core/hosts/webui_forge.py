@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import SDAccelError
 from ..registry import compiled_for
-from ..unet import LDM, unet_kind
+from ..families import family_of
 from ..log import logger
 from .webui_lora import fuse_loras, lora_specs
 from .webui_options import OFF, WebuiOptions
@@ -139,7 +139,8 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, lora_dirs=None, progress=No
         raise SDAccelError(f"SD Accel: expected Forge's UNet patcher (p.sd_model.forge_objects.unet), found {type(unet_patcher).__name__}.")
     kmodel = getattr(unet_patcher, "model", None)
     unet = getattr(kmodel, "diffusion_model", None)
-    if unet_kind(unet) != LDM:
+    fam = family_of(unet)
+    if fam is None or fam.host_walk is None:  # the webui runner cuts the model with the host walk
         applied.notes.append(f"not applied: {type(unet).__name__} is not an SD1.x/SD2.x/SDXL UNet (Flux and SD3 run unchanged)")
         return unet_patcher, record(applied)
     if opts.cast_on:

@@ -49,7 +49,7 @@ def test_checkpoint_loads_as_sd15(sd15_model, comfy_host):
 
     unet = sd15_model.model.diffusion_model
     assert type(sd15_model.model.model_config) is comfy.supported_models.SD15
-    assert comfy_host.pack_module("accel_core.unet").unet_kind(unet) == "ldm"
+    assert comfy_host.pack_module("accel_core.families").family_of(unet).name == "ldm"
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
     assert {p.dtype for p in unet.parameters()} == {torch.float32}  # fp16 file, fp32 compute on the CPU
 

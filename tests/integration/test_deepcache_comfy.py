@@ -25,7 +25,7 @@ class Pack:
         self.host = host
         self.dc = host.pack_module("accel_core.hosts.comfy_deepcache")
         self.core = host.pack_module("accel_core.deepcache")
-        self.ldm = host.pack_module("accel_core.unet.ldm")
+        self.ldm = host.pack_module("accel_core.families.ldm")
         self.registry = host.pack_module("accel_core.registry")
         self.comfy = host.pack_module("accel_core.hosts.comfy")
         self.compile = host.pack_module("accel_core.compile")

@@ -8,7 +8,7 @@ import torch
 
 from sd_accel.accel_core import CompileConfig, SDAccelError, events
 from sd_accel.accel_core.deepcache import DeepCacheConfig, DeepCacheRunner, DeepCacheState, deepcache, full_steps, skip_count
-from sd_accel.accel_core.unet.diffusers import full as _diffusers_full, shallow as _diffusers_shallow
+from sd_accel.accel_core.families.diffusers import full as _diffusers_full, shallow as _diffusers_shallow
 
 EAGER = dict(backend="inductor", torch_backend="eager")
 

@@ -1,4 +1,4 @@
-"""The one LDM walk (unet/ldm.py) and the one DeepCache runner on a fake host: no ComfyUI or webui needed.
+"""The one LDM walk (families/ldm.py) and the one DeepCache runner on a fake host: no ComfyUI or webui needed.
 
 A tiny LDM-shaped UNet with a host's calling conventions (blocks take transformer_options and
 output_shape, transformers count transformer_index); tests/integration/test_deepcache_comfy.py
@@ -11,7 +11,7 @@ import torch
 
 from sd_accel.accel_core.deepcache import DeepCacheConfig, DeepCachePaths, DeepCacheRunner, cut_paths, full_steps
 from sd_accel.accel_core.hosts.webui_deepcache import A1111, FORGE, DeepCacheRun
-from sd_accel.accel_core.unet import ldm
+from sd_accel.accel_core.families import ldm
 
 
 def timestep_embedding(timesteps, dim, repeat_only=False):

@@ -1,4 +1,4 @@
-"""One walk of the LDM `UNetModel` forward, for ComfyUI, A1111 and Forge: plain, or cut for DeepCache.
+"""The LDM UNet family (SD1.x/SD2.x/SDXL as ComfyUI, A1111 and Forge build it), and one walk of its forward, for ComfyUI, A1111 and Forge: plain, or cut for DeepCache.
 
 The walk is the hosts' shared forward (ComfyUI's `UNetModel._forward`, A1111's ldm/sgm
 `UNetModel.forward`, Forge's `IntegratedUNet2DConditionModel.forward`): time embedding,
@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import functools
 import sys
-import weakref
 
 import torch
 from torch import nn
 
 from ..log import logger
+from . import Family, register, units_of
+from .unet_names import unet_lora_keys
 
 # Patches in transformer_options["patches"] that the walk itself calls (the host's forward does
 # too); per-layer ones (attn1_patch, forward_timestep_embed_patch, ...) are called by the blocks.
@@ -170,17 +171,11 @@ def shallow(unet, hooks, depth, skipped, cached, *args, **kwargs):
     return walk(unet, hooks, depth, skipped, cached, *args, **kwargs)
 
 
-_skipped: "weakref.WeakKeyDictionary[nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()  # int values: no cycle to the key
-
-
 def skipped_transformers(unet: nn.Module, depth: int) -> int:
-    """Transformers in the blocks a shallow run at `depth` skips (counted once per UNet and depth)."""
-    per_unet = _skipped.setdefault(unet, {})
-    if depth not in per_unet:
-        j0 = len(unet.input_blocks) - 1 - depth
-        mods = list(unet.input_blocks[depth + 1:]) + ([unet.middle_block] if unet.middle_block is not None else []) + list(unet.output_blocks[:j0])
-        per_unet[depth] = sum(1 for m in mods for layer in m if any(c.__name__ in TRANSFORMERS for c in type(layer).__mro__))
-    return per_unet[depth]
+    """Transformers in the blocks a shallow run at `depth` skips (counted per cut: a module walk, no state kept)."""
+    j0 = len(unet.input_blocks) - 1 - depth
+    mods = list(unet.input_blocks[depth + 1:]) + ([unet.middle_block] if unet.middle_block is not None else []) + list(unet.output_blocks[:j0])
+    return sum(1 for m in mods for layer in m if any(c.__name__ in TRANSFORMERS for c in type(layer).__mro__))
 
 
 def paths(unet: nn.Module, hooks: LdmHooks, depth: int):
@@ -189,4 +184,17 @@ def paths(unet: nn.Module, hooks: LdmHooks, depth: int):
     return functools.partial(full, unet, hooks, depth, n), functools.partial(shallow, unet, hooks, depth, n)
 
 
-__all__ = ["LdmHooks", "BLOCK_PATCHES", "walk", "forward", "full", "shallow", "paths", "skipped_transformers", "drop_skipped_control", "apply_control"]
+def _is_ldm(module) -> bool:
+    return all(hasattr(module, a) for a in ("input_blocks", "middle_block", "output_blocks", "out", "time_embed"))
+
+
+LDM = register(Family(
+    name="ldm", display="SD1.x/SD2.x/SDXL UNet (LDM UNetModel)", probe=_is_ldm,
+    entry=("_forward", "forward"),  # ComfyUI's body inside its DIFFUSION_MODEL wrappers; A1111/Forge: forward
+    units=lambda m: units_of(m, ["time_embed", "label_emb", "input_blocks", "middle_block", "output_blocks", "out"]),
+    lora_keys=unet_lora_keys,
+    skip_count=lambda m: len(m.input_blocks),
+    host_walk=sys.modules[__name__],
+))
+
+__all__ = ["LDM", "LdmHooks", "BLOCK_PATCHES", "walk", "forward", "full", "shallow", "paths", "skipped_transformers", "drop_skipped_control", "apply_control"]

@@ -1,4 +1,4 @@
-"""One walk of diffusers' `UNet2DConditionModel.forward`: plain, or cut for DeepCache.
+"""The diffusers UNet family (`UNet2DConditionModel`), and one walk of its forward: plain, or cut for DeepCache.
 
 Full (`full`, cut at skip `depth`): the forward, also returning the feature entering the
 up-layer that consumes skip `depth`. Shallow (`shallow`): conv_in and the down layers
@@ -8,11 +8,14 @@ package's `cache_branch_id`.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from ..errors import SDAccelError
-from . import skip_count
+from . import Family, register, units_of
+from .unet_names import unet_lora_keys
 
 _DIFFUSERS_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _DIFFUSERS_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -149,4 +152,20 @@ def shallow(unet, depth, cached, *args, **kwargs):
     return walk(unet, depth, cached, *args, **kwargs)
 
 
-__all__ = ["check", "walk", "full", "shallow"]
+def _is_diffusers(module) -> bool:
+    return all(hasattr(module, a) for a in ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out"))
+
+
+def skip_count(unet) -> int:
+    return 1 + sum(len(b.resnets) + (1 if getattr(b, "downsamplers", None) else 0) for b in unet.down_blocks)
+
+
+DIFFUSERS = register(Family(
+    name="diffusers", display="SD1.x/SD2.x/SDXL UNet (diffusers UNet2DConditionModel)", probe=_is_diffusers,
+    units=lambda m: units_of(m, ["time_embedding", "add_embedding", "conv_in", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out"]),
+    lora_keys=unet_lora_keys,
+    skip_count=skip_count,
+    walk=sys.modules[__name__],
+))
+
+__all__ = ["DIFFUSERS", "check", "walk", "full", "shallow"]
