@@ -29,6 +29,15 @@ _BASIC = {"proj_out": "final_layer.linear", "x_embedder": "img_in", "context_emb
           "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
 
 
+def _w(flux, path: str) -> str:
+    """The patchable parameter of module `path`: `weight`, or `scale` (the RMSNorms of ComfyUI before ~0.4)."""
+    try:
+        params = flux.get_submodule(path)._parameters
+    except AttributeError:
+        return f"{path}.weight"
+    return f"{path}.scale" if "weight" not in params and "scale" in params else f"{path}.weight"
+
+
 def lora_aliases(flux):
     """(alias, parameter name, offset) for every non-native name a Flux LoRA may use."""
     h = flux.hidden_size
@@ -39,7 +48,7 @@ def lora_aliases(flux):
             yield f"{src}.attn.add_{n}_proj", f"{dst}.txt_attn.qkv.weight", (0, j * h, h)
         for table, prefix in ((_DOUBLE, src), (_DOUBLE_XLABS, dst)):
             for a, b in table.items():
-                yield f"{prefix}.{a}", f"{dst}.{b}.weight", None
+                yield f"{prefix}.{a}", _w(flux, f"{dst}.{b}"), None
     for i, block in enumerate(getattr(flux, "single_blocks", ())):
         src, dst = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         linear1 = f"{dst}.linear1.weight"
@@ -50,7 +59,7 @@ def lora_aliases(flux):
         yield f"{dst}.processor.qkv_lora", linear1, (0, 0, 3 * h)  # XLabs
         yield f"{dst}.processor.qkv", linear1, (0, 0, 3 * h)  # XLabs `qkv_lora.up.weight` read as an old-diffusers `_lora.up` pair
         for a, b in _SINGLE.items():
-            yield f"{dst if a.startswith('processor.') else src}.{a}", f"{dst}.{b}.weight", None
+            yield f"{dst if a.startswith('processor.') else src}.{a}", _w(flux, f"{dst}.{b}"), None
     for a, b in _BASIC.items():
         yield a, f"{b}.weight", None
     yield "norm_out.linear", "final_layer.adaLN_modulation.1.weight", "swap_halves"
