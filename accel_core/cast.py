@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import check_flag, choice_error
+from .families import family_of
 
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 # fp8: fp16 compute with fp8 matmuls in the linear layers (accel_core/fp8.py); GPUs with fp8 tensor cores only.
@@ -91,13 +92,14 @@ def cast_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool, source
     `source` optionally overrides tensors by state-dict name (a host's original weights when
     the live ones carry patches). Only the cast tensors are allocated.
     """
+    fam = family_of(module)
     memo: dict[int, object] = {}
     with torch.no_grad():
         for name, p in module.named_parameters(remove_duplicate=False):
             if id(p) in memo:
                 continue
             src = source.get(name, p) if source else p
-            t = _convert(src.detach(), dtype, channels_last)
+            t = _convert(src.detach(), p.dtype if fam is not None and fam.keeps_dtype(name) else dtype, channels_last)
             memo[id(p)] = nn.Parameter(t, requires_grad=False)
         for name, b in module.named_buffers(remove_duplicate=False):
             if id(b) not in memo:

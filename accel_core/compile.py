@@ -117,13 +117,13 @@ class CompileReport:
         return asdict(self)
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(e).__name__}: {first[:160]}"
 
 
-def _is_run_error(e: BaseException) -> bool:
+def is_run_error(e: BaseException) -> bool:
     """Errors that are about this run, not about conversion: never swallow them."""
     return isinstance(e, torch.cuda.OutOfMemoryError) or type(e).__name__ in ("InterruptProcessingException",)
 
@@ -147,7 +147,7 @@ class _Guarded:
                 self.compiled = self.holder.backend.compile(self.eager, self.owner, self.holder.config)
             out = self.compiled(*args, **kwargs)
         except Exception as e:
-            if _is_run_error(e) or not self.holder.config.fallback:
+            if is_run_error(e) or not self.holder.config.fallback:
                 raise
             # A failed conversion still cost time (tracing up to the failure): count it.
             self.holder.report.compile_seconds += time.perf_counter() - t0
@@ -161,7 +161,37 @@ class _Guarded:
         return out
 
 
-class CompiledUNet:
+class DiskCacheUser:
+    """The on-disk compile cache for a holder of compiled code (inductor only: onediff and
+    stable-fast keep their own). Needs `config`, `backend`, `report` and `_device` on the holder."""
+
+    _graphs_seen: int | None = None  # dynamo's graph count at the last cache save (None: no cache)
+    _cache_loaded = ""
+
+    def _load_cache(self):
+        if not self.config.cache_dir or self.backend.name != "inductor" or self.config.torch_backend != "inductor":
+            return
+        from . import compile_cache
+
+        self._cache_loaded = compile_cache.load(self.config.cache_dir, self._device).describe()
+        self.report.cache = self._cache_loaded
+        self._graphs_seen = compile_cache.graphs_compiled()
+
+    def _save_cache(self):
+        if self._graphs_seen is None:
+            return
+        from . import compile_cache
+
+        now = compile_cache.graphs_compiled()
+        if now == self._graphs_seen:  # nothing compiled since the last save: the common, per-step case
+            return
+        self._graphs_seen = now
+        res = compile_cache.save(self.config.cache_dir, self._device, config=self.config)
+        if res.path or res.error:
+            self.report.cache = f"{self._cache_loaded}; {res.describe()}"
+
+
+class CompiledUNet(DiskCacheUser):
     """Holder for one module's compiled entry and its fallback state.
 
     Survives ComfyUI's clone (it lives in a wrapper closure, never in model_options) and is
@@ -188,8 +218,6 @@ class CompiledUNet:
         self._units: list[tuple[nn.Module, _Guarded]] = []
         self._blockwise = False
         self._announced = False
-        self._graphs_seen: int | None = None  # dynamo's graph count at the last cache save (None: no cache)
-        self._cache_loaded = ""
 
     # -- calling -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -202,11 +230,11 @@ class CompiledUNet:
         if self.config.channels_last and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
             args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
         if not self._blockwise:
-            with _roomy_recompile_limit():
+            with roomy_recompile_limit():
                 out = self._whole(*args, **kwargs)
             self._save_cache()  # a recompile (new resolution, batch) compiled something new
             return out
-        with self._units_installed(), _roomy_recompile_limit():
+        with self._units_installed(), roomy_recompile_limit():
             out = self._entry_eager(*args, **kwargs)
         self._settle()
         return out
@@ -242,42 +270,19 @@ class CompiledUNet:
 
     def _on_failure(self, guard: _Guarded, e: Exception):
         if guard is self._whole:
-            self.report.whole_error = _short(e)
+            self.report.whole_error = short_error(e)
             self._blockwise = True
             self._units = [(m, _Guarded(self, n, m.forward, m, 1)) for n, m in compile_units(self.module_ref)]
             logger.warning("SD Accel: %s could not compile the whole UNet (%s); compiling it block by block.", self.backend.name, self.report.whole_error)
             self._progress("<whole>")
             return
         children = split_unit(guard.name, guard.owner) if guard.depth < MAX_SPLIT_DEPTH else []
-        self.report.fallbacks[guard.name] = _short(e)
+        self.report.fallbacks[guard.name] = short_error(e)
         if children:
             guard.state = "split"  # the unit's own code runs eager; its children get their own chance
             self.report.fallbacks[guard.name] += f" [its {len(children)} submodules compiled separately]"
             self._units.extend((m, _Guarded(self, n, m.forward, m, guard.depth + 1)) for n, m in children)
         self._progress(guard.name)
-
-    # -- on-disk compile cache (inductor only: onediff and stable-fast keep their own) ----
-    def _load_cache(self):
-        if not self.config.cache_dir or self.backend.name != "inductor" or self.config.torch_backend != "inductor":
-            return
-        from . import compile_cache
-
-        self._cache_loaded = compile_cache.load(self.config.cache_dir, self._device).describe()
-        self.report.cache = self._cache_loaded
-        self._graphs_seen = compile_cache.graphs_compiled()
-
-    def _save_cache(self):
-        if self._graphs_seen is None:
-            return
-        from . import compile_cache
-
-        now = compile_cache.graphs_compiled()
-        if now == self._graphs_seen:  # nothing compiled since the last save: the common, per-step case
-            return
-        self._graphs_seen = now
-        res = compile_cache.save(self.config.cache_dir, self._device, config=self.config)
-        if res.path or res.error:
-            self.report.cache = f"{self._cache_loaded}; {res.describe()}"
 
     def _progress(self, unit: str):
         # Blockwise compilation can take minutes; tell listeners (the ComfyUI badge) how far it is.
@@ -309,7 +314,7 @@ def _weights_channels_last(module: nn.Module):
 
 
 @contextlib.contextmanager
-def _roomy_recompile_limit():
+def roomy_recompile_limit():
     # Blockwise compilation compiles one code object (ResBlock.forward, ...) for many
     # instances and shapes, and a specialised (dynamic=False) whole UNet gets one entry per
     # resolution x batch; dynamo's default limit of 8 would silently leave the rest eager.
@@ -334,4 +339,4 @@ def compile(module: nn.Module, config: CompileConfig | None = None, *, entry: Ca
     return CompiledUNet(module, config or CompileConfig(), entry=entry, name=name)
 
 
-__all__ = ["CompileConfig", "CompileReport", "CompiledUNet", "compile", "MODES", "BACKENDS"]
+__all__ = ["CompileConfig", "CompileReport", "CompiledUNet", "DiskCacheUser", "compile", "roomy_recompile_limit", "is_run_error", "short_error", "MODES", "BACKENDS"]

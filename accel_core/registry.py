@@ -29,7 +29,7 @@ class Artifacts:
     """What SD Accel made for one module."""
 
     def __init__(self):
-        self.compiled: dict[object, CompiledUNet] = {}
+        self.compiled: dict[object, CompiledUNet] = {}  # and RegionalCompiled under (config, "regional")
         self.copy_key = None
         self.copy: nn.Module | None = None
 
@@ -69,6 +69,17 @@ def compiled_for(module: nn.Module, config: CompileConfig, name: str = "", entry
     return compiled[key]
 
 
+def regional_for(module: nn.Module, family, config: CompileConfig):
+    """The module's DiT blocks compiled regionally with `config` (accel_core/regional.py), made once and kept on the module."""
+    from .regional import RegionalCompiled
+
+    compiled = artifacts(module).compiled
+    key = (config, "regional")
+    if key not in compiled:
+        compiled[key] = RegionalCompiled(module, family, config)
+    return compiled[key]
+
+
 def key_config(key) -> CompileConfig:
     """The CompileConfig of a registry key."""
     return key[0] if isinstance(key, tuple) else key
@@ -90,4 +101,4 @@ def clear() -> int:
     return n
 
 
-__all__ = ["Artifacts", "artifacts", "compiled_of", "compiled_for", "key_config", "modules", "clear", "ATTR"]
+__all__ = ["Artifacts", "artifacts", "compiled_of", "compiled_for", "regional_for", "key_config", "modules", "clear", "ATTR"]

@@ -53,6 +53,8 @@ class Family:
     skip_count(module): UNets: how many skip connections (DeepCache's cut depths) it has.
     host_walk: a forward walk driven by a host's hooks object (families/ldm.py), for hosts that
         cut the model themselves; walk: a host-free cut walk with `full`/`shallow` (families/diffusers.py).
+    keep_dtype: module names whose weights a cast leaves in their dtype (the class builds them
+        fp32 and feeds them fp32, e.g. Wan's patch embedding).
     """
 
     name: str
@@ -65,6 +67,11 @@ class Family:
     skip_count: Callable[[nn.Module], int] | None = None
     host_walk: object = None
     walk: object = None
+    keep_dtype: tuple[str, ...] = ()
+
+    def keeps_dtype(self, name: str) -> bool:
+        """Whether parameter `name` stays in its dtype when the model is cast (the family's class pins it)."""
+        return any(name == p or name.startswith(p + ".") for p in self.keep_dtype)
 
     def entry_of(self, module: nn.Module) -> str:
         """The method name a host routes `module` through."""
@@ -201,7 +208,7 @@ def module_dtype(module: nn.Module) -> ModuleDtype:
 
 
 # The registrations (each file calls `register`); the UNets first.
-from . import ldm, diffusers  # noqa: E402,F401
+from . import ldm, diffusers, flux, qwen_image, zimage, wan  # noqa: E402,F401
 
 __all__ = ["Family", "BlockList", "register", "families", "family_of", "require", "known_names", "skip_count", "describe",
            "compile_units", "split_unit", "units_of", "flatten", "module_dtype", "ModuleDtype"]

@@ -17,8 +17,10 @@ from .. import registry
 from ..compile import CompileConfig, CompiledUNet
 from ..compile_cache import default_cache_dir
 from ..errors import SDAccelError
-from ..log import logger
 from ..families import families, family_of
+from ..log import logger
+from ..regional import is_regional
+from .comfy_memory import regular_copy_fits
 
 COMPILE_KEY = "sd_accel.compile"
 _MISSING = object()
@@ -47,7 +49,7 @@ def _missing_hooks(model) -> list[str]:
 
 # What a node needs of a model's family (a slot of families.Family that must be set); nodes not
 # listed take any registered family.
-_NEEDS = {"DeepCache": "host_walk", "LoRA Hot-Swap": "lora_keys"}
+_NEEDS = {"DeepCache": "host_walk", "LoRA Hot-Swap": "lora_keys", "LCM-LoRA Sampler": "lora_keys"}
 
 
 def _check_model(model, node: str):
@@ -102,6 +104,8 @@ def patchable_clone(model, node: str):
         return None
     shared = "model_override" in params and callable(getattr(model, "get_clone_model_override", None))
     override = _classic.get(model.model) if shared else None
+    if override is None and not regular_copy_fits(model, node):
+        return None
     try:
         m = model.clone(disable_dynamic=True, model_override=override) if shared else model.clone(disable_dynamic=True)
     except RuntimeError as e:  # no cached_patcher_init: the model was not loaded from a file by a core loader
@@ -123,9 +127,9 @@ def compiled_for(unet: torch.nn.Module, config: CompileConfig) -> CompiledUNet:
 def active_compile_config(transformer_options: dict) -> CompileConfig | None:
     """The CompileConfig of the Compile UNet wrapper in this sampling run (from its merged wrappers), if any."""
     entries = transformer_options.get("wrappers", {}).get(_wrappers_mp().APPLY_MODEL, {}).get(COMPILE_KEY, [])
-    for fn in entries:
-        if isinstance(fn, functools.partial) and fn.func is _compile_wrapper:
-            return fn.args[0]
+    for fn in entries:  # _compile_wrapper(config, ...) or comfy_regional.regional_wrapper(family, config, ...)
+        if isinstance(fn, functools.partial):
+            return next((a for a in fn.args if isinstance(a, CompileConfig)), None)
     return None
 
 
@@ -182,16 +186,30 @@ def _host_attention_probes_memory() -> bool:
 
 
 def apply_compile(model, config: CompileConfig):
-    """Clone `model` and install a keyed compile wrapper on the clone."""
+    """Clone `model` and install a keyed compile wrapper on the clone.
+
+    UNets (and DiT families without per-block hooks) compile their entry method whole, with
+    per-block fallback; DiT families with `patches_replace["dit"]` hooks compile regionally.
+    """
     unet = _check_model(model, "Compile UNet")
     if unet is None:
         return model
+    fam = family_of(unet)
     # cache_dir: compiled graphs persist in ComfyUI's user folder, so the next start reuses them.
-    config = replace(config, method=family_of(unet).entry_of(unet), cache_dir=config.cache_dir or default_cache_dir("comfy"))
+    config = replace(config, method=fam.entry_of(unet), cache_dir=config.cache_dir or default_cache_dir("comfy"))
     dynamic = is_dynamic(model)
     m = patchable_clone(model, "Compile UNet")
     if m is None:
         return model
+    if is_regional(fam, unet):
+        from .comfy_regional import regional_wrapper
+
+        m.weight_inplace_update = True  # as below: CUDA graphs keep reading the same parameter storage
+        _attention_for_compile(m)
+        wmp = _wrappers_mp()
+        m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
+        m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(regional_wrapper, fam, config))
+        return m
     if dynamic:
         # The UNet is now the regular copy only SD Accel's clones use, so its conv weights may be
         # stored NHWC for the compiled convolutions; a classic model's UNet is the user's too.
@@ -199,15 +217,19 @@ def apply_compile(model, config: CompileConfig):
     # LoRA patches applied later (ComfyUI's LoraLoader, our hot-swap) then copy into the
     # existing parameters, so CUDA graphs and other captured storage see the new weights.
     m.weight_inplace_update = True
+    _attention_for_compile(m)
+    wmp = _wrappers_mp()
+    m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
+    m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))
+    return m
+
+
+def _attention_for_compile(m):
     to = m.model_options.setdefault("transformer_options", {})
     if "optimized_attention_override" not in to and _host_attention_probes_memory():
         to["optimized_attention_override"] = _sdpa_attention  # a user's or FP16 Cast's choice stays
         logger.info("SD Accel Compile UNet: the compiled model uses PyTorch SDPA attention (ComfyUI's %s asks for free memory "
                     "on every call, which a compiled graph would recompile on).", _host_attention_name())
-    wmp = _wrappers_mp()
-    m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
-    m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))
-    return m
 
 
 def compile_report(model) -> dict | None:

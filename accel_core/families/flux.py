@@ -1,0 +1,19 @@
+"""Flux (Flux.1 dev/schnell, Flux.2, Kontext: ComfyUI's `comfy/ldm/flux` `Flux`) and Chroma
+(`comfy/ldm/chroma`, the same double/single stream blocks).
+
+The forward runs 19 double-stream blocks (image and text streams apart) then 38 single-stream
+blocks (one joint stream) on Flux.1-dev; each block i is offered to
+`patches_replace["dit"][("double_block", i)]` / `[("single_block", i)]` with its inputs
+(img, txt, vec, pe, attn_mask, transformer_options) and the original block.
+"""
+from __future__ import annotations
+
+from . import BlockList, Family, register
+from ._dit import probe
+
+FLUX = register(Family(
+    name="flux", display="Flux / Chroma (DiT)",
+    probe=probe(("Flux", "Chroma", "ChromaRadiance"), "double_blocks", "single_blocks"),
+    entry=("_forward", "forward"),
+    blocks=(BlockList("double_blocks", "double_block"), BlockList("single_blocks", "single_block")),
+))

@@ -1,0 +1,16 @@
+"""Qwen-Image (ComfyUI's `comfy/ldm/qwen_image` `QwenImageTransformer2DModel`; also its edit models).
+
+60 identical dual-stream blocks (`transformer_blocks`), each offered to
+`patches_replace["dit"][("double_block", i)]` (img, txt, vec, pe, transformer_options).
+"""
+from __future__ import annotations
+
+from . import BlockList, Family, register
+from ._dit import probe
+
+QWEN_IMAGE = register(Family(
+    name="qwen_image", display="Qwen-Image (DiT)",
+    probe=probe(("QwenImageTransformer2DModel",), "transformer_blocks"),
+    entry=("_forward", "forward"),
+    blocks=(BlockList("transformer_blocks", "double_block"),),
+))

@@ -1,0 +1,132 @@
+"""Reduced-size DiT models of each family's real ComfyUI class, for CPU tests.
+
+`build(family)` makes a MODEL (ModelPatcher) through ComfyUI's own model config
+(`comfy.supported_models`), base model class and `operations`, with seeded weights. Flux goes
+through a safetensors file and `comfy.sd.load_diffusion_model`, so shape detection recognises
+the reduced model too; the others cannot (their detection fixes head counts and widths that a
+reduced model does not have), so they are built from the config directly.
+
+`conditioning(family)` / `latent(family)` give inputs of the right shapes for
+`nodes.common_ksampler`. Each family has a `Spec`; `available(family)` says why a host lacks one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("flux", "qwen_image", "zimage", "wan")
+
+
+@dataclass(frozen=True)
+class Spec:
+    config_class: tuple[str, ...]  # comfy.supported_models class names, first one present wins
+    unet_config: dict
+    context_dim: int
+    latent_shape: tuple
+    extra_cond: dict = field(default_factory=dict)
+    n_blocks: dict = field(default_factory=dict)  # block list attr -> count (for tests)
+
+
+SPECS = {
+    "flux": Spec(("Flux",), dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=128,
+                                  mlp_ratio=4.0, num_heads=1, depth=2, depth_single_blocks=3, axes_dim=[16, 56, 56], theta=10000,
+                                  patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[]),
+                 64, (1, 16, 8, 8), {"pooled_output": (1, 32), "guidance": 3.5}, {"double_blocks": 2, "single_blocks": 3}),
+    "qwen_image": Spec(("QwenImage",), dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=3, attention_head_dim=128,
+                                            num_attention_heads=1, joint_attention_dim=48),
+                       48, (1, 16, 1, 8, 8), {}, {"transformer_blocks": 3}),
+    "zimage": Spec(("ZImage", "Lumina2"), dict(image_model="lumina2", patch_size=2, in_channels=16, dim=256, n_layers=3, n_refiner_layers=1,
+                                               n_heads=8, n_kv_heads=8, multiple_of=16, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5, qk_norm=True,
+                                               cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[64, 64, 64], rope_theta=256.0),
+                   32, (1, 16, 8, 8), {}, {"layers": 3, "noise_refiner": 1, "context_refiner": 1}),
+    "wan": Spec(("WAN21_T2V",), dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64, ffn_dim=128,
+                                     freq_dim=32, text_dim=48, out_dim=16, num_heads=2, num_layers=3),
+                48, (1, 16, 1, 8, 8), {}, {"blocks": 3}),
+}
+ZIMAGE_EXTRA = dict(z_image_modulation=True, time_scale=1000.0)
+
+
+def available(family: str) -> str | None:
+    """None, or why this ComfyUI lacks the family's model config."""
+    import comfy.supported_models as sm
+
+    if not any(hasattr(sm, n) for n in SPECS[family].config_class):
+        return f"this ComfyUI has no {' / '.join(SPECS[family].config_class)} model config (the family is newer)"
+    return None
+
+
+def _config(family: str):
+    import comfy.supported_models as sm
+
+    spec = SPECS[family]
+    name = next(n for n in spec.config_class if hasattr(sm, n))
+    unet_config = dict(spec.unet_config)
+    if family == "zimage" and name == "ZImage":
+        unet_config.update(ZIMAGE_EXTRA)
+    mc = getattr(sm, name)(unet_config)
+    mc.set_inference_dtype(torch.float32, None)
+    return mc
+
+
+def seed_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> dict:
+    """Seeded normal(0, std) weights (norm weights 1, biases 0); returns the state dict."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1 and ("norm" in name or name.endswith("scale")):
+                p.fill_(1.0 if not name.endswith("bias") else 0.0)
+            elif p.dim() == 1 and name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=g)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def build(family: str, seed: int = 0, tmp: Path | None = None):
+    """A MODEL of `family` at reduced size (see module docstring)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    mc = _config(family)
+    base = mc.get_model({}, "", device=torch.device("cpu"))
+    sd = seed_weights(base.diffusion_model, seed)
+    if family == "flux" and tmp is not None:  # through the file loader: detection sees the reduced model
+        import comfy.sd
+        import comfy.utils
+
+        path = Path(tmp) / f"tiny_{family}_{seed}.safetensors"
+        comfy.utils.save_torch_file(sd, str(path))
+        return comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+    base.diffusion_model.load_state_dict(sd)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def conditioning(family: str, seed: int = 3):
+    spec = SPECS[family]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        extra = {}
+        for k, v in spec.extra_cond.items():
+            extra[k] = torch.randn(v, generator=g) if isinstance(v, tuple) else v
+        out.append([[torch.randn((1, 8, spec.context_dim), generator=g), extra]])
+    return out[0], out[1]
+
+
+def latent(family: str, size: int = 8) -> dict:
+    shape = SPECS[family].latent_shape
+    return {"samples": torch.zeros(*shape[:-2], size, size)}
+
+
+def sample(model, family: str, steps: int = 2, cfg: float = 1.0, seed: int = 42, size: int = 8) -> torch.Tensor:
+    import nodes
+
+    pos, neg = conditioning(family)
+    with torch.inference_mode():
+        out = nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", pos, neg, latent(family, size))
+    return out[0]["samples"].clone()
+
+
+__all__ = ["FAMILIES", "SPECS", "available", "build", "conditioning", "latent", "sample", "seed_weights"]
