@@ -27,7 +27,7 @@ from torch import nn
 from .errors import SDAccelError, check_range, choice_error
 from .log import logger
 from .lora_file import LoraFile, add_patch, move_factors, parse_lora, read_lora
-from .lora_names import Resolved, UNetNames, _resolve, _Targets, guess_family
+from .lora_names import Resolved, UNetNames, _resolve, _Targets, display, guess_family
 
 BACKUP_DEVICES = ("same", "cpu")
 
@@ -143,8 +143,8 @@ def _check_match(lf: LoraFile, r: Resolved, targets: _Targets, config: LoraConfi
                   f"{'x'.join(map(str, got))}, model {'x'.join(map(str, want))})")
     example = f"; unmatched e.g. {r.unmatched[0]}" if r.unmatched else ""
     guess = guess_family(r.unmatched or [w[0] for w in r.wrong_shape])
-    if guess and guess != targets.family_name:
-        made_for = f"made for a {guess} model"
+    if guess and guess != targets.group:
+        made_for = f"made for a {display(guess)} model"
     else:
         made_for = "made for another size or version of this architecture (e.g. SDXL vs SD1.5, Wan 14B vs 5B)"
     raise SDAccelError(f"SD Accel LoRA: {lf.name} does not fit this model: {r.matched} of {r.total} layers matched"

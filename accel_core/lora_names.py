@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .families import family_of
+from .families import families, family_of
 from .families.unet_names import UNetNames
 from .lora_file import _UNET_PREFIXES, DiffLayer, LoraFile, LoraLayer
 
@@ -33,15 +33,21 @@ _UNETS = "SD1.x/SD2.x/SDXL UNet"
 
 def _family_map(module: nn.Module):
     """(family label, {alias: (parameter, offset)} or None) for the module's family."""
-    from .families import lora_maps
-
     fam = family_of(module)
-    label, fallback = lora_maps.for_module(module)  # DiT maps until their registrations carry them
-    if fam is not None and fam.lora_keys is not None:
-        return (_UNETS if fam.skip_count is not None else fam.display), fam.lora_keys(module)
-    if fallback is not None:
-        return label, fallback(module)
-    return (fam.display if fam is not None else label), None
+    if fam is None:
+        return None, None
+    return fam, (fam.lora_keys(module) if fam.lora_keys is not None else None)
+
+
+def _group(fam) -> str | None:
+    """The family's name, the UNets (LDM and diffusers) as one: "unet"."""
+    return None if fam is None else "unet" if fam.skip_count is not None else fam.name
+
+
+def display(group: str | None) -> str:
+    if group == "unet":
+        return _UNETS
+    return next((f.display for f in families() if f.name == group), group or "unknown")
 
 
 class _Targets:
@@ -49,7 +55,8 @@ class _Targets:
 
     def __init__(self, unet: nn.Module):
         self.names = UNetNames(unet)
-        self.family, family_keys = _family_map(unet)
+        fam, family_keys = _family_map(unet)
+        self.group = _group(fam)
         self.exact: dict[str, tuple[str, object]] = {}
         self.flat: dict[str, tuple[str, object]] = {}
         self.shapes: dict[str, torch.Size] = {}
@@ -66,13 +73,9 @@ class _Targets:
             if not (keep and key in table):  # a module's own name wins over a family alias spelled the same
                 table[key] = (pname, offset)
 
-    @property
-    def family_name(self) -> str:
-        return self.family or "unknown"
-
     def label(self) -> str:
-        if self.family != _UNETS:
-            return f"{self.family or 'unknown'} model ({len(self.shapes)} weights)"
+        if self.group != "unet":
+            return f"{display(self.group)} model ({len(self.shapes)} weights)"
         ctx = next((s[1] for n, s in self.shapes.items() if n.endswith("attn2.to_k.weight")), None)
         arch = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(ctx, f"cross-attention width {ctx}")
         return f"{arch} UNet ({self.names.kind}, {len(self.shapes)} weights)"
@@ -90,16 +93,16 @@ class _Targets:
 
 # Key fragments that say which family a LoRA file was made for (for the wrong-model message).
 _FAMILY_HINTS = (
-    (_UNETS, ("input_blocks", "output_blocks", "down_blocks", "up_blocks", "mid_block", "middle_block")),
-    ("Flux", ("double_blocks", "single_blocks", "single_transformer_blocks", "qkv_lora")),
-    ("Qwen-Image", ("img_mlp.net", "img_mlp_net", "img_mod.1", "img_mod_1", "txt_mlp.net", "txt_mlp_net")),
-    ("Wan", ("self_attn.q", "self_attn_q", "cross_attn.k", "cross_attn_k", "blocks.0.ffn", "blocks_0_ffn")),
-    ("Z-Image / Lumina 2", ("noise_refiner", "context_refiner", "attention.qkv", "attention_qkv", "feed_forward.w", "feed_forward_w")),
+    ("unet", ("input_blocks", "output_blocks", "down_blocks", "up_blocks", "mid_block", "middle_block")),
+    ("flux", ("double_blocks", "single_blocks", "single_transformer_blocks", "qkv_lora")),
+    ("qwen_image", ("img_mlp.net", "img_mlp_net", "img_mod.1", "img_mod_1", "txt_mlp.net", "txt_mlp_net")),
+    ("wan", ("self_attn.q", "self_attn_q", "cross_attn.k", "cross_attn_k", "blocks.0.ffn", "blocks_0_ffn")),
+    ("zimage", ("noise_refiner", "context_refiner", "attention.qkv", "attention_qkv", "feed_forward.w", "feed_forward_w")),
 )
 
 
 def guess_family(keys) -> str | None:
-    """The model family a LoRA's layer names point to, or None."""
+    """The family group (a registry name, or "unet") a LoRA's layer names point to, or None."""
     votes = {}
     for k in keys:
         for fam, frags in _FAMILY_HINTS:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from . import BlockList, Family, register
 from ._dit import probe
+from . import flux_lora
 
 FLUX = register(Family(
     name="flux", display="Flux / Chroma (DiT)",
     probe=probe(("Flux", "Chroma", "ChromaRadiance"), "double_blocks", "single_blocks"),
     entry=("_forward", "forward"),
+    lora_keys=flux_lora.lora_keys,
     blocks=(BlockList("double_blocks", "double_block"), BlockList("single_blocks", "single_block")),
 ))

@@ -1,23 +1,9 @@
-"""Which DiT family a module is, and its LoRA name map, until the family registry answers it."""
+"""LoRA name maps the DiT registrations share."""
 from __future__ import annotations
 
 
-def _is(module, *attrs) -> bool:
-    return all(hasattr(module, a) for a in attrs)
-
-
-def for_module(module):
-    """(family label, lora_keys function or None: native names only) or (None, None)."""
-    if _is(module, "double_blocks", "single_blocks", "final_layer"):
-        from . import flux_lora
-
-        return "Flux", flux_lora.lora_keys
-    if _is(module, "transformer_blocks", "txt_norm", "img_in"):
-        return "Qwen-Image", None
-    if _is(module, "layers", "noise_refiner", "context_refiner", "cap_embedder"):
-        from . import z_image_lora
-
-        return "Z-Image / Lumina 2", z_image_lora.lora_keys
-    if _is(module, "blocks", "head", "patch_embedding"):
-        return "Wan", None
-    return None, None
+def own_names(module) -> dict:
+    """The map of a family whose LoRAs use the module's own layer names (Qwen-Image, Wan): nothing
+    beyond them. `lora_names` gives every model its own names (dots or kohya underscores, with
+    any of the usual prefixes: `diffusion_model.`, `transformer.`, `lora_unet_`, ...)."""
+    return {}
