@@ -83,9 +83,16 @@ def lcm_clone(model, path: str, strength: float, steps: int, unique_id=None):
     return m
 
 
-def lcm_sample(model, positive, negative, latent_image, path: str, seed: int, config: LcmConfig, unique_id=None):
-    """LCM-LoRA + LCM sampling through ComfyUI's own sampler (KSampler path); returns the LATENT dict."""
+def lcm_sample(model, positive, negative, latent_image, path: str, seed: int, config: LcmConfig, unique_id=None,
+               recommended: bool = True):
+    """LCM-LoRA + LCM sampling through ComfyUI's own sampler (KSampler path); returns the LATENT dict.
+    DiT models take their few-step LoRA's own settings instead (comfy_fewstep)."""
     import nodes
+
+    from .comfy_fewstep import fewstep_sample, is_dit
+
+    if is_dit(model):
+        return fewstep_sample(model, positive, negative, latent_image, path, seed, config, recommended, unique_id)
 
     m = lcm_clone(model, path, config.strength, config.steps, unique_id)
     out = nodes.common_ksampler(m, seed, config.steps, config.cfg, LCM_SAMPLER, LCM_SCHEDULER, positive, negative,
