@@ -15,9 +15,45 @@ def skip_reason(family: str) -> str | None:
     return dit_models.available(family)
 
 
+_CLASSES = {"flux": ("comfy.ldm.flux.model", "Flux"), "qwen_image": ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
+            "zimage": ("comfy.ldm.lumina.model", "NextDiT"), "wan": ("comfy.ldm.wan.model", "WanModel")}
+
+
+def _accepted(family: str, cfg: dict) -> dict:
+    """The keys of `cfg` this host's model class takes (older hosts lack e.g. Flux's txt_ids_dims, NextDiT's rope_theta)."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    mod_name, cls_name = _CLASSES[family]
+    mod = importlib.import_module(mod_name)
+    params = inspect.signature(getattr(mod, cls_name).__init__).parameters
+    if hasattr(mod, "FluxParams"):  # Flux hands **kwargs to its params dataclass
+        names = set(params) | {f.name for f in dataclasses.fields(mod.FluxParams)}
+    elif any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return cfg
+    else:
+        names = set(params)
+    return {k: v for k, v in cfg.items() if k in names}
+
+
 def tiny_model(family: str, seed: int = 0):
-    """A ModelPatcher over a tiny seeded `family` model of this ComfyUI's class."""
-    return dit_models.build(family, seed)
+    """A ModelPatcher over the tiny seeded `family` model of `dit_models` (ComfyUI's own class), built
+    with the config keys this host's class takes."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    spec = dit_models.SPECS[family]
+    name = next(n for n in spec.config_class if hasattr(sm, n))
+    cfg = dict(spec.unet_config)
+    if family == "zimage" and name == "ZImage":
+        cfg.update(dit_models.ZIMAGE_EXTRA)
+    mc = getattr(sm, name)(_accepted(family, cfg))
+    mc.set_inference_dtype(torch.float32, None)
+    base = mc.get_model({}, "", device=torch.device("cpu"))
+    dit_models.seed_weights(base.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -141,3 +177,22 @@ def comfy_lora_weights(model, sd: dict, strength: float) -> dict[str, torch.Tens
         return weights(ref)
     finally:
         ref.unpatch_model()
+
+
+def conditioning(family: str, seed: int = 3):
+    """dit_models' conditioning, plus the text attention mask Lumina 2 hosts (0.3.64) need for `num_tokens`."""
+    pos, neg = dit_models.conditioning(family, seed)
+    if family == "zimage":
+        for c in (pos, neg):
+            c[0][1]["attention_mask"] = torch.ones(1, c[0][0].shape[1], dtype=torch.long)
+    return pos, neg
+
+
+def sample(model, family: str, steps: int = 2, cfg: float = 1.0, seed: int = 42, size: int = 8, sampler: str = "euler",
+           scheduler: str = "simple") -> torch.Tensor:
+    import nodes
+
+    pos, neg = conditioning(family)
+    with torch.inference_mode():
+        out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, pos, neg, dit_models.latent(family, size))
+    return out[0]["samples"].clone()

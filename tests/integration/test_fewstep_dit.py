@@ -42,7 +42,7 @@ def _model(fam):
     if reason:
         pytest.skip(reason)
     if fam not in _models:
-        _models[fam] = dit_models.build(fam)
+        _models[fam] = dit_tiny.tiny_model(fam)
     return _models[fam]
 
 
@@ -54,7 +54,7 @@ def _lora(folder, model, fam, name, fmt, seed=7):
 
 
 def _node(comfy_host, model, fam, name, steps=4, cfg=1.5, strength=1.0, settings=True):
-    pos, neg = dit_models.conditioning(fam)
+    pos, neg = dit_tiny.conditioning(fam)
     with torch.inference_mode():
         out = comfy_host.node("SDAccelLCMLoRASampler").sample(model, pos, neg, dit_models.latent(fam), name, strength, 42, steps, cfg, 1.0,
                                                               lora_settings=settings)
@@ -78,7 +78,7 @@ def _by_hand(model, fam, path, steps, cfg, sampler, scheduler, shift, strength):
         mult = getattr(m.get_model_object("model_sampling"), "multiplier", 1.0)
         sigma = float(m.get_model_object("model_sampling").sigma(torch.tensor(0.5 * mult)))
         assert abs(sigma - shift * 0.5 / (1 + (shift - 1) * 0.5)) < 1e-4  # the published shift curve
-    pos, neg = dit_models.conditioning(fam)
+    pos, neg = dit_tiny.conditioning(fam)
     with torch.inference_mode():
         return nodes.common_ksampler(m, 42, steps, cfg, sampler, scheduler, pos, neg, dit_models.latent(fam))[0]["samples"].clone()
 

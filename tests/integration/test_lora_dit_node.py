@@ -28,13 +28,13 @@ def setup(comfy_host, tmp_path_factory):
     for fam in dit_models.FAMILIES:
         if dit_models.available(fam) is not None:
             continue
-        m = dit_models.build(fam)
+        m = dit_tiny.tiny_model(fam)
         paths = {}
         for name, fmt, seed in (("a", FORMAT[fam], 1), ("b", "kohya", 2)):
             p = tmp / f"{fam}_{name}.safetensors"
             save_file(dit_tiny.make_lora(m, fam, fmt, seed=seed, rank=4), str(p))
             paths[name] = str(p)
-        out[fam] = (m, dit_models.sample(m, fam), paths)
+        out[fam] = (m, dit_tiny.sample(m, fam), paths)
     return out
 
 
@@ -55,11 +55,11 @@ def _loraloader(model, path, strength):
 def test_node_samples_like_loraloader_and_restores(comfy_host, hl, setup, fam):
     model, base, paths = _get(setup, fam)
     before = dit_tiny.weights(model)
-    ref = dit_models.sample(_loraloader(model, paths["a"], 0.8), fam)
+    ref = dit_tiny.sample(_loraloader(model, paths["a"], 0.8), fam)
     assert harness.rel_err(ref, base) > 1e-3  # the LoRA changes the result
-    ours = dit_models.sample(hl.apply_hotswap(model, paths["a"], 0.8), fam)
+    ours = dit_tiny.sample(hl.apply_hotswap(model, paths["a"], 0.8), fam)
     assert harness.rel_err(ours, ref) < 1e-4
-    assert torch.equal(dit_models.sample(model, fam), base)  # the plain model: original weights back
+    assert torch.equal(dit_tiny.sample(model, fam), base)  # the plain model: original weights back
     after = dit_tiny.weights(model)
     assert all(torch.equal(after[k], before[k]) for k in before)
 
@@ -72,14 +72,14 @@ def test_swaps_on_the_compiled_model_do_not_recompile(comfy_host, hl, comfy_adap
     torch._dynamo.reset()
     counters.clear()
     compiled = comfy_adapter.apply_compile(model, accel.compile.CompileConfig(torch_backend="eager"))
-    a = dit_models.sample(hl.apply_hotswap(compiled, paths["a"], 0.8), fam)
+    a = dit_tiny.sample(hl.apply_hotswap(compiled, paths["a"], 0.8), fam)
     graphs = int(counters["stats"]["unique_graphs"])
     assert graphs >= 1
-    b = dit_models.sample(hl.apply_hotswap(compiled, paths["b"], 1.0), fam)
-    ab = dit_models.sample(hl.apply_hotswap(hl.apply_hotswap(compiled, paths["a"], 0.4), paths["b"], 0.5), fam)
-    plain = dit_models.sample(compiled, fam)
+    b = dit_tiny.sample(hl.apply_hotswap(compiled, paths["b"], 1.0), fam)
+    ab = dit_tiny.sample(hl.apply_hotswap(hl.apply_hotswap(compiled, paths["a"], 0.4), paths["b"], 0.5), fam)
+    plain = dit_tiny.sample(compiled, fam)
     assert int(counters["stats"]["unique_graphs"]) == graphs, "a LoRA swap recompiled"
     assert not counters["recompiles"], dict(counters["recompiles"])
-    assert harness.rel_err(a, dit_models.sample(_loraloader(model, paths["a"], 0.8), fam)) < 1e-4
+    assert harness.rel_err(a, dit_tiny.sample(_loraloader(model, paths["a"], 0.8), fam)) < 1e-4
     assert harness.rel_err(a, b) > 1e-3 and harness.rel_err(b, ab) > 1e-3
     assert harness.rel_err(plain, base) < 1e-4
