@@ -166,7 +166,11 @@ def to_fp8(module: nn.Module, config: FP8Config | None = None, token: object = N
     """
     if E4M3 is None:
         raise SDAccelError(f"SD Accel fp8: this PyTorch ({torch.__version__}) has no float8 dtype. Update PyTorch, or pick fp16 / bf16.")
-    config = config or FP8Config()
+    if config is None:
+        from .families import family_of
+
+        fam = family_of(module)
+        config = FP8Config(skip=fam.fp8_skip) if fam is not None and fam.fp8_skip is not None else FP8Config()
     converted = kept = 0
     for name, mod in list(module.named_modules()):
         for child_name, child in list(mod.named_children()):

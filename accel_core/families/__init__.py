@@ -55,6 +55,9 @@ class Family:
         cut the model themselves; walk: a host-free cut walk with `full`/`shallow` (families/diffusers.py).
     keep_dtype: module names whose weights a cast leaves in their dtype (the class builds them
         fp32 and feeds them fp32, e.g. Wan's patch embedding).
+    fp8_skip: substrings of layer names that stay in the compute dtype under fp8 matmuls (the
+        timestep / modulation layers: one row per image, nothing to gain, and they steer every
+        block); None: fp8.FP8Config's default (the LDM UNet's).
     """
 
     name: str
@@ -68,6 +71,7 @@ class Family:
     host_walk: object = None
     walk: object = None
     keep_dtype: tuple[str, ...] = ()
+    fp8_skip: tuple[str, ...] | None = None
 
     def keeps_dtype(self, name: str) -> bool:
         """Whether parameter `name` stays in its dtype when the model is cast (the family's class pins it)."""

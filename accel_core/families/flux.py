@@ -18,4 +18,5 @@ FLUX = register(Family(
     entry=("_forward", "forward"),
     lora_keys=flux_lora.lora_keys,
     blocks=(BlockList("double_blocks", "double_block"), BlockList("single_blocks", "single_block")),
+    fp8_skip=("time_in", "vector_in", "guidance_in", "distilled_guidance", "img_mod", "txt_mod", "modulation", "adaLN"),
 ))

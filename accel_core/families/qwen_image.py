@@ -15,4 +15,5 @@ QWEN_IMAGE = register(Family(
     entry=("_forward", "forward"),
     lora_keys=own_names,
     blocks=(BlockList("transformer_blocks", "double_block"),),
+    fp8_skip=("time_text_embed", "img_mod", "txt_mod", "norm_out"),
 ))

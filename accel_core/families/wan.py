@@ -17,4 +17,5 @@ WAN = register(Family(
     lora_keys=own_names,
     blocks=(BlockList("blocks", "double_block"),),
     keep_dtype=("patch_embedding",),  # built fp32 and called as patch_embedding(x.float())
+    fp8_skip=("time_embedding", "time_projection"),
 ))

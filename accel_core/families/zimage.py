@@ -21,4 +21,5 @@ ZIMAGE = register(Family(
     lora_keys=zimage_lora.lora_keys,
     blocks=(BlockList("noise_refiner"), BlockList("context_refiner"), BlockList("layers")),
     units=lambda m: units_of(m, _PARTS),
+    fp8_skip=("t_embedder", "adaLN_modulation"),
 ))

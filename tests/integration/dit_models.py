@@ -40,7 +40,8 @@ SPECS = {
     "zimage": Spec(("ZImage", "Lumina2"), dict(image_model="lumina2", patch_size=2, in_channels=16, dim=256, n_layers=3, n_refiner_layers=1,
                                                n_heads=8, n_kv_heads=8, multiple_of=16, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5, qk_norm=True,
                                                cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[64, 64, 64], rope_theta=256.0),
-                   32, (1, 16, 8, 8), {}, {"layers": 3, "noise_refiner": 1, "context_refiner": 1}),
+                   32, (1, 16, 8, 8), {"attention_mask": torch.ones(1, 8, dtype=torch.int64)},  # 0.3.64's Lumina 2 takes num_tokens from it
+                   {"layers": 3, "noise_refiner": 1, "context_refiner": 1}),
     "wan": Spec(("WAN21_T2V",), dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64, ffn_dim=128,
                                      freq_dim=32, text_dim=48, out_dim=16, num_heads=2, num_layers=3),
                 48, (1, 16, 1, 8, 8), {}, {"blocks": 3}),
@@ -65,6 +66,21 @@ def _config(family: str):
     unet_config = dict(spec.unet_config)
     if family == "zimage" and name == "ZImage":
         unet_config.update(ZIMAGE_EXTRA)
+    if family == "zimage":  # 0.3.64's NextDiT (Lumina 2 only) takes fewer arguments (no rope_theta)
+        import inspect
+
+        from comfy.ldm.lumina.model import NextDiT
+
+        params = inspect.signature(NextDiT.__init__).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            unet_config = {k: v for k, v in unet_config.items() if k in params or k == "image_model"}
+    if family == "flux":  # FluxParams grew fields over releases (txt_ids_dims: >= 0.4)
+        import dataclasses
+
+        from comfy.ldm.flux.model import FluxParams
+
+        known = {f.name for f in dataclasses.fields(FluxParams)} | {"image_model"}
+        unet_config = {k: v for k, v in unet_config.items() if k in known}
     mc = getattr(sm, name)(unet_config)
     mc.set_inference_dtype(torch.float32, None)
     return mc
@@ -98,7 +114,10 @@ def build(family: str, seed: int = 0, tmp: Path | None = None):
 
         path = Path(tmp) / f"tiny_{family}_{seed}.safetensors"
         comfy.utils.save_torch_file(sd, str(path))
-        return comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+        try:
+            return comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+        except (ValueError, RuntimeError):  # ComfyUI < 0.33 fixes Flux's head count (and 0.3.64 its width) in detection: a width-128 model is not detectable there
+            pass
     base.diffusion_model.load_state_dict(sd)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 

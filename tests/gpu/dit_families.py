@@ -1,0 +1,275 @@
+"""Compile and FP8 on the DiT families in ComfyUI with DynamicVRAM, on an NVIDIA GPU, one process per case.
+
+    python3 tests/gpu/dit_families.py --comfyui .hosts/ComfyUI-0.33.0 --out $OUT --family flux --case eager,ours
+    python3 tests/gpu/dit_families.py --comfyui .hosts/ComfyUI-0.33.0 --out /tmp/o --family flux --tiny   # CPU smoke test
+
+Builds the family's full-size model (Flux.1-dev 11.9B, ...) from ComfyUI's own class with seeded
+random bf16 weights, saves it as safetensors in --work (kept: the next command reuses it) and
+loads it with `comfy.sd.load_diffusion_model` with DynamicVRAM on, as main.py boots it. Each
+case runs in a child process (PYTHONFAULTHANDLER=1: a crash ends only that row) and records:
+first image seconds (compile included), ms/step (best of 2 steady runs), peak GPU memory, and
+the relative error of one model call against eager bf16 (a 1-step euler run returns the
+model's denoised prediction, so the error is one call's). Cases:
+
+  eager         ComfyUI as loaded (DynamicVRAM streaming)
+  builtin       ComfyUI's TorchCompileModel (comfy_extras/nodes_torch_compile.py) on its regular copy
+  ours          SD Accel Compile Model at the node's defaults (regional: one compiled block per kind)
+  ours_nocg     the same with mode "default" (no CUDA graphs)
+  ours_fp8      SD Accel FP16 Cast fp8 (accel_core/fp8.py FP8Linear) + Compile Model
+  limit24       the GPU limited to 24 GB (set_per_process_memory_fraction): eager runs streamed,
+                Compile Model must refuse the regular copy with its message, not run out of memory
+
+Results: OUT/<family>_<case>.json and a table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "tests" / "gpu"))
+
+CASES = ("eager", "builtin", "ours", "ours_nocg", "ours_fp8", "limit24")
+GB = 1024 ** 3
+
+# Full-size configs (ComfyUI's supported_models class, unet_config, text tokens x width, extra cond,
+# latent shape at the benchmark size, steps, cfg). Widths/depths are the public checkpoints'.
+FULL = {
+    "flux": dict(config="Flux", unet=dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                                          hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                                          axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+                                          txt_ids_dims=[]),
+                 context=(512, 4096), extra={"pooled_output": (1, 768), "guidance": 3.5}, latent=(1, 16, 128, 128), steps=20, cfg=1.0),
+    "qwen_image": dict(config="QwenImage", unet=dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=60),
+                       context=(256, 3584), extra={}, latent=(1, 16, 1, 166, 166), steps=20, cfg=4.0),
+    "zimage": dict(config="ZImage", unet=dict(image_model="lumina2", patch_size=2, in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+                                              n_heads=30, n_kv_heads=30, multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5,
+                                              qk_norm=True, cap_feat_dim=2560, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+                                              rope_theta=256.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32),
+                   context=(256, 2560), extra={}, latent=(1, 16, 128, 128), steps=8, cfg=1.0),
+    "wan": dict(config="WAN22_T2V", unet=dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=48, dim=3072,
+                                              ffn_dim=14336, freq_dim=256, text_dim=4096, out_dim=48, num_heads=24, num_layers=30),
+                context=(512, 4096), extra={}, latent=(1, 48, 9, 30, 52), steps=20, cfg=5.0),
+}
+
+
+def _tiny(family):
+    import dit_models
+
+    s = dit_models.SPECS[family]
+    return dict(config=s.config_class[0], unet=dict(s.unet_config), context=(8, s.context_dim), extra=s.extra_cond,
+                latent=s.latent_shape, steps=2, cfg=1.0)
+
+
+def spec(family: str, tiny: bool) -> dict:
+    return _tiny(family) if tiny else FULL[family]
+
+
+# --- the model file ------------------------------------------------------------------------------
+
+def write_model(family: str, tiny: bool, work: Path) -> Path:
+    """Seeded random weights of the family's ComfyUI class, saved once in `work`."""
+    path = work / f"{family}{'_tiny' if tiny else ''}.safetensors"
+    if path.is_file():
+        return path
+    import comfy.supported_models as sm
+    import comfy.utils
+
+    s = spec(family, tiny)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    dtype = torch.float32 if tiny else torch.bfloat16
+    mc = getattr(sm, s["config"])(dict(s["unet"]))
+    mc.set_inference_dtype(dtype, None)
+    with torch.device(dev):
+        unet = mc.get_model({}, "", device=dev).diffusion_model
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if p.dim() == 1 and ("norm" in name or name.endswith("scale")):
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02 if not tiny else 0.05, generator=g)
+    sd = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}  # the class's own dtypes (Wan keeps fp32 parts)
+    tmp = path.with_suffix(".part")
+    comfy.utils.save_torch_file(sd, str(tmp))
+    tmp.rename(path)
+    del unet, sd
+    return path
+
+
+# --- one case --------------------------------------------------------------------------------------
+
+class Ctx:
+    def __init__(self, nodes, family: str, tiny: bool, path: Path):
+        import comfy.sd
+
+        self.nodes, self.family, self.tiny = nodes, family, tiny
+        self.spec = spec(family, tiny)
+        self.load = lambda: comfy.sd.load_diffusion_model(str(path))
+        self.cuda = torch.cuda.is_available() and not tiny
+
+    def inputs(self):
+        g = torch.Generator().manual_seed(3)
+        n, w = self.spec["context"]
+        extra = {k: torch.randn(v, generator=g) if isinstance(v, tuple) else v for k, v in self.spec["extra"].items()}
+        pos = [[torch.randn((1, n, w), generator=g), extra]]
+        neg = [[torch.randn((1, n, w), generator=g), dict(extra)]]
+        return pos, neg, {"samples": torch.zeros(self.spec["latent"])}
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def sample(self, model, steps=None):
+        pos, neg, latent = self.inputs()
+        steps = steps or self.spec["steps"]
+        self.sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.nodes.common_ksampler(model, 42, steps, self.spec["cfg"], "euler", "simple", pos, neg, latent)
+        self.sync()
+        return out[0]["samples"].float().clone(), time.perf_counter() - t0
+
+    def measure(self, model) -> dict:
+        from torch._dynamo.utils import counters
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        graphs0 = counters["stats"]["unique_graphs"]
+        call, first = self.sample(model, steps=1)  # one model call: euler's only step returns the denoised prediction
+        times = [self.sample(model)[1] for _ in range(2)]
+        row = {"first_image_s": round(first, 2), "ms_per_step": round(1000 * min(times) / self.spec["steps"], 2),
+               "graphs_compiled": counters["stats"]["unique_graphs"] - graphs0, "recompiles": sum(counters["recompiles"].values())}
+        if self.cuda:
+            row["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated() / GB, 2)
+        return row, call
+
+
+def _builtin(model):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    try:
+        from comfy_extras.nodes_torch_compile import skip_torch_compile_dict
+        options = {"guard_filter_fn": skip_torch_compile_dict}
+    except ImportError:
+        options = None
+    m = model.clone(disable_dynamic=True) if getattr(model, "is_dynamic", lambda: False)() else model.clone()
+    set_torch_compile_wrapper(model=m, backend="inductor", options=options)
+    return m
+
+
+def run_case(ctx: Ctx, case: str) -> dict:
+    import comfy.model_management as mm
+
+    if case == "limit24":
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, 24 * GB / total))
+    base = ctx.load()
+    rec = {"family": ctx.family, "case": case, "dynamic": bool(getattr(base, "is_dynamic", lambda: False)()),
+           "device": torch.cuda.get_device_name() if ctx.cuda else "cpu", "torch": torch.__version__}
+    ref_row, ref_call = ctx.measure(base)
+    rec["eager"] = ref_row
+    if case == "eager":
+        return rec
+    mm.unload_all_models()
+    if case == "builtin":
+        model = _builtin(base)
+    elif case in ("ours", "limit24"):
+        model = _node(ctx.nodes, "SDAccelCompileUNet", base)
+    elif case == "ours_nocg":
+        model = _node(ctx.nodes, "SDAccelCompileUNet", base, mode="default")
+    elif case == "ours_fp8":
+        model = _node(ctx.nodes, "SDAccelCompileUNet", _node(ctx.nodes, "SDAccelFP16Cast", base, dtype="fp8", channels_last=False))
+    else:
+        raise SystemExit(f"unknown case {case!r}; expected one of {', '.join(CASES)}")
+    rec["refused"] = model is base
+    row, call = ctx.measure(model)
+    import comfy_harness as harness
+
+    row["call_rel_err_vs_eager"] = round(harness.rel_err(call, ref_call), 5)
+    rec[case] = row
+    return rec
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+def child(a) -> int:
+    import comfy_dynamic_vram as cdv
+
+    nodes = cdv.boot(a.comfyui, dynamic=not a.tiny and not a.no_dynamic)
+    if a.child == "write":
+        path = write_model(a.family, a.tiny, Path(a.files))
+        Path(a.result).write_text(json.dumps({"path": str(path)}))
+        return 0
+    ctx = Ctx(nodes, a.family, a.tiny, Path(a.files))
+    rec = run_case(ctx, a.child)
+    Path(a.result).write_text(json.dumps(rec, indent=1))
+    return 0
+
+
+def _node(nodes, node_id, model, **override):
+    """Run one of the pack's nodes with its inputs at their defaults (or `override`), as the graph would."""
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    kwargs = {}
+    for name, spec_ in list(cls.INPUT_TYPES()["required"].items())[1:]:
+        opts = spec_[1] if len(spec_) > 1 else {}
+        kwargs[name] = override.get(name, opts.get("default", spec_[0][0] if isinstance(spec_[0], (list, tuple)) else None))
+    return getattr(cls(), cls.FUNCTION)(model, **kwargs)[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--comfyui", required=True, help="the ComfyUI tree (0.33 for DynamicVRAM)")
+    p.add_argument("--out", required=True, help="folder for the result files and child logs")
+    p.add_argument("--family", default="flux", choices=sorted(FULL))
+    p.add_argument("--case", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--work", default="/tmp/sd_accel_dit", help="folder for the generated model file (kept between commands)")
+    p.add_argument("--tiny", action="store_true", help="the reduced CPU test model (smoke test of this script, no GPU)")
+    p.add_argument("--no-dynamic", action="store_true", help="classic ModelPatcher (as --disable-dynamic-vram)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--files", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        return child(a)
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = []
+    write = out / f"{a.family}_write.json"
+    flags = (["--tiny"] if a.tiny else []) + (["--no-dynamic"] if a.no_dynamic else [])
+    base = [sys.executable, __file__, "--comfyui", a.comfyui, "--out", a.out, "--family", a.family]
+    with open(out / f"{a.family}_write.log", "w") as f:  # its own process: the GPU memory it used goes with it
+        rc = subprocess.call(base + ["--child", "write", "--files", str(work), "--result", str(write)] + flags, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        print(f"writing the model failed (rc {rc}); see {out / f'{a.family}_write.log'}")
+        return 1
+    path = Path(json.loads(write.read_text())["path"])
+    print(f"model file {path} ({path.stat().st_size / GB:.1f} GB, {time.perf_counter() - t0:.0f} s)", flush=True)
+    for case in a.case.split(","):
+        if case == "limit24" and a.tiny:
+            continue
+        result = out / f"{a.family}_{case}.json"
+        log = out / f"{a.family}_{case}.log"
+        cmd = base + ["--child", case, "--files", str(path), "--result", str(result)] + flags
+        with open(log, "w") as f:
+            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+        rec = json.loads(result.read_text()) if rc == 0 and result.is_file() else {"case": case, "crashed": rc, "log": str(log)}
+        rows.append(rec)
+        print(json.dumps(rec), flush=True)
+    return 0 if all("crashed" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The family registry and the regional compile, without a host: plain torch stand-ins named
+like the host classes (the probes look at class names and attributes only)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sd_accel.accel_core import families, regional
+from sd_accel.accel_core.compile import CompileConfig
+from sd_accel.accel_core.errors import SDAccelError
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.img, self.txt = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, img, txt, vec, transformer_options={}):
+        return img + self.img(img) * vec, txt + self.txt(txt)
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, img, vec, transformer_options={}):
+        return img + torch.tanh(self.lin(img)) * vec
+
+
+class Flux(nn.Module):
+    """The shape of ComfyUI's Flux forward: each block is offered to a replacement with its
+    args and the original block call (a closure), as comfy/ldm/flux/model.py does."""
+
+    def __init__(self, double=3, single=4):
+        super().__init__()
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock() for _ in range(double))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock() for _ in range(single))
+
+    def forward(self, img, txt, vec, replace=None):
+        replace = replace or {}
+        for i, block in enumerate(self.double_blocks):
+            if ("double_block", i) in replace:
+                def block_wrap(args):
+                    out = {}
+                    out["img"], out["txt"] = block(img=args["img"], txt=args["txt"], vec=args["vec"])
+                    return out
+                out = replace[("double_block", i)]({"img": img, "txt": txt, "vec": vec}, {"original_block": block_wrap})
+                img, txt = out["img"], out["txt"]
+            else:
+                img, txt = block(img=img, txt=txt, vec=vec)
+        img = torch.cat((txt, img), 1)
+        for i, block in enumerate(self.single_blocks):
+            if ("single_block", i) in replace:
+                def block_wrap(args):
+                    return {"img": block(args["img"], vec=args["vec"])}
+                img = replace[("single_block", i)]({"img": img, "vec": vec}, {"original_block": block_wrap})["img"]
+            else:
+                img = block(img, vec=vec)
+        return img
+
+
+def _replacements(rc):
+    return {key: (lambda kind, name: lambda args, extra: rc.run(kind, name, extra["original_block"], args))(kind, name)
+            for key, (kind, name) in rc.targets.items()}
+
+
+def _inputs(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n, 16, generator=g), torch.randn(1, 3, 16, generator=g), torch.randn(1, 1, 16, generator=g)
+
+
+def test_registry_recognises_by_class_name_and_attributes():
+    fam = families.family_of(Flux())
+    assert fam is not None and fam.name == "flux"
+    assert families.family_of(nn.Linear(2, 2)) is None
+    assert families.family_of("not a module") is None
+    names = [f.name for f in families.families()]
+    assert names[:2] == ["ldm", "diffusers"] and {"flux", "qwen_image", "zimage", "wan"} <= set(names)
+
+
+def test_regions_group_identical_blocks_by_kind():
+    m = Flux(double=3, single=4)
+    groups = families.family_of(m).regions(m)
+    assert {k: len(v) for k, v in groups.items()} == {"double_blocks:DoubleStreamBlock": 3, "single_blocks:SingleStreamBlock": 4}
+
+
+def test_require_names_what_is_supported():
+    with pytest.raises(SDAccelError) as e:
+        families.skip_count(Flux())
+    msg = str(e.value)
+    assert "expected one of" in msg and "SD1.x/SD2.x/SDXL UNet" in msg and "Flux" in msg and "left unchanged" in msg
+
+
+def test_regional_compile_one_frame_per_kind_and_no_recompile():
+    from torch._dynamo.utils import counters
+
+    m = Flux()
+    img, txt, vec = _inputs()
+    with torch.no_grad():
+        ref = m(img, txt, vec)
+        torch._dynamo.reset()
+        counters.clear()
+        rc = regional.RegionalCompiled(m, families.family_of(m), CompileConfig(torch_backend="eager"))
+        with rc.calling():
+            out = m(img, txt, vec, _replacements(rc))
+        assert torch.allclose(out, ref, atol=1e-6)
+        assert regional.dynamo_graphs() == 2  # 3 double + 4 single blocks: one frame per kind
+        with rc.calling():
+            m(*_inputs(seed=1), _replacements(rc))
+        assert regional.dynamo_graphs() == 2 and not counters["recompiles"]
+    assert rc.report.status == "compiled" and rc.report.units_compiled == 2
+    assert "regional: 7 blocks in 2 kinds" in rc.report.target
+
+
+def test_a_failing_block_runs_eager_and_is_named():
+    m = Flux()
+    bad = m.single_blocks[2]
+
+    def forward(img, vec, transformer_options={}):
+        torch._dynamo.graph_break()  # fullgraph cannot take this block
+        return SingleStreamBlock.forward(bad, img, vec)
+
+    bad.forward = forward
+    img, txt, vec = _inputs()
+    with torch.no_grad():
+        ref = m(img, txt, vec)
+        torch._dynamo.reset()
+        rc = regional.RegionalCompiled(m, families.family_of(m), CompileConfig(torch_backend="eager", fullgraph=True))
+        with rc.calling():
+            out = m(img, txt, vec, _replacements(rc))
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert list(rc.report.fallbacks) == ["single_blocks.2"] and rc.report.status == "partial"
+
+
+def test_fallback_off_raises():
+    m = Flux()
+    m.double_blocks[0].forward = lambda **kw: (torch._dynamo.graph_break(), DoubleStreamBlock.forward(m.double_blocks[0], **kw))[1]
+    torch._dynamo.reset()
+    rc = regional.RegionalCompiled(m, families.family_of(m), CompileConfig(torch_backend="eager", fullgraph=True, fallback=False))
+    with pytest.raises(Exception), torch.no_grad(), rc.calling():
+        m(*_inputs(), _replacements(rc))
