@@ -18,10 +18,10 @@ class SDAccelLoRAHotSwap:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model (SD1.x, SD2.x, SDXL), compiled or not. It is not changed."}),
-            "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A LoRA .safetensors file from models/loras (kohya/A1111 or diffusers/PEFT keys)."}),
+            "model": ("MODEL", {"tooltip": "The model (SD1.x, SD2.x, SDXL, Flux, Qwen-Image, Z-Image, Wan), compiled or not. It is not changed."}),
+            "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A LoRA .safetensors file from models/loras (kohya/A1111, diffusers/PEFT, XLabs, lightx2v keys)."}),
             "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
-                                         "tooltip": "How strongly the LoRA changes the UNet; 0 leaves the model as it is."}),
+                                         "tooltip": "How strongly the LoRA changes the model; 0 leaves the model as it is."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model, lora_name, strength_model, unique_id=None):
