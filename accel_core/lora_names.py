@@ -32,7 +32,7 @@ _UNETS = "SD1.x/SD2.x/SDXL UNet"
 
 
 def _family_map(module: nn.Module):
-    """(family label, {alias: (parameter, offset)} or None) for the module's family."""
+    """(the module's Family or None, its LoRA name map {alias: (parameter, offset)} or None)."""
     fam = family_of(module)
     if fam is None:
         return None, None
