@@ -43,9 +43,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
 
-    import comfy_dynamic_vram as cdv
+    if a.tiny:  # CPU: ComfyUI booted as the integration tests boot it
+        import comfy_harness
 
-    nodes = cdv.boot(a.comfyui, dynamic=not a.tiny)
+        nodes = comfy_harness.boot(Path(a.comfyui).resolve()).nodes
+    else:
+        import comfy_dynamic_vram as cdv
+
+        nodes = cdv.boot(a.comfyui, dynamic=True)
     import comfy.model_management as mm
     import comfy.sd
     import comfy.utils
