@@ -204,9 +204,14 @@ def run_case(ctx: Ctx, case: str) -> dict:
 # --- processes -------------------------------------------------------------------------------------
 
 def child(a) -> int:
-    import comfy_dynamic_vram as cdv
+    if a.tiny:  # the CPU, as the integration tests boot it
+        import comfy_harness
 
-    nodes = cdv.boot(a.comfyui, dynamic=not a.tiny and not a.no_dynamic)
+        nodes = comfy_harness.boot(Path(a.comfyui).resolve()).nodes
+    else:
+        import comfy_dynamic_vram as cdv
+
+        nodes = cdv.boot(a.comfyui, dynamic=not a.no_dynamic)
     if a.child == "write":
         path = write_model(a.family, a.tiny, Path(a.files))
         Path(a.result).write_text(json.dumps({"path": str(path)}))
