@@ -8,13 +8,11 @@ state of that weight is computed from the copy (`original + sum(strength * delta
 swapping A for B, changing a strength or removing one LoRA never drifts, and removing all
 of them restores the original bits.
 
-Files: kohya / A1111 (`lora_unet_<name>.lora_up/lora_down/alpha`, with LDM or diffusers
-module names), diffusers / PEFT (`<name>.lora_A/lora_B`, optional `unet.` or
-`base_model.model.` prefix), the older diffusers attention-processor format
-(`...processor.to_q_lora.up`), LoCon convolutions (including `lora_mid`). The host's UNet may
-be the LDM `UNetModel` (ComfyUI, A1111/Forge) or diffusers' `UNet2DConditionModel`, SD1.x or
-SDXL: the diffusers <-> LDM name table is derived from the module's own block structure, so
-it follows whatever the host built. Text-encoder keys are skipped (counted in the report).
+Files: see `lora_file` (kohya, diffusers/PEFT, XLabs, LoCon, `.diff`/`.diff_b`). Models: SD1.x/SDXL
+UNets (LDM `UNetModel` as in ComfyUI and A1111/Forge, or diffusers' `UNet2DConditionModel`) and
+the DiT families with a LoRA name map (Flux, Qwen-Image, Z-Image, Wan): see `lora_names`. A
+name may point at a slice of a fused weight (Flux's qkv); every slice of one weight is summed
+into the one exact copy. Text-encoder keys are skipped (counted in the report).
 """
 from __future__ import annotations
 
@@ -30,8 +28,8 @@ from .errors import SDAccelError, check_range, choice_error
 from .fp8 import requantize_param
 from .log import logger
 from .options import declared, option
-from .lora_file import LoraFile, LoraLayer, move_factors, parse_lora, read_lora
-from .lora_names import Resolved, UNetNames, resolve_lora, Targets
+from .lora_file import LoraFile, add_patch, move_factors, parse_lora, read_lora
+from .lora_names import Resolved, UNetNames, resolve_lora, Targets, display, guess_family
 
 BACKUP_DEVICES = ("same", "cpu")
 
@@ -159,15 +157,6 @@ def original_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
         return dict(state.originals)
 
 
-def _arch_label(targets: Targets) -> str:
-    shapes = targets.shapes
-    ctx = next((s[1] for n, s in shapes.items() if n.endswith("attn2.to_k.weight")), None)
-    arch = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(ctx)
-    if ctx is None:
-        return f"{targets.label} ({len(shapes)} weight layers)"
-    return (f"an {arch} UNet" if arch else f"a UNet of cross-attention width {ctx}") + f" ({targets.kind}, {len(shapes)} weight layers)"
-
-
 def _check_match(lf: LoraFile, r: Resolved, targets: Targets, config: LoraConfig):
     ok = r.matched / max(1, r.total)
     if r.matched and ok >= config.min_match and not r.wrong_shape:
@@ -178,11 +167,22 @@ def _check_match(lf: LoraFile, r: Resolved, targets: Targets, config: LoraConfig
     detail = ""
     if r.wrong_shape:
         base, got, want = r.wrong_shape[0]
-        detail = f"; {len(r.wrong_shape)} matched by name but have the wrong shape (e.g. {base}: LoRA {got[0]}x{got[1]}, model {'x'.join(map(str, want))})"
+        detail = (f"; {len(r.wrong_shape)} matched by name but have the wrong shape (e.g. {base}: LoRA "
+                  f"{'x'.join(map(str, got))}, model {'x'.join(map(str, want))})")
     example = f"; unmatched e.g. {r.unmatched[0]}" if r.unmatched else ""
-    raise SDAccelError(f"SD Accel LoRA: {lf.name} does not fit this model: {r.matched} of {r.total} UNet layers matched"
-                       f"{detail}{example}. The model is {_arch_label(targets)}; the LoRA was probably made for another "
-                       "architecture (e.g. SDXL vs SD1.5). Pick a LoRA made for this checkpoint's base model. The model was not changed.")
+    guess = guess_family(r.unmatched or [w[0] for w in r.wrong_shape])
+    if guess and guess != targets.group:
+        made_for = f"made for a {display(guess)} model"
+    else:
+        made_for = "made for another size or version of this architecture (e.g. SDXL vs SD1.5, Wan 14B vs 5B)"
+    raise SDAccelError(f"SD Accel LoRA: {lf.name} does not fit this model: {r.matched} of {r.total} layers matched"
+                       f"{detail}{example}. The model is a {targets.label()}; the LoRA looks {made_for}. "
+                       "Pick a LoRA made for this model's base model. The model was not changed.")
+
+
+def _param(unet: nn.Module, pname: str) -> torch.Tensor:
+    mod_name, _, attr = pname.rpartition(".")
+    return getattr(unet.get_submodule(mod_name) if mod_name else unet, attr)
 
 
 def _check_plain_weights(lf: LoraFile, r: Resolved, unet: nn.Module):
@@ -190,10 +190,10 @@ def _check_plain_weights(lf: LoraFile, r: Resolved, unet: nn.Module):
     # or packed data: adding a delta to it in place would be wrong. Plain fp8 storage is fine
     # (the fused weight is rounded, the original bits are restored from the exact copy).
     for pname in r.by_param:
-        mod = unet.get_submodule(pname.rsplit(".", 1)[0])
-        w = mod.weight
+        mod = unet.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else unet
+        w = _param(unet, pname)
         if getattr(mod, "scale_weight", None) is not None or type(w.data) not in (torch.Tensor, nn.Parameter):
-            raise SDAccelError(f"SD Accel LoRA: {lf.name}: this model stores its UNet weights scaled or quantized "
+            raise SDAccelError(f"SD Accel LoRA: {lf.name}: this model stores its weights scaled or quantized "
                                f"({type(w.data).__name__}, {w.dtype}; e.g. {pname}), which in-place LoRA fusing cannot change "
                                "exactly. Load the checkpoint in fp16/bf16/fp32, or use ComfyUI's LoraLoader for this model. "
                                "The model was not changed.")
@@ -207,9 +207,6 @@ def _backup(t: torch.Tensor, config: LoraConfig) -> torch.Tensor:
     return t.detach().clone()
 
 
-def _param(unet: nn.Module, pname: str) -> torch.Tensor:
-    mod_name, _, attr = pname.rpartition(".")
-    return getattr(unet.get_submodule(mod_name), attr)
 
 
 def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> LoraReport:
@@ -225,7 +222,7 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
     """
     config = config or LoraConfig()
     if not isinstance(unet, nn.Module):
-        raise SDAccelError(f"SD Accel LoRA: expected a UNet (torch nn.Module), found {type(unet).__name__}.")
+        raise SDAccelError(f"SD Accel LoRA: expected a diffusion model (torch nn.Module), found {type(unet).__name__}.")
     specs = []
     for s in loras or ():
         if not isinstance(s, LoraSpec):
@@ -236,10 +233,10 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
     with state.lock:
         files = [read_lora(s.path) for s in specs]
         placed = [state.resolve(lf, config) for lf in files]
-        wanted: dict[str, list[tuple[tuple, float, LoraLayer]]] = {}
+        wanted: dict[str, list[tuple[tuple, float, object, object]]] = {}  # param -> [(file key, strength, layer, offset)]
         for spec, lf, r in zip(specs, files, placed):
-            for pname, layer in r.by_param.items():
-                wanted.setdefault(pname, []).append((lf.key, float(spec.strength), layer))
+            for pname, patches in r.by_param.items():
+                wanted.setdefault(pname, []).extend((lf.key, float(spec.strength), layer, off) for layer, off in patches)
         applied = tuple((s, lf.key) for s, lf in zip(specs, files))
         report = LoraReport([(lf.name, s.strength, r.matched) for s, lf, r in zip(specs, files, placed)], 0, 0.0, False)
         if applied == state.applied and set(wanted) == set(state.signature):
@@ -249,13 +246,13 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
         with torch.no_grad():
             by_device: dict[torch.device, list] = {}
             for pname, contribs in wanted.items():
-                by_device.setdefault(_param(unet, pname).device, []).extend(layer for _, _, layer in contribs)
+                by_device.setdefault(_param(unet, pname).device, []).extend(c[2] for c in contribs)
             for device, layers in by_device.items():
                 move_factors(layers, device)
             for pname in list(state.signature.keys() | wanted.keys()):
                 # Canonical order: the result depends on the set only, not on the order it was given in.
                 contribs = sorted(wanted.get(pname, []), key=lambda c: (c[0], c[1]))
-                sig = tuple((k, s) for k, s, _ in contribs)
+                sig = tuple((k, s) for k, s, _, _ in contribs)
                 if sig == state.signature.get(pname, ()):
                     continue
                 param = _param(unet, pname)
@@ -276,8 +273,8 @@ def apply_loras(unet: nn.Module, loras, config: LoraConfig | None = None) -> Lor
                 else:
                     # A new contiguous tensor: never the backup itself, and one view() can flatten (channels_last weights).
                     acc = orig.to(param.device, torch.float32, copy=True, memory_format=torch.contiguous_format)
-                    for _, strength, layer in contribs:
-                        layer.add_to(acc, strength)
+                    for _, strength, layer, offset in contribs:
+                        add_patch(layer, acc, strength, offset)
                     param.data.copy_(acc)
                     state.signature[pname] = sig
                 requantize_param(unet, pname)  # an fp8 copy of this weight (FP16 Cast fp8) follows it

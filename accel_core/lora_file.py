@@ -1,10 +1,13 @@
 """LoRA files: read a .safetensors LoRA into per-layer (up, down, alpha, mid) factors.
 
 Formats: kohya / A1111 (`lora_unet_<name>.lora_up/lora_down/alpha`, LDM or diffusers module
-names), diffusers / PEFT (`<name>.lora_A/lora_B`, optional `unet.` or `base_model.model.`
-prefix), the older diffusers attention-processor format (`...processor.to_q_lora.up`), LoCon
-convolutions (including `lora_mid`). Text-encoder keys are counted and skipped. A file is read
-once per (path, size, mtime).
+names), diffusers / PEFT (`<name>.lora_A/lora_B`, optional `unet.`, `transformer.`,
+`diffusion_model.` or `base_model.model.` prefix), the older diffusers attention-processor format
+(`...processor.to_q_lora.up`), XLabs (`...processor.qkv_lora1.down/up`), LoCon convolutions
+(including `lora_mid`), and the full-tensor differences ComfyUI loads beside them (`.diff`,
+`.diff_b` for the bias, LyCORIS `.w_norm/.b_norm`; lightx2v's Wan LoRAs carry them). Which
+module a name means is for `lora_names` to say. Text-encoder keys are counted and skipped. A
+file is read once per (path, size, mtime).
 """
 from __future__ import annotations
 
@@ -25,12 +28,16 @@ KEY_PAIRS = (
     ("_lora.up.weight", "_lora.down.weight"),  # old diffusers attention processors
     (".lora.up.weight", ".lora.down.weight"),
     (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+    (".up.weight", ".down.weight"),  # XLabs Flux LoRAs (`...processor.qkv_lora1.up.weight`)
 )
+# Full-tensor differences: suffix -> whether it is added to the module's bias (else its weight).
+_DIFFS = {".diff": False, ".diff_b": True, ".w_norm": False, ".b_norm": True}
 _MID = ".lora_mid.weight"
 ALPHA_SUFFIX = ".alpha"
 _DORA = (".dora_scale", ".lora_magnitude_vector")
-_OTHER_ADAPTERS = {"hada_w": "LoHa", "lokr_w": "LoKr", "oft_": "OFT", ".diff": "full weight diff", "a1.weight": "GLoRA"}
-UNET_PREFIXES = ("lora_unet_", "lycoris_", "base_model.model.", "unet.", "model.diffusion_model.", "diffusion_model.")
+_OTHER_ADAPTERS = {"hada_w": "LoHa", "lokr_w": "LoKr", "oft_": "OFT", ".set_weight": "weight replacement", "a1.weight": "GLoRA"}
+UNET_PREFIXES = ("lora_unet__", "lora_unet_", "lycoris_", "lora_transformer_", "base_model.model.", "unet.", "transformer.",
+                  "model.diffusion_model.", "diffusion_model.")
 _TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te_text_model", "te1_", "te2_", "lycoris_te")
 
 
@@ -82,10 +89,47 @@ class LoraLayer:
         return acc
 
 
+@dataclass
+class DiffLayer:
+    """A full-tensor difference from a file (`.diff`, `.diff_b`): delta = diff."""
+
+    base: str
+    diff: torch.Tensor
+    bias: bool = False  # added to the module's bias, not its weight
+
+    def delta(self, shape: torch.Size, device, dtype=torch.float32) -> torch.Tensor:
+        return self.diff.to(device, dtype).reshape(shape)
+
+    def add_to(self, acc: torch.Tensor, strength: float) -> torch.Tensor:
+        return acc.add_(self.diff.to(acc.device, acc.dtype).reshape(acc.shape), alpha=strength)
+
+
+def add_patch(layer, acc: torch.Tensor, strength: float, offset=None) -> None:
+    """acc += strength * the layer's delta, into the slice `offset` names.
+
+    offset: None (the whole tensor), (dim, start, size) (a slice of a fused tensor: ComfyUI's
+    Flux q/k/v in one qkv weight), or "swap_halves" (diffusers' norm_out keeps (scale, shift)
+    where ComfyUI's final_layer keeps (shift, scale)).
+    """
+    if offset is None:
+        layer.add_to(acc, strength)
+    elif offset == "swap_halves":
+        d = layer.delta(acc.shape, acc.device, acc.dtype)
+        a, b = d.chunk(2, dim=0)
+        acc.add_(torch.cat((b, a), dim=0), alpha=strength)
+    else:
+        dim, start, size = offset
+        part = acc.narrow(dim, start, size)
+        if dim == 0 and isinstance(layer, LoraLayer):
+            layer.add_to(part, strength)  # rows of a contiguous tensor: contiguous, one addmm_
+        else:
+            part.add_(layer.delta(part.shape, acc.device, acc.dtype), alpha=strength)
+
+
 def move_factors(layers, device, dtype=torch.float32) -> None:
     """Bring many layers' factors to `device` with one host-to-device copy per source dtype."""
     device = torch.device(device)
-    todo = [l for l in layers if l.__dict__.get("_dev", (None,))[0] != (device, dtype)]
+    todo = [l for l in layers if isinstance(l, LoraLayer) and l.__dict__.get("_dev", (None,))[0] != (device, dtype)]
     if device.type == "cpu" or not todo:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -107,7 +151,7 @@ def move_factors(layers, device, dtype=torch.float32) -> None:
 class LoraFile:
     path: str
     key: tuple  # (real path, mtime, size): identity of the file's contents
-    layers: dict[str, LoraLayer]
+    layers: dict[str, LoraLayer | DiffLayer]  # diffs keyed by their full key (`<base>.diff_b`)
     text_encoder_keys: int = 0
     unused: dict[str, int] = field(default_factory=dict)  # kind -> key count
 
@@ -139,7 +183,7 @@ def _read_cached(key: tuple, path: str) -> LoraFile:
 def parse_lora(sd: dict[str, torch.Tensor], path: str = "<state dict>", key: tuple | None = None) -> LoraFile:
     """Group a LoRA state dict into layers; count text-encoder and unsupported keys."""
     used: set[str] = set()
-    layers: dict[str, LoraLayer] = {}
+    layers: dict[str, LoraLayer | DiffLayer] = {}
     for k in sd:
         for up_s, down_s in KEY_PAIRS:
             if k.endswith(up_s):
@@ -152,6 +196,10 @@ def parse_lora(sd: dict[str, torch.Tensor], path: str = "<state dict>", key: tup
                 layers[base] = LoraLayer(base, sd[k], sd[down_k], mid, float(alpha.float()) if alpha is not None else None)
                 used.update(x for x in (k, down_k, base + ALPHA_SUFFIX, base + _MID) if x in sd)
                 break
+        for suffix, bias in _DIFFS.items():
+            if k.endswith(suffix):
+                layers[k] = DiffLayer(k[: -len(suffix)], sd[k], bias)
+                used.add(k)
     te = [b for b in layers if b.startswith(_TE_PREFIXES)]
     for b in te:
         del layers[b]
@@ -174,7 +222,7 @@ def parse_lora(sd: dict[str, torch.Tensor], path: str = "<state dict>", key: tup
     if not layers:
         found = ", ".join(f"{n} {k}" for k, n in unused.items()) or "none"
         sample = ", ".join(list(sd)[:3])
-        raise SDAccelError(f"SD Accel LoRA: {lf.name} holds no UNet LoRA layers (expected key pairs like "
+        raise SDAccelError(f"SD Accel LoRA: {lf.name} holds no LoRA layers for the diffusion model (expected key pairs like "
                            f"'lora_unet_..lora_up.weight/lora_down.weight' or '..lora_A.weight/lora_B.weight'; found {len(sd)} keys: "
                            f"{te_keys} text-encoder, other kinds: {found}; e.g. {sample}). LoHa/LoKr/OFT files need ComfyUI's LoraLoader.")
     return lf

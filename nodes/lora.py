@@ -20,8 +20,8 @@ class SDAccelLoRAHotSwap:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model (SD1.x, SD2.x, SDXL), compiled or not. It is not changed."}),
-            "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A LoRA .safetensors file from models/loras (kohya/A1111 or diffusers/PEFT keys)."}),
+            "model": ("MODEL", {"tooltip": "The model (SD1.x, SD2.x, SDXL, Flux, Qwen-Image, Z-Image, Wan), compiled or not. It is not changed."}),
+            "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A LoRA .safetensors file from models/loras (kohya/A1111, diffusers/PEFT, XLabs, lightx2v keys)."}),
             "strength_model": comfy_input(LoraSpec, "strength"),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 

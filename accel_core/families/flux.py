@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from . import BlockList, Family, register
 from ._dit import probe
+from . import flux_lora
 
 FLUX = register(Family(
     name="flux", display="Flux / Chroma (DiT)",
     probe=probe(("Flux", "Chroma", "ChromaRadiance", "IntegratedFluxTransformer2DModel", "IntegratedChromaTransformer2DModel"), "double_blocks", "single_blocks"),
     entry=("_forward", "forward"),
+    lora_keys=flux_lora.lora_keys,
     blocks=(BlockList("double_blocks", "double_block"), BlockList("single_blocks", "single_block")),
     fp8_skip=("time_in", "vector_in", "guidance_in", "distilled_guidance", "img_mod", "txt_mod", "modulation", "adaLN"),
 ))

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from . import BlockList, Family, register
 from ._dit import probe
+from .lora_maps import own_names
 
 QWEN_IMAGE = register(Family(
     name="qwen_image", display="Qwen-Image (DiT)",
     probe=probe(("QwenImageTransformer2DModel",), "transformer_blocks"),
     entry=("_forward", "forward"),
+    lora_keys=own_names,
     blocks=(BlockList("transformer_blocks", "double_block"),),
     fp8_skip=("time_text_embed", "img_mod", "txt_mod", "norm_out"),
 ))

@@ -162,7 +162,7 @@ def unet_lora_keys(unet: nn.Module) -> dict[str, tuple[str, None]]:
     keys: dict[str, tuple[str, None]] = {}
     for mname, mod in unet.named_modules():
         w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
-        if w is None or w.dim() < 2:
+        if w is None:  # norms too: ComfyUI maps their names for `.diff` / LoRA patches
             continue
         pname = f"{mname}.weight"
         clean = mname.replace(".base_layer", "")  # PEFT-injected diffusers layers

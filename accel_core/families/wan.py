@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from . import BlockList, Family, register
 from ._dit import probe
+from .lora_maps import own_names
 
 WAN = register(Family(
     name="wan", display="Wan 2.x (DiT)",
     probe=probe(("WanModel",), "blocks", "patch_embedding"),
     entry=("_forward", "forward"),
+    lora_keys=own_names,
     blocks=(BlockList("blocks", "double_block"),),
     keep_dtype=("patch_embedding",),  # built fp32 and called as patch_embedding(x.float())
     fp8_skip=("time_embedding", "time_projection"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import BlockList, Family, register, units_of
 from ._dit import probe
+from . import zimage_lora
 
 _PARTS = ("x_embedder", "t_embedder", "cap_embedder", "noise_refiner", "context_refiner", "layers", "final_layer")
 
@@ -17,6 +18,7 @@ ZIMAGE = register(Family(
     name="zimage", display="Z-Image / Lumina 2 (NextDiT)",
     probe=probe(("NextDiT",), "layers", "noise_refiner", "context_refiner"),
     entry=("_forward", "forward"),
+    lora_keys=zimage_lora.lora_keys,
     blocks=(BlockList("noise_refiner"), BlockList("context_refiner"), BlockList("layers")),
     units=lambda m: units_of(m, _PARTS),
     fp8_skip=("t_embedder", "adaLN_modulation"),

@@ -92,12 +92,17 @@ def lcm_clone(model, path: str, strength: float, steps: int, unique_id=None):
 
 
 def lcm_sample(model, positive, negative, latent_image, path: str, seed: int, config: LcmConfig, unique_id=None,
-               clones: LcmClones | None = None):
+               clones: LcmClones | None = None, recommended: bool = True):
     """LCM-LoRA + LCM sampling through ComfyUI's own sampler (KSampler path); returns the LATENT dict.
+    DiT models take their few-step LoRA's own settings instead (comfy_fewstep).
 
     `clones`: the node's LcmClones, so a re-executed node samples the same clone (None: a new one)."""
     import nodes
 
+    from .comfy_fewstep import fewstep_sample, is_dit
+
+    if is_dit(model):
+        return fewstep_sample(model, positive, negative, latent_image, path, seed, config, recommended, unique_id)
     if clones is not None:
         m = clones.get(model, path, config.strength, config.steps, unique_id)
     else:

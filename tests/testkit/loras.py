@@ -12,7 +12,7 @@ from sd_accel.accel_core.lora_names import UNetNames
 _KOHYA = (".lora_up.weight", ".lora_down.weight")
 _PEFT = (".lora_B.weight", ".lora_A.weight")
 _OLD_DIFFUSERS = ("_lora.up.weight", "_lora.down.weight")
-_ALPHA = ".alpha"
+ALPHA_SUFFIX = ".alpha"
 
 FORMATS = ("kohya-ldm", "kohya-diffusers", "peft", "diffusers-old")
 
@@ -61,7 +61,7 @@ def make_random_lora(unet: nn.Module, fmt: str = "kohya-ldm", rank: int = 4, see
         out[base + pair[0]] = up.to(dtype)
         out[base + pair[1]] = down.to(dtype)
         if fmt.startswith("kohya"):
-            out[base + _ALPHA] = torch.tensor(a)
+            out[base + ALPHA_SUFFIX] = torch.tensor(a)
     if with_text_encoder:
         te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj" if fmt.startswith("kohya") else "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
         p = _KOHYA if fmt.startswith("kohya") else _PEFT
