@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SDAccelError
-from . import Family, register, units_of
+from .base import Family, register, units_of
 from .unet_names import unet_lora_keys
 
 _DIFFUSERS_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")

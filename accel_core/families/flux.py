@@ -10,7 +10,7 @@ blocks (one joint stream) on Flux.1-dev; each block i is offered to
 """
 from __future__ import annotations
 
-from . import BlockList, Family, register
+from .base import BlockList, Family, register
 from ._dit import probe
 from . import flux_lora
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..log import logger
-from . import Family, register, units_of
+from .base import Family, register, units_of
 from .unet_names import unet_lora_keys
 
 # Patches in transformer_options["patches"] that the walk itself calls (the host's forward does

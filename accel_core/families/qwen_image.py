@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from . import BlockList, Family, register
+from .base import BlockList, Family, register
 from ._dit import probe
 from .lora_maps import own_names
 

@@ -6,7 +6,7 @@ camera, S2V; Wan 2.2's 5B and 14B are WanModel configs).
 """
 from __future__ import annotations
 
-from . import BlockList, Family, register
+from .base import BlockList, Family, register
 from ._dit import probe
 from .lora_maps import own_names
 

@@ -8,7 +8,7 @@ blocks as the fallback units.
 """
 from __future__ import annotations
 
-from . import BlockList, Family, register, units_of
+from .base import BlockList, Family, register, units_of
 from ._dit import probe
 from . import zimage_lora
 
