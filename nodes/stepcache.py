@@ -1,5 +1,5 @@
 from ..accel_core.stepcache import CFG_MODES, MODES, StepCacheConfig
-from ..accel_core.hosts import comfy_events, comfy_stepcache as host
+from ..accel_core.hosts.comfy import events as comfy_events, stepcache as host
 
 
 class SDAccelStepCache:

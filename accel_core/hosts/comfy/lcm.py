@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import collections
 
-from ..lcm import DEEPCACHE_MIN_STEPS, LcmConfig, deepcache_helps
-from ..log import logger
-from ..lora import read_lora
-from .comfy import check_model, wrappers_mp
-from .comfy_deepcache import DEEPCACHE_KEY
-from .comfy_lora import apply_hotswap
+from ...lcm import DEEPCACHE_MIN_STEPS, LcmConfig, deepcache_helps
+from ...log import logger
+from ...lora import read_lora
+from .model import check_model, wrappers_mp
+from .deepcache import DEEPCACHE_KEY
+from .lora import apply_hotswap
 
 LCM_SAMPLER, LCM_SCHEDULER = "lcm", "sgm_uniform"
 
@@ -81,7 +81,7 @@ class LcmClones:
 def lcm_clone(model, path: str, strength: float, steps: int, unique_id=None):
     """The clone the LCM node samples with: tracked for the browser, LCM-LoRA hot-swapped, LCM
     model sampling, DeepCache off for runs too short for it."""
-    from . import comfy_events
+    from . import events as comfy_events
 
     if not hasattr(model, "clone"):
         check_model(model, "LCM-LoRA Sampler")  # raises: not a MODEL
