@@ -19,7 +19,7 @@ if importlib.util.find_spec("comfy") is not None and importlib.util.find_spec("f
 
     # Status events (compiling, fell back, it/s) go to the browser tab; web/sdaccel.js shows them.
     if importlib.util.find_spec("server") is not None:
-        from .accel_core.hosts import comfy_events as _comfy_events
+        from .accel_core.hosts.comfy import events as _comfy_events
 
         _comfy_events.install()
 

@@ -17,7 +17,7 @@ full path (which also hands back the feature to keep) and the shallow path are t
 callables (the walks in `families/`); with compile each is compiled once (`cut_paths`).
 
 One runner (`DeepCacheRunner`: step decision, kept features, counts) serves every host:
-ComfyUI through `hosts/comfy_deepcache.py`, A1111 and Forge through `hosts/webui/`,
+ComfyUI through `hosts/comfy/deepcache.py`, A1111 and Forge through `hosts/webui/`,
 diffusers' UNet2DConditionModel through `deepcache(unet, config)` here.
 """
 from __future__ import annotations
@@ -468,7 +468,7 @@ def deepcache(unet: nn.Module, config: DeepCacheConfig | None = None, *, compile
 
     The UNet itself is not modified. `compile` (a CompileConfig) compiles the full and the
     shallow paths, each once, with per-block fallback. ComfyUI models go through the node
-    (`hosts/comfy_deepcache.apply_deepcache`), the webui through its extension.
+    (`hosts/comfy/deepcache.apply_deepcache`), the webui through its extension.
 
     Example:
         >>> dc = deepcache(pipe.unet, DeepCacheConfig(cache_interval=3, cache_depth=0))

@@ -11,7 +11,7 @@ ModelSamplingDiscrete "lcm" + sampler "lcm" + scheduler "sgm_uniform"):
   scaling 10), then re-noises to the next sigma with fresh noise.
 
 `lcm_sample(unet_call, noise, cond, uncond, LcmConfig(...))` runs that loop over any UNet
-callable (diffusers, webui); ComfyUI uses its own sampler objects (hosts/comfy_lora.py).
+callable (diffusers, webui); ComfyUI uses its own sampler objects (hosts/comfy/lcm.py).
 
 Step caching (DeepCache) cannot help here: each LCM step jumps far along the trajectory, so
 deep features from the previous step are stale. Below `DEEPCACHE_MIN_STEPS` it is switched off.

@@ -93,7 +93,7 @@ class LoraState:
         self.params: dict[str, torch.Tensor] = {}  # the tensor object we changed, to notice replacements
         self.signature: dict[str, tuple] = {}  # param -> ((file key, strength), ...) fused into it now
         self.applied: tuple[tuple[LoraSpec, tuple], ...] = ()
-        self.owner: object | None = None  # host bookkeeping: who asked for what is fused (hosts/comfy_lora.py)
+        self.owner: object | None = None  # host bookkeeping: who asked for what is fused (hosts/comfy/lora_set.py)
         self.last_run: tuple | None = None  # host bookkeeping: the set the last run asked for (its log says "swapped" on a change)
         self._targets: Targets | None = None
         self._resolved: dict[tuple, Resolved] = {}

@@ -12,7 +12,7 @@ each other's entries as recompiles.
 
 A block whose compiled call fails (a conversion error, never an error of the run itself) runs
 eager from then on and is named in the report; the others stay compiled. The host decides which
-calls reach `run` (ComfyUI: hosts/comfy_regional.py, through `patches_replace["dit"]`).
+calls reach `run` (ComfyUI: hosts/comfy/regional.py, through `patches_replace["dit"]`).
 """
 from __future__ import annotations
 

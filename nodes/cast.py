@@ -1,6 +1,6 @@
 from ..accel_core.casting import CastConfig
 from ..accel_core.options import comfy_inputs
-from ..accel_core.hosts import comfy_cast as host, comfy_events
+from ..accel_core.hosts.comfy import cast as host, events as comfy_events
 
 
 class SDAccelFP16Cast:

@@ -1,6 +1,6 @@
 from ..accel_core.compiling import CompileConfig
 from ..accel_core.options import comfy_inputs
-from ..accel_core.hosts import comfy as host, comfy_events
+from ..accel_core.hosts.comfy import compile as host, events as comfy_events
 
 
 class SDAccelCompileUNet:

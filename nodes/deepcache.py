@@ -1,6 +1,6 @@
 from ..accel_core.deepcaching import DeepCacheConfig
 from ..accel_core.options import comfy_inputs
-from ..accel_core.hosts import comfy_deepcache as host, comfy_events
+from ..accel_core.hosts.comfy import deepcache as host, events as comfy_events
 
 
 class SDAccelDeepCache:

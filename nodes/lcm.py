@@ -1,6 +1,6 @@
 import folder_paths
 
-from ..accel_core.hosts import comfy_lcm as host
+from ..accel_core.hosts.comfy import lcm as host
 from ..accel_core.lcm import LcmConfig
 from ..accel_core.options import comfy_input, comfy_inputs
 

@@ -1,6 +1,6 @@
 import folder_paths
 
-from ..accel_core.hosts import comfy_events, comfy_lora as host
+from ..accel_core.hosts.comfy import events as comfy_events, lora as host
 from ..accel_core.lora import LoraSpec
 from ..accel_core.options import comfy_input
 

@@ -1,6 +1,6 @@
 from ..accel_core.options import comfy_inputs
 from ..accel_core.stepcache import StepCacheConfig
-from ..accel_core.hosts import comfy_events, comfy_stepcache as host
+from ..accel_core.hosts.comfy import events as comfy_events, stepcache as host
 
 
 class SDAccelStepCache:

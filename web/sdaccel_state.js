@@ -2,14 +2,14 @@
 //
 // Pure logic, no DOM and no ComfyUI imports, so node's test runner covers it
 // (tests/js/). web/sdaccel.js feeds it the server's `sdaccel.*` events and draws the result.
-// Event payloads come from accel_core/hosts/comfy_events.py: every event carries `nodes`
+// Event payloads come from accel_core/hosts/comfy/events.py: every event carries `nodes`
 // ({kind: node id} of the SD Accel nodes that built the sampled model) and `executing`
 // (the node ComfyUI runs, e.g. the KSampler).
 
 export const PREFIX = "sdaccel.";
 export const EVENTS = ["node_applied", "compile_start", "compile_progress", "compile_end", "fallback", "lora_swap", "run_stats", "deepcache_stats"];
 
-// node type -> the kind its Python side records (comfy_events.track)
+// node type -> the kind its Python side records (comfy/tracking.py, track)
 export const NODE_KINDS = {
   SDAccelCompileUNet: "compile",
   SDAccelFP16Cast: "cast",

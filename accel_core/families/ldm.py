@@ -5,7 +5,7 @@ The walk is the hosts' shared forward (ComfyUI's `UNetModel._forward`, A1111's l
 input blocks (keeping the skips), middle block, output blocks (each taking a skip back),
 `out`. What differs between hosts comes in through an `LdmHooks` object: how a block is
 called, which of `transformer_options["patches"]` the host's forward honours, the input and
-output dtype handling. The hosts supply theirs (hosts/comfy_deepcache.py, hosts/webui/deepcache.py).
+output dtype handling. The hosts supply theirs (hosts/comfy/deepcache.py, hosts/webui/deepcache.py).
 
 Three runs:
 - plain (`forward`): the host's forward, block for block;

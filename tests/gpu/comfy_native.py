@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     count_captures()
     import comfy.sd
 
-    native = pack_module("accel_core.hosts.comfy_native")
+    native = pack_module("accel_core.hosts.comfy.native")
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}

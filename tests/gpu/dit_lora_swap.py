@@ -69,7 +69,7 @@ def main(argv=None) -> int:
             sd = dit_tiny.make_lora(base, a.family, FORMAT[a.family], seed=seed, rank=a.rank)
             save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(f))
         loras.append(str(f))
-    pack = sys.modules[next(n for n in sys.modules if n.endswith("accel_core.hosts.comfy_lora"))]
+    pack = sys.modules[next(n for n in sys.modules if n.endswith("accel_core.hosts.comfy.lora"))]
     compiled = df._node(nodes, "SDAccelCompileUNet", base)
     rec = {"family": a.family, "device": torch.cuda.get_device_name() if ctx.cuda else "cpu", "rank": a.rank,
            "dynamic": bool(getattr(base, "is_dynamic", lambda: False)())}

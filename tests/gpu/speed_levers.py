@@ -395,7 +395,7 @@ def rows_for(lv: Levers, args):
 
     base = lv.base
     comfy = lv.mod("accel_core.hosts.comfy")
-    cast = lv.mod("accel_core.hosts.comfy_cast")
+    cast = lv.mod("accel_core.hosts.comfy.cast")
     CompileConfig = lv.mod("accel_core.compiling").CompileConfig
     CastConfig = lv.mod("accel_core.casting").CastConfig
     node = lambda nid, *a: getattr(lv.nodes.NODE_CLASS_MAPPINGS[nid](), lv.nodes.NODE_CLASS_MAPPINGS[nid].FUNCTION)(*a)[0]  # noqa: E731

@@ -44,8 +44,8 @@ def comfy_adapter(comfy_host):
 
 @pytest.fixture(scope="session")
 def comfy_cast(comfy_host):
-    """accel_core.hosts.comfy_cast (FP16 Cast's installer) as ComfyUI loaded it."""
-    return comfy_host.pack_module("accel_core.hosts.comfy_cast")
+    """accel_core.hosts.comfy.cast (FP16 Cast's installer) as ComfyUI loaded it."""
+    return comfy_host.pack_module("accel_core.hosts.comfy.cast")
 
 
 @pytest.fixture(scope="session")

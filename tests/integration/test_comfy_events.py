@@ -61,7 +61,8 @@ def _sample(comfy, model, steps=2):
 def test_run_events_name_the_nodes_that_built_the_model(comfy, model):
     from sd_accel.accel_core import events
     from sd_accel.accel_core.compiling import CompileConfig
-    from sd_accel.accel_core.hosts import comfy as host, comfy_events
+    from sd_accel.accel_core.hosts import comfy as host
+    from sd_accel.accel_core.hosts.comfy import events as comfy_events
 
     seen = []
     listener = lambda ev, data: seen.append((ev, dict(data), comfy_events.payload(ev, data)))  # noqa: E731
@@ -102,7 +103,8 @@ def test_run_events_name_the_nodes_that_built_the_model(comfy, model):
 def test_chained_nodes_accumulate_and_input_stays_clean(comfy, model):
     from sd_accel.accel_core.casting import CastConfig
     from sd_accel.accel_core.compiling import CompileConfig
-    from sd_accel.accel_core.hosts import comfy as host, comfy_cast, comfy_events
+    from sd_accel.accel_core.hosts import comfy as host
+    from sd_accel.accel_core.hosts.comfy import cast as comfy_cast, events as comfy_events
 
     cast = comfy_events.track(comfy_cast.apply_cast(model, CastConfig(dtype="fp32", channels_last=False)), "cast", "4", source=model)
     comp = comfy_events.track(host.apply_compile(cast, CompileConfig(torch_backend="eager")), "compile", "5", source=cast)

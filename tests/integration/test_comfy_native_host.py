@@ -1,4 +1,4 @@
-"""comfy_native's probes on a real ComfyUI tree: the host's own classes, switches and patcher.
+"""hosts/comfy/native.py's probes on a real ComfyUI tree: the host's own classes, switches and patcher.
 
 On the CPU nothing is captured, so these check what the probes read: the real model classes'
 code (does it opt in to ComfyUI's CUDA graphs / compiler?), the real `comfy.cli_args.args`
@@ -23,7 +23,7 @@ DIFFUSION = [("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel"), ("
 
 @pytest.fixture(scope="module")
 def cn(comfy_host):
-    return comfy_host.pack_module("accel_core.hosts.comfy_native")
+    return comfy_host.pack_module("accel_core.hosts.comfy.native")
 
 
 def _empty(cls):

@@ -23,7 +23,7 @@ class Pack:
 
     def __init__(self, host):
         self.host = host
-        self.dc = host.pack_module("accel_core.hosts.comfy_deepcache")
+        self.dc = host.pack_module("accel_core.hosts.comfy.deepcache")
         self.core = host.pack_module("accel_core.deepcaching")
         self.ldm = host.pack_module("accel_core.families.ldm")
         self.registry = host.pack_module("accel_core.registry")

@@ -160,7 +160,7 @@ def test_fp16_cast_bf16(comfy_host, comfy_cast, models, fam):
 
 def test_nodes_without_dit_support_pass_a_dit_model_through(comfy_host, comfy_adapter, models, caplog):
     model, _ = _model(models, "flux")
-    dc = comfy_host.pack_module("accel_core.hosts.comfy_deepcache")
+    dc = comfy_host.pack_module("accel_core.hosts.comfy.deepcache")
     dcmod = comfy_host.pack_module("accel_core.deepcaching")
     with caplog.at_level(logging.WARNING):
         out = dc.apply_deepcache(model, dcmod.DeepCacheConfig())

@@ -57,7 +57,7 @@ def test_hotswap_and_cast_share_the_copy_and_leave_the_input(comfy_host, dyn, sd
 
     import comfy.model_management
 
-    hl = comfy_host.pack_module("accel_core.hosts.comfy_lora")
+    hl = comfy_host.pack_module("accel_core.hosts.comfy.lora")
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     (comfy_lora,) = comfy_host.node("LoraLoaderModelOnly").load_lora_model_only(sd15_model, lora_name, 1.0)
     expected = harness.sample(comfy_lora)
@@ -103,7 +103,7 @@ def test_hotswap_on_the_compiled_nhwc_copy_matches_comfy_lora(comfy_host, comfy_
 
     import comfy.model_management
 
-    hl = comfy_host.pack_module("accel_core.hosts.comfy_lora")
+    hl = comfy_host.pack_module("accel_core.hosts.comfy.lora")
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     (comfy_lora,) = comfy_host.node("LoraLoaderModelOnly").load_lora_model_only(sd15_model, lora_name, 1.0)
     expected = harness.sample(comfy_lora)

@@ -125,7 +125,7 @@ def test_compiled_and_cast_models(comfy_cast, comfy_host, comfy_adapter, tiny, l
 def test_deepcache_switches_itself_off_for_short_runs(comfy_host, tiny, lcm_lora, caplog):
     name, _ = lcm_lora
     dc = comfy_host.pack_module("accel_core.deepcaching")
-    hdc = comfy_host.pack_module("accel_core.hosts.comfy_deepcache")
+    hdc = comfy_host.pack_module("accel_core.hosts.comfy.deepcache")
     cached = hdc.apply_deepcache(tiny, dc.DeepCacheConfig(cache_interval=3))
     plain = _node(comfy_host, tiny, name, steps=4)
     with caplog.at_level(logging.INFO, logger="sd_accel"):
@@ -147,7 +147,7 @@ def test_reexecution_samples_the_same_clone(comfy_host, tiny, lcm_lora, caplog):
     import comfy.model_management as mm
 
     name, path = lcm_lora
-    hl = comfy_host.pack_module("accel_core.hosts.comfy_lcm")
+    hl = comfy_host.pack_module("accel_core.hosts.comfy.lcm")
     lora = comfy_host.pack_module("accel_core.lora")
     unet = tiny.model.diffusion_model
     ref = harness.sample(tiny)

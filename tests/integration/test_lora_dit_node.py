@@ -17,7 +17,7 @@ FORMAT = {"flux": "diffusers", "qwen_image": "diffusers", "zimage": "kohya", "wa
 
 @pytest.fixture(scope="module")
 def hl(comfy_host):
-    return comfy_host.pack_module("accel_core.hosts.comfy_lora")
+    return comfy_host.pack_module("accel_core.hosts.comfy.lora")
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def lora(comfy_host):
 
 @pytest.fixture(scope="module")
 def hl(comfy_host):
-    return comfy_host.pack_module("accel_core.hosts.comfy_lora")
+    return comfy_host.pack_module("accel_core.hosts.comfy.lora")
 
 
 @pytest.fixture(scope="module")

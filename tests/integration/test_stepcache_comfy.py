@@ -143,7 +143,7 @@ def test_another_packs_block_replacement_still_runs_and_reapplying_does_not_stac
     model.set_model_patch_replace(other, "dit", "double_block", 1)
     m = step_cache(comfy_host, step_cache(comfy_host, model, interval=2), interval=3)
     dit = m.model_options["transformer_options"]["patches_replace"]["dit"]
-    hs = comfy_host.pack_module("accel_core.hosts.comfy_stepcache")
+    hs = comfy_host.pack_module("accel_core.hosts.comfy.stepcache")
     assert dit[("double_block", 1)].prior is other and dit[("double_block", 0)].prior is None
     sample(m, "flux")
     assert stats[-1]["cached_steps"] == [1, 2, 4, 5]

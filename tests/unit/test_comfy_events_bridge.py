@@ -7,7 +7,7 @@ import types
 import pytest
 
 from sd_accel.accel_core import events
-from sd_accel.accel_core.hosts import comfy_events
+from sd_accel.accel_core.hosts.comfy import events as comfy_events
 
 
 class FakeServer:

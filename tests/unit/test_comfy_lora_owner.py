@@ -1,4 +1,4 @@
-"""Who owns the fused LoRA set in the ComfyUI host (hosts/comfy_lora_owner.py), without ComfyUI: the
+"""Who owns the fused LoRA set in the ComfyUI host (hosts/comfy/lora_owner.py), without ComfyUI: the
 callbacks ComfyUI would fire (pre-run, cleanup, detach, the patcher's death) driven in the
 orders ComfyUI fires them, on a tiny UNet. The real host is exercised in
 tests/integration/test_lora_hotswap.py."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd_accel.accel_core.hosts import comfy_lora_owner as hl
+from sd_accel.accel_core.hosts.comfy import lora_owner as hl
 from sd_accel.accel_core.lora import LoraSpec, lora_state
 from testkit.loras import make_random_lora
 

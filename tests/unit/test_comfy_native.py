@@ -1,4 +1,4 @@
-"""The probes of accel_core.hosts.comfy_native against stand-ins shaped like the newest ComfyUI read.
+"""The probes of accel_core.hosts.comfy.native against stand-ins shaped like the newest ComfyUI read.
 
 The stand-ins copy the shape (not the bodies) of Comfy-Org/ComfyUI 0.38.1 as stored by the search
 index: comfy/model_prefetch.py (`malloc_graph_enabled(device)`, `prefetch_queue_pop(..., core,
@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from sd_accel.accel_core.hosts import comfy_native as cn
+from sd_accel.accel_core.hosts.comfy import native as cn
 
 
 def _host(monkeypatch, *, compiler: bool, aimdo=True, disable_graphs=False, disable_compiler=False):

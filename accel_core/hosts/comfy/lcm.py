@@ -1,4 +1,4 @@
-"""ComfyUI host for the LCM-LoRA Sampler: the LCM-LoRA hot-swapped in (comfy_lora), LCM model
+"""ComfyUI host for the LCM-LoRA Sampler: the LCM-LoRA hot-swapped in (lora.py), LCM model
 sampling (ComfyUI's ModelSamplingDiscrete "lcm"), ComfyUI's own lcm sampler, and DeepCache off
 for runs too short for it to help.
 """
@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import collections
 
-from ..lcm import DEEPCACHE_MIN_STEPS, LcmConfig, deepcache_helps
-from ..log import logger
-from ..lora import read_lora
-from .comfy import check_model, wrappers_mp
-from .comfy_deepcache import DEEPCACHE_KEY
-from .comfy_lora import apply_hotswap
+from ...lcm import DEEPCACHE_MIN_STEPS, LcmConfig, deepcache_helps
+from ...log import logger
+from ...lora import read_lora
+from .model import check_model, wrappers_mp
+from .deepcache import DEEPCACHE_KEY
+from .lora import apply_hotswap
 
 LCM_SAMPLER, LCM_SCHEDULER = "lcm", "sgm_uniform"
 
@@ -81,7 +81,7 @@ class LcmClones:
 def lcm_clone(model, path: str, strength: float, steps: int, unique_id=None):
     """The clone the LCM node samples with: tracked for the browser, LCM-LoRA hot-swapped, LCM
     model sampling, DeepCache off for runs too short for it."""
-    from . import comfy_events
+    from . import events as comfy_events
 
     if not hasattr(model, "clone"):
         check_model(model, "LCM-LoRA Sampler")  # raises: not a MODEL
@@ -94,12 +94,12 @@ def lcm_clone(model, path: str, strength: float, steps: int, unique_id=None):
 def lcm_sample(model, positive, negative, latent_image, path: str, seed: int, config: LcmConfig, unique_id=None,
                clones: LcmClones | None = None, recommended: bool = True):
     """LCM-LoRA + LCM sampling through ComfyUI's own sampler (KSampler path); returns the LATENT dict.
-    DiT models take their few-step LoRA's own settings instead (comfy_fewstep).
+    DiT models take their few-step LoRA's own settings instead (fewstep.py).
 
     `clones`: the node's LcmClones, so a re-executed node samples the same clone (None: a new one)."""
     import nodes
 
-    from .comfy_fewstep import fewstep_sample, is_dit
+    from .fewstep import fewstep_sample, is_dit
 
     if is_dit(model):
         return fewstep_sample(model, positive, negative, latent_image, path, seed, config, recommended, unique_id)

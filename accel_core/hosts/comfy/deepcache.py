@@ -7,52 +7,21 @@
   cond chunks; the runner picks the full or the shallow path of the core's LDM walk, which
   then runs as the innermost callable of the remaining DIFFUSION_MODEL wrappers.
 
-`COMFY` tells the walk how ComfyUI's `UNetModel._forward` calls its blocks. With
+`COMFY` (deepcache_walk.py) tells the walk how ComfyUI's `UNetModel._forward` calls its blocks. With
 SDAccelCompileUNet on the same model (either node order) the paths are compiled once each
 with the compile node's config.
 """
 from __future__ import annotations
 
-from ..deepcaching import DeepCacheConfig, DeepCacheRunner, check_depth, cut_paths
-from ..log import logger
-from ..families import ldm
-from .comfy import check_model, wrappers_mp, active_compile_config
-from .comfy_native import step_aside
+from ...deepcaching import DeepCacheConfig, DeepCacheRunner, check_depth
+from ...log import logger
+from .compile import active_compile_config
+from .deepcache_walk import COMFY, ComfyHooks, paths  # noqa: F401  (re-exported)
+from .model import check_model, wrappers_mp
+from .native import step_aside
 
 DEEPCACHE_KEY = "sd_accel.deepcache"
 
-
-class ComfyHooks(ldm.LdmHooks):
-    """ComfyUI's UNetModel._forward (0.3.64 .. 0.33): blocks through forward_timestep_embed, which also
-    honours forward_timestep_embed_patch; every block patch (middle_block_after_patch where the host has it)."""
-
-    patches = ldm.BLOCK_PATCHES
-
-    @staticmethod
-    def apply_control(h, control, name):
-        from comfy.ldm.modules.diffusionmodules.openaimodel import apply_control
-
-        return apply_control(h, control, name)
-
-    def block(self, unet, module, h, emb, context, to, output_shape, control, name, kwargs):
-        from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed
-
-        if module is not None:  # middle_block is None in some UNets
-            h = forward_timestep_embed(module, h, emb, context, to, output_shape, time_context=kwargs.get("time_context"),
-                                       num_video_frames=kwargs.get("num_video_frames", unet.default_num_video_frames),
-                                       image_only_indicator=kwargs.get("image_only_indicator"))
-        return self.apply_control(h, control, name) if name else h
-
-
-COMFY = ComfyHooks()
-
-
-def paths(unet, depth: int, compile_config=None):
-    """The full and shallow paths of ComfyUI's UNet cut at `depth` (compiled once each with `compile_config`)."""
-    return cut_paths(unet, depth, *ldm.paths(unet, COMFY, depth), compile_config)
-
-
-# --- wrappers --------------------------------------------------------------------------------
 
 def _chunk_keys(to: dict, batch: int) -> tuple:
     # One entry per cond chunk in the batch (cond and uncond may come together or apart).

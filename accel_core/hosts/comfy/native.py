@@ -13,7 +13,7 @@ import functools
 import inspect
 from dataclasses import asdict, dataclass
 
-from ..log import logger
+from ...log import logger
 
 # Words a model's own code uses when it opts in (call keywords and attribute names, read from bytecode).
 _GRAPH_WORDS = frozenset({"enable_graph"})

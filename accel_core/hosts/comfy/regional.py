@@ -12,10 +12,10 @@ same hooks, and its adapter uses them too.
 """
 from __future__ import annotations
 
-from .. import registry
-from ..compiling import CompileConfig
-from ..families import Family
-from ..regional import INNER_PATCHES, KEEP, with_blocks
+from ... import registry
+from ...compiling import CompileConfig
+from ...families import Family
+from ...regional import INNER_PATCHES, KEEP, with_blocks
 
 _OPTIONS_AT = 5  # BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...)
 

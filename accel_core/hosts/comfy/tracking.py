@@ -1,27 +1,17 @@
-"""Forward SD Accel status events to the ComfyUI browser tab (web/sdaccel.js draws them).
+"""Which of our nodes built the model being sampled, for the status events (comfy/events.py sends them).
 
-The core emits events (`accel_core.events`) from deep inside sampling, where it does not
-know which graph node it belongs to. Our nodes record themselves on the model clone they
-return (`track`): their UNIQUE_ID goes into `transformer_options` (plain strings, so it
-survives ComfyUI's deep copy on clone and accumulates along a chain of our nodes). A keyed
-OUTER_SAMPLE wrapper puts that mapping in a context variable for the run, and a keyed
-SAMPLER_SAMPLE wrapper times the sampling loop and emits `run_stats`. The listener adds the mapping and ComfyUI's
-executing node to every event and sends it as `sdaccel.<event>`.
-
-Nothing here needs a browser: without a PromptServer (tests, scripts) the listener does
-nothing, and a failing send never reaches sampling (events.emit swallows it).
+Our nodes record themselves on the model clone they return (`track`): their UNIQUE_ID goes into
+`transformer_options` (plain strings, so it survives ComfyUI's deep copy on clone and accumulates
+along a chain of our nodes). A keyed OUTER_SAMPLE wrapper puts that mapping in a context variable
+for the run, and a keyed SAMPLER_SAMPLE wrapper times the sampling loop and emits `run_stats`.
 """
 from __future__ import annotations
 
 import contextvars
-import math
-import sys
 import time
 
-from .. import events
-from ..log import logger
+from ... import events
 
-PREFIX = "sdaccel."
 NODES_KEY = "sd_accel.nodes"  # transformer_options[NODES_KEY] = {kind: unique_id}
 STATS_KEY = "sd_accel.stats"  # key of our OUTER_SAMPLE (node scope) and SAMPLER_SAMPLE (timing) wrappers
 KINDS = ("cast", "compile", "deepcache", "lora", "lcm")
@@ -47,7 +37,14 @@ class LastRun:
 LAST_RUN = LastRun()
 
 
-# --- node side -----------------------------------------------------------------------------
+def _executing():
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None, None
+    ctx = get_executing_context()
+    return (ctx.node_id, ctx.prompt_id) if ctx is not None else (None, None)
+
 
 def track(model, kind: str, unique_id, source=None):
     """Record that node `unique_id` (of `kind`) produced `model` from `source`; returns `model`.
@@ -74,7 +71,7 @@ def tracked_nodes(model) -> dict:
 
 
 def _compile_report(guider) -> dict | None:
-    from .comfy import compile_report
+    from .compile import compile_report
 
     patcher = getattr(guider, "model_patcher", None)
     try:
@@ -111,60 +108,4 @@ def _stats_wrapper(executor, guider, sigmas, extra_args, *args, **kwargs):
     return out
 
 
-# --- server side -----------------------------------------------------------------------------
-
-def _executing():
-    try:
-        from comfy_execution.utils import get_executing_context
-    except ImportError:
-        return None, None
-    ctx = get_executing_context()
-    return (ctx.node_id, ctx.prompt_id) if ctx is not None else (None, None)
-
-
-def _jsonable(value):
-    # send_sync serialises on the event loop thread, where an error would be lost, and the
-    # browser's JSON.parse rejects NaN/Infinity: make the payload plain JSON here.
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
-
-
-def payload(event: str, data: dict) -> dict:
-    """What the browser receives for `event` (also used by tests)."""
-    node, prompt_id = _executing()
-    nodes = _run_nodes.get()
-    if nodes is None:
-        nodes = LAST_RUN.nodes_of(node)
-    return _jsonable({**data, "event": event, "nodes": nodes,
-                      "executing": node, "prompt_id": prompt_id, "time": time.time()})
-
-
-def _server():
-    # Only a running ComfyUI has imported `server` and created the instance; never import it here.
-    mod = sys.modules.get("server")
-    ps = getattr(mod, "PromptServer", None)
-    return getattr(ps, "instance", None)
-
-
-def forward(event: str, data: dict) -> None:
-    """events listener: send `event` to the browser as `sdaccel.<event>`."""
-    server = _server()
-    if server is None:
-        return
-    server.send_sync(PREFIX + event, payload(event, data), getattr(server, "client_id", None))
-
-
-def install() -> None:
-    """Subscribe the forwarder (idempotent). Called by the pack's __init__ inside ComfyUI."""
-    events.subscribe(forward)
-    logger.debug("SD Accel: forwarding status events to the ComfyUI frontend")
-
-
-__all__ = ["PREFIX", "KINDS", "LastRun", "LAST_RUN", "track", "tracked_nodes", "payload", "forward", "install"]
+__all__ = ["NODES_KEY", "STATS_KEY", "KINDS", "LastRun", "LAST_RUN", "track", "tracked_nodes"]

@@ -1,5 +1,5 @@
 """Who owns the LoRA set LoRA Hot-Swap fused into a ComfyUI UNet, and when it is restored:
-the callbacks and the OUTER_SAMPLE wrapper `comfy_lora.apply_hotswap` installs.
+the callbacks and the OUTER_SAMPLE wrapper `lora.apply_hotswap` installs (the set and its owner: lora_set.py).
 
 Every clone of a MODEL shares one UNet, so *when* the deltas are in the weights is what keeps
 clones apart. Like ComfyUI's own LoRA patches, they stay in while the patcher that asked for
@@ -29,66 +29,15 @@ across clones: swapping never recompiles.
 from __future__ import annotations
 
 import contextvars
-import weakref
-from dataclasses import dataclass
 
-from .. import events
-from ..log import logger
-from ..lora import LoraConfig, LoraSpec, apply_loras, lora_state
+from ... import events
+from ...log import logger
+from ...lora import apply_loras, lora_state
+from .lora_set import LORA_KEY, OWNER_ATTR, HotSwapSet, Owner, hotswap_set, owner_of, release  # noqa: F401  (re-exported)
 
-LORA_KEY = "sd_accel.lora"
-_OWNER_ATTR = "_sd_accel_lora_owner"  # on a patcher that fused a set: its _Owner
 
 # The patcher whose OUTER_SAMPLE (model load, pre-run, sampling) is running in this context.
 _sampling: contextvars.ContextVar = contextvars.ContextVar("sd_accel_lora_sampling", default=None)
-
-
-@dataclass(frozen=True)
-class HotSwapSet:
-    """The LoRAs a clone wants fused while it samples (immutable: clones share it)."""
-
-    specs: tuple[LoraSpec, ...]
-    config: LoraConfig = LoraConfig()
-
-    def plus(self, spec: LoraSpec) -> "HotSwapSet":
-        return HotSwapSet(self.specs + (spec,), self.config)
-
-
-class _Owner:
-    """Stands for one patcher in `LoraState.owner` without keeping it alive.
-
-    lazy: the deltas may stay fused after a run (False: ComfyUI patches the same layers, or the
-    pre-run did not finish; then ON_CLEANUP restores).
-    """
-
-    __slots__ = ("unet", "lazy")
-
-    def __init__(self, unet):
-        self.unet = weakref.ref(unet)
-        self.lazy = False
-
-
-def _owner(patcher, unet) -> _Owner:
-    own = patcher.__dict__.get(_OWNER_ATTR)  # clone() builds a new object: never inherited
-    if own is None:
-        own = patcher.__dict__[_OWNER_ATTR] = _Owner(unet)
-        weakref.finalize(patcher, _release, own).atexit = False
-    return own
-
-
-def _release(own: _Owner | None):
-    """Restore the original weights if `own`'s patcher still owns what is fused."""
-    unet = own.unet() if own is not None else None
-    if unet is None:
-        return
-    state = lora_state(unet)
-    with state.lock:
-        if state.owner is not own:
-            return
-        state.owner = None
-        if state.active:
-            report = apply_loras(unet, [])
-            logger.debug("SD Accel LoRA Hot-Swap: released: %s", report.summary())
 
 
 def _overlaps_comfy_patches(patcher, state) -> bool:
@@ -106,7 +55,7 @@ def on_pre_run(patcher):
         return
     unet = patcher.get_model_object("diffusion_model")  # at pre-run: the module this clone samples with
     state = lora_state(unet)
-    own = _owner(patcher, unet)
+    own = owner_of(patcher, unet)
     with state.lock:
         if state.owner is not own:
             own.lazy = False  # until the set is in: a failed fuse is undone at cleanup
@@ -124,13 +73,13 @@ def on_pre_run(patcher):
 
 
 def on_cleanup(patcher):
-    """ON_CLEANUP: restore after a run whose deltas may not stay (see `_Owner.lazy`)."""
-    own = patcher.__dict__.get(_OWNER_ATTR)
+    """ON_CLEANUP: restore after a run whose deltas may not stay (see `Owner.lazy`)."""
+    own = patcher.__dict__.get(OWNER_ATTR)
     if own is not None and not own.lazy:
-        _release(own)
+        release(own)
 
 
-def _keeps_fused(patcher, own: _Owner) -> bool:
+def _keeps_fused(patcher, own: Owner) -> bool:
     """At a detach inside `load_models_gpu`: is the patcher about to be loaded one the fused set is right for?"""
     nxt = _sampling.get()
     if nxt is patcher:
@@ -139,7 +88,7 @@ def _keeps_fused(patcher, own: _Owner) -> bool:
         return False
     # Same set over the same ComfyUI patches (one hot-swap MODEL behind two samplers, one of
     # them through a ModelSamplingDiscrete node): nothing to restore; the next patcher takes over.
-    nown = _owner(nxt, own.unet())
+    nown = owner_of(nxt, own.unet())
     nown.lazy = True
     lora_state(own.unet()).owner = nown
     return True
@@ -147,14 +96,14 @@ def _keeps_fused(patcher, own: _Owner) -> bool:
 
 def on_detach(patcher, unpatch_all=True):
     """ON_DETACH: restore unless the patcher is reloaded for its own run (or a twin takes over)."""
-    own = patcher.__dict__.get(_OWNER_ATTR)
+    own = patcher.__dict__.get(OWNER_ATTR)
     if own is None or own.unet() is None:
         return
     state = lora_state(own.unet())
     with state.lock:
         if state.owner is not own or (not unpatch_all and _keeps_fused(patcher, own)):
             return
-    _release(own)
+    release(own)
 
 
 def outer_sample(executor, *args, **kwargs):
@@ -166,11 +115,6 @@ def outer_sample(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         _sampling.reset(token)
-
-
-def hotswap_set(model) -> HotSwapSet | None:
-    s = model.get_attachment(LORA_KEY) if hasattr(model, "get_attachment") else None
-    return s if isinstance(s, HotSwapSet) else None
 
 
 __all__ = ["LORA_KEY", "HotSwapSet", "hotswap_set", "on_pre_run", "on_cleanup", "on_detach", "outer_sample"]

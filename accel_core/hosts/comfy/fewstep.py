@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 
-from ..errors import SDAccelError
-from ..families import family_of
-from ..fewstep import FewStep, recognise
-from ..lcm import LcmConfig
-from ..log import logger
-from .comfy import check_model
-from .comfy_lora import apply_hotswap
+from ...errors import SDAccelError
+from ...families import family_of
+from ...fewstep import FewStep, recognise
+from ...lcm import LcmConfig
+from ...log import logger
+from .model import check_model
+from .lora import apply_hotswap
 
 
 def is_dit(model) -> bool:
@@ -64,7 +64,7 @@ def fewstep_sample(model, positive, negative, latent_image, path: str, seed: int
     """Sample with a DiT few-step LoRA; with `recommended`, its own steps and CFG (else config's)."""
     import nodes
 
-    from . import comfy_events
+    from . import events as comfy_events
 
     fs = profile(model, path)
     steps, cfg = (fs.steps, fs.cfg) if recommended else (config.steps, config.cfg)

@@ -20,12 +20,12 @@ import functools
 
 import torch
 
-from ..casting import CastConfig, resolve_dtype
-from ..errors import SDAccelError
-from ..log import logger
-from ..lora import original_weights
-from .comfy import callbacks_mp, check_model, patchable_clone, wrappers_mp
-from .comfy_attention import OVERRIDE_KEY, attention_override
+from ...casting import CastConfig, resolve_dtype
+from ...errors import SDAccelError
+from ...log import logger
+from ...lora import original_weights
+from .model import callbacks_mp, check_model, patchable_clone, wrappers_mp
+from .attention import OVERRIDE_KEY, attention_override
 
 CAST_KEY = "sd_accel.cast"
 FP8_KEY = "sd_accel.fp8"
@@ -41,7 +41,7 @@ def _channels_last_wrapper(executor, *args, **kwargs):
 
 def _fp8_pre_run(patcher):
     # ON_PRE_RUN: ComfyUI has loaded the clone and applied its weight patches to the copy.
-    from ..fp8 import refresh
+    from ...fp8 import refresh
 
     refresh(patcher.get_model_object("diffusion_model"))
 
@@ -89,7 +89,7 @@ def apply_cast(model, config: CastConfig):
         return model
     device_type = torch.device(model.load_device).type
     if config.dtype == "fp8":
-        from ..fp8 import check_fp8_device
+        from ...fp8 import check_fp8_device
 
         check_fp8_device(model.load_device, "SD Accel FP16 Cast")
     get_dtype = getattr(model.model, "get_dtype", None)  # the stored dtype; DynamicVRAM's lazy layers list no weights
@@ -103,7 +103,7 @@ def apply_cast(model, config: CastConfig):
     if copies:
         new = cast_unet(m, m.get_model_object("diffusion_model"), dtype, config.channels_last)
         if config.dtype == "fp8":
-            from ..fp8 import to_fp8
+            from ...fp8 import to_fp8
 
             to_fp8(new)
         m.add_object_patch("diffusion_model", new)

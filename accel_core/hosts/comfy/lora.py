@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 
-from ..errors import SDAccelError
-from ..lora import LoraConfig, LoraSpec, lora_state, read_lora
-from .comfy import callbacks_mp, check_model, patchable_clone, wrappers_mp
-from .comfy_lora_owner import LORA_KEY, HotSwapSet, hotswap_set, on_cleanup, on_detach, on_pre_run, outer_sample
+from ...errors import SDAccelError
+from ...lora import LoraConfig, LoraSpec, lora_state, read_lora
+from .model import callbacks_mp, check_model, patchable_clone, wrappers_mp
+from .lora_owner import LORA_KEY, HotSwapSet, hotswap_set, on_cleanup, on_detach, on_pre_run, outer_sample
 
 
 def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None = None):

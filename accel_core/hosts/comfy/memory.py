@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..log import logger
+from ...log import logger
 
 GB = 1024 ** 3
 

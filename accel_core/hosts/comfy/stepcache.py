@@ -13,9 +13,9 @@ The blocks themselves are untouched: with Compile Model's regional compile on th
 """
 from __future__ import annotations
 
-from ..log import logger
-from ..stepcache import Cuts, StepCacheConfig, StepCacheRun, cut_points
-from .comfy import check_model, wrappers_mp
+from ...log import logger
+from ...stepcache import Cuts, StepCacheConfig, StepCacheRun, cut_points
+from .model import check_model, wrappers_mp
 
 STEPCACHE_KEY = "sd_accel.stepcache"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..casting import attention_context
+from ...casting import attention_context
 
 OVERRIDE_KEY = "optimized_attention_override"
 
