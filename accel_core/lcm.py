@@ -43,6 +43,8 @@ class LcmConfig:
     # 0..2: distilled at 1.0; a negative LCM-LoRA or one past 2 gives no usable few-step image.
     strength: float = option(1.0, "LCM-LoRA strength; 1.0 is what it was distilled for.", label="LCM-LoRA strength", min=0.0, max=2.0, step=0.01)
     denoise: float = option(1.0, "1.0 for txt2img; lower keeps more of the input latent.", label="Denoise", min=0.01, max=1.0, step=0.01)
+    lora_settings: bool = option(True, "DiT few-step LoRAs: sample with the steps and CFG the LoRA was made for (its sampler, scheduler "
+                                 "and flow shift always apply). Off: use steps and cfg above.", label="Few-step LoRA's own settings")
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= ORIGINAL_STEPS:

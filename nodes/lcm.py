@@ -29,8 +29,7 @@ class SDAccelLCMLoRASampler:
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True, "tooltip": "Noise seed."}),
             **comfy_inputs(LcmConfig, "steps", "cfg", "denoise"),
         }, "optional": {
-            "lora_settings": ("BOOLEAN", {"default": True, "tooltip": "DiT few-step LoRAs: sample with the steps and CFG the LoRA was made for "
-                                          "(its sampler, scheduler and flow shift always apply). Off: use steps and cfg above."}),
+            "lora_settings": comfy_input(LcmConfig, "lora_settings"),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def __init__(self):
@@ -39,7 +38,7 @@ class SDAccelLCMLoRASampler:
     def sample(self, model, positive, negative, latent_image, lcm_lora_name, strength, seed, steps, cfg, denoise, lora_settings=True,
                unique_id=None):
         path = folder_paths.get_full_path_or_raise("loras", lcm_lora_name)
-        config = LcmConfig(steps=steps, cfg=cfg, strength=strength, denoise=denoise)
+        config = LcmConfig(steps=steps, cfg=cfg, strength=strength, denoise=denoise, lora_settings=lora_settings)
         return (host.lcm_sample(model, positive, negative, latent_image, path, seed, config, unique_id, self.clones, lora_settings),)
 
 
