@@ -38,9 +38,21 @@ def _w(flux, path: str) -> str:
     return f"{path}.scale" if "weight" not in params and "scale" in params else f"{path}.weight"
 
 
+def _hidden_size(flux) -> int:
+    # ComfyUI's and Neo's Flux keep `hidden_size`; otherwise read it off the weights (q/k/v rows / 3,
+    # or a single block's output width).
+    h = getattr(flux, "hidden_size", None)
+    if isinstance(h, int):
+        return h
+    doubles, singles = getattr(flux, "double_blocks", ()), getattr(flux, "single_blocks", ())
+    if len(doubles):
+        return doubles[0].img_attn.qkv.weight.shape[0] // 3
+    return singles[0].linear2.weight.shape[0]
+
+
 def lora_aliases(flux):
     """(alias, parameter name, offset) for every non-native name a Flux LoRA may use."""
-    h = flux.hidden_size
+    h = _hidden_size(flux)
     for i, _ in enumerate(getattr(flux, "double_blocks", ())):
         src, dst = f"transformer_blocks.{i}", f"double_blocks.{i}"
         for j, n in enumerate("qkv"):
