@@ -18,6 +18,7 @@ from ...log import logger
 from .compile import active_compile_config
 from .deepcache_walk import COMFY, ComfyHooks, paths  # noqa: F401  (re-exported)
 from .model import check_model, wrappers_mp
+from .runs import run_per_sampling
 from .native import step_aside
 
 DEEPCACHE_KEY = "sd_accel.deepcache"
@@ -74,28 +75,16 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
     return WrapperExecutor.new_class_executor(path, unet, chain, after).execute(*args, **kwargs)
 
 
-def _outer_sample_wrapper(executor, *args, **kwargs):
-    # A fresh runner per run, in a per-run copy of the model options; the patcher's own stays empty.
-    import comfy.model_patcher
-
-    guider = executor.class_obj
-    orig = guider.model_options
-    template = orig.get("transformer_options", {}).get(DEEPCACHE_KEY)
-    if not isinstance(template, DeepCacheRunner):
-        return executor(*args, **kwargs)
-    guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
-    runner = template.fresh()
-    guider.model_options["transformer_options"][DEEPCACHE_KEY] = runner
-    sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+def _begin(runner, sigmas):
     if sigmas is not None:
         runner.begin(_floats(sigmas), len(sigmas) - 1)
     else:
         runner.begin()  # the schedule comes from transformer_options["sample_sigmas"] on the first call
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        runner.finish()
-        guider.model_options = orig
+
+
+def _outer_sample_wrapper(executor, *args, **kwargs):
+    # A fresh runner per run, in a per-run copy of the model options; the patcher's own stays empty.
+    return run_per_sampling(executor, args, kwargs, DEEPCACHE_KEY, DeepCacheRunner, _begin)
 
 
 def apply_deepcache(model, config: DeepCacheConfig):

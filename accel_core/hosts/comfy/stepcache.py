@@ -16,6 +16,7 @@ from __future__ import annotations
 from ...log import logger
 from ...stepcache import Cuts, StepCacheConfig, StepCacheRun, cut_points
 from .model import check_model, wrappers_mp
+from .runs import run_per_sampling
 
 STEPCACHE_KEY = "sd_accel.stepcache"
 
@@ -49,24 +50,12 @@ class BlockReplacement:
         return run.block(self.point, args, lambda a: self._run(a, extra), _lane_key(to), sigma)
 
 
-def _outer_sample_wrapper(executor, *args, **kwargs):
-    import comfy.model_patcher
-
-    guider = executor.class_obj
-    orig = guider.model_options
-    template = orig.get("transformer_options", {}).get(STEPCACHE_KEY)
-    if not isinstance(template, StepCacheRun):
-        return executor(*args, **kwargs)
-    guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
-    run = template.fresh()
-    guider.model_options["transformer_options"][STEPCACHE_KEY] = run
-    sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+def _begin(run, sigmas):
     run.begin(sigmas.detach().flatten().float().cpu().tolist() if sigmas is not None else None)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        run.finish()
-        guider.model_options = orig
+
+
+def _outer_sample_wrapper(executor, *args, **kwargs):
+    return run_per_sampling(executor, args, kwargs, STEPCACHE_KEY, StepCacheRun, _begin)
 
 
 def apply_step_cache(model, config: StepCacheConfig, owner: str = ""):
