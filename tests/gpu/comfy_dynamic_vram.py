@@ -34,7 +34,7 @@ TOL = {"compile": 0.01, "deepcache": 0.03, "lora": 2e-3}
 
 # --- ComfyUI, booted as main.py does ---------------------------------------------------------------
 
-def _av_stand_in():
+def av_stand_in():
     """PyAV is imported by comfy_api for video only; a module answering any attribute stands in."""
     try:
         import av  # noqa: F401
@@ -65,7 +65,7 @@ def _av_stand_in():
 
 def boot(root: str, dynamic: bool):
     sys.path.insert(0, root)
-    _av_stand_in()
+    av_stand_in()
     from comfy.cli_args import args
 
     import comfy_aimdo.control as aimdo
@@ -461,7 +461,7 @@ def prepare(root: str, work: Path) -> dict:
     files = {"checkpoint": str(work / "sd15_random.safetensors"), "loras": str(work / "loras"), "A": "lora_a.safetensors", "B": "lora_b.safetensors"}
     if not Path(files["checkpoint"]).exists():
         sys.path.insert(0, root)
-        _av_stand_in()
+        av_stand_in()
         harness.write_sd15_checkpoint(Path(files["checkpoint"]))
         import comfy.sd
 

@@ -16,6 +16,8 @@ model's denoised prediction, so the error is one call's). Cases:
   ours          SD Accel Compile Model at the node's defaults (regional: one compiled block per kind)
   ours_nocg     the same with mode "default" (no CUDA graphs)
   ours_fp8      SD Accel FP16 Cast fp8 (accel_core/fp8.py FP8Linear) + Compile Model
+  ours_cache    Compile Model + Step Cache (fixed, interval 3: the middle blocks run one step in 3)
+  ours_forecast Compile Model + Step Cache (forecast, interval 3)
   limit24       the GPU limited to 24 GB (set_per_process_memory_fraction): eager runs streamed,
                 Compile Model must refuse the regular copy with its message, not run out of memory
 
@@ -37,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 sys.path.insert(0, str(REPO / "tests" / "gpu"))
 
-CASES = ("eager", "builtin", "ours", "ours_nocg", "ours_fp8", "limit24")
+CASES = ("eager", "builtin", "ours", "ours_nocg", "ours_fp8", "ours_cache", "ours_forecast", "limit24")
 GB = 1024 ** 3
 
 # Full-size configs (ComfyUI's supported_models class, unet_config, text tokens x width, extra cond,
@@ -193,6 +195,9 @@ def run_case(ctx: Ctx, case: str) -> dict:
         model = _node(ctx.nodes, "SDAccelCompileUNet", base, mode="default")
     elif case == "ours_fp8":
         model = _node(ctx.nodes, "SDAccelCompileUNet", _node(ctx.nodes, "SDAccelFP16Cast", base, dtype="fp8", channels_last=False))
+    elif case in ("ours_cache", "ours_forecast"):
+        mode = "fixed" if case == "ours_cache" else "forecast"
+        model = _node(ctx.nodes, "SDAccelStepCache", _node(ctx.nodes, "SDAccelCompileUNet", base), mode=mode, interval=3)
     else:
         raise SystemExit(f"unknown case {case!r}; expected one of {', '.join(CASES)}")
     rec["refused"] = model is base

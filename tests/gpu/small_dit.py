@@ -81,12 +81,17 @@ def boot(comfyui: str | Path, cpu: bool = False):
     root = str(Path(comfyui).resolve())
     if root not in sys.path:
         sys.path.insert(0, root)
+    stubs = Path(root) / "_cpu_stubs"
+    if not stubs.is_dir():  # a trimmed tree on the GPU machine: PyAV (video only) is absent there
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import comfy_dynamic_vram
+
+        comfy_dynamic_vram.av_stand_in()
     from comfy.cli_args import args
 
     if cpu or not torch.cuda.is_available():
         args.cpu = True  # read once, when comfy.model_management is imported
     import comfy.model_management  # noqa: F401
-    stubs = Path(root) / "_cpu_stubs"
     if stubs.is_dir() and str(stubs) not in sys.path:
         sys.path.append(str(stubs))
 
