@@ -54,7 +54,7 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
     if not isinstance(runner, DeepCacheRunner) or not runner.running:
         return executor(*args, **kwargs)
     sigmas = to.get("sigmas")
-    if not runner.state.schedule:
+    if not runner.run.schedule:
         ss = to.get("sample_sigmas")
         if ss is None or sigmas is None:
             runner.disable("ComfyUI did not pass the sigma schedule (sample_sigmas) to the model")
