@@ -19,9 +19,10 @@ class SDAccelStepCache:
             **comfy_inputs(StepCacheConfig),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model, mode, interval, front_blocks, back_blocks, threshold, max_cached, start_percent, end_percent, cfg, unique_id=None):
+    def apply(self, model, mode, interval, front_blocks, back_blocks, threshold, max_cached, start_percent, end_percent, cfg,
+              schedule="rolling", unique_id=None):  # schedule came later: workflows saved before it get the old behaviour
         config = StepCacheConfig(mode=mode, interval=interval, front_blocks=front_blocks, back_blocks=back_blocks, threshold=threshold,
-                                 max_cached=max_cached, start_percent=start_percent, end_percent=end_percent, cfg=cfg)
+                                 max_cached=max_cached, start_percent=start_percent, end_percent=end_percent, cfg=cfg, schedule=schedule)
         return (comfy_events.track(host.apply_step_cache(model, config, owner=f"node {unique_id}" if unique_id else ""), "stepcache", unique_id, source=model),)
 
 

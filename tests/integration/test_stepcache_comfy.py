@@ -61,8 +61,8 @@ def stats(comfy_host):
     events.unsubscribe(listen)
 
 
-def step_cache(host, model, mode="fixed", interval=3, front=1, back=0, threshold=0.1, max_cached=3, start=0.0, end=1.0, cfg="separate"):
-    return host.node("SDAccelStepCache").apply(model, mode, interval, front, back, threshold, max_cached, start, end, cfg)[0]
+def step_cache(host, model, mode="fixed", interval=3, front=1, back=0, threshold=0.1, max_cached=3, start=0.0, end=1.0, cfg="separate", **kw):
+    return host.node("SDAccelStepCache").apply(model, mode, interval, front, back, threshold, max_cached, start, end, cfg, **kw)[0]
 
 
 def sample(model, fam, seed=0):
@@ -101,6 +101,17 @@ def test_fixed_schedule_caches_the_scheduled_steps_and_full_calls_equal_eager_bi
     ref = sample(model, fam)
     assert 0 < harness.rel_err(cached, ref) < 0.5
     assert model.model_options.get("transformer_options", {}).get("patches_replace") is None  # the input model is untouched
+
+
+def test_deepcache_schedules_on_a_dit_follow_their_plan(comfy_host, models, stats):
+    model = _model(models, "flux")
+    plan = comfy_host.pack_module("accel_core.stepplan").plan
+    config = comfy_host.pack_module("accel_core.stepcache").StepCacheConfig
+    for schedule in ("uniform", "non-uniform"):
+        sample(step_cache(comfy_host, model, interval=3, start=0.2, schedule=schedule), "flux")
+        full = plan(STEPS, config(interval=3, start_percent=0.2, schedule=schedule))
+        assert stats[-1]["cached_steps"] == [i for i, f in enumerate(full) if not f] and stats[-1]["cached_steps"], schedule
+    assert stats[-1]["cached_steps"] != stats[-2]["cached_steps"]  # the two plans differ here
 
 
 @pytest.mark.parametrize("fam", ("flux",))
