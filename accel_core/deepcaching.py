@@ -41,7 +41,7 @@ from .options import check_declared, option
 from .log import logger
 from .registry import compiled_for
 from .families import family_of, skip_count
-from .stepcache import StepCacheConfig, StepCacheRun
+from .stepcache import StepCacheConfig, StepCacheRun, extrapolate
 from .stepplan import plan
 
 SCHEDULES = ("uniform", "non-uniform")
@@ -87,6 +87,24 @@ class DeepCacheConfig:
         are the input blocks down to skip `cache_depth` and the output blocks from it."""
         return StepCacheConfig(mode="fixed", interval=self.cache_interval, schedule=self.schedule, front_blocks=self.cache_depth + 1,
                                back_blocks=self.cache_depth + 1, start_percent=self.start_percent, end_percent=self.end_percent)
+
+
+def unet_cut(config: StepCacheConfig) -> DeepCacheConfig:
+    """The DeepCache cut a step-cache config asks of a UNet: skip `front_blocks - 1` (the input blocks
+    that run), the output blocks that take those skips back as the back; fixed and forecast, per cond chunk."""
+    where = "SD Accel Step Cache on a UNet"
+    if config.mode == "adaptive":
+        raise SDAccelError(f"{where}: adaptive mode is not available on UNets yet (it needs the front blocks' output before the path is "
+                           "chosen); found mode 'adaptive'. Use 'fixed' or 'forecast'. The model was left unchanged.")
+    if config.cfg != "separate":
+        raise SDAccelError(f"{where}: cond and uncond keep their own kept features on UNets; found cfg {config.cfg!r}. Use 'separate'. "
+                           "The model was left unchanged.")
+    if config.front_blocks < 1 or config.back_blocks not in (0, config.front_blocks):
+        raise SDAccelError(f"{where}: the cut is a skip connection: front_blocks (>= 1) input blocks run, and the output blocks that take "
+                           f"their skips back; found front_blocks {config.front_blocks}, back_blocks {config.back_blocks}. Set back_blocks "
+                           "to 0 (or equal to front_blocks). The model was left unchanged.")
+    return DeepCacheConfig(cache_interval=config.interval, cache_depth=config.front_blocks - 1, start_percent=config.start_percent,
+                           end_percent=config.end_percent)
 
 
 def full_steps(n: int, config: DeepCacheConfig) -> list[bool]:
@@ -142,14 +160,15 @@ class DeepCacheRunner:
     (ComfyUI deep-copies model options on every clone) is a fresh runner: kept features belong to one run.
     """
 
-    def __init__(self, config: DeepCacheConfig, paths: DeepCachePaths | None = None):
-        self.config, self.paths = config, paths
-        self.run = StepCacheRun(config.step_cache(), owner="DeepCache")
+    def __init__(self, config: DeepCacheConfig, paths: DeepCachePaths | None = None, steps: StepCacheConfig | None = None):
+        # steps: the step cache's settings when the Step Cache node cuts a UNet (mode, schedule); else DeepCache's own.
+        self.config, self.paths, self.steps = config, paths, steps
+        self.run = StepCacheRun(steps or config.step_cache(), owner="DeepCache")
         self.runs: list[dict] = []  # the stats of the runs finished so far
         self._counter: list | None = None  # [total, step, calls in that step] when driven by step_from_progress
 
     def fresh(self) -> "DeepCacheRunner":
-        return DeepCacheRunner(self.config, self.paths)
+        return DeepCacheRunner(self.config, self.paths, self.steps)
 
     def __deepcopy__(self, memo):
         return self.fresh()
@@ -174,9 +193,8 @@ class DeepCacheRunner:
             kinds[e["step"]] = kinds.get(e["step"], True) and e["cached"]
         hits = sum(kinds.values())
         total = len(kinds)
-        c = self.config
         return {"hits": hits, "full": total - hits, "ratio": hits / total if total else 0.0, "steps": self.run.n_steps,
-                "interval": c.cache_interval, "depth": c.cache_depth, "disabled": self.run.disabled}
+                "interval": self.run.config.interval, "depth": self.config.cache_depth, "disabled": self.run.disabled}
 
     def finish(self) -> dict | None:
         """End the run (one log line, a `deepcache_stats` event); its stats, or None when none was running."""
@@ -184,9 +202,10 @@ class DeepCacheRunner:
             return None
         stats = self.stats()
         self.run.finish(report=False)
-        c, off = self.config, self.run.disabled
+        c, off = self.run.config, self.run.disabled
+        how = c.schedule if c.mode == "fixed" else f"{c.mode}, {c.schedule}"
         logger.info("SD Accel DeepCache: reused deep features on %d/%d steps (interval %d, depth %d, %s)%s.",
-                    stats["hits"], stats["hits"] + stats["full"], c.cache_interval, c.cache_depth, c.schedule, f"; off: {off}" if off else "")
+                    stats["hits"], stats["hits"] + stats["full"], c.interval, self.config.cache_depth, how, f"; off: {off}" if off else "")
         events.emit("deepcache_stats", **stats)
         self.runs.append(stats)
         return stats
@@ -221,8 +240,10 @@ class DeepCacheRunner:
         paths = paths or self.paths
         run, store = self.run, self.run.kept
         store.check_metadata(x)
-        cached = None if run.wants_full(step) else store.lookup(keys, x.shape[0])
+        cached = None if run.wants_full(step, store.last_full_step) else store.lookup(keys, x.shape[0])
         run.record(step, cached is not None)
+        if cached is not None and run.config.mode == "forecast":
+            cached = extrapolate(cached, store.lookup(keys, x.shape[0], age=1), store.step_of(1), store.step_of(0), step)
         if cached is not None:
             return functools.partial(paths.shallow, cached)
 
@@ -326,5 +347,5 @@ def deepcache(unet: nn.Module, config: DeepCacheConfig | None = None, *, compile
     return DeepCacheUNet(unet, config, compile=compile)
 
 
-__all__ = ["DeepCacheConfig", "DeepCacheRunner", "DeepCachePaths", "cut_paths", "DeepCacheUNet", "deepcache", "full_steps",
+__all__ = ["DeepCacheConfig", "DeepCacheRunner", "unet_cut", "DeepCachePaths", "cut_paths", "DeepCacheUNet", "deepcache", "full_steps",
            "skip_count", "check_depth", "SCHEDULES"]

@@ -145,7 +145,8 @@ class Call:
 
 
 class KeptFeatures:
-    """A whole-feature cut's kept tensors (DeepCache's up-path feature), per cond chunk.
+    """A whole-feature cut's kept tensors (DeepCache's up-path feature), per cond chunk, from the
+    last two full steps (the older one for forecast).
 
     `store` keeps a batch of chunks (equal slices in order) captured at a full step; `lookup`
     serves them back, re-sliced when the host batches the chunks differently on a later step
@@ -156,11 +157,15 @@ class KeptFeatures:
         self.clear()
 
     def clear(self):
-        self._whole: dict[tuple, torch.Tensor] = {}
-        self._chunks: dict[object, torch.Tensor] = {}
-        self._captured_at: dict[object, int] = {}
-        self.last_full_step: int | None = None
+        self._gens: list[dict] = []  # newest first, at most two: {"step", "whole": {keys: h}, "chunks": {key: h}}
         self._meta = None
+
+    @property
+    def last_full_step(self) -> int | None:
+        return self._gens[0]["step"] if self._gens else None
+
+    def step_of(self, age: int) -> int | None:
+        return self._gens[age]["step"] if len(self._gens) > age else None
 
     def check_metadata(self, x: torch.Tensor) -> None:
         meta = (x.device, x.dtype, tuple(x.shape[1:]))
@@ -173,33 +178,36 @@ class KeptFeatures:
         """Keep `h` (the batch of chunks `keys`, equal slices in order) as captured at full step `step`."""
         keys = tuple(keys)
         if self.last_full_step != step:
-            self.last_full_step = step
-            self._whole.clear()
-        self._whole[keys] = h
+            self._gens = [{"step": step, "whole": {}, "chunks": {}}] + self._gens[:1]
+        gen = self._gens[0]
+        gen["whole"][keys] = h
         per = h.shape[0] // len(keys) if keys and h.shape[0] % len(keys) == 0 else None
         for i, k in enumerate(keys):
             if per is not None:
-                self._chunks[k] = h[i * per:(i + 1) * per]
+                gen["chunks"][k] = h[i * per:(i + 1) * per]
             else:
-                self._chunks.pop(k, None)
-            self._captured_at[k] = step
+                gen["chunks"].pop(k, None)
 
-    def lookup(self, keys: Sequence, batch: int) -> torch.Tensor | None:
-        """The kept feature for these chunks from the latest full step, or None (then run full)."""
-        keys = tuple(keys)
-        if self.last_full_step is None:
+    def lookup(self, keys: Sequence, batch: int, age: int = 0) -> torch.Tensor | None:
+        """The kept feature for these chunks from the latest full step (`age` 1: the one before), or None."""
+        if len(self._gens) <= age:
             return None
-        h = self._whole.get(keys)
+        gen, keys = self._gens[age], tuple(keys)
+        h = gen["whole"].get(keys)
         if h is not None and h.shape[0] == batch:
             return h
-        parts = []
-        for k in keys:
-            t = self._chunks.get(k)
-            if t is None or self._captured_at.get(k) != self.last_full_step:
-                return None
-            parts.append(t)
+        parts = [gen["chunks"].get(k) for k in keys]
+        if not parts or any(t is None for t in parts):
+            return None
         h = torch.cat(parts) if len(parts) > 1 else parts[0]
         return h if h.shape[0] == batch else None
+
+
+def extrapolate(r: torch.Tensor, prev: torch.Tensor | None, a: int | None, b: int | None, step: int) -> torch.Tensor:
+    """Forecast: `r` (kept at full step b) moved on to `step` along its change since `prev` (full step a), to first order."""
+    if prev is None or a is None or b is None or b <= a or prev.shape != r.shape:
+        return r
+    return r + (r - prev) * ((step - b) / (b - a))
 
 
 class Cuts:
@@ -321,8 +329,9 @@ class StepCacheRun:
             return True
         return self.config.start_percent <= step / self.n_steps < self.config.end_percent
 
-    def wants_full(self, step: int, lane: Lane | None = None) -> bool:
-        """The step decision: True where every block must run at `step` (adaptive then measures on the rest)."""
+    def wants_full(self, step: int, last_full: int | None = None) -> bool:
+        """The step decision: True where every block must run at `step` (adaptive then measures on the rest);
+        `last_full`: the step of the cache's last full call (the "rolling" schedule counts from it)."""
         c = self.config
         if self.disabled is not None or not c.enabled or not self._in_window(step):
             return True
@@ -330,7 +339,7 @@ class StepCacheRun:
             return False
         if c.schedule != "rolling":
             return step >= len(self.full) or self.full[step] if self.full else step % c.interval == 0
-        return lane is None or lane.last_step is None or step - lane.last_step >= c.interval
+        return last_full is None or step - last_full >= c.interval
 
     def record(self, step: int, cached: bool) -> None:
         """Count a call decided outside `block` (a whole-feature cut)."""
@@ -354,7 +363,7 @@ class StepCacheRun:
         have = bool(lane.residual)
         if c.cfg == "shared" and have and lane.last_step == call.step and self.log and self.log[-1]["step"] == call.step:
             return True  # a later call of the same step: the earlier call's residual is fresh
-        if not have or self.wants_full(call.step, lane):
+        if not have or self.wants_full(call.step, lane.last_step):
             return False
         if c.mode == "adaptive":
             if front is None or lane.front_ref is None or lane.front_ref.shape != front.shape:
@@ -366,12 +375,9 @@ class StepCacheRun:
     def _forecast(self, span: int, out: str, r: torch.Tensor) -> torch.Tensor:
         lane = self.call.lane
         prev = lane.previous.get(span, {}).get(out)
-        if self.config.mode != "forecast" or prev is None or len(lane.full_at) < 2:
+        if self.config.mode != "forecast" or len(lane.full_at) < 2:
             return r
-        a, b = lane.full_at
-        if b <= a:
-            return r
-        return r + (r - prev) * ((self.call.step - b) / (b - a))
+        return extrapolate(r, prev, *lane.full_at, self.call.step)
 
     def block(self, point, args: dict, run_block, lane_key, sigma) -> dict:
         """Run or stand in for the block at cut point `point`.
@@ -440,4 +446,4 @@ def cut_points(module) -> list[tuple[str, int]]:
     return points
 
 
-__all__ = ["StepCacheConfig", "StepCacheRun", "Cuts", "Lane", "KeptFeatures", "cut_points", "plan", "MODES", "CFG_MODES", "SCHEDULES"]
+__all__ = ["StepCacheConfig", "StepCacheRun", "Cuts", "Lane", "KeptFeatures", "extrapolate", "cut_points", "plan", "MODES", "CFG_MODES", "SCHEDULES"]

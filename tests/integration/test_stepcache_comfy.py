@@ -184,11 +184,11 @@ def test_with_compile_each_block_kind_compiles_once_and_nothing_recompiles_over_
     assert int(counters["stats"]["unique_graphs"]) == graphs and not counters["recompiles"], dict(counters["recompiles"])
 
 
-def test_models_without_block_hooks_get_a_clear_message_and_stay_untouched(comfy_host, accel, models):
+def test_settings_a_model_cannot_take_get_a_clear_message_and_leave_it_untouched(comfy_host, accel, models):
     unet = harness.tiny_unet_model()
     before = dict(unet.model_options)
-    with pytest.raises(accel.errors.SDAccelError, match="DeepCache"):
-        step_cache(comfy_host, unet)
+    with pytest.raises(accel.errors.SDAccelError, match="adaptive mode is not available on UNets"):  # a UNet is cut as DeepCache cuts it
+        step_cache(comfy_host, unet, "adaptive")
     assert unet.model_options == before
     model = models.get("flux", (None,))[0]
     if model is not None:

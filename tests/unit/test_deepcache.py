@@ -294,3 +294,27 @@ def test_matches_the_deepcache_package(unet, branch):
     assert torch.equal(ours, ref)
     assert not torch.equal(ours, base)
 
+
+
+# --- the step cache's modes on the UNet cut ----------------------------------------------------
+
+def test_forecast_extrapolates_a_linearly_moving_kept_feature_and_fixed_reuses_it():
+    from sd_accel.accel_core.deepcaching import DeepCachePaths, unet_cut
+    from sd_accel.accel_core.stepcache import StepCacheConfig
+
+    base, delta = torch.arange(4.0).reshape(2, 2), torch.ones(2, 2)
+    paths = DeepCachePaths(full=lambda x, step: (x, base + delta * step), shallow=lambda kept, x, step: kept)
+    got = {}
+    for mode in ("fixed", "forecast"):
+        steps = StepCacheConfig(mode=mode, interval=3, front_blocks=1)
+        runner = DeepCacheRunner(unet_cut(steps), paths, steps=steps).begin(list(range(9, 0, -1)))
+        x = torch.zeros(2, 2)
+        got[mode] = [runner.select(s, ("c", "u"), x)(x, s) for s in range(9)]
+        assert runner.finish()["hits"] == 6
+    for s in (4, 5, 7, 8):  # shallow steps after two full ones (0, 3, 6)
+        torch.testing.assert_close(got["forecast"][s], base + delta * s)
+        torch.testing.assert_close(got["fixed"][s], base + delta * (s // 3 * 3))
+    torch.testing.assert_close(got["forecast"][1], base)  # one full step so far: nothing to extrapolate from
+    assert unet_cut(StepCacheConfig(front_blocks=3, interval=4)) == DeepCacheConfig(cache_interval=4, cache_depth=2)
+    with pytest.raises(SDAccelError, match="adaptive"):
+        unet_cut(StepCacheConfig(mode="adaptive"))
