@@ -12,19 +12,23 @@ the first conv (`conv_in`), 1 the one after the first res/attention layer, ... I
 `DeepCache` package's `cache_branch_id`; SD1.x/SD2.x UNets have 12 (0..11), SDXL 9 (0..8).
 Shallower is faster and further from the full result.
 
-The decision full/shallow is made here, in eager Python, outside any compiled code. The
-full path (which also hands back the feature to keep) and the shallow path are two separate
-callables (the walks in `families/`); with compile each is compiled once (`cut_paths`).
+DeepCache is the step cache (`stepcache.py`) cut at one skip connection: the config maps to
+a `StepCacheConfig` (fixed mode, its uniform / non-uniform schedule; `front_blocks` and
+`back_blocks` are the input and output blocks that run on shallow steps, `cache_depth + 1`),
+the step decision and the per-run state (schedule, kept feature, counts) are the
+`StepCacheRun`'s, and the kept up-path feature stands in for the middle's residual. The
+decision is made in eager Python, outside any compiled code. The full path (which also hands
+back the feature to keep) and the shallow path are two separate callables (the walks in
+`families/`); with compile each is compiled once (`cut_paths`).
 
-One runner (`DeepCacheRunner`: step decision, kept features, counts) serves every host:
-ComfyUI through `hosts/comfy/deepcache.py`, A1111 and Forge through `hosts/webui/`,
-diffusers' UNet2DConditionModel through `deepcache(unet, config)` here.
+One runner (`DeepCacheRunner`: the host's side of a run) serves every host: ComfyUI through
+`hosts/comfy/deepcache.py`, A1111 and Forge through `hosts/webui/`, diffusers'
+UNet2DConditionModel through `deepcache(unet, config)` here.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -37,14 +41,12 @@ from .options import check_declared, option
 from .log import logger
 from .registry import compiled_for
 from .families import family_of, skip_count
+from .stepcache import StepCacheConfig, StepCacheRun, extrapolate
+from .stepplan import plan
 
 SCHEDULES = ("uniform", "non-uniform")
 # Past 20 a run of 20-50 steps has one or two full steps left: it stops being a cache.
 MAX_INTERVAL = 20
-# Non-uniform schedule: full steps packed around this point of the window (as a fraction of it)
-# and thinned out towards both ends with this power (the paper's sample_from_quad_center idea).
-NONUNIFORM_CENTER = 0.3
-NONUNIFORM_POW = 1.4
 # Modes whose compiled outputs live in a CUDA-graph pool that the next replay overwrites.
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -80,189 +82,34 @@ class DeepCacheConfig:
     def enabled(self) -> bool:
         return self.cache_interval > 1
 
+    def step_cache(self) -> StepCacheConfig:
+        """The step cache's config for this cut: fixed, this schedule; the blocks that run on shallow steps
+        are the input blocks down to skip `cache_depth` and the output blocks from it."""
+        return StepCacheConfig(mode="fixed", interval=self.cache_interval, schedule=self.schedule, front_blocks=self.cache_depth + 1,
+                               back_blocks=self.cache_depth + 1, start_percent=self.start_percent, end_percent=self.end_percent)
 
-# --- schedule ----------------------------------------------------------------------------------
 
-def _nonuniform(m: int, k: int) -> list[int]:
-    """k of the window's m steps, dense around NONUNIFORM_CENTER and sparse towards the ends; always step 0."""
-    if k >= m:
-        return list(range(m))
-    c = NONUNIFORM_CENTER * (m - 1)
-    p = NONUNIFORM_POW
-    while p > 1.0:
-        lo, hi = -(c ** (1 / p)), (m - 1 - c) ** (1 / p)
-        xs = [lo + (hi - lo) * j / k for j in range(k)]  # k+1 points over [lo, hi]; the last (the end) is dropped
-        idx = sorted({0} | {min(m - 1, max(0, int(round(c + math.copysign(abs(x) ** p, x))))) for x in xs})
-        if len(idx) == k:
-            return idx
-        p -= 0.02
-    return list(range(0, m, math.ceil(m / k)))[:k]
+def unet_cut(config: StepCacheConfig) -> DeepCacheConfig:
+    """The DeepCache cut a step-cache config asks of a UNet: skip `front_blocks - 1` (the input blocks
+    that run), the output blocks that take those skips back as the back; fixed and forecast, per cond chunk."""
+    where = "SD Accel Step Cache on a UNet"
+    if config.mode == "adaptive":
+        raise SDAccelError(f"{where}: adaptive mode is not available on UNets yet (it needs the front blocks' output before the path is "
+                           "chosen); found mode 'adaptive'. Use 'fixed' or 'forecast'. The model was left unchanged.")
+    if config.cfg != "separate":
+        raise SDAccelError(f"{where}: cond and uncond keep their own kept features on UNets; found cfg {config.cfg!r}. Use 'separate'. "
+                           "The model was left unchanged.")
+    if config.front_blocks < 1 or config.back_blocks not in (0, config.front_blocks):
+        raise SDAccelError(f"{where}: the cut is a skip connection: front_blocks (>= 1) input blocks run, and the output blocks that take "
+                           f"their skips back; found front_blocks {config.front_blocks}, back_blocks {config.back_blocks}. Set back_blocks "
+                           "to 0 (or equal to front_blocks). The model was left unchanged.")
+    return DeepCacheConfig(cache_interval=config.interval, cache_depth=config.front_blocks - 1, start_percent=config.start_percent,
+                           end_percent=config.end_percent)
 
 
 def full_steps(n: int, config: DeepCacheConfig) -> list[bool]:
     """For a run of `n` steps: True where the full UNet runs, False where the deep features are reused."""
-    if not config.enabled or n <= 0:
-        return [True] * max(n, 0)
-    window = [i for i in range(n) if config.start_percent <= i / n < config.end_percent]
-    full = [True] * n
-    if not window:
-        return full
-    first, m = window[0], len(window)
-    if config.schedule == "uniform":
-        chosen = range(0, m, config.cache_interval)
-    else:
-        chosen = _nonuniform(m, math.ceil(m / config.cache_interval))
-    for i in window:
-        full[i] = False
-    for j in chosen:
-        full[first + j] = True
-    return full
-
-
-# --- per-run state ------------------------------------------------------------------------------
-
-class DeepCacheState:
-    """What one sampling run knows: its schedule, the kept deep features, and counts.
-
-    The runner (`DeepCacheRunner`) starts it per run (`begin`) and closes it (`finish`), which
-    logs one line and emits `deepcache_stats`. The kept features are dropped when the input's
-    shape, dtype or device change. A copy starts empty: kept features belong to one run.
-    """
-
-    def __init__(self, config: DeepCacheConfig, depth_label: str = ""):
-        self.config = config
-        self.depth_label = depth_label
-        self.running = False
-        self._reset_run()
-
-    def _reset_run(self):
-        self.schedule: list[float] = []
-        self.n_steps = 0
-        self.full: list[bool] = []
-        self.disabled: str | None = None
-        self.step_kinds: dict[int, str] = {}  # step -> "full" | "shallow"
-        self.clear_cache()
-
-    def clear_cache(self):
-        self._whole: dict[tuple, torch.Tensor] = {}
-        self._chunks: dict[object, torch.Tensor] = {}
-        self._captured_at: dict[object, int] = {}
-        self.last_full_step: int | None = None
-        self._meta = None
-
-    def fresh(self) -> "DeepCacheState":
-        return DeepCacheState(self.config, self.depth_label)
-
-    def __deepcopy__(self, memo):
-        # Kept features belong to one run; a copy (a ComfyUI clone) starts empty.
-        return self.fresh()
-
-    # -- run boundaries -----------------------------------------------------------------
-    def begin(self, schedule: Sequence[float], n_steps: int | None = None) -> "DeepCacheState":
-        """Start a run over `schedule` (decreasing sigmas or timesteps; `n_steps` defaults to its length)."""
-        self._reset_run()
-        self.schedule = [float(s) for s in schedule]
-        self.n_steps = len(self.schedule) if n_steps is None else n_steps
-        self.full = full_steps(self.n_steps, self.config)
-        self.running = True
-        return self
-
-    def disable(self, reason: str) -> None:
-        """Turn caching off for the rest of this run, with one log line."""
-        if self.disabled is None:
-            self.disabled = reason
-            logger.warning("SD Accel DeepCache: caching is off for this run: %s. The full UNet runs on every step.", reason)
-        self.clear_cache()
-
-    def finish(self) -> dict:
-        """End the run: one summary line and a `deepcache_stats` event. Returns the stats."""
-        stats = self.stats()
-        if self.running:
-            c = self.config
-            total = stats["hits"] + stats["full"]
-            logger.info("SD Accel DeepCache: reused deep features on %d/%d steps (interval %d, depth %d%s, %s)%s.",
-                        stats["hits"], total, c.cache_interval, c.cache_depth, self.depth_label, c.schedule,
-                        f"; off: {self.disabled}" if self.disabled else "")
-            events.emit("deepcache_stats", **stats)
-        self.running = False
-        self.clear_cache()
-        return stats
-
-    def stats(self) -> dict:
-        hits = sum(1 for k in self.step_kinds.values() if k == "shallow")
-        full = sum(1 for k in self.step_kinds.values() if k == "full")
-        total = hits + full
-        return {"hits": hits, "full": full, "ratio": hits / total if total else 0.0, "steps": self.n_steps,
-                "interval": self.config.cache_interval, "depth": self.config.cache_depth, "disabled": self.disabled}
-
-    # -- per call -----------------------------------------------------------------------
-    def step_of(self, value: float) -> int:
-        """The step a model call belongs to: the last schedule entry at or above `value`.
-
-        Samplers that call the model more than once per step (heun, dpm_2, ...) evaluate it at
-        sigmas between two schedule entries; those calls belong to the step they started from.
-        """
-        n = max(1, min(self.n_steps, len(self.schedule)))
-        step = 0
-        for i in range(n):
-            s = self.schedule[i]
-            if s >= value - 1e-4 * max(abs(s), 1e-6):
-                step = i
-            else:
-                break
-        return step
-
-    def wants_full(self, step: int) -> bool:
-        if self.disabled is not None or not self.config.enabled:
-            return True
-        return step >= len(self.full) or self.full[step]
-
-    def check_metadata(self, x: torch.Tensor) -> None:
-        meta = (x.device, x.dtype, tuple(x.shape[1:]))
-        if self._meta is not None and meta != self._meta:
-            logger.info("SD Accel DeepCache: input shape, dtype or device changed; dropping the kept features.")
-            self.clear_cache()
-        self._meta = meta
-
-    def store(self, keys: Sequence, h: torch.Tensor, step: int) -> None:
-        """Keep `h` (the batch of chunks `keys`, equal slices in order) as captured at full step `step`."""
-        keys = tuple(keys)
-        if self.last_full_step != step:
-            self.last_full_step = step
-            self._whole.clear()
-        self._whole[keys] = h
-        per = h.shape[0] // len(keys) if keys and h.shape[0] % len(keys) == 0 else None
-        for i, k in enumerate(keys):
-            if per is not None:
-                self._chunks[k] = h[i * per:(i + 1) * per]
-            else:
-                self._chunks.pop(k, None)
-            self._captured_at[k] = step
-
-    def lookup(self, keys: Sequence, batch: int) -> torch.Tensor | None:
-        """The kept feature for these chunks from the latest full step, or None (then run full)."""
-        keys = tuple(keys)
-        if self.last_full_step is None:
-            return None
-        h = self._whole.get(keys)
-        if h is not None and h.shape[0] == batch:
-            return h
-        # Chunks batched differently than on the full step (ComfyUI batches cond/uncond by free memory).
-        parts = []
-        for k in keys:
-            t = self._chunks.get(k)
-            if t is None or self._captured_at.get(k) != self.last_full_step:
-                return None
-            parts.append(t)
-        h = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return h if h.shape[0] == batch else None
-
-    def mark(self, step: int, full: bool) -> None:
-        # A step counts as shallow only if every model call in it was.
-        if full:
-            self.step_kinds[step] = "full"
-        else:
-            self.step_kinds.setdefault(step, "shallow")
+    return plan(n, config.step_cache())
 
 
 # --- depth ----------------------------------------------------------------------------------
@@ -308,64 +155,76 @@ class DeepCacheRunner:
       also notices a new pass (hires fix, next batch) and tells calls within a step apart;
     and which cond chunks the batch holds (`keys`). `select` then returns the callable for the
     call: the full path, which keeps its feature, or the shallow one from the kept feature.
-    All of it runs in eager Python, outside compiled code. A copy (ComfyUI deep-copies model
-    options on every clone) is a fresh runner: kept features belong to one run.
+    The step decision and the run's state (schedule, kept feature, counts) are the step cache's
+    (`self.run`, a `StepCacheRun`). All of it runs in eager Python, outside compiled code. A copy
+    (ComfyUI deep-copies model options on every clone) is a fresh runner: kept features belong to one run.
     """
 
-    def __init__(self, config: DeepCacheConfig, paths: DeepCachePaths | None = None):
-        self.config, self.paths = config, paths
-        self.state = DeepCacheState(config)
+    def __init__(self, config: DeepCacheConfig, paths: DeepCachePaths | None = None, steps: StepCacheConfig | None = None):
+        # steps: the step cache's settings when the Step Cache node cuts a UNet (mode, schedule); else DeepCache's own.
+        self.config, self.paths, self.steps = config, paths, steps
+        self.run = StepCacheRun(steps or config.step_cache(), owner="DeepCache")
         self.runs: list[dict] = []  # the stats of the runs finished so far
         self._counter: list | None = None  # [total, step, calls in that step] when driven by step_from_progress
 
     def fresh(self) -> "DeepCacheRunner":
-        return DeepCacheRunner(self.config, self.paths)
+        return DeepCacheRunner(self.config, self.paths, self.steps)
 
     def __deepcopy__(self, memo):
         return self.fresh()
 
     @property
     def running(self) -> bool:
-        return self.state.running
+        return self.run.running
 
     # -- run boundaries -----------------------------------------------------------------
     def begin(self, schedule: Sequence[float] = (), n_steps: int | None = None) -> "DeepCacheRunner":
-        """Start a run over `schedule` (decreasing sigmas or timesteps; empty: the host gives it on the first call)."""
-        self.state.begin(schedule, n_steps)
+        """Start a run over `schedule` (decreasing sigmas or timesteps, `n_steps` its length unless given;
+        empty: the host gives it on the first call)."""
+        schedule = list(schedule)
+        self.run.begin(schedule, len(schedule) if n_steps is None else n_steps)
         self._counter = None
         return self
 
+    def stats(self) -> dict:
+        """This run's counts by step: a step is a hit ("shallow") only if every model call in it was."""
+        kinds: dict[int, bool] = {}
+        for e in self.run.log:
+            kinds[e["step"]] = kinds.get(e["step"], True) and e["cached"]
+        hits = sum(kinds.values())
+        total = len(kinds)
+        return {"hits": hits, "full": total - hits, "ratio": hits / total if total else 0.0, "steps": self.run.n_steps,
+                "interval": self.run.config.interval, "depth": self.config.cache_depth, "disabled": self.run.disabled}
+
     def finish(self) -> dict | None:
         """End the run (one log line, a `deepcache_stats` event); its stats, or None when none was running."""
-        if not self.state.running:
+        if not self.run.running:
             return None
-        stats = self.state.finish()
+        stats = self.stats()
+        self.run.finish(report=False)
+        c, off = self.run.config, self.run.disabled
+        how = c.schedule if c.mode == "fixed" else f"{c.mode}, {c.schedule}"
+        logger.info("SD Accel DeepCache: reused deep features on %d/%d steps (interval %d, depth %d, %s)%s.",
+                    stats["hits"], stats["hits"] + stats["full"], c.interval, self.config.cache_depth, how, f"; off: {off}" if off else "")
+        events.emit("deepcache_stats", **stats)
         self.runs.append(stats)
         return stats
 
-    @contextlib.contextmanager
-    def run(self, schedule: Sequence[float], n_steps: int | None = None):
-        self.begin(schedule, n_steps)
-        try:
-            yield self
-        finally:
-            self.finish()
-
     def disable(self, reason: str, step: int | None = None) -> None:
         """Caching off for the rest of the run (one log line); `step` is counted as a full one."""
-        self.state.disable(reason)
+        self.run.disable(reason, "DeepCache")
         if step is not None:
-            self.state.mark(step, True)
+            self.run.record(step, False)
 
     # -- where a call is ----------------------------------------------------------------
     def step_at(self, value: float) -> int:
-        return self.state.step_of(value)
+        return self.run.step_of(value)
 
     def step_from_progress(self, step: int, total: int) -> tuple[int, tuple]:
         """(step, keys) of a call told by the sampler's counter. A new run starts when the total
         changes or the step goes back; calls within a step (cond, uncond) are keyed by order."""
         c = self._counter
-        if c is None or total != c[0] or step < c[1] or not self.state.running:
+        if c is None or total != c[0] or step < c[1] or not self.run.running:
             self.finish()
             self.begin(list(range(total, 0, -1)), total)
             c = self._counter = [total, -1, 0]
@@ -379,16 +238,18 @@ class DeepCacheRunner:
         """The callable for this call, taking the UNet's arguments: the full path (keeping the feature
         of chunks `keys` at `step`) or the shallow path from the feature kept for them."""
         paths = paths or self.paths
-        st = self.state
-        st.check_metadata(x)
-        cached = None if st.wants_full(step) else st.lookup(keys, x.shape[0])
-        st.mark(step, cached is None)
+        run, store = self.run, self.run.kept
+        store.check_metadata(x)
+        cached = None if run.wants_full(step, store.last_full_step) else store.lookup(keys, x.shape[0])
+        run.record(step, cached is not None)
+        if cached is not None and run.config.mode == "forecast":
+            cached = extrapolate(cached, store.lookup(keys, x.shape[0], age=1), store.step_of(1), store.step_of(0), step)
         if cached is not None:
             return functools.partial(paths.shallow, cached)
 
         def full(*args, **kwargs):
             out, kept = paths.full(*args, **kwargs)
-            st.store(keys, kept.clone() if paths.copy_kept else kept, step)
+            store.store(keys, kept.clone() if paths.copy_kept else kept, step)
             return out
         return full
 
@@ -414,16 +275,16 @@ class DeepCacheUNet:
         self.full_path, self.shallow_path = paths.full, paths.shallow
         self.runner = DeepCacheRunner(config, paths)
 
-    @property
-    def state(self) -> DeepCacheState:
-        return self.runner.state
+    def stats(self) -> dict:
+        """The current (or last finished) run's counts: hits, full, ratio, steps, interval, depth, disabled."""
+        return self.runner.stats()
 
     def begin(self, timesteps) -> "DeepCacheUNet":
         self.runner.begin(_floats(timesteps))
         return self
 
     def finish(self) -> dict:
-        return self.runner.finish() or self.state.stats()
+        return self.runner.finish() or self.runner.stats()
 
     @contextlib.contextmanager
     def run(self, timesteps):
@@ -486,5 +347,5 @@ def deepcache(unet: nn.Module, config: DeepCacheConfig | None = None, *, compile
     return DeepCacheUNet(unet, config, compile=compile)
 
 
-__all__ = ["DeepCacheConfig", "DeepCacheState", "DeepCacheRunner", "DeepCachePaths", "cut_paths", "DeepCacheUNet", "deepcache", "full_steps",
+__all__ = ["DeepCacheConfig", "DeepCacheRunner", "unet_cut", "DeepCachePaths", "cut_paths", "DeepCacheUNet", "deepcache", "full_steps",
            "skip_count", "check_depth", "SCHEDULES"]

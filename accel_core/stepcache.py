@@ -7,7 +7,9 @@ call only the first `front_blocks` and the last `back_blocks` run, and the kept 
 stands in for the middle (DeepCache's idea on UNets; FBCache/DBCache and TaylorSeer on DiTs).
 
 Which calls are cached (`mode`):
-- fixed: a full call every `interval` steps, the calls of the steps between cached.
+- fixed: a full call every `interval` steps, the calls of the steps between cached. `schedule`
+  places the full steps: "rolling" counts from a lane's last full call; "uniform" and
+  "non-uniform" are DeepCache's plans over the run's window (`plan`), the same for every call.
 - adaptive: cached while the front blocks' residual differs from the one at the last full
   call by less than `threshold` (relative mean absolute difference), at most `max_cached` in a row.
 - forecast: the fixed schedule, with the middle residual extrapolated to first order from the
@@ -17,6 +19,10 @@ The model is a flat list of cut points (the host's block replacements, in call o
 middle block is one between the front and the back; consecutive middle blocks of the same
 list form a span whose residual is kept per output ("img", "txt"), so a span never crosses
 the glue between two block lists (Flux joins txt and img between its double and single blocks).
+
+DeepCache on UNets is this runtime cut at one skip connection (`deepcaching.py`): its runner asks
+the run for the step decision (`wants_full`), keeps the up-path feature in the run's `kept`
+(`KeptFeatures`) and counts its calls in the run's log.
 
 The decision is eager Python at the first middle block, outside compiled code: the blocks stay
 the host's (compiled once each by Compile's regional compile), a cached call only calls fewer
@@ -28,6 +34,7 @@ calls cond and uncond apart the later call reuses the earlier's residual of the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -35,9 +42,11 @@ from . import events
 from .errors import SDAccelError, check_range, choice_error
 from .log import logger
 from .options import check_declared, option
+from .stepplan import plan
 
 MODES = ("fixed", "adaptive", "forecast")
 CFG_MODES = ("separate", "shared")
+SCHEDULES = ("rolling", "uniform", "non-uniform")
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class StepCacheConfig:
         max_cached: adaptive: at most this many cached calls in a row (0 turns the cache off).
         start_percent, end_percent: the part of the run (fraction of its steps) in which calls may be cached.
         cfg: "separate" (one cache per cond/uncond composition) or "shared" (one for all calls).
+        schedule: fixed/forecast: "rolling" (a full call `interval` steps after the lane's last one),
+            "uniform" / "non-uniform" (DeepCache's plans: `plan`).
     """
 
     mode: str = option("fixed", "fixed: a full step every N steps, predictable speed. adaptive: caches while the first blocks' output "
@@ -77,6 +88,9 @@ class StepCacheConfig:
     cfg: str = option("separate", "separate: cond and uncond keep their own caches (safe). shared: one cache; when ComfyUI runs cond and "
                       "uncond apart, uncond reuses cond's cached change of the same step (faster, less exact). Identical when they "
                       "run batched.", label="Step Cache CFG", choices=CFG_MODES)
+    schedule: str = option("rolling", "fixed/forecast: rolling: a full step N steps after the last full one. uniform: a full step every "
+                           "N steps from the start of the cached part (DeepCache's). non-uniform: as many full steps, packed where the "
+                           "features change fastest (DeepCache's non-uniform).", label="Step Cache schedule", choices=SCHEDULES)
 
     def __post_init__(self):
         check_declared(self, "Step Cache")
@@ -84,6 +98,8 @@ class StepCacheConfig:
             raise choice_error("mode", self.mode, MODES)
         if self.cfg not in CFG_MODES:
             raise choice_error("cfg", self.cfg, CFG_MODES)
+        if self.schedule not in SCHEDULES:
+            raise choice_error("schedule", self.schedule, SCHEDULES)
         for name, lo in (("interval", 1), ("front_blocks", 0), ("back_blocks", 0), ("max_cached", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -128,6 +144,72 @@ class Call:
     entry: dict = field(default_factory=dict)  # span -> {output: tensor} at the span's first block
 
 
+class KeptFeatures:
+    """A whole-feature cut's kept tensors (DeepCache's up-path feature), per cond chunk, from the
+    last two full steps (the older one for forecast).
+
+    `store` keeps a batch of chunks (equal slices in order) captured at a full step; `lookup`
+    serves them back, re-sliced when the host batches the chunks differently on a later step
+    (ComfyUI batches cond/uncond by free memory). A change of shape, dtype or device drops all.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self):
+        self._gens: list[dict] = []  # newest first, at most two: {"step", "whole": {keys: h}, "chunks": {key: h}}
+        self._meta = None
+
+    @property
+    def last_full_step(self) -> int | None:
+        return self._gens[0]["step"] if self._gens else None
+
+    def step_of(self, age: int) -> int | None:
+        return self._gens[age]["step"] if len(self._gens) > age else None
+
+    def check_metadata(self, x: torch.Tensor) -> None:
+        meta = (x.device, x.dtype, tuple(x.shape[1:]))
+        if self._meta is not None and meta != self._meta:
+            logger.info("SD Accel: input shape, dtype or device changed; dropping the kept features.")
+            self.clear()
+        self._meta = meta
+
+    def store(self, keys: Sequence, h: torch.Tensor, step: int) -> None:
+        """Keep `h` (the batch of chunks `keys`, equal slices in order) as captured at full step `step`."""
+        keys = tuple(keys)
+        if self.last_full_step != step:
+            self._gens = [{"step": step, "whole": {}, "chunks": {}}] + self._gens[:1]
+        gen = self._gens[0]
+        gen["whole"][keys] = h
+        per = h.shape[0] // len(keys) if keys and h.shape[0] % len(keys) == 0 else None
+        for i, k in enumerate(keys):
+            if per is not None:
+                gen["chunks"][k] = h[i * per:(i + 1) * per]
+            else:
+                gen["chunks"].pop(k, None)
+
+    def lookup(self, keys: Sequence, batch: int, age: int = 0) -> torch.Tensor | None:
+        """The kept feature for these chunks from the latest full step (`age` 1: the one before), or None."""
+        if len(self._gens) <= age:
+            return None
+        gen, keys = self._gens[age], tuple(keys)
+        h = gen["whole"].get(keys)
+        if h is not None and h.shape[0] == batch:
+            return h
+        parts = [gen["chunks"].get(k) for k in keys]
+        if not parts or any(t is None for t in parts):
+            return None
+        h = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return h if h.shape[0] == batch else None
+
+
+def extrapolate(r: torch.Tensor, prev: torch.Tensor | None, a: int | None, b: int | None, step: int) -> torch.Tensor:
+    """Forecast: `r` (kept at full step b) moved on to `step` along its change since `prev` (full step a), to first order."""
+    if prev is None or a is None or b is None or b <= a or prev.shape != r.shape:
+        return r
+    return r + (r - prev) * ((step - b) / (b - a))
+
+
 class Cuts:
     """The flat list of cut points of one model and where the middle spans start and end."""
 
@@ -164,13 +246,18 @@ class StepCacheRun:
     """One sampling run's step cache: lanes, counters and the decision per model call.
 
     A host makes one per run from the node's template (`fresh`), tells it the run's sigmas
-    (`begin`), calls `block` from each block replacement and `finish` at the end.
+    (`begin`), calls `block` from each block replacement and `finish` at the end. A whole-feature
+    cut (DeepCache) asks `wants_full` per call, keeps its feature in `kept` and `record`s the call.
     """
 
     def __init__(self, config: StepCacheConfig, cuts: Cuts | None = None, owner: str = ""):
         self.config, self.cuts, self.owner = config, cuts, owner
         self.schedule: list[float] = []
+        self.n_steps = 0
+        self.full: list[bool] = []  # the uniform / non-uniform plan of this run
+        self.disabled: str | None = None
         self.lanes: dict[object, Lane] = {}
+        self.kept = KeptFeatures()
         self.call: Call | None = None
         self.log: list[dict] = []  # one entry per model call: step, lane, cached, metric
         self.running = False
@@ -182,10 +269,22 @@ class StepCacheRun:
         return self.fresh()
 
     # -- run boundaries --------------------------------------------------------------------
-    def begin(self, sigmas=None) -> "StepCacheRun":
+    def begin(self, sigmas=None, n_steps: int | None = None) -> "StepCacheRun":
+        """Start a run over `sigmas` (decreasing; `n_steps` defaults to one less: sigmas end with the last one)."""
         self.schedule = [float(s) for s in sigmas] if sigmas is not None else []
-        self.lanes, self.call, self.log, self.running = {}, None, [], True
+        self.n_steps = max(len(self.schedule) - 1, 0) if n_steps is None else n_steps
+        self.full = plan(self.n_steps, self.config) if self.config.schedule != "rolling" else []
+        self.lanes, self.call, self.log, self.running, self.disabled = {}, None, [], True, None
+        self.kept.clear()
         return self
+
+    def disable(self, reason: str, what: str = "Step Cache") -> None:
+        """Caching off for the rest of this run, with one log line."""
+        if self.disabled is None:
+            self.disabled = reason
+            logger.warning("SD Accel %s: caching is off for this run: %s. Every block runs on every step.", what, reason)
+        self.lanes = {}
+        self.kept.clear()
 
     def stats(self) -> dict:
         cached = sum(1 for e in self.log if e["cached"])
@@ -197,33 +296,54 @@ class StepCacheRun:
                 "cached_steps": [e["step"] for e in self.log if e["cached"]], "lanes": len(self.lanes),
                 "block_fraction": 1.0 - skipped / (blocks * total) if blocks and total else 1.0}
 
-    def finish(self) -> dict:
+    def finish(self, report: bool = True) -> dict:
         stats = self.stats()
-        if self.running and stats["calls"]:
+        if report and self.running and stats["calls"]:
             c = self.config
             logger.info("SD Accel Step Cache: %d/%d model calls cached (%s, front %d, back %d, cfg %s); %.0f%% of block evaluations ran%s.",
                         stats["cached"], stats["calls"], c.mode, c.front_blocks, c.back_blocks, c.cfg,
                         100 * stats["block_fraction"], f" [{self.owner}]" if self.owner else "")
             events.emit("stepcache_stats", **stats)
         self.running, self.lanes, self.call = False, {}, None
+        self.kept.clear()
         return stats
 
     # -- per call --------------------------------------------------------------------------
     def step_of(self, sigma: float | None) -> int:
-        """The schedule step a call's sigma belongs to (the last entry at or above it)."""
+        """The schedule step a call's sigma belongs to: the last entry at or above it. Samplers that call
+        the model more than once per step (heun, dpm_2, ...) evaluate it between two entries; those calls
+        belong to the step they started from."""
         if sigma is None or not self.schedule:
             return 0
         step = 0
-        for i, s in enumerate(self.schedule[:-1] or self.schedule):
+        for i in range(max(1, min(self.n_steps, len(self.schedule)))):
+            s = self.schedule[i]
             if s >= sigma - 1e-4 * max(abs(s), 1e-6):
                 step = i
+            else:
+                break
         return step
 
     def _in_window(self, step: int) -> bool:
-        if len(self.schedule) < 2:  # no schedule known: the window cannot be placed, every call may cache
+        if self.n_steps < 1:  # no schedule known: the window cannot be placed, every call may cache
             return True
-        n = len(self.schedule) - 1
-        return self.config.start_percent <= step / n < self.config.end_percent
+        return self.config.start_percent <= step / self.n_steps < self.config.end_percent
+
+    def wants_full(self, step: int, last_full: int | None = None) -> bool:
+        """The step decision: True where every block must run at `step` (adaptive then measures on the rest);
+        `last_full`: the step of the cache's last full call (the "rolling" schedule counts from it)."""
+        c = self.config
+        if self.disabled is not None or not c.enabled or not self._in_window(step):
+            return True
+        if c.mode == "adaptive":
+            return False
+        if c.schedule != "rolling":
+            return step >= len(self.full) or self.full[step] if self.full else step % c.interval == 0
+        return last_full is None or step - last_full >= c.interval
+
+    def record(self, step: int, cached: bool) -> None:
+        """Count a call decided outside `block` (a whole-feature cut)."""
+        self.log.append({"call": len(self.log), "step": step, "cached": cached, "metric": None})
 
     def _start_call(self, lane_key, sigma, x: torch.Tensor):
         key = "all" if self.config.cfg == "shared" else lane_key
@@ -243,24 +363,21 @@ class StepCacheRun:
         have = bool(lane.residual)
         if c.cfg == "shared" and have and lane.last_step == call.step and self.log and self.log[-1]["step"] == call.step:
             return True  # a later call of the same step: the earlier call's residual is fresh
-        if not (c.enabled and have and self._in_window(call.step)):
+        if not have or self.wants_full(call.step, lane.last_step):
             return False
         if c.mode == "adaptive":
             if front is None or lane.front_ref is None or lane.front_ref.shape != front.shape:
                 return False
             call.metric = _rel_change(front, lane.front_ref)
             return call.metric < c.threshold and lane.in_a_row < c.max_cached
-        return call.step - lane.last_step < c.interval
+        return True
 
     def _forecast(self, span: int, out: str, r: torch.Tensor) -> torch.Tensor:
         lane = self.call.lane
         prev = lane.previous.get(span, {}).get(out)
-        if self.config.mode != "forecast" or prev is None or len(lane.full_at) < 2:
+        if self.config.mode != "forecast" or len(lane.full_at) < 2:
             return r
-        a, b = lane.full_at
-        if b <= a:
-            return r
-        return r + (r - prev) * ((self.call.step - b) / (b - a))
+        return extrapolate(r, prev, *lane.full_at, self.call.step)
 
     def block(self, point, args: dict, run_block, lane_key, sigma) -> dict:
         """Run or stand in for the block at cut point `point`.
@@ -329,4 +446,4 @@ def cut_points(module) -> list[tuple[str, int]]:
     return points
 
 
-__all__ = ["StepCacheConfig", "StepCacheRun", "Cuts", "Lane", "cut_points", "MODES", "CFG_MODES"]
+__all__ = ["StepCacheConfig", "StepCacheRun", "Cuts", "Lane", "KeptFeatures", "extrapolate", "cut_points", "plan", "MODES", "CFG_MODES", "SCHEDULES"]

@@ -389,3 +389,41 @@ def test_real_checkpoint_cases(pack, sd15_model, stats, case):
     n = stats[-1]["steps"]
     assert stats[-1]["hits"] == n - math.ceil(n / 3) > 0
     assert 0 < harness.rel_err(a, base) < 0.25  # random weights: a bound for sanity, not a quality figure
+
+
+# --- the Step Cache node on a UNet: DeepCache's cut of the same runtime ---------------------------
+
+def step_cache(host, model, mode="fixed", interval=3, front=1, back=0, cfg="separate", schedule="uniform", start=0.0):
+    return host.node("SDAccelStepCache").apply(model, mode, interval, front, back, 0.1, 3, start, 1.0, cfg, schedule)[0]
+
+
+def test_step_cache_node_on_a_unet_is_deepcache_and_forecast_moves_the_kept_feature(pack, tiny, baseline, stats):
+    for schedule in ("uniform", "non-uniform"):  # fixed: the DeepCache node's result bit for bit
+        ours = run(step_cache(pack.host, tiny, front=2, schedule=schedule))
+        assert torch.equal(ours, run(pack.deepcache(tiny, depth=1, schedule=schedule))), schedule
+        assert stats[-1] == stats[-2] and stats[-1]["hits"] > 0
+    fixed = run(step_cache(pack.host, tiny, schedule="rolling", start=0.3))
+    fore = step_cache(pack.host, tiny, "forecast", schedule="rolling", start=0.3)
+    a = run(fore)
+    assert stats[-1]["hits"] == stats[-2]["hits"] > 0 and not torch.equal(a, fixed)
+    assert torch.equal(run(fore), a)  # a second run starts from nothing
+    assert harness.rel_err(a, baseline()) < 0.05
+
+
+def test_step_cache_forecast_on_a_compiled_unet_does_not_recompile(pack, tiny, stats):
+    eager = run(step_cache(pack.host, tiny, "forecast", interval=2))
+    cfg = pack.compile.CompileConfig(torch_backend="eager")
+    m = step_cache(pack.host, pack.comfy.apply_compile(tiny, cfg), "forecast", interval=2)
+    torch.testing.assert_close(run(m), eager, rtol=1e-4, atol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(run(m), eager, rtol=1e-4, atol=1e-5)
+    assert stats[-1]["hits"] > 0
+
+
+@pytest.mark.parametrize("kw, match", [({"mode": "adaptive"}, "adaptive"), ({"cfg": "shared"}, "separate"), ({"back": 3}, "back_blocks"),
+                                       ({"front": 13}, "cache_depth 12")])
+def test_step_cache_settings_a_unet_cannot_take_are_clear_errors(pack, tiny, kw, match):
+    before = dict(tiny.model_options)
+    with pytest.raises(pack.errors.SDAccelError, match=match):
+        step_cache(pack.host, tiny, **kw)
+    assert tiny.model_options == before

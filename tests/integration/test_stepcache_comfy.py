@@ -61,8 +61,8 @@ def stats(comfy_host):
     events.unsubscribe(listen)
 
 
-def step_cache(host, model, mode="fixed", interval=3, front=1, back=0, threshold=0.1, max_cached=3, start=0.0, end=1.0, cfg="separate"):
-    return host.node("SDAccelStepCache").apply(model, mode, interval, front, back, threshold, max_cached, start, end, cfg)[0]
+def step_cache(host, model, mode="fixed", interval=3, front=1, back=0, threshold=0.1, max_cached=3, start=0.0, end=1.0, cfg="separate", **kw):
+    return host.node("SDAccelStepCache").apply(model, mode, interval, front, back, threshold, max_cached, start, end, cfg, **kw)[0]
 
 
 def sample(model, fam, seed=0):
@@ -101,6 +101,17 @@ def test_fixed_schedule_caches_the_scheduled_steps_and_full_calls_equal_eager_bi
     ref = sample(model, fam)
     assert 0 < harness.rel_err(cached, ref) < 0.5
     assert model.model_options.get("transformer_options", {}).get("patches_replace") is None  # the input model is untouched
+
+
+def test_deepcache_schedules_on_a_dit_follow_their_plan(comfy_host, models, stats):
+    model = _model(models, "flux")
+    plan = comfy_host.pack_module("accel_core.stepplan").plan
+    config = comfy_host.pack_module("accel_core.stepcache").StepCacheConfig
+    for schedule in ("uniform", "non-uniform"):
+        sample(step_cache(comfy_host, model, interval=3, start=0.2, schedule=schedule), "flux")
+        full = plan(STEPS, config(interval=3, start_percent=0.2, schedule=schedule))
+        assert stats[-1]["cached_steps"] == [i for i, f in enumerate(full) if not f] and stats[-1]["cached_steps"], schedule
+    assert stats[-1]["cached_steps"] != stats[-2]["cached_steps"]  # the two plans differ here
 
 
 @pytest.mark.parametrize("fam", ("flux",))
@@ -173,11 +184,11 @@ def test_with_compile_each_block_kind_compiles_once_and_nothing_recompiles_over_
     assert int(counters["stats"]["unique_graphs"]) == graphs and not counters["recompiles"], dict(counters["recompiles"])
 
 
-def test_models_without_block_hooks_get_a_clear_message_and_stay_untouched(comfy_host, accel, models):
+def test_settings_a_model_cannot_take_get_a_clear_message_and_leave_it_untouched(comfy_host, accel, models):
     unet = harness.tiny_unet_model()
     before = dict(unet.model_options)
-    with pytest.raises(accel.errors.SDAccelError, match="DeepCache"):
-        step_cache(comfy_host, unet)
+    with pytest.raises(accel.errors.SDAccelError, match="adaptive mode is not available on UNets"):  # a UNet is cut as DeepCache cuts it
+        step_cache(comfy_host, unet, "adaptive")
     assert unet.model_options == before
     model = models.get("flux", (None,))[0]
     if model is not None:

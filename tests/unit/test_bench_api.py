@@ -165,7 +165,7 @@ def test_the_readme_diffusers_snippet_runs_as_written(tmp_path, monkeypatch):
     assert ns["eps"].shape == (2, 4, 8, 8) and torch.isfinite(ns["eps"]).all()
     dc = ns["dc"]
     assert isinstance(dc, DeepCacheUNet)
-    stats = dc.state.stats()
+    stats = dc.stats()
     assert stats["hits"] > 0, stats  # with interval 3 over 6 steps, some steps were shallow
     if "apply_loras" in code:
         changed = [k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sd_accel.accel_core import CompileConfig, SDAccelError, events
-from sd_accel.accel_core.deepcaching import DeepCacheConfig, DeepCacheRunner, DeepCacheState, deepcache, full_steps, skip_count
+from sd_accel.accel_core.deepcaching import DeepCacheConfig, DeepCacheRunner, deepcache, full_steps, skip_count
 from sd_accel.accel_core.families.diffusers import full as _diffusers_full, shallow as _diffusers_shallow
 
 EAGER = dict(backend="inductor", torch_backend="eager")
@@ -145,9 +145,10 @@ def test_nonuniform_schedule(n, interval):
 
 
 def test_step_of_multi_call_samplers_and_state_chunks():
-    st = DeepCacheState(DeepCacheConfig(cache_interval=2)).begin([14.6, 7.0, 3.0, 1.0, 0.0], 4)
-    assert [st.step_of(s) for s in (14.6, 10.0, 7.0, 5.2, 3.0, 1.0, 0.5)] == [0, 0, 1, 1, 2, 3, 3]
-    assert [st.wants_full(i) for i in range(4)] == [True, False, True, False]
+    run = DeepCacheRunner(DeepCacheConfig(cache_interval=2)).begin([14.6, 7.0, 3.0, 1.0, 0.0], 4).run
+    assert [run.step_of(s) for s in (14.6, 10.0, 7.0, 5.2, 3.0, 1.0, 0.5)] == [0, 0, 1, 1, 2, 3, 3]
+    assert [run.wants_full(i) for i in range(4)] == [True, False, True, False]
+    st = run.kept
     h = torch.arange(4.0).reshape(4, 1)
     st.store(("c", "u"), h, 0)
     assert st.lookup(("c", "u"), 4) is h
@@ -198,7 +199,7 @@ def test_interval_one_is_the_baseline_exactly(unet):
     dc = deepcache(unet, DeepCacheConfig(cache_interval=1))
     assert isinstance(dc.runner, DeepCacheRunner)  # the runner every host uses
     assert torch.equal(run_dc(dc), sample_loop(plain(unet)))
-    assert dc.state.stats()["hits"] == 0
+    assert dc.stats()["hits"] == 0
 
 
 @pytest.mark.parametrize("cfg", [DeepCacheConfig(cache_interval=3), DeepCacheConfig(cache_interval=2, start_percent=0.2, end_percent=0.7),
@@ -237,7 +238,7 @@ def test_summary_line_and_size_change_mid_run(unet, caplog):
             side = 8 if i < 2 else 16  # new size on step 2: nothing kept fits, so the step runs full
             out = dc(torch.randn(2, 4, side, side, generator=g), t, c).sample
             assert out.shape[-1] == side
-    assert dc.state.stats()["hits"] == 1  # steps 0 (full), 1 (shallow), 2 (new size: full), 3 (full)
+    assert dc.stats()["hits"] == 1  # steps 0 (full), 1 (shallow), 2 (new size: full), 3 (full)
     lines = [r.getMessage() for r in caplog.records if "reused deep features" in r.getMessage()]
     assert lines == ["SD Accel DeepCache: reused deep features on 1/4 steps (interval 3, depth 0, uniform)."]
 
@@ -259,7 +260,7 @@ def test_controlnet_residuals_turn_caching_off_for_the_run(unet, caplog):
         for tt in TIMESTEPS[:3]:
             out = dc(x, tt, c, down_block_additional_residuals=res, mid_block_additional_residual=mid).sample
             assert torch.equal(out, unet(x, tt, c, down_block_additional_residuals=res, mid_block_additional_residual=mid).sample)
-    assert dc.state.stats()["hits"] == 0 and "ControlNet" in dc.state.stats()["disabled"]
+    assert dc.stats()["hits"] == 0 and "ControlNet" in dc.stats()["disabled"]
     assert sum("caching is off for this run" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -293,3 +294,27 @@ def test_matches_the_deepcache_package(unet, branch):
     assert torch.equal(ours, ref)
     assert not torch.equal(ours, base)
 
+
+
+# --- the step cache's modes on the UNet cut ----------------------------------------------------
+
+def test_forecast_extrapolates_a_linearly_moving_kept_feature_and_fixed_reuses_it():
+    from sd_accel.accel_core.deepcaching import DeepCachePaths, unet_cut
+    from sd_accel.accel_core.stepcache import StepCacheConfig
+
+    base, delta = torch.arange(4.0).reshape(2, 2), torch.ones(2, 2)
+    paths = DeepCachePaths(full=lambda x, step: (x, base + delta * step), shallow=lambda kept, x, step: kept)
+    got = {}
+    for mode in ("fixed", "forecast"):
+        steps = StepCacheConfig(mode=mode, interval=3, front_blocks=1)
+        runner = DeepCacheRunner(unet_cut(steps), paths, steps=steps).begin(list(range(9, 0, -1)))
+        x = torch.zeros(2, 2)
+        got[mode] = [runner.select(s, ("c", "u"), x)(x, s) for s in range(9)]
+        assert runner.finish()["hits"] == 6
+    for s in (4, 5, 7, 8):  # shallow steps after two full ones (0, 3, 6)
+        torch.testing.assert_close(got["forecast"][s], base + delta * s)
+        torch.testing.assert_close(got["fixed"][s], base + delta * (s // 3 * 3))
+    torch.testing.assert_close(got["forecast"][1], base)  # one full step so far: nothing to extrapolate from
+    assert unet_cut(StepCacheConfig(front_blocks=3, interval=4)) == DeepCacheConfig(cache_interval=4, cache_depth=2)
+    with pytest.raises(SDAccelError, match="adaptive"):
+        unet_cut(StepCacheConfig(mode="adaptive"))

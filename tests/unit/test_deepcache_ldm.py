@@ -209,7 +209,7 @@ def test_the_runner_copies_the_kept_feature_under_cuda_graphs():
     for copy_kept in (False, True):
         runner = DeepCacheRunner(DeepCacheConfig(cache_interval=2), DeepCachePaths(full, lambda k, x: k, copy_kept)).begin([2.0, 1.0])
         runner(0, ("all",), torch.zeros(1, 2))
-        assert (runner.state.lookup(("all",), 1) is kept) is not copy_kept
+        assert (runner.run.kept.lookup(("all",), 1) is kept) is not copy_kept
         torch.testing.assert_close(runner(1, ("all",), torch.zeros(1, 2)), kept)
 
 

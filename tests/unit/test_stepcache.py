@@ -193,3 +193,30 @@ def test_without_the_runs_sigmas_each_call_counts_as_a_step():
     for step in range(7):
         toy.forward(*inputs(step), step, run, sigma=None)
     assert run.finish()["cached_steps"] == [1, 2, 4, 5]
+
+
+@pytest.mark.parametrize("schedule, cached", [("rolling", [3, 5]), ("uniform", [4, 6])])
+def test_window_start_rolling_counts_the_full_steps_before_it_uniform_starts_full(schedule, cached):
+    toy = Toy()
+    run = make_run(toy, mode="fixed", interval=2, start_percent=0.3, end_percent=0.7, schedule=schedule)
+    for step in range(9):
+        toy.forward(*inputs(step), step, run, sigma=sigma(step))
+    assert run.finish()["cached_steps"] == cached
+
+
+def test_planned_schedules_cache_every_call_of_the_planned_steps_and_no_other():
+    from sd_accel.accel_core.stepplan import plan
+
+    for schedule in ("uniform", "non-uniform"):
+        toy = Toy()
+        run = make_run(toy, n_steps=12, mode="forecast", interval=3, schedule=schedule)
+        full = plan(12, run.config)
+        assert full == run.full and full[0] and sum(full) == 4
+        for step in range(12):  # two calls per step at sigmas within it (a heun-like sampler)
+            for s in (sigma(step, 12), sigma(step + 0.5, 12)):
+                toy.forward(*inputs(step), step, run, sigma=s)
+        got = run.finish()["cached_steps"]
+        assert got == [i for i in range(12) for _ in range(2) if not full[i]], schedule
+    assert plan(12, StepCacheConfig(interval=3, schedule="uniform")) != full  # non-uniform places them elsewhere
+    with pytest.raises(SDAccelError, match="schedule"):
+        StepCacheConfig(schedule="sometimes")

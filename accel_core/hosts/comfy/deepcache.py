@@ -14,6 +14,7 @@ with the compile node's config.
 from __future__ import annotations
 
 from ...deepcaching import DeepCacheConfig, DeepCacheRunner, check_depth
+from ...stepcache import StepCacheConfig
 from ...log import logger
 from .compile import active_compile_config
 from .deepcache_walk import COMFY, ComfyHooks, paths  # noqa: F401  (re-exported)
@@ -54,7 +55,7 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
     if not isinstance(runner, DeepCacheRunner) or not runner.running:
         return executor(*args, **kwargs)
     sigmas = to.get("sigmas")
-    if not runner.state.schedule:
+    if not runner.run.schedule:
         ss = to.get("sample_sigmas")
         if ss is None or sigmas is None:
             runner.disable("ComfyUI did not pass the sigma schedule (sample_sigmas) to the model")
@@ -87,8 +88,9 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
     return run_per_sampling(executor, args, kwargs, DEEPCACHE_KEY, DeepCacheRunner, _begin)
 
 
-def apply_deepcache(model, config: DeepCacheConfig):
-    """Clone `model` and install DeepCache on the clone (interval 1: a clone without it)."""
+def apply_deepcache(model, config: DeepCacheConfig, steps: StepCacheConfig | None = None):
+    """Clone `model` and install DeepCache on the clone (interval 1: a clone without it); `steps`: the
+    Step Cache node's settings when it cuts a UNet (see deepcaching.unet_cut)."""
     unet = check_model(model, "DeepCache")
     if unet is None or step_aside("deepcache", model, "DeepCache"):  # ComfyUI's own graphs/compiler act on it
         return model
@@ -101,7 +103,7 @@ def apply_deepcache(model, config: DeepCacheConfig):
     if not config.enabled:
         logger.info("SD Accel DeepCache: cache_interval 1, so every step runs the full UNet (DeepCache off).")
         return m
-    m.model_options["transformer_options"][DEEPCACHE_KEY] = DeepCacheRunner(config)
+    m.model_options["transformer_options"][DEEPCACHE_KEY] = DeepCacheRunner(config, steps=steps)
     m.add_wrapper_with_key(wmp.OUTER_SAMPLE, DEEPCACHE_KEY, _outer_sample_wrapper)
     m.add_wrapper_with_key(wmp.DIFFUSION_MODEL, DEEPCACHE_KEY, _diffusion_model_wrapper)
     return m

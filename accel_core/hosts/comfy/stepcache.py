@@ -8,13 +8,19 @@
   copy of the model options (ComfyUI's EasyCache pattern), told the run's sigmas; finished at
   the end (one summary line, a `stepcache_stats` event).
 
+A UNet (SD1.x/SD2.x/SDXL) has no block hooks: it is cut at a skip connection by DeepCache's host
+over the same runtime (`deepcaching.unet_cut`: front_blocks - 1 is the depth).
+
 The blocks themselves are untouched: with Compile Model's regional compile on the same model
 (either node order) each block stays compiled once; a cached call calls fewer of them.
 """
 from __future__ import annotations
 
+from ...deepcaching import unet_cut
+from ...families import family_of
 from ...log import logger
 from ...stepcache import Cuts, StepCacheConfig, StepCacheRun, cut_points
+from .deepcache import apply_deepcache
 from .model import check_model, wrappers_mp
 from .runs import run_per_sampling
 
@@ -63,6 +69,9 @@ def apply_step_cache(model, config: StepCacheConfig, owner: str = ""):
     dm = check_model(model, "Step Cache")
     if dm is None:
         return model
+    fam = family_of(dm)
+    if fam is not None and fam.skip_count is not None and fam.host_walk is not None:  # a UNet: DeepCache's cut of the same runtime
+        return apply_deepcache(model, unet_cut(config), steps=config)
     cuts = Cuts(cut_points(dm), config.front_blocks, config.back_blocks)  # raises before anything is cloned
     m = model.clone()
     wmp = wrappers_mp()
