@@ -48,20 +48,24 @@ OURS = {  # name: SDAccelStepCache inputs (others at the node's defaults)
     "ours forecast 3 f2b1": dict(mode="forecast", interval=3, front_blocks=2, back_blocks=1),
     "ours forecast 3 start 0.2": dict(mode="forecast", interval=3, start_percent=0.2),
 }
-OURS_UNET = {  # UNets (sd15): our step cache there is DeepCache (interval, depth)
+UNET_STEPCACHE = {  # Step Cache on a UNet cuts where DeepCache does (depth = front_blocks - 1)
+    "ours stepcache uniform 3": dict(mode="fixed", interval=3, schedule="uniform"),
+    "ours stepcache forecast 3": dict(mode="forecast", interval=3, schedule="uniform"),
+}
+OURS_UNET = {  # UNets (sd15): DeepCache (interval, depth)
     "ours deepcache 2": (2, 0), "ours deepcache 3": (3, 0), "ours deepcache 4": (4, 0), "ours deepcache 3 depth 2": (3, 2),
 }
 PEERS = {"EasyCache 0.1": ("EasyCache", 0.1), "EasyCache 0.2": ("EasyCache", 0.2), "LazyCache 0.2": ("LazyCache", 0.2),
          "FBCache 0.08": ("FBCache", 0.08), "FBCache 0.12": ("FBCache", 0.12)}
 COMPILED = {"compile": None, "compile + ours fixed 3": "ours fixed 3", "compile + ours forecast 3": "ours forecast 3",
-            "compile + ours deepcache 3": "ours deepcache 3"}
+            "compile + ours deepcache 3": "ours deepcache 3", "compile + ours stepcache forecast 3": "ours stepcache forecast 3"}
 DEFAULTS = {"sample_steps": 20, "cfg": 4.0}
 
 
 def configs(args) -> list[str]:
     unet = small_dit.read_meta(Path(args.model))["sdaccel_family"] == "sd15"
     # peers before ours: a spent --budget then cuts our extra settings, not the comparison
-    names = ["eager", *[p for p in PEERS if not p.startswith("FBCache") or args.wavespeed], *(OURS_UNET if unet else OURS)]
+    names = ["eager", *[p for p in PEERS if not p.startswith("FBCache") or args.wavespeed], *([*OURS_UNET, *UNET_STEPCACHE] if unet else OURS)]
     if args.compile:
         names += [n for n in COMPILED if COMPILED[n] is None or COMPILED[n] in names]
     if args.only:
@@ -108,10 +112,10 @@ def _apply(name: str, model, nodes, args):
     if name in OURS_UNET:
         interval, depth = OURS_UNET[name]
         return _node_out(nodes.NODE_CLASS_MAPPINGS["SDAccelDeepCache"]().apply(model, interval, depth, 0.0, 1.0, "uniform"))
-    if name in OURS:
+    if name in OURS or name in UNET_STEPCACHE:
         node = nodes.NODE_CLASS_MAPPINGS["SDAccelStepCache"]()
         kw = {k: v.get("default") for k, (_, v) in node.INPUT_TYPES()["required"].items() if k != "model"}
-        return _node_out(node.apply(model, **{**kw, **OURS[name]}))
+        return _node_out(node.apply(model, **{**kw, **{**OURS, **UNET_STEPCACHE}[name]}))
     kind, thr = PEERS[name]
     if kind == "FBCache":
         return _node_out(_wavespeed(args.wavespeed).patch(model, "diffusion_model", thr, max_consecutive_cache_hits=-1, start=0.0, end=1.0))
