@@ -140,8 +140,10 @@ class PlainOps:
 
 
 def seed_weights(module: torch.nn.Module, seed: int, std: float):
-    """Seeded N(0, std) matrices, norm scales 1, biases 0 (generated on the module's device)."""
+    """Seeded N(0, std) matrices, norm scales 1, biases 0 (generated on the module's device; none on "meta")."""
     dev = next(module.parameters()).device
+    if dev.type == "meta":  # shapes only (tests check what ComfyUI's detection makes of the full-size file)
+        return
     g = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -154,7 +156,7 @@ def seed_weights(module: torch.nn.Module, seed: int, std: float):
 
 
 def build_weights(family: str, tiny: bool, seed: int, device: str) -> dict[str, torch.Tensor]:
-    """The state dict of the family's ComfyUI class with seeded random weights (bf16 full size, fp32 tiny)."""
+    """The state dict of the family's ComfyUI class with seeded random weights (bf16 full size, fp32 tiny; shapes only on "meta")."""
     dtype = torch.float32 if tiny else torch.bfloat16
     mc = model_config(family, tiny, dtype)
     mc.custom_operations = PlainOps

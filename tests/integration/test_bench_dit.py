@@ -65,3 +65,26 @@ def test_dit_preset_measures_ours_beside_the_peers(root, tmp_path, preset):
     # Compile under the cache: the same trajectory as the eager cache (dynamo's eager backend runs the same ops)
     assert rows[ROWS[5]]["rel_err"] == pytest.approx(rows[ROWS[3]]["rel_err"], rel=1e-3)
     assert "DynamicVRAM off" in p.stdout and ROWS[-1] in p.stdout
+
+
+BILLIONS = {"flux": 11.9, "qwen_image": 20.43, "zimage": 6.15, "wan": 5.0}  # Flux.1-dev, Qwen-Image, Z-Image, Wan 2.2 TI2V-5B
+
+
+@pytest.mark.parametrize("family", sorted(BILLIONS))
+def test_full_size_file_is_detected_as_its_family(comfy_host, family):
+    """What ComfyUI's loader makes of the full-size file the GPU presets write, from its shapes alone
+    (built on the meta device: no memory, no file), so a GPU run never starts on a file that fails detection."""
+    import comfy.model_detection
+
+    from sd_accel.accel_core.errors import SDAccelError
+    from sd_accel.cli.bench import dit
+
+    try:
+        want = dit.config_name(family, tiny=False)
+    except SDAccelError as e:  # a family newer than this host: a clear refusal
+        assert "model config" in str(e) and "Update ComfyUI" in str(e)
+        return
+    sd = dit.build_weights(family, False, 0, "meta")
+    assert round(sum(v.numel() for v in sd.values()) / 1e9, 2) == pytest.approx(BILLIONS[family], abs=0.06)
+    got = comfy.model_detection.model_config_from_unet(sd, "")
+    assert type(got).__name__ == want
