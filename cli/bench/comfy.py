@@ -15,26 +15,29 @@ per step (CUDA events in one extra run), so `ms/step - unet` is the time the sam
 outside the UNet. `SD_ACCEL_BENCH_PROFILE=<row-prefix>` also writes a torch.profiler summary
 of one sampling run of the matching rows.
 
-Presets (the ComfyUI loader needs real shapes, so "tiny" is real SD1.5 at a small latent):
-tiny = SD1.5 at 128x128, 4 steps (a CPU smoke run); sd15-512 = 512x512, 20 steps; sdxl-1024.
+Presets (comfy_presets.py; the ComfyUI loader needs real shapes, so "tiny" is real SD1.5 at a small
+latent): tiny = SD1.5 at 128x128, 4 steps (a CPU smoke run); sd15-512 = 512x512, 20 steps; sdxl-1024;
+the DiT families (flux-1024, qwen-image-1328, zimage-1024, wan-480p and their -tiny sizes), whose
+models are built in dit.py and whose rows are in dit_rows.py. ComfyUI is imported as its main.py
+would (DynamicVRAM where main.py turns it on: comfy_boot.py).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import gc
-import json
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ...accel_core.errors import SDAccelError
 from ...accel_core.log import logger
+from .comfy_boot import comfy_root, comfy_version, import_comfy
+from .comfy_presets import DIT_FAMILIES, PRESETS, ComfyPreset
 from .measure import BenchConfig, BenchRow, compare, failed_row, rel_err, time_runs, timed_row
 
 # UNet configs as comfy/model_detection.py writes them (identical in ComfyUI 0.3.64 and 0.8.0).
@@ -48,63 +51,7 @@ SDXL_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatia
                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False, use_temporal_resblock=False)
 
 
-@dataclass(frozen=True)
-class ComfyPreset:
-    arch: str  # "sd15" | "sdxl"
-    latent: int  # latent side (pixels / 8)
-    steps: int
-
-
-PRESETS = {
-    "tiny": ComfyPreset("sd15", 16, 4),
-    "sd15-512": ComfyPreset("sd15", 64, 20),
-    "sdxl-1024": ComfyPreset("sdxl", 128, 20),
-}
-
 BASELINE = "comfy eager (baseline)"
-
-
-# --- host --------------------------------------------------------------------------------------
-
-def comfy_root(path: str | None) -> str:
-    path = path or os.environ.get("COMFYUI_PATH")
-    if not path:
-        raise SDAccelError("SD Accel bench --host comfy: no ComfyUI tree given. Set COMFYUI_PATH to the ComfyUI folder (the one holding main.py and comfy/), or pass --comfyui-path.")
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isfile(os.path.join(path, "comfy", "sd.py")):
-        raise SDAccelError(f"SD Accel bench --host comfy: {path} is not a ComfyUI tree (expected comfy/sd.py inside it). Point COMFYUI_PATH or --comfyui-path at the ComfyUI folder.")
-    return path
-
-
-def import_comfy(path: str, device: str):
-    """Put ComfyUI on sys.path and import what the benchmark drives, as its CLI defaults would."""
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    from comfy.cli_args import args
-
-    if device == "cpu":
-        args.cpu = True  # read when comfy.model_management is first imported
-    try:
-        import comfy.model_management as mm
-        import comfy.sample  # noqa: F401
-        import comfy.sd  # noqa: F401
-    except ImportError as e:
-        raise SDAccelError(f"SD Accel bench --host comfy: ComfyUI at {path} does not import here ({type(e).__name__}: {e}). "
-                           f"Expected ComfyUI's requirements in this Python; install them with torch pinned "
-                           f"(pip install -r {os.path.join(path, 'requirements.txt')} -c <a file holding torch==<your version>>).") from e
-
-    if device == "cuda" and mm.get_torch_device().type != "cuda":
-        raise SDAccelError(f"SD Accel bench: --device cuda was asked for, but ComfyUI picked {mm.get_torch_device()} (was it imported earlier with --cpu?).")
-    return mm
-
-
-def comfy_version(path: str) -> str:
-    try:
-        import comfyui_version
-
-        return comfyui_version.__version__
-    except Exception:
-        return os.path.basename(path)
 
 
 # --- model and inputs ------------------------------------------------------------------------------
@@ -181,6 +128,15 @@ def load_model(arch: str, seed: int, device: str):
     return out[0]
 
 
+def load_preset_model(preset: ComfyPreset, seed: int, device: str) -> tuple[object, str]:
+    """(MODEL, how it was loaded) for a preset: an SD checkpoint, or a DiT family's model (dit.py)."""
+    if preset.dit:
+        from . import dit
+
+        return dit.load_model(preset.arch, preset.tiny, seed, device)
+    return load_model(preset.arch, seed, device), f"{preset.arch} checkpoint (comfy.sd.load_checkpoint_guess_config)"
+
+
 @dataclass
 class ComfyInputs:
     positive: list
@@ -189,10 +145,17 @@ class ComfyInputs:
     noise: torch.Tensor
 
 
-def make_inputs(arch: str, side: int, seed: int, batch: int = 1) -> ComfyInputs:
+def make_inputs(arch: str, side: int, seed: int, batch: int = 1, tiny: bool = False) -> ComfyInputs:
     import comfy.sample
 
     g = torch.Generator().manual_seed(seed)
+    if arch in DIT_FAMILIES:
+        from . import dit
+
+        pos = dit.conditioning(arch, tiny, g)
+        neg = dit.conditioning(arch, tiny, g)
+        latent = dit.latent(arch, tiny)
+        return ComfyInputs(pos, neg, latent, comfy.sample.prepare_noise(latent, seed))
     cdim = SD15_UNET["context_dim"] if arch == "sd15" else SDXL_UNET["context_dim"]
 
     def cond():
@@ -247,11 +210,12 @@ class ComfyBench:
         self.device = cfg.device
         self.steps = cfg.steps or preset.steps
         self.root = comfy_root(cfg.comfyui_path)
-        self.mm = import_comfy(self.root, self.device)
-        self.model = load_model(preset.arch, cfg.seed, self.device)
-        self.inputs = make_inputs(preset.arch, preset.latent, cfg.seed)
+        self.mm, self.dynamic_vram = import_comfy(self.root, self.device, cfg.dynamic_vram)
+        self.model, self.loaded_as = load_preset_model(preset, cfg.seed, self.device)
+        self.inputs = make_inputs(preset.arch, preset.latent, cfg.seed, tiny=preset.tiny)
         self.baseline: BenchRow | None = None
         self.baseline_out: torch.Tensor | None = None
+        self.baseline_call: torch.Tensor | None = None  # DiTs: eager's one model call (see measure's `rel`)
         self.diagnostics: dict[str, dict] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.profile = tuple(p for p in os.environ.get("SD_ACCEL_BENCH_PROFILE", "").split(",") if p)
@@ -263,17 +227,18 @@ class ComfyBench:
             return not name.startswith("exp")  # experiments run only when named
         return any(name.startswith(c) for c in self.cfg.configs)
 
-    def sample(self, model, steps: int | None = None, cfg_scale: float | None = None, sampler: str = "euler", scheduler: str = "normal",
+    def sample(self, model, steps: int | None = None, cfg_scale: float | None = None, sampler: str = "euler", scheduler: str | None = None,
                inputs: ComfyInputs | None = None) -> torch.Tensor:
         import comfy.sample
 
         i = inputs or self.inputs
+        scheduler = scheduler or self.preset.scheduler
         return comfy.sample.sample(model, i.noise, steps or self.steps, self.cfg.cfg_scale if cfg_scale is None else cfg_scale,
                                    sampler, scheduler, i.positive, i.negative, i.latent, denoise=1.0, disable_pbar=True, seed=self.cfg.seed)
 
     def measure(self, name: str, make: Callable[[], object], note: str = "", compile_ctx: Callable | None = None,
                 steps: int | None = None, row_ctx: Callable | None = None, run: Callable | None = None,
-                compare_to: str | None = None) -> BenchRow | None:
+                compare_to: str | None = None, rel: str = "latent") -> BenchRow | None:
         """Time full ComfyUI sampling runs of the MODEL `make()` returns; the first run is warm-up (compile).
 
         `compile_ctx()` is entered around the warm-up run only (inductor config for experiments),
@@ -281,7 +246,10 @@ class ComfyBench:
         the 20-step euler run (LCM rows: `steps` steps through their own node); speed-up is
         always end to end (time per image) against the eager baseline, and the relative error
         is against `compare_to`'s final latent when given (a row sampling the same thing).
-        A row that fails is reported with its error; the other rows still run.
+        `rel="call"`: the error of one model call instead (a 1-step euler run returns the model's
+        denoised prediction), against eager's; the final latent's goes in the note (over many steps
+        a random DiT amplifies rounding: 0.39 between two compiles of Flux). A row that fails is
+        reported with its error; the other rows still run.
         """
         if not self.wanted(name):
             return None
@@ -303,8 +271,12 @@ class ComfyBench:
                 timing.first_s, out = first, timing.out
                 peak = torch.cuda.max_memory_allocated() / 2 ** 20 if self.device == "cuda" else None
                 diag = _delta(before, _counters())
+                call = self.sample(model, steps=1) if rel == "call" else None
+                if self.device == "cuda":  # DynamicVRAM keeps weights outside torch's allocator: the device's own count too
+                    free, total = torch.cuda.mem_get_info()
+                    diag["device_used_gb"] = round((total - free) / 2 ** 30, 1)
                 try:  # diagnostics never fail a row
-                    if self.device == "cuda":
+                    if self.device == "cuda" and not self.preset.dit:  # DiTs: one more multi-second run per row, left out
                         diag["unet_ms"] = self._unet_span(model, run, steps)
                     if self.profile and name.startswith(self.profile):
                         self._profile(name, model, run)
@@ -319,7 +291,7 @@ class ComfyBench:
             return row
         row = timed_row(name, timing, steps, peak_mem_mb=peak, note=note)
         if self.baseline is None:
-            self.baseline, self.baseline_out = row, out
+            self.baseline, self.baseline_out, self.baseline_call = row, out, call
             compare(row, row)  # 1.0, and the baseline's own spread
         else:
             compare(row, self.baseline)
@@ -327,11 +299,18 @@ class ComfyBench:
             row.rel_err = rel_err(out, ref)
             if compare_to:
                 row.note = (row.note + "; " if row.note else "") + f"rel err vs {compare_to!r}"
+            if call is not None and self.baseline_call is not None:
+                row.rel_err = rel_err(call, self.baseline_call)
+                row.note = (row.note + "; " if row.note else "") + f"rel err of one model call (final latent: {rel_err(out, ref):.3f})"
+        if self.preset.dit:
+            row.note = f"first image {first:.1f} s" + ("; " + row.note if row.note else "")
         self.outputs[name] = out
         if not torch.isfinite(out).all():
             row.note = (row.note + "; " if row.note else "") + "NON-FINITE OUTPUT"
         self.diagnostics[name] = diag
-        extra = [f"{k}={v}" for k, v in diag.items() if k != "unet_ms" and v]
+        extra = [f"{k}={v}" for k, v in diag.items() if k not in ("unet_ms", "device_used_gb") and v]
+        if "device_used_gb" in diag:
+            extra.append(f"device {diag['device_used_gb']} GB in use")
         if "unet_ms" in diag:
             extra.insert(0, f"unet {diag['unet_ms']:.2f} ms")
         if extra:
@@ -457,12 +436,12 @@ def builtin_compile(model, backend: str = "inductor"):
     return out.result[0] if hasattr(out, "result") else out[0]
 
 
-def our_compile(model, mode: str, dynamic: bool | None = False, guards: str = "full"):
-    if dynamic is None or guards != "full":  # not node choices: through the adapter
+def our_compile(model, mode: str, dynamic: bool | None = False, guards: str = "full", torch_backend: str = "inductor"):
+    if dynamic is None or guards != "full" or torch_backend != "inductor":  # not node choices: through the adapter
         from ...accel_core.compiling import CompileConfig
         from ...accel_core.hosts.comfy import apply_compile
 
-        return apply_compile(model, CompileConfig(backend="inductor", mode=mode, dynamic=dynamic, guards=guards))
+        return apply_compile(model, CompileConfig(backend="inductor", mode=mode, dynamic=dynamic, guards=guards, torch_backend=torch_backend))
     from ...nodes.compile import SDAccelCompileUNet
 
     return SDAccelCompileUNet().apply(model, backend="inductor", mode=mode, dynamic=dynamic, fullgraph=False)[0]
@@ -495,4 +474,4 @@ def _report_status(model) -> str:
     return rep["status"] + (f" (kept eager: {', '.join(rep['fallbacks'])})" if rep.get("fallbacks") else "")
 
 
-__all__ = ["ComfyBench", "comfy_root", "unet_state_dict", "write_profile", "PRESETS"]
+__all__ = ["ComfyBench", "comfy_root", "comfy_version", "import_comfy", "unet_state_dict", "write_profile", "PRESETS", "ComfyPreset"]

@@ -17,6 +17,11 @@ from .measure import BenchConfig, BenchResult
 from .warmup import COLD, WARM, warmup_rows
 
 def rows(b: ComfyBench):
+    if b.preset.dit:
+        from . import dit_rows
+
+        yield from dit_rows.rows(b)
+        return
     base = b.model
     yield b.measure(BASELINE, lambda: base)
     yield b.measure("comfy TorchCompileModel (built-in, inductor)", lambda: builtin_compile(base))
@@ -130,8 +135,13 @@ def _cudnn_benchmark():
         torch.backends.cudnn.benchmark = prev
 
 
-def row_names(device: str) -> list[str]:
-    """Every row `rows` can measure on `device`, in order (what --configs is checked against)."""
+def row_names(cfg: BenchConfig) -> list[str]:
+    """Every row `rows` can measure for this preset and device, in order (what --configs is checked against)."""
+    if PRESETS[cfg.preset].dit:
+        from . import dit_rows
+
+        return dit_rows.row_names(cfg)
+    device = cfg.device
     names = [BASELINE, "comfy TorchCompileModel (built-in, inductor)", "SDAccelCompileUNet inductor default"]
     if device != "cuda":
         return names
@@ -157,9 +167,11 @@ class ComfySession:
                                "architecture with seeded random weights. Drop --checkpoint, or use --host diffusers.")
         self.b = b = ComfyBench(cfg, PRESETS[cfg.preset], progress)
         name = torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-        self.result = BenchResult(cfg.device, name, f"{cfg.preset} (ComfyUI {comfy_version(b.root)}, euler/normal, cfg {cfg.cfg_scale:g})",
+        ver, vram = comfy_version(b.root), "DynamicVRAM on" if b.dynamic_vram else "DynamicVRAM off"
+        self.result = BenchResult(cfg.device, name, f"{cfg.preset} (ComfyUI {ver}, {vram}, euler/{b.preset.scheduler}, cfg {cfg.cfg_scale:g})",
                                   b.steps, torch.__version__)
-        self.extra = {"host": "comfy", "comfyui": comfy_version(b.root), "diagnostics": b.diagnostics}
+        self.result.batch_note = "CFG batch 2" if cfg.cfg_scale != 1.0 else "CFG 1: one pass"
+        self.extra = {"host": "comfy", "comfyui": ver, "dynamic_vram": b.dynamic_vram, "model": b.loaded_as, "diagnostics": b.diagnostics}
 
     def rows(self):
         for row in rows(self.b):

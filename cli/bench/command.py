@@ -37,12 +37,13 @@ def run(args) -> int:
         cfg = BenchConfig(device=args.device, preset=args.preset, steps=args.steps, checkpoint=args.checkpoint,
                           configs=("",) if args.all else (tuple(args.configs) if args.configs is not None else None), out_dir=args.out,
                           seed=args.seed, repeats=args.repeats, threads=args.threads, cfg_scale=args.cfg_scale,
-                          host=resolve_host(args.host, args.comfyui_path, args.checkpoint), comfyui_path=args.comfyui_path)
+                          host=resolve_host(args.host, args.comfyui_path, args.checkpoint), comfyui_path=args.comfyui_path,
+                          dynamic_vram=args.dynamic_vram, dynamo_backend=args.dynamo_backend)
         planned = check_rows(cfg)
     except SDAccelError as e:
         print(e, file=sys.stderr)
         return 2
-    if cfg.device == "cpu" and (cfg.preset != "tiny" or cfg.checkpoint):
+    if cfg.device == "cpu" and (not cfg.preset.endswith("tiny") or cfg.checkpoint):
         what = f"--checkpoint {os.path.basename(cfg.checkpoint)}" if cfg.checkpoint else cfg.preset
         print(f"sd-accel bench: {what} on the CPU is a full-size UNet: expect minutes per row ({len(planned)} rows, each a warm-up "
               f"and {cfg.repeats} timed runs; sdxl-1024 took more than 5 minutes for its first row on 2 cores). Ctrl-C stops it and keeps "
@@ -80,7 +81,8 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .measure import DEFAULT_REPEATS, default_threads
+    from .comfy_presets import PRESETS as COMFY
+    from .measure import DEFAULT_REPEATS, DYNAMO_BACKENDS, default_threads
     from .models import PRESETS
 
     b = sub.add_parser("bench", help="baseline vs each acceleration: ms/step (median, min-max), speed-up, relative error, memory, compile time",
@@ -92,10 +94,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "--comfyui-path, or this pack inside ComfyUI/custom_nodes); diffusers: a diffusers UNet in our own sampling loop; "
                         "auto: comfy when a ComfyUI tree is known, else diffusers")
     b.add_argument("--comfyui-path", default=None, help="ComfyUI folder for --host comfy (default: $COMFYUI_PATH)")
-    b.add_argument("--preset", default="tiny", choices=list(PRESETS),
-                   help="model and size: tiny (an SD1.5-layout UNet with narrow widths, 128x128: the CPU default), sd15-512, sdxl-1024")
+    dits = [k for k, v in COMFY.items() if v.dit]
+    b.add_argument("--preset", default="tiny", choices=list(PRESETS) + dits,
+                   help="model and size: tiny (an SD1.5-layout UNet with narrow widths, 128x128: the CPU default), sd15-512, sdxl-1024; "
+                        "with --host comfy also the DiT families at full size (--device cuda; seeded random weights written once as a "
+                        "safetensors file in the temp folder, 10-41 GB): " + "; ".join(f"{k} ({COMFY[k].what})" for k in dits if not COMFY[k].tiny)
+                        + "; and their reduced sizes for the CPU: " + ", ".join(k for k in dits if COMFY[k].tiny))
     b.add_argument("--steps", type=count("the number of sampling steps", "give e.g. --steps 8, or leave it out for the preset's"), default=None,
-                   help="sampling steps per run (default: the preset's: " + ", ".join(f"{k} {v.steps}" for k, v in PRESETS.items()) + ")")
+                   help="sampling steps per run (default: the preset's: " + ", ".join(
+                       f"{k} {v.steps}" + (f" ({COMFY[k].steps} with --host comfy)" if k in COMFY and COMFY[k].steps != v.steps else "")
+                       for k, v in {**PRESETS, **{k: COMFY[k] for k in dits}}.items()) + ")")
     b.add_argument("--repeats", type=count("the number of timed runs per row", "give e.g. --repeats 5 (1 shows no spread)"), default=DEFAULT_REPEATS,
                    help="timed runs per row after its warm-up run; the row shows their median and min-max")
     b.add_argument("--threads", type=count("the number of CPU threads", "give e.g. --threads 1, or leave it out"), default=None,
@@ -109,7 +117,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every row (the CPU default runs the core and DeepCache rows only)")
     b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     b.add_argument("--seed", type=count("a seed", "give e.g. --seed 0", 0), default=0, help="seed of the random weights, latent and conditioning")
-    b.add_argument("--cfg-scale", type=scale, default=7.0, help="classifier-free guidance scale (cond and uncond run as one batch of 2)")
+    b.add_argument("--cfg-scale", type=scale, default=None,
+                   help="classifier-free guidance scale (cond and uncond run as one batch of 2; default: the preset's: 7 for SD, "
+                        + ", ".join(f"{k} {v.cfg:g}" for k, v in COMFY.items() if v.dit and not v.tiny) + ")")
+    b.add_argument("--dynamic-vram", default="auto", choices=["auto", "on", "off"],
+                   help="--host comfy on cuda: ComfyUI's DynamicVRAM (comfy-aimdo, ComfyUI >= 0.4); auto: on where ComfyUI's main.py turns "
+                        "it on (NVIDIA, torch >= 2.8, comfy-aimdo installed), on: required, off: the classic ModelPatcher")
+    b.add_argument("--dynamo-backend", default="inductor", choices=list(DYNAMO_BACKENDS),
+                   help="DiT presets: the torch.compile backend of every compile row (ours and ComfyUI's); eager / aot_eager trace and "
+                        "guard without generating kernels, a smoke run of the rows in seconds (compile cost and recompiles, not speed)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=run)
     return b

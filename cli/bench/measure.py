@@ -20,6 +20,7 @@ from ...accel_core.log import plural
 from .models import PRESETS, Preset, build_unet
 
 HOSTS = ("diffusers", "comfy")
+DYNAMO_BACKENDS = ("inductor", "aot_eager", "eager")  # eager/aot_eager: trace and guard without kernels (smoke runs of the DiT rows)
 DEVICES = ("cpu", "cuda")
 DEFAULT_REPEATS = 5
 # A row whose timed runs differ by more than this fraction of their median, or a 1-minute load
@@ -54,7 +55,7 @@ class BenchConfig:
     device: str = "cpu"
     preset: str = "tiny"
     steps: int | None = None  # None: the preset's
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None: the preset's (7 for SD; Flux 1, Qwen-Image 4, Z-Image 1, Wan 5)
     checkpoint: str | None = None
     configs: tuple[str, ...] | None = None  # row names to run (prefix match); None = the default rows
     out_dir: str = "bench-out"
@@ -63,17 +64,20 @@ class BenchConfig:
     host: str = "diffusers"  # "diffusers" (a diffusers UNet, our own Euler loop) or "comfy" (ComfyUI's loader and sampler)
     comfyui_path: str | None = None  # host "comfy": the ComfyUI folder (default: $COMFYUI_PATH)
     threads: int | None = None  # torch CPU threads for the run (None: default_threads()), restored after
+    dynamic_vram: str = "auto"  # host "comfy": DynamicVRAM as ComfyUI's main.py starts it ("auto"), required ("on") or not ("off")
+    dynamo_backend: str = "inductor"  # host "comfy", DiT presets: the torch.compile backend of the compile rows
 
     def __post_init__(self):
         if self.host not in HOSTS:
             raise choice_error("host", self.host, HOSTS)
-        if self.preset not in PRESETS:
-            raise choice_error("preset", self.preset, PRESETS)
         if self.device not in DEVICES:
             raise choice_error("device", self.device, DEVICES)
+        preset = self._check_preset()
+        if self.cfg_scale is None:
+            self.cfg_scale = getattr(preset, "cfg", 7.0)
         if self.steps is not None:
             _at_least_one(self.steps, "--steps", "the number of sampling steps",
-                          f"Give 1 or more, or leave it out for the preset's {PRESETS[self.preset].steps}.")
+                          f"Give 1 or more, or leave it out for the preset's {preset.steps}.")
         _at_least_one(self.repeats, "--repeats", "the number of timed runs per row",
                       f"Give 1 or more ({DEFAULT_REPEATS}, the default, shows a spread; 1 shows none).")
         if self.threads is not None:
@@ -93,8 +97,32 @@ class BenchConfig:
                 raise SDAccelError(f"SD Accel bench: {flag} expects a path, found {value!r}. Give the path, or leave the option out.")
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise SDAccelError(f"SD Accel bench: --out expects a folder for bench.json and bench.png, found {self.out_dir!r}. Give e.g. --out bench-out.")
+        if self.dynamic_vram not in ("auto", "on", "off"):
+            raise choice_error("dynamic_vram", self.dynamic_vram, ("auto", "on", "off"))
+        if self.dynamo_backend not in DYNAMO_BACKENDS:
+            raise choice_error("dynamo_backend", self.dynamo_backend, DYNAMO_BACKENDS)
+        if self.dynamo_backend != "inductor" and not getattr(preset, "dit", False):
+            raise SDAccelError(f"SD Accel bench: --dynamo-backend {self.dynamo_backend} applies to the DiT presets of --host comfy (e.g. "
+                               "flux-tiny); the SD rows compile with inductor. Leave it out, or pick a DiT preset.")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise SDAccelError("SD Accel bench: --device cuda was asked for, but torch sees no CUDA device. Run with --device cpu, or on a machine with an NVIDIA GPU and a CUDA build of torch.")
+
+    def _check_preset(self):
+        from .comfy_presets import PRESETS as COMFY
+
+        table = COMFY if self.host == "comfy" else PRESETS
+        if self.preset in table:
+            preset = table[self.preset]
+        elif self.preset in COMFY:
+            raise SDAccelError(f"SD Accel bench: --preset {self.preset} runs through ComfyUI only; found --host {self.host}. Give --host comfy "
+                               "with COMFYUI_PATH or --comfyui-path set to a ComfyUI tree.")
+        else:
+            raise choice_error("preset", self.preset, table)
+        if getattr(preset, "dit", False) and not preset.tiny and self.device == "cpu":
+            small = next(k for k, v in COMFY.items() if v.arch == preset.arch and v.tiny)
+            raise SDAccelError(f"SD Accel bench: --preset {self.preset} is the full-size model ({preset.what}); on the CPU it would write a "
+                               f"multi-GB file and take hours per row. Run it with --device cuda, or use --preset {small} on the CPU.")
+        return preset
 
 
 def check_configs(configs: tuple[str, ...] | None, names: list[str]):
@@ -123,6 +151,7 @@ class BenchRow:
     speedup_max: float | None = None
     failed: bool = False
     error: str = ""
+    first_s: float | None = None  # the row's first run (its compile included), seconds
 
     @property
     def spread(self) -> float:
@@ -163,7 +192,7 @@ def time_runs(run: Callable[[], torch.Tensor], repeats: int, device: str, warm_u
 
 def timed_row(name: str, timing: Timing, steps: int, **kw) -> BenchRow:
     med = statistics.median(timing.runs_s)
-    return BenchRow(name, med / steps * 1000, steps=steps, compile_s=max(0.0, timing.first_s - min(timing.runs_s)),
+    return BenchRow(name, med / steps * 1000, steps=steps, compile_s=max(0.0, timing.first_s - min(timing.runs_s)), first_s=timing.first_s or None,
                     ms_min=min(timing.runs_s) / steps * 1000, ms_max=max(timing.runs_s) / steps * 1000, runs=len(timing.runs_s), **kw)
 
 
@@ -212,6 +241,7 @@ class BenchResult:
     complete: bool = False  # False while running, and when the run stopped early (see error)
     error: str = ""
     warnings: list[dict] = field(default_factory=list)
+    batch_note: str = "CFG batch 2"
 
     @property
     def failed(self) -> list[str]:
@@ -221,7 +251,7 @@ class BenchResult:
         head = (f"{'configuration':<44} {'ms/step':>9} {'min-max':>15} {'speed-up':>9} {'(range)':>13} {'rel err':>8} {'peak MB':>8} "
                 f"{'compile s':>9}  note")
         threads = f", {plural(self.threads, 'thread')}" if self.threads else ""
-        lines = [f"SD Accel bench: {self.preset}, {self.steps} steps, CFG batch 2, on {self.device_name} (torch {self.torch}{threads}); "
+        lines = [f"SD Accel bench: {self.preset}, {self.steps} steps, {self.batch_note}, on {self.device_name} (torch {self.torch}{threads}); "
                  f"median of {self.repeats} timed run(s) per row after a warm-up run", head, "-" * len(head)]
         for r in self.rows:
             if r.failed:

@@ -35,7 +35,7 @@ def _catalogue(cfg: BenchConfig) -> list[str]:
     if cfg.host == "comfy":
         from .comfy_rows import row_names as comfy_row_names
 
-        return comfy_row_names(cfg.device)
+        return comfy_row_names(cfg)
     return row_names(cfg.device, cfg.cfg_scale)
 
 

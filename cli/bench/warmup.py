@@ -46,6 +46,7 @@ def run_child(cfg: BenchConfig, cache_dir: str, inductor_dir: str, mode: str = "
     env[compile_cache.ENV] = cache_dir
     env.pop("TRITON_CACHE_DIR", None)  # Triton's kernels then live under the fresh inductor folder too
     spec = {"device": cfg.device, "preset": cfg.preset, "steps": cfg.steps, "seed": cfg.seed, "cfg_scale": cfg.cfg_scale, "mode": mode,
+            "dynamic_vram": cfg.dynamic_vram,
             "tag": os.path.basename(inductor_dir)}
     cmd = [sys.executable, "-m", f"{__package__}.warmup", "--child", json.dumps(spec)]
     t0 = time.perf_counter()
@@ -126,6 +127,7 @@ def _child(spec: dict) -> dict:
     from .measure import rel_err
 
     cfg = BenchConfig(device=spec["device"], preset=spec["preset"], steps=spec["steps"], seed=spec["seed"], cfg_scale=spec["cfg_scale"],
+                      dynamic_vram=spec.get("dynamic_vram", "auto"),
                       host="comfy")
     b = ComfyBench(cfg, PRESETS[cfg.preset])
     bypass = _BypassReasons.install()

@@ -4,7 +4,8 @@
     python3 tests/gpu/dit_families.py --comfyui .hosts/ComfyUI-0.33.0 --out /tmp/o --family flux --tiny   # CPU smoke test
 
 Builds the family's full-size model (Flux.1-dev 11.9B, ...) from ComfyUI's own class with seeded
-random bf16 weights, saves it as safetensors in --work (kept: the next command reuses it) and
+random bf16 weights (the benchmark's builder, sd_accel/cli/bench/dit.py: `sd-accel bench --host comfy
+--preset flux-1024` has the same rows in one process), saves it as safetensors in --work (kept: the next command reuses it) and
 loads it with `comfy.sd.load_diffusion_model` with DynamicVRAM on, as main.py boots it. Each
 case runs in a child process (PYTHONFAULTHANDLER=1: a crash ends only that row) and records:
 first image seconds (compile included), ms/step (best of 2 steady runs), peak GPU memory, and
@@ -41,74 +42,49 @@ sys.path.insert(0, str(REPO / "tests" / "gpu"))
 
 CASES = ("eager", "builtin", "ours", "ours_nocg", "ours_fp8", "ours_cache", "ours_forecast", "limit24")
 GB = 1024 ** 3
-
-# Full-size configs (ComfyUI's supported_models class, unet_config, text tokens x width, extra cond,
-# latent shape at the benchmark size, steps, cfg). Widths/depths are the public checkpoints'.
-FULL = {
-    "flux": dict(config="Flux", unet=dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                                          hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
-                                          axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
-                                          txt_ids_dims=[]),
-                 context=(512, 4096), extra={"pooled_output": (1, 768), "guidance": 3.5}, latent=(1, 16, 128, 128), steps=20, cfg=1.0),
-    "qwen_image": dict(config="QwenImage", unet=dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=60),
-                       context=(256, 3584), extra={}, latent=(1, 16, 1, 166, 166), steps=20, cfg=4.0),
-    "zimage": dict(config="ZImage", unet=dict(image_model="lumina2", patch_size=2, in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
-                                              n_heads=30, n_kv_heads=30, multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5,
-                                              qk_norm=True, cap_feat_dim=2560, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
-                                              rope_theta=256.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32),
-                   context=(256, 2560), extra={}, latent=(1, 16, 128, 128), steps=8, cfg=1.0),
-    "wan": dict(config="WAN22_T2V", unet=dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=48, dim=3072,
-                                              ffn_dim=14336, freq_dim=256, text_dim=4096, out_dim=48, num_heads=24, num_layers=30),
-                context=(512, 4096), extra={}, latent=(1, 48, 9, 30, 52), steps=20, cfg=5.0),
-}
+FAMILIES = ("flux", "qwen_image", "zimage", "wan")
 
 
-def _tiny(family):
-    import dit_models
+def _package():
+    """sd_accel.cli.bench (the benchmark's model builder) of this checkout (through a link when `sd_accel` is not it)."""
+    import importlib.util
 
-    s = dit_models.SPECS[family]
-    return dict(config=s.config_class[0], unet=dict(s.unet_config), context=(8, s.context_dim), extra=s.extra_cond,
-                latent=s.latent_shape, steps=2, cfg=1.0)
+    found = importlib.util.find_spec("sd_accel") if "sd_accel" not in sys.modules else None
+    if "sd_accel" not in sys.modules and (found is None or Path(found.origin).resolve().parent != REPO):
+        import tempfile
+
+        link_dir = Path(tempfile.mkdtemp(prefix="sd_accel_link_"))
+        (link_dir / "sd_accel").symlink_to(REPO, target_is_directory=True)
+        sys.path.insert(0, str(link_dir))
+    from sd_accel.cli.bench import comfy_presets, dit
+
+    return dit, comfy_presets
 
 
 def spec(family: str, tiny: bool) -> dict:
-    return _tiny(family) if tiny else FULL[family]
+    """The family's model spec (sd_accel.cli.bench.dit) with the bench preset's steps and CFG."""
+    dit, presets = _package()
+    s = dit.spec(family, tiny)
+    p = next(v for v in presets.PRESETS.values() if v.arch == family and v.tiny == tiny)
+    return dict(context=s.context, extra=s.extra, latent=s.latent, steps=2 if tiny else p.steps, cfg=1.0 if tiny else p.cfg)
 
 
 # --- the model file ------------------------------------------------------------------------------
 
 def write_model(family: str, tiny: bool, work: Path) -> Path:
-    """Seeded random weights of the family's ComfyUI class, saved once in `work`."""
+    """Seeded random weights of the family's ComfyUI class (the bench's builder), saved once in `work`."""
     path = work / f"{family}{'_tiny' if tiny else ''}.safetensors"
     if path.is_file():
         return path
-    import comfy.supported_models as sm
     import comfy.utils
 
-    s = spec(family, tiny)
-    dev = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
-    dtype = torch.float32 if tiny else torch.bfloat16
-    mc = getattr(sm, s["config"])(dict(s["unet"]))
-    mc.set_inference_dtype(dtype, None)
-    with torch.device(dev):
-        unet = mc.get_model({}, "", device=dev).diffusion_model
-    g = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if p.dim() == 1 and ("norm" in name or name.endswith("scale")):
-                p.fill_(1.0)
-            elif p.dim() == 1:
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02 if not tiny else 0.05, generator=g)
-    sd = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}  # the class's own dtypes (Wan keeps fp32 parts)
-    n_params = sum(1 for _ in unet.named_parameters())
-    if len(sd) < n_params:
-        raise RuntimeError(f"the state dict has {len(sd)} tensors for {n_params} parameters: lazy layers were left out")
+    dit, _ = _package()
+    dev = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    sd = dit.build_weights(family, tiny, 0, dev)
     tmp = path.with_suffix(".part")
     comfy.utils.save_torch_file(sd, str(tmp))
     tmp.rename(path)
-    del unet, sd
+    del sd
     return path
 
 
@@ -127,6 +103,8 @@ class Ctx:
         g = torch.Generator().manual_seed(3)
         n, w = self.spec["context"]
         extra = {k: torch.randn(v, generator=g) if isinstance(v, tuple) else v for k, v in self.spec["extra"].items()}
+        if self.family == "zimage":  # Lumina 2 hosts take the text length from it
+            extra["attention_mask"] = torch.ones(1, n, dtype=torch.long)
         pos = [[torch.randn((1, n, w), generator=g), extra]]
         neg = [[torch.randn((1, n, w), generator=g), dict(extra)]]
         return pos, neg, {"samples": torch.zeros(self.spec["latent"])}
@@ -219,8 +197,8 @@ def child(a) -> int:
     else:
         import comfy_dynamic_vram as cdv
 
-        # The writer boots without DynamicVRAM: its lazy layers hold no weights until loaded, so their
-        # state_dict would leave them out (a 0.0 GB "Flux" file, seen on an H100).
+        # The writer boots without DynamicVRAM (its builder uses plain torch layers, so either works; this
+        # keeps the writer's GPU memory out of the DynamicVRAM allocator of the cases).
         nodes = cdv.boot(a.comfyui, dynamic=not a.no_dynamic and a.child != "write")
     if a.child == "write":
         path = write_model(a.family, a.tiny, Path(a.files))
@@ -246,7 +224,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--comfyui", required=True, help="the ComfyUI tree (0.33 for DynamicVRAM)")
     p.add_argument("--out", required=True, help="folder for the result files and child logs")
-    p.add_argument("--family", default="flux", choices=sorted(FULL))
+    p.add_argument("--family", default="flux", choices=sorted(FAMILIES))
     p.add_argument("--case", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
     p.add_argument("--work", default="/tmp/sd_accel_dit", help="folder for the generated model file (kept between commands)")
     p.add_argument("--tiny", action="store_true", help="the reduced CPU test model (smoke test of this script, no GPU)")

@@ -183,19 +183,23 @@ def test_library_warnings_are_held_back_and_counted(capsys, caplog):
     assert "after too" in capsys.readouterr().err
 
 
-def test_comfy_row_names_are_the_rows_it_measures(monkeypatch):
-    """The --configs catalogue of --host comfy against what `rows` asks for (a stand-in ComfyBench)."""
+@pytest.mark.parametrize("preset", ["tiny", "flux-1024"])
+def test_comfy_row_names_are_the_rows_it_measures(monkeypatch, preset):
+    """The --configs catalogue of --host comfy against what `rows` asks for (a stand-in ComfyBench), SD and DiT presets."""
     import types
 
     import sd_accel.cli.bench.comfy_rows as cr
+    from sd_accel.cli.bench.comfy_presets import PRESETS
 
     asked = []
 
     class B:
-        cfg, preset, model, progress, diagnostics = BenchConfig(host="comfy"), types.SimpleNamespace(latent=16), object(), None, {}
+        model, progress, diagnostics = object(), None, {}
 
         def __init__(self, device):
             self.device = device
+            self.cfg = types.SimpleNamespace(device=device, preset=preset, dynamo_backend="inductor")
+            self.preset = PRESETS[preset]
 
         def measure(self, name, *a, **k):
             asked.append(name)
@@ -210,8 +214,9 @@ def test_comfy_row_names_are_the_rows_it_measures(monkeypatch):
     monkeypatch.setattr(cr, "_lcm_runner", lambda *a, **k: None)
     for device in ("cpu", "cuda"):
         asked.clear()
-        list(cr.rows(B(device)))
-        assert list(dict.fromkeys(asked)) == cr.row_names(device)
+        b = B(device)
+        list(cr.rows(b))
+        assert list(dict.fromkeys(asked)) == cr.row_names(b.cfg)
 
 
 def test_bench_bad_options():

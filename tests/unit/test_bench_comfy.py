@@ -79,3 +79,48 @@ def test_a_comfyui_that_does_not_import_is_a_message_not_a_traceback(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "does not import here (ModuleNotFoundError: No module named 'a_requirement_that_is_missing')" in r.stderr
     assert "requirements.txt" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- the DiT presets ---------------------------------------------------------------------------------
+
+def test_full_size_dit_presets_are_refused_on_the_cpu_with_the_tiny_one_named(tmp_path, capsys):
+    # Refused before any ComfyUI is imported or any file written (the folder is not even a ComfyUI tree).
+    assert main(["bench", "--host", "comfy", "--comfyui-path", str(tmp_path), "--preset", "qwen-image-1328", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "full-size model" in err and "--device cuda" in err and "--preset qwen-image-tiny" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_dit_presets_need_the_comfy_host():
+    with pytest.raises(SDAccelError, match="runs through ComfyUI only.*--host comfy"):
+        BenchConfig(host="diffusers", preset="flux-tiny")
+
+
+def test_cfg_scale_defaults_to_the_presets_and_an_explicit_one_wins():
+    assert BenchConfig(host="comfy", preset="flux-tiny").cfg_scale == 1.0
+    assert BenchConfig(host="comfy", preset="qwen-image-tiny").cfg_scale == 4.0
+    assert BenchConfig(host="comfy", preset="tiny").cfg_scale == 7.0
+    assert BenchConfig(preset="tiny").cfg_scale == 7.0  # the diffusers host
+    assert BenchConfig(host="comfy", preset="flux-tiny", cfg_scale=3.5).cfg_scale == 3.5
+
+
+def test_dynamo_backend_and_dynamic_vram_choices_are_checked():
+    with pytest.raises(SDAccelError, match="DiT presets"):
+        BenchConfig(host="comfy", preset="tiny", dynamo_backend="eager")
+    with pytest.raises(SDAccelError, match="inductor, aot_eager, eager"):
+        BenchConfig(host="comfy", preset="flux-tiny", dynamo_backend="cudagraphs")
+    with pytest.raises(SDAccelError, match="auto, on, off"):
+        BenchConfig(host="comfy", preset="flux-tiny", dynamic_vram="yes")
+
+
+def test_dit_rows_are_listed_per_device_and_configs_are_checked_against_them(tmp_path):
+    from sd_accel.cli.bench.run import check_rows
+
+    cpu = check_rows(BenchConfig(host="comfy", preset="flux-tiny", dynamo_backend="eager", out_dir=str(tmp_path)))
+    assert cpu[0] == "comfy eager (baseline)"
+    for peer in ("comfy TorchCompileModel (built-in, eager)", "comfy EasyCache 0.2", "comfy LazyCache 0.2",
+                 "SDAccelStepCache fixed 3", "SDAccelStepCache forecast 3"):
+        assert peer in cpu
+    assert not any("fp8" in n for n in cpu)  # fp8 matmuls are a GPU path
+    with pytest.raises(SDAccelError, match="matches no row"):
+        check_rows(BenchConfig(host="comfy", preset="flux-tiny", configs=("SDAccelDeepCache",), out_dir=str(tmp_path)))

@@ -1,0 +1,90 @@
+"""`sd-accel bench --host comfy --preset <family>-tiny` end to end on a real ComfyUI (COMFYUI_PATH), on the CPU.
+
+The command runs in its own process, as a user runs it, with dynamo's eager backend (tracing,
+guards and recompiles; no kernels to build), one timed run per row. Checked: every row of the
+family is there and measured (ours and the peers: ComfyUI's TorchCompileModel, EasyCache and
+LazyCache), times and errors are finite, the compile rows match eager on one model call, our
+compile is regional (a compiled frame per block kind, no recompiles), and the step caches changed
+the trajectory (they ran) without leaving it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import comfy_harness as harness
+
+ROWS = ["comfy eager (baseline)", "comfy TorchCompileModel (built-in, eager)", "SDAccelCompileUNet default [eager]",
+        "SDAccelStepCache fixed 3", "SDAccelStepCache forecast 3", "SDAccelCompileUNet default [eager] + SDAccelStepCache fixed 3",
+        "SDAccelCompileUNet default [eager] + SDAccelStepCache forecast 3", "comfy EasyCache 0.2", "comfy LazyCache 0.2"]
+BLOCK_KINDS = {"flux-tiny": 2, "wan-tiny": 1}  # Flux: double and single blocks; Wan: one kind
+
+
+@pytest.fixture(scope="module")
+def root():
+    reason = harness.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    return harness.host_root()
+
+
+def _bench(root, preset: str, out) -> tuple[subprocess.CompletedProcess, dict]:
+    env = dict(os.environ)
+    stubs = root / "_cpu_stubs"  # the test trees' stand-ins for torchvision / torchaudio
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(stubs) if stubs.is_dir() else None) if p)
+    cmd = [sys.executable, "-m", "sd_accel.cli", "bench", "--host", "comfy", "--comfyui-path", str(root), "--preset", preset, "--device", "cpu",
+           "--dynamo-backend", "eager", "--repeats", "1", "--threads", "1", "--no-progress", "--out", str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    path = out / "bench.json"
+    return p, (json.loads(path.read_text()) if path.is_file() else {})
+
+
+@pytest.mark.parametrize("preset", sorted(BLOCK_KINDS))
+def test_dit_preset_measures_ours_beside_the_peers(root, tmp_path, preset):
+    p, data = _bench(root, preset, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert data["complete"] and not data["failed"] and data["host"] == "comfy" and data["dynamic_vram"] is False
+    assert data["comfyui"] and data["model"]
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == ROWS, list(rows)
+    for r in rows.values():
+        assert math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0 and math.isfinite(r["rel_err"]), r
+    for name in ROWS[1:3]:  # the compile rows: one model call against eager's, the final latent's error in the note
+        assert rows[name]["rel_err"] < 1e-4 and "rel err of one model call" in rows[name]["note"], rows[name]
+    diag = data["diagnostics"]
+    ours = diag["SDAccelCompileUNet default [eager]"]
+    assert ours["frames_compiled"] == BLOCK_KINDS[preset] and rows["SDAccelCompileUNet default [eager]"]["note"].startswith("compiled"), ours
+    assert diag["SDAccelCompileUNet default [eager] + SDAccelStepCache fixed 3"]["frames_compiled"] == BLOCK_KINDS[preset]
+    for name in ROWS[3:7]:  # our caches skipped work (the latent moved) and stayed near eager on this model
+        assert 1e-4 < rows[name]["rel_err"] < 0.2, rows[name]
+    # Compile under the cache: the same trajectory as the eager cache (dynamo's eager backend runs the same ops)
+    assert rows[ROWS[5]]["rel_err"] == pytest.approx(rows[ROWS[3]]["rel_err"], rel=1e-3)
+    assert "DynamicVRAM off" in p.stdout and ROWS[-1] in p.stdout
+
+
+BILLIONS = {"flux": 11.9, "qwen_image": 20.43, "zimage": 6.15, "wan": 5.0}  # Flux.1-dev, Qwen-Image, Z-Image, Wan 2.2 TI2V-5B
+
+
+@pytest.mark.parametrize("family", sorted(BILLIONS))
+def test_full_size_file_is_detected_as_its_family(comfy_host, family):
+    """What ComfyUI's loader makes of the full-size file the GPU presets write, from its shapes alone
+    (built on the meta device: no memory, no file), so a GPU run never starts on a file that fails detection."""
+    import comfy.model_detection
+
+    from sd_accel.accel_core.errors import SDAccelError
+    from sd_accel.cli.bench import dit
+
+    try:
+        want = dit.config_name(family, tiny=False)
+    except SDAccelError as e:  # a family newer than this host: a clear refusal
+        assert "model config" in str(e) and "Update ComfyUI" in str(e)
+        return
+    sd = dit.build_weights(family, False, 0, "meta")
+    assert round(sum(v.numel() for v in sd.values()) / 1e9, 2) == pytest.approx(BILLIONS[family], abs=0.06)
+    got = comfy.model_detection.model_config_from_unet(sd, "")
+    assert type(got).__name__ == want
