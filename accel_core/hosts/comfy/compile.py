@@ -92,8 +92,8 @@ def _host_attention_probes_memory() -> bool:
 def apply_compile(model, config: CompileConfig):
     """Clone `model` and install a keyed compile wrapper on the clone.
 
-    UNets (and DiT families without per-block hooks) compile their entry method whole, with
-    per-block fallback; DiT families with `patches_replace["dit"]` hooks compile regionally.
+    UNets compile their entry method whole, with per-block fallback; DiT families compile
+    regionally through `patches_replace["dit"]` hooks (offered by BlockHooks where the forward has none).
     """
     unet = check_model(model, "Compile UNet")
     if unet is None or step_aside("compile", model, "Compile UNet"):  # ComfyUI's own graphs/compiler act on it
@@ -105,10 +105,12 @@ def apply_compile(model, config: CompileConfig):
     m = patchable_clone(model, "Compile UNet")
     if m is None:
         return model
-    if is_regional(fam, unet):
+    if is_regional(fam, unet, hooks=True):
+        from .blockhooks import install_block_hooks
         from .regional import regional_wrapper
 
         m.weight_inplace_update = True  # as below: CUDA graphs keep reading the same parameter storage
+        install_block_hooks(m, fam, unet)  # NextDiT: the block hook its forward lacks (blockhooks.py)
         _attention_for_compile(m)
         wmp = wrappers_mp()
         m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
