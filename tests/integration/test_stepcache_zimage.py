@@ -172,3 +172,17 @@ def test_loras_still_apply_in_either_order(comfy_host, model, stats):
     first, second = sample(a), sample(step_cache(comfy_host, b))
     assert torch.equal(first, second) and not torch.equal(first, plain)
     assert stats[-1]["cached_steps"] == [1, 2, 4, 5]
+
+
+def test_lora_hot_swap_stacks_with_the_cache(comfy_host, model, stats, tmp_path):
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    hl = comfy_host.pack_module("accel_core.hosts.comfy.lora")
+    path = tmp_path / "z.safetensors"
+    lora = dit_tiny.make_lora(model, FAM, "kohya", seed=2)
+    save_file(lora, str(path))
+    ref = sample(step_cache(comfy_host, comfy.sd.load_lora_for_models(model, None, lora, 0.8, 0)[0]))
+    ours = sample(hl.apply_hotswap(step_cache(comfy_host, model), str(path), 0.8))
+    assert stats[-1]["cached_steps"] == [1, 2, 4, 5]
+    assert harness.rel_err(ours, ref) < 1e-4 and harness.rel_err(ours, sample(step_cache(comfy_host, model))) > 1e-3
