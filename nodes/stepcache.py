@@ -4,7 +4,7 @@ from ..accel_core.hosts.comfy import events as comfy_events, stepcache as host
 
 
 class SDAccelStepCache:
-    DESCRIPTION = ("Step Cache: on DiT models (Flux, Qwen-Image, Wan) skips the middle transformer blocks on some steps and "
+    DESCRIPTION = ("Step Cache: on DiT models (Flux, Qwen-Image, Z-Image, Wan) skips the middle transformer blocks on some steps and "
                    "reuses (or extrapolates) the change they made at the last full step. Faster the more calls are cached, "
                    "further from the full result too. Stacks with Compile Model (each block stays compiled once) and LoRA Hot-Swap.")
     CATEGORY = "SD Accel"
@@ -15,7 +15,7 @@ class SDAccelStepCache:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The DiT model to accelerate (Flux, Qwen-Image, Wan). For SD1.x/SDXL UNets use DeepCache."}),
+            "model": ("MODEL", {"tooltip": "The DiT model to accelerate (Flux, Qwen-Image, Z-Image, Wan). For SD1.x/SDXL UNets use DeepCache."}),
             **comfy_inputs(StepCacheConfig),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
