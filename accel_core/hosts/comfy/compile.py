@@ -16,6 +16,7 @@ from ...compile_cache import default_cache_dir
 from ...families import family_of
 from ...log import logger
 from ...regional import is_regional
+from .blockhooks import install_block_hooks
 from .model import check_model, is_dynamic, patchable_clone, wrappers_mp
 from .native import native_compile_state, step_aside
 
@@ -90,11 +91,8 @@ def _host_attention_probes_memory() -> bool:
 
 
 def apply_compile(model, config: CompileConfig):
-    """Clone `model` and install a keyed compile wrapper on the clone.
-
-    UNets compile their entry method whole, with per-block fallback; DiT families compile
-    regionally through `patches_replace["dit"]` hooks (offered by BlockHooks where the forward has none).
-    """
+    """Clone `model` and install a keyed compile wrapper on the clone. UNets compile their entry method
+    whole, with per-block fallback; DiT families regionally, through `patches_replace["dit"]` hooks."""
     unet = check_model(model, "Compile UNet")
     if unet is None or step_aside("compile", model, "Compile UNet"):  # ComfyUI's own graphs/compiler act on it
         return model
@@ -106,7 +104,6 @@ def apply_compile(model, config: CompileConfig):
     if m is None:
         return model
     if is_regional(fam, unet, hooks=True):
-        from .blockhooks import install_block_hooks
         from .regional import regional_wrapper
 
         m.weight_inplace_update = True  # as below: CUDA graphs keep reading the same parameter storage
