@@ -12,7 +12,8 @@ each other's entries as recompiles.
 
 A block whose compiled call fails (a conversion error, never an error of the run itself) runs
 eager from then on and is named in the report; the others stay compiled. The host decides which
-calls reach `run` (ComfyUI: hosts/comfy/regional.py, through `patches_replace["dit"]`).
+calls reach `run` (ComfyUI: hosts/comfy/regional.py, through `patches_replace["dit"]`, which
+ComfyUI's NextDiT offers through the BlockHooks of families/hooks.py).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from . import events
 from .backends import BACKENDS, resolve
 from .compiling import CompileConfig, CompileReport, DiskCacheUser, is_run_error, roomy_recompile_limit, short_error
 from .families import Family, describe, module_dtype
+from .families.hooks import routed, unwrap
 from .log import logger
 
 
@@ -62,7 +64,7 @@ class RegionalCompiled(DiskCacheUser):
             if bl.patch is None:
                 continue
             for i, block in enumerate(mods):
-                self.targets[(bl.patch, i)] = (f"{bl.attr}:{type(block).__name__}", f"{bl.attr}.{i}")
+                self.targets[(bl.patch, i)] = (f"{bl.attr}:{type(unwrap(block)).__name__}", f"{bl.attr}.{i}")
         self.kinds = sorted({k for k, _ in self.targets.values()})
         n = sum(len(groups[k]) for k in self.kinds)
         self.report = CompileReport(config.backend, backend.name, config.mode,
@@ -175,9 +177,10 @@ def with_blocks(to: dict, rc: RegionalCompiled) -> dict:
     return to
 
 
-def is_regional(family: Family | None, module: nn.Module) -> bool:
-    """Whether the host can route `module`'s blocks through a regional compile (a hook per block)."""
-    return family is not None and any(bl.patch for bl, _ in family.block_lists(module))
+def is_regional(family: Family | None, module: nn.Module, hooks: bool = False) -> bool:
+    """Whether the host can route `module`'s blocks through a regional compile (a hook per block);
+    `hooks`: the host puts BlockHooks in place where the forward offers no hook (families/hooks.py)."""
+    return family is not None and any(routed(bl, module, hooks) for bl, _ in family.block_lists(module))
 
 
 def dynamo_graphs() -> int:

@@ -431,14 +431,17 @@ class StepCacheRun:
         return out
 
 
-def cut_points(module) -> list[tuple[str, int]]:
-    """The block replacements a host offers for `module`, in call order, from its family's block lists."""
+def cut_points(module, hooks: bool = False) -> list[tuple[str, int]]:
+    """The block hooks a host offers for `module` where a step cache may cut, in call order, from
+    its family's block lists; `hooks`: the host puts BlockHooks in place where the forward has none."""
     from .families import families, family_of
+    from .families.hooks import routed
 
     fam = family_of(module)
-    points = [(bl.patch, i) for bl, mods in fam.block_lists(module) if bl.patch for i in range(len(mods))] if fam else []
+    points = [(bl.patch, i) for bl, mods in fam.block_lists(module) if bl.cut and routed(bl, module, hooks)
+              for i in range(len(mods))] if fam else []
     if not points:
-        able = ", ".join(f.display for f in families() if any(bl.patch for bl in f.blocks))
+        able = ", ".join(f.display for f in families() if any(bl.patch and bl.cut and (bl.hooked or hooks) for bl in f.blocks))
         found = type(module).__name__ + (f" ({fam.display})" if fam else "")
         todo = "use DeepCache on UNets" if fam is not None and fam.skip_count else "use it on one of those models"
         raise SDAccelError(f"SD Accel Step Cache: expected a model whose blocks the host lets a node replace ({able}); "

@@ -4,7 +4,7 @@ from ..accel_core.hosts.comfy import events as comfy_events, stepcache as host
 
 
 class SDAccelStepCache:
-    DESCRIPTION = ("Step Cache: on DiT models (Flux, Qwen-Image, Wan) skips the middle transformer blocks on some steps and "
+    DESCRIPTION = ("Step Cache: on DiT models (Flux, Qwen-Image, Z-Image, Wan) skips the middle transformer blocks on some steps and "
                    "reuses (or extrapolates) the change they made at the last full step; on SD UNets it cuts at a skip connection "
                    "as DeepCache does (fixed or forecast). Faster the more calls are cached, further from the full result too. "
                    "Stacks with Compile Model (each block stays compiled once) and LoRA Hot-Swap.")
@@ -16,7 +16,7 @@ class SDAccelStepCache:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to accelerate: Flux, Qwen-Image, Wan; or an SD1.x/SD2.x/SDXL UNet, cut at skip front_blocks - 1 (DeepCache's depth; back_blocks 0)."}),
+            "model": ("MODEL", {"tooltip": "The model to accelerate: Flux, Qwen-Image, Z-Image, Wan; or an SD1.x/SD2.x/SDXL UNet, cut at skip front_blocks - 1 (DeepCache's depth; back_blocks 0)."}),
             **comfy_inputs(StepCacheConfig),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 

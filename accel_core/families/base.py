@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import SDAccelError
+from .hooks import unwrap
 
 
 @dataclass(frozen=True)
@@ -18,12 +19,24 @@ class BlockList:
     """One list of repeated blocks of a DiT model.
 
     attr: the module attribute holding them ("double_blocks").
-    patch: the name ComfyUI's forward looks up in `transformer_options["patches_replace"]["dit"]`
-        for block i (`(patch, i)`, e.g. "double_block"), or None where the host's forward offers none.
+    patch: the name of block i's hook in `transformer_options["patches_replace"]["dit"]`
+        (`(patch, i)`, e.g. "double_block"), or None: no hook, the blocks are neither compiled
+        regionally nor cut.
+    hooked: the block route. True: the host's forward looks the hook up itself (ComfyUI's Flux,
+        Qwen-Image, Wan). False: it does not (ComfyUI's NextDiT, read up to 0.38), so a host that
+        can replace modules puts a `hooks.BlockHook` in place of each block, which offers the
+        hook; unless `hooks.native_hook` finds the lookup in the class (a later host added one).
+    args: hooked=False: the names the BlockHook gives the block's positional arguments in the
+        hook's args dict ("img" first: what a step cache measures and stands in for).
+    cut: whether a step cache may cut between these blocks (False: they always run; e.g. refiners
+        that see only the text, where a residual of the image means nothing).
     """
 
     attr: str
     patch: str | None = None
+    hooked: bool = True
+    args: tuple[str, ...] = ("img",)
+    cut: bool = True
 
 
 # lora_keys(module) -> {name a LoRA file may use for a layer: (parameter name, slice or None)}.
@@ -89,6 +102,7 @@ class Family:
         groups: dict[str, list[tuple[str, nn.Module]]] = {}
         for bl, mods in self.block_lists(module):
             for i, block in enumerate(mods):
+                block = unwrap(block)  # a host's BlockHook in place of the block (hooks.py)
                 groups.setdefault(f"{bl.attr}:{type(block).__name__}", []).append((f"{bl.attr}.{i}", block))
         return groups
 

@@ -131,7 +131,8 @@ def _block_modules(dm) -> list[torch.nn.Module]:
         if isinstance(child, torch.nn.ModuleList):
             # ComfyUI's UNet walks its TimestepEmbedSequential blocks layer by layer: count the first layer
             mods.extend(m[0] if isinstance(m, torch.nn.Sequential) and len(m) else m for m in child)
-    return mods
+    # Z-Image: a Step Cache / Compile clone puts SD Accel's BlockHook in each block's place; count the block it calls
+    return [getattr(m, "wrapped_block", m) for m in mods]
 
 
 def run_one(args) -> dict:

@@ -1,10 +1,10 @@
 """Compile and FP16 Cast on the DiT families (Flux, Qwen-Image, Z-Image, Wan) in a real ComfyUI.
 
 Reduced-size models of each family's real ComfyUI class (tests/integration/dit_models.py),
-sampled through ComfyUI's KSampler path. Flux, Qwen-Image and Wan compile regionally through
-`patches_replace["dit"]` (one compiled frame per block kind); Z-Image (NextDiT, no block hook)
-compiles its `_forward` whole. Dynamo's "eager" backend: tracing, guards and recompiles are
-what is tested here, not inductor's kernels.
+sampled through ComfyUI's KSampler path. Every family compiles regionally through
+`patches_replace["dit"]` (one compiled frame per block kind); Z-Image's NextDiT offers no such
+hook, so its blocks get BlockHooks as object patches (families/hooks.py). Dynamo's "eager"
+backend: tracing, guards and recompiles are what is tested here, not inductor's kernels.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import comfy_harness as harness
 import dit_models
 
-REGIONAL = ("flux", "qwen_image", "wan")
+REGIONAL = ("flux", "qwen_image", "zimage", "wan")
 
 
 def _counters():
@@ -95,11 +95,14 @@ def test_second_resolution_compiles_once_per_kind(comfy_host, comfy_adapter, acc
     compiled = comfy_adapter.apply_compile(model, _config(accel))
     dit_models.sample(compiled, fam, size=8)
     kinds = _graphs()
+    # Z-Image's context refiner sees only the text: ComfyUI 0.33 gives it the same inputs at any size, 0.8.0 does not.
+    text_only = 1 if fam == "zimage" else 0
     dit_models.sample(compiled, fam, size=12)
-    assert _graphs() == 2 * kinds  # dynamic=False: one specialised graph per kind and resolution
+    both = _graphs()
+    assert 2 * kinds - text_only <= both <= 2 * kinds  # dynamic=False: one specialised graph per kind and resolution
     dit_models.sample(compiled, fam, size=8)
     dit_models.sample(compiled, fam, size=12)
-    assert _graphs() == 2 * kinds
+    assert _graphs() == both
 
 
 def test_a_block_that_fails_to_compile_runs_eager_and_is_named(comfy_host, comfy_adapter, accel, tmp_path):

@@ -16,6 +16,7 @@ from ...compile_cache import default_cache_dir
 from ...families import family_of
 from ...log import logger
 from ...regional import is_regional
+from .blockhooks import install_block_hooks
 from .model import check_model, is_dynamic, patchable_clone, wrappers_mp
 from .native import native_compile_state, step_aside
 
@@ -90,11 +91,8 @@ def _host_attention_probes_memory() -> bool:
 
 
 def apply_compile(model, config: CompileConfig):
-    """Clone `model` and install a keyed compile wrapper on the clone.
-
-    UNets (and DiT families without per-block hooks) compile their entry method whole, with
-    per-block fallback; DiT families with `patches_replace["dit"]` hooks compile regionally.
-    """
+    """Clone `model` and install a keyed compile wrapper on the clone. UNets compile their entry method
+    whole, with per-block fallback; DiT families regionally, through `patches_replace["dit"]` hooks."""
     unet = check_model(model, "Compile UNet")
     if unet is None or step_aside("compile", model, "Compile UNet"):  # ComfyUI's own graphs/compiler act on it
         return model
@@ -105,10 +103,11 @@ def apply_compile(model, config: CompileConfig):
     m = patchable_clone(model, "Compile UNet")
     if m is None:
         return model
-    if is_regional(fam, unet):
+    if is_regional(fam, unet, hooks=True):
         from .regional import regional_wrapper
 
         m.weight_inplace_update = True  # as below: CUDA graphs keep reading the same parameter storage
+        install_block_hooks(m, fam, unet)  # NextDiT: the block hook its forward lacks (blockhooks.py)
         _attention_for_compile(m)
         wmp = wrappers_mp()
         m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)

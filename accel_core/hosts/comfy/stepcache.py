@@ -1,7 +1,8 @@
 """ComfyUI host for the step cache: block replacements and one wrapper on a clone of the MODEL.
 
-- `patches_replace["dit"][(name, i)]` for every block the family lists (Flux's double and
-  single blocks, Qwen-Image's and Wan's blocks): each hands the call to the run's
+- `patches_replace["dit"][(name, i)]` for every block the family lets a cache cut (Flux's double
+  and single blocks, Qwen-Image's, Wan's and Z-Image's blocks; NextDiT's forward offers no such
+  hook, so its blocks get BlockHooks as object patches, blockhooks.py): each hands the call to the run's
   `StepCacheRun.block`, which runs the block (through any replacement that was there before
   ours) or stands in for it.
 - OUTER_SAMPLE ("sd_accel.stepcache"): a fresh `StepCacheRun` per sampling run, in a per-run
@@ -20,6 +21,7 @@ from ...deepcaching import unet_cut
 from ...families import family_of
 from ...log import logger
 from ...stepcache import Cuts, StepCacheConfig, StepCacheRun, cut_points
+from .blockhooks import install_block_hooks
 from .deepcache import apply_deepcache
 from .model import check_model, wrappers_mp
 from .runs import run_per_sampling
@@ -72,7 +74,7 @@ def apply_step_cache(model, config: StepCacheConfig, owner: str = ""):
     fam = family_of(dm)
     if fam is not None and fam.skip_count is not None and fam.host_walk is not None:  # a UNet: DeepCache's cut of the same runtime
         return apply_deepcache(model, unet_cut(config), steps=config)
-    cuts = Cuts(cut_points(dm), config.front_blocks, config.back_blocks)  # raises before anything is cloned
+    cuts = Cuts(cut_points(dm, hooks=True), config.front_blocks, config.back_blocks)  # raises before anything is cloned
     m = model.clone()
     wmp = wrappers_mp()
     m.remove_wrappers_with_key(wmp.OUTER_SAMPLE, STEPCACHE_KEY)
@@ -90,6 +92,7 @@ def apply_step_cache(model, config: StepCacheConfig, owner: str = ""):
     if not config.enabled:
         logger.info("SD Accel Step Cache: this setting caches no call (interval 1 / max_cached 0), so every block runs.")
         return m
+    install_block_hooks(m, family_of(dm), dm)  # NextDiT: the hook its forward lacks (blockhooks.py)
     for name, i in cuts.points:
         m.set_model_patch_replace(BlockReplacement((name, i), dit.get((name, i))), "dit", name, i)
     m.model_options["transformer_options"][STEPCACHE_KEY] = StepCacheRun(config, cuts, owner)
