@@ -1,4 +1,5 @@
-"""ComfyUI host for Compile UNet: a keyed APPLY_MODEL wrapper on a clone, never the incoming model.
+"""ComfyUI host for Compile UNet: a keyed DIFFUSION_MODEL wrapper on a clone (DiT families with block
+hooks: APPLY_MODEL, regional.py), never the incoming model.
 
 Compiled artifacts live on the shared UNet (all clones share it): re-executed nodes, LoRA clones and
 reloads reuse them instead of recompiling, and they go when the UNet goes. ComfyUI is imported in functions.
@@ -6,6 +7,7 @@ reloads reuse them instead of recompiling, and they go when the UNet goes. Comfy
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import replace
 
 import torch
@@ -20,7 +22,6 @@ from .model import check_model, is_dynamic, patchable_clone, wrappers_mp
 from .native import native_compile_state, step_aside
 
 COMPILE_KEY = "sd_accel.compile"
-_MISSING = object()
 
 
 def compiled_for(unet: torch.nn.Module, config: CompileConfig) -> CompiledUNet:
@@ -30,38 +31,46 @@ def compiled_for(unet: torch.nn.Module, config: CompileConfig) -> CompiledUNet:
 
 def active_compile_config(transformer_options: dict) -> CompileConfig | None:
     """The CompileConfig of the Compile UNet wrapper in this sampling run (from its merged wrappers), if any."""
-    entries = transformer_options.get("wrappers", {}).get(wrappers_mp().APPLY_MODEL, {}).get(COMPILE_KEY, [])
+    wrappers, wmp = transformer_options.get("wrappers", {}), wrappers_mp()
+    entries = [*wrappers.get(wmp.DIFFUSION_MODEL, {}).get(COMPILE_KEY, []), *wrappers.get(wmp.APPLY_MODEL, {}).get(COMPILE_KEY, [])]
     for fn in entries:  # _compile_wrapper(config, ...) or regional.regional_wrapper(family, config, ...)
         if isinstance(fn, functools.partial):
             return next((a for a in fn.args if isinstance(a, CompileConfig)), None)
     return None
 
 
-def _swap_attr(obj, name, value):
-    prev = obj.__dict__.get(name, _MISSING)
-    setattr(obj, name, value)
-    return prev
+def is_compile_wrapper(fn) -> bool:
+    """Whether `fn` (an entry of a DIFFUSION_MODEL wrapper chain) is Compile UNet's."""
+    return isinstance(fn, functools.partial) and fn.func is _compile_wrapper
 
 
-def _restore_attr(obj, name, prev):
-    if prev is _MISSING:
-        obj.__dict__.pop(name, None)
-    else:
-        setattr(obj, name, prev)
+def _options_of(unet, args, kwargs) -> dict | None:
+    # The call's transformer_options, by name: its position differs per class (UNetModel 6th, Flux 8th).
+    to = kwargs.get("transformer_options")
+    if to is None:
+        try:
+            to = inspect.signature(unet._forward).bind_partial(*args, **kwargs).arguments.get("transformer_options")
+        except TypeError:
+            return None
+    return to if isinstance(to, dict) else None
 
 
 def _compile_wrapper(config: CompileConfig, executor, *args, **kwargs):
-    # APPLY_MODEL wrapper. Routes UNetModel._forward (the body *inside* its DIFFUSION_MODEL
-    # wrapper chain) through the compiled callable for this call only, so other packs'
-    # and our own DIFFUSION_MODEL wrappers (DeepCache) stay eager and decide outside
-    # compiled code, and state_dict keys / LoRA key matching never see a compiled module.
-    unet = executor.class_obj.diffusion_model
-    compiled = compiled_for(unet, config)
-    prev = _swap_attr(unet, config.method, compiled)
-    try:
+    # DIFFUSION_MODEL wrapper. The wrappers after this one (other packs', DeepCache's) run eager
+    # as always, with the compiled body in place of the model's _forward: a new executor over the
+    # rest of the same chain (WrapperExecutor.new_class_executor, ComfyUI's public constructor),
+    # as ComfyUI's UNetModel.forward builds it. Nothing on the shared UNet is set, so clones
+    # without Compile run it eager, and state_dict keys / LoRA key matching see plain modules.
+    from comfy.patcher_extension import WrapperExecutor, get_all_wrappers
+
+    unet = executor.class_obj
+    to = _options_of(unet, args, kwargs)
+    chain = get_all_wrappers(wrappers_mp().DIFFUSION_MODEL, to) if to is not None else []
+    at = next((i for i, w in enumerate(chain) if is_compile_wrapper(w)), None)
+    if at is None:  # called through another chain than the model's own: never seen in ComfyUI 0.3.64 .. 0.33
+        logger.debug("SD Accel Compile UNet: this call's DIFFUSION_MODEL wrappers do not include Compile UNet's; it runs eager.")
         return executor(*args, **kwargs)
-    finally:
-        _restore_attr(unet, config.method, prev)
+    return WrapperExecutor.new_class_executor(compiled_for(unet, config), unet, chain, at + 1).execute(*args, **kwargs)
 
 
 def _sdpa_attention(func, *args, **kwargs):
@@ -102,28 +111,30 @@ def apply_compile(model, config: CompileConfig):
     # cache_dir: compiled graphs persist in ComfyUI's user folder, so the next start reuses them.
     config = replace(config, method=fam.entry_of(unet), cache_dir=config.cache_dir or default_cache_dir("comfy"))
     dynamic = is_dynamic(model)
+    if not is_regional(fam, unet) and config.method != "_forward":
+        logger.warning("SD Accel Compile UNet: %s has no _forward, the body ComfyUI runs inside its DIFFUSION_MODEL wrappers, "
+                       "where the compiled code goes; passing the model through unchanged.", type(unet).__name__)
+        return model
     m = patchable_clone(model, "Compile UNet")
     if m is None:
         return model
+    # Weight patches applied later (LoraLoader) may replace parameters, as ComfyUI does on any model:
+    # compiled code takes parameters as inputs (no recompile), and a switch between clones with other
+    # weight patches moves the UNet off the GPU and back anyway (new storage; CUDA graphs re-record).
+    # docs/comfy-internals.md, "Behaviour relied on".
+    _attention_for_compile(m)
+    wmp = wrappers_mp()
+    for kind in (wmp.APPLY_MODEL, wmp.DIFFUSION_MODEL):
+        m.remove_wrappers_with_key(kind, COMPILE_KEY)
     if is_regional(fam, unet):
         from .regional import regional_wrapper
 
-        m.weight_inplace_update = True  # as below: CUDA graphs keep reading the same parameter storage
-        _attention_for_compile(m)
-        wmp = wrappers_mp()
-        m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
         m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(regional_wrapper, fam, config))
         return m
     if dynamic:
         # The UNet is now the regular copy only SD Accel's clones use: its conv weights may be NHWC (a classic model's is the user's).
         config = replace(config, channels_last=True)
-    # LoRA patches applied later (ComfyUI's LoraLoader, our hot-swap) then copy into the
-    # existing parameters, so CUDA graphs and other captured storage see the new weights.
-    m.weight_inplace_update = True
-    _attention_for_compile(m)
-    wmp = wrappers_mp()
-    m.remove_wrappers_with_key(wmp.APPLY_MODEL, COMPILE_KEY)
-    m.add_wrapper_with_key(wmp.APPLY_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))
+    m.add_wrapper_with_key(wmp.DIFFUSION_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))
     return m
 
 
