@@ -112,11 +112,17 @@ def test_plain_and_compiled_clones_of_one_model_alternate(tiny, compiled):
         probe.handle.remove()
 
 
-def test_lora_loaded_after_compile_swaps_without_recompiling(comfy_host, tiny, compiled, tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_lora_loaded_after_compile_swaps_without_recompiling(comfy_adapter, accel, tiny, tmp_path, channels_last):
     """Why Compile UNet needs no `weight_inplace_update`: ComfyUI puts new Parameters in the patched
-    places, and compiled code reads parameters as inputs (dynamo guards their dtype, shape and
-    dispatch keys, not their identity): every LoRA, its strengths and its removal reuse one graph."""
+    places, and compiled code reads parameters as inputs (dynamo guards their dtype, shape, strides
+    and dispatch keys, not their identity): every LoRA, its strengths and its removal reuse one graph.
+    channels_last: the conv weights Compile stores NHWC (on a DynamicVRAM model's regular copy) keep
+    their layout through ComfyUI's patch and restore."""
     from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled = comfy_adapter.apply_compile(tiny, accel.compile.CompileConfig(torch_backend="eager", channels_last=channels_last))
 
     lora_a, lora_b = _kohya_lora(tiny, tmp_path, 1), _kohya_lora(tiny, tmp_path, 2)
     unet = tiny.model.diffusion_model
@@ -134,3 +140,4 @@ def test_lora_loaded_after_compile_swaps_without_recompiling(comfy_host, tiny, c
             replaced |= {k for k, p in unet.named_parameters() if id(p) != ids[k]}
     assert counters["stats"]["unique_graphs"] == graphs
     assert replaced, "LoRAs on the compiled clone were copied in place (weight_inplace_update set?): the test proves nothing"
+    torch._dynamo.reset()
