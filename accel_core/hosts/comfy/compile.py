@@ -18,6 +18,7 @@ from ...compile_cache import default_cache_dir
 from ...families import family_of
 from ...log import logger
 from ...regional import is_regional
+from .attention import compile_attention
 from .model import check_model, is_dynamic, patchable_clone, wrappers_mp
 from .native import native_compile_state, step_aside
 
@@ -44,14 +45,16 @@ def is_compile_wrapper(fn) -> bool:
     return isinstance(fn, functools.partial) and fn.func is _compile_wrapper
 
 
+@functools.lru_cache(maxsize=None)
+def _options_at(cls) -> int | None:
+    # Where a class's _forward takes transformer_options positionally (UNetModel: 5, Flux: 7), once per class.
+    names = [n for n in inspect.signature(cls._forward).parameters][1:]  # without self
+    return names.index("transformer_options") if "transformer_options" in names else None
+
+
 def _options_of(unet, args, kwargs) -> dict | None:
-    # The call's transformer_options, by name: its position differs per class (UNetModel 6th, Flux 8th).
-    to = kwargs.get("transformer_options")
-    if to is None:
-        try:
-            to = inspect.signature(unet._forward).bind_partial(*args, **kwargs).arguments.get("transformer_options")
-        except TypeError:
-            return None
+    at = _options_at(type(unet))
+    to = args[at] if at is not None and len(args) > at else kwargs.get("transformer_options")
     return to if isinstance(to, dict) else None
 
 
@@ -67,35 +70,9 @@ def _compile_wrapper(config: CompileConfig, executor, *args, **kwargs):
     to = _options_of(unet, args, kwargs)
     chain = get_all_wrappers(wrappers_mp().DIFFUSION_MODEL, to) if to is not None else []
     at = next((i for i, w in enumerate(chain) if is_compile_wrapper(w)), None)
-    if at is None:  # called through another chain than the model's own: never seen in ComfyUI 0.3.64 .. 0.33
-        logger.debug("SD Accel Compile UNet: this call's DIFFUSION_MODEL wrappers do not include Compile UNet's; it runs eager.")
+    if at is None:  # called through another chain than the model's own (not seen in ComfyUI 0.3.64 .. 0.33): eager
         return executor(*args, **kwargs)
     return WrapperExecutor.new_class_executor(compiled_for(unet, config), unet, chain, at + 1).execute(*args, **kwargs)
-
-
-def _sdpa_attention(func, *args, **kwargs):
-    # transformer_options["optimized_attention_override"] of a compiled clone whose host picked an
-    # attention that asks for free memory on every call (sub-quadratic, split: ComfyUI's choice on
-    # the CPU). Traced, that probe is guarded on, so the frame recompiles whenever free memory
-    # changes; PyTorch's SDPA computes the same attention and compiles cleanly.
-    from comfy.ldm.modules.attention import attention_pytorch
-
-    return attention_pytorch(*args, **kwargs)
-
-
-def _host_attention_name() -> str:
-    import comfy.ldm.modules.attention as attn
-
-    return getattr(getattr(attn, "optimized_attention", None), "__name__", "attention")
-
-
-def _host_attention_probes_memory() -> bool:
-    import comfy.ldm.modules.attention as attn
-
-    if not hasattr(attn, "wrap_attn") or not hasattr(attn, "attention_pytorch"):  # no per-model override in this ComfyUI
-        return False
-    chosen = getattr(attn, "optimized_attention", None)
-    return any(chosen is getattr(attn, name, None) for name in ("attention_sub_quad", "attention_split"))
 
 
 def apply_compile(model, config: CompileConfig):
@@ -118,11 +95,9 @@ def apply_compile(model, config: CompileConfig):
     m = patchable_clone(model, "Compile UNet")
     if m is None:
         return model
-    # Weight patches applied later (LoraLoader) may replace parameters, as ComfyUI does on any model:
-    # compiled code takes parameters as inputs (no recompile), and a switch between clones with other
-    # weight patches moves the UNet off the GPU and back anyway (new storage; CUDA graphs re-record).
-    # docs/comfy-internals.md, "Behaviour relied on".
-    _attention_for_compile(m)
+    # LoraLoader after Compile may replace parameters, as on any model: compiled code reads them as inputs
+    # (no recompile). docs/comfy-internals.md, "Behaviour relied on".
+    compile_attention(m)
     wmp = wrappers_mp()
     for kind in (wmp.APPLY_MODEL, wmp.DIFFUSION_MODEL):
         m.remove_wrappers_with_key(kind, COMPILE_KEY)
@@ -136,14 +111,6 @@ def apply_compile(model, config: CompileConfig):
         config = replace(config, channels_last=True)
     m.add_wrapper_with_key(wmp.DIFFUSION_MODEL, COMPILE_KEY, functools.partial(_compile_wrapper, config))
     return m
-
-
-def _attention_for_compile(m):
-    to = m.model_options.setdefault("transformer_options", {})
-    if "optimized_attention_override" not in to and _host_attention_probes_memory():
-        to["optimized_attention_override"] = _sdpa_attention  # a user's or FP16 Cast's choice stays
-        logger.info("SD Accel Compile UNet: the compiled model uses PyTorch SDPA attention (ComfyUI's %s asks for free memory "
-                    "on every call, which a compiled graph would recompile on).", _host_attention_name())
 
 
 def compile_report(model) -> dict | None:
