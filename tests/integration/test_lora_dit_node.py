@@ -88,13 +88,15 @@ def test_swaps_on_the_compiled_model_do_not_recompile(comfy_host, hl, comfy_adap
 @pytest.mark.parametrize("fam", dit_models.FAMILIES)
 def test_loraloader_after_compile_does_not_recompile(comfy_host, comfy_adapter, accel, setup, fam):
     """ComfyUI's own LoRA on the compiled clone: new Parameters in the patched places (Compile sets no
-    weight_inplace_update), read by the compiled blocks as inputs. Built in inference mode, as ComfyUI
-    builds every model (its executor runs nodes under torch.inference_mode)."""
+    weight_inplace_update), read by the compiled blocks as inputs. Built as ComfyUI 0.33 builds every
+    model: in inference mode (its executor), requires_grad off (BaseModel); where a model's parameters
+    require grad, Compile copies patches in place instead (test_comfy_compile_api.py)."""
     from torch._dynamo.utils import counters
 
     _, _, paths = _get(setup, fam)
     with torch.inference_mode():
         model = dit_tiny.tiny_model(fam, seed=7)
+        model.model.diffusion_model.requires_grad_(False)
     base = dit_tiny.sample(model, fam)
     torch._dynamo.reset()
     compiled = comfy_adapter.apply_compile(model, accel.compile.CompileConfig(torch_backend="eager"))

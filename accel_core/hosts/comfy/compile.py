@@ -75,6 +75,17 @@ def _compile_wrapper(config: CompileConfig, executor, *args, **kwargs):
     return WrapperExecutor.new_class_executor(compiled_for(unet, config), unet, chain, at + 1).execute(*args, **kwargs)
 
 
+def patches_would_retrace(unet) -> bool:
+    """Whether a weight patch loaded after Compile (LoraLoader) must be copied into the parameter in place.
+
+    ComfyUI puts `Parameter(requires_grad=False)` of an inference tensor (its executor runs under
+    torch.inference_mode) where it patches a weight; compiled code reads parameters as inputs and
+    guards their properties, not their identity. Where the model's differ (ComfyUI 0.3.64 / 0.8.0
+    build models with requires_grad; a script builds them outside inference mode), the first LoRA
+    after Compile would compile again."""
+    return any(p.requires_grad or not p.is_inference() for p in unet.parameters())
+
+
 def apply_compile(model, config: CompileConfig):
     """Clone `model` and install a keyed compile wrapper on the clone.
 
@@ -95,8 +106,8 @@ def apply_compile(model, config: CompileConfig):
     m = patchable_clone(model, "Compile UNet")
     if m is None:
         return model
-    # LoraLoader after Compile may replace parameters, as on any model: compiled code reads them as inputs
-    # (no recompile). docs/comfy-internals.md, "Behaviour relied on".
+    if patches_would_retrace(m.get_model_object("diffusion_model")):  # the regular copy's, on DynamicVRAM
+        m.weight_inplace_update = True  # the one write left: docs/comfy-internals.md
     compile_attention(m)
     wmp = wrappers_mp()
     for kind in (wmp.APPLY_MODEL, wmp.DIFFUSION_MODEL):
