@@ -305,6 +305,28 @@ def case_hotswap_plain(ctx):
     _hotswap(ctx, False)
 
 
+def case_loraloader_after_compile(ctx):
+    """ComfyUI's LoraLoaderModelOnly after Compile (reduce-overhead), A -> B -> none -> A: no frame compiles
+    again (Compile sets weight_inplace_update only where ComfyUI's patched Parameters would differ from
+    the model's). Each switch moves the UNet off the GPU and back (ComfyUI's unpatch), so CUDA graphs
+    re-record: the first run / steady ratio is recorded, not checked."""
+    from torch._dynamo.utils import counters
+
+    compiled = ctx.node("SDAccelCompileUNet", ctx.base, *COMPILE)[0]
+    ctx.record["weight_inplace_update"] = bool(compiled.weight_inplace_update)
+    ctx.timed("compiled (no LoRA)", compiled)
+    for i, name in enumerate(("A", "B", None, "A")):
+        lora = ctx.files[name] if name else None
+        label = f"loraloader after compile {i + 1} -> {name or 'none'}"
+        m = ctx.node("LoraLoaderModelOnly", compiled, lora, 1.0)[0] if lora else compiled
+        ref = ctx.steady(ctx.node("LoraLoaderModelOnly", ctx.regular(), lora, 1.0)[0] if lora else ctx.regular())
+        frames0 = counters["frames"].get("ok", 0)
+        out = ctx.timed(label, m)
+        ctx.close_to(f"{label} vs ComfyUI's LoRA", out, ref, TOL["lora"] + TOL["compile"] / 5)
+        ctx.check(f"{label}: frames compiled", counters["frames"].get("ok", 0) - frames0, 0)
+    ctx.base_unchanged()
+
+
 def case_lcm(ctx):
     import comfy_extras.nodes_model_advanced as adv
 

@@ -25,7 +25,7 @@ EXACT = 1e-4
 CLOSE = 1e-3
 # bf16 keeps 8 mantissa bits: ~0.4% per rounding, accumulated over the UNet and two steps.
 BF16 = 5e-2
-APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL in both versions
+DIFFUSION_MODEL = "diffusion_model"  # comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL on every host
 
 
 def eager_compile(accel, **kw):
@@ -81,7 +81,7 @@ def test_compiled_matches_eager(case, comfy_adapter, accel, sd15_model, referenc
         keep = case.latent()["noise_mask"].expand_as(out) == 0
         assert torch.allclose(out[keep], case.latent()["samples"][keep])
     assert before.diff(sd15_model) == []
-    assert comfy_adapter.COMPILE_KEY in compiled.wrappers[APPLY_MODEL]
+    assert comfy_adapter.COMPILE_KEY in compiled.wrappers[DIFFUSION_MODEL]
 
 
 def test_compiled_survives_clone_lora_and_unload(comfy_host, comfy_adapter, accel, sd15_model, reference, lora_name):
@@ -93,7 +93,7 @@ def test_compiled_survives_clone_lora_and_unload(comfy_host, comfy_adapter, acce
     with_lora = reference(TXT2IMG, lora.load_lora(sd15_model, None, lora_name, 1.0, 0.0)[0], key=lora_name)
 
     (compiled_lora, _) = lora.load_lora(compiled, None, lora_name, 1.0, 0.0)
-    assert comfy_adapter.COMPILE_KEY in compiled_lora.wrappers[APPLY_MODEL], "compile wrapper lost by LoraLoader's clone"
+    assert comfy_adapter.COMPILE_KEY in compiled_lora.wrappers[DIFFUSION_MODEL], "compile wrapper lost by LoraLoader's clone"
     assert len(compiled_lora.patches) == len(harness.lora_targets(sd15_model))
     assert rel_err(sample(compiled_lora), with_lora) < CLOSE
 

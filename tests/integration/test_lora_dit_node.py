@@ -83,3 +83,31 @@ def test_swaps_on_the_compiled_model_do_not_recompile(comfy_host, hl, comfy_adap
     assert harness.rel_err(a, dit_tiny.sample(_loraloader(model, paths["a"], 0.8), fam)) < 1e-4
     assert harness.rel_err(a, b) > 1e-3 and harness.rel_err(b, ab) > 1e-3
     assert harness.rel_err(plain, base) < 1e-4
+
+
+@pytest.mark.parametrize("fam", dit_models.FAMILIES)
+def test_loraloader_after_compile_does_not_recompile(comfy_host, comfy_adapter, accel, setup, fam):
+    """ComfyUI's own LoRA on the compiled clone: new Parameters in the patched places (Compile sets no
+    weight_inplace_update), read by the compiled blocks as inputs. Built as ComfyUI 0.33 builds every
+    model: in inference mode (its executor), requires_grad off (BaseModel); where a model's parameters
+    require grad, Compile copies patches in place instead (test_comfy_compile_api.py)."""
+    from torch._dynamo.utils import counters
+
+    _, _, paths = _get(setup, fam)
+    with torch.inference_mode():
+        model = dit_tiny.tiny_model(fam, seed=7)
+        model.model.diffusion_model.requires_grad_(False)
+    base = dit_tiny.sample(model, fam)
+    torch._dynamo.reset()
+    compiled = comfy_adapter.apply_compile(model, accel.compile.CompileConfig(torch_backend="eager"))
+    assert compiled.weight_inplace_update is False
+    dit_tiny.sample(compiled, fam)
+    graphs = int(counters["stats"]["unique_graphs"])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for name, strength in (("a", 0.8), ("b", 1.0), (None, 0.0), ("a", -0.5)):
+            want = base if name is None else dit_tiny.sample(_loraloader(model, paths[name], strength), fam)
+            got = dit_tiny.sample(compiled if name is None else _loraloader(compiled, paths[name], strength), fam)
+            assert harness.rel_err(got, want) < 1e-4, (name, strength)
+            assert harness.rel_err(dit_tiny.sample(model, fam), base) < 1e-4, "LoRA weights stuck on the plain model"
+    assert int(counters["stats"]["unique_graphs"]) == graphs
+    torch._dynamo.reset()

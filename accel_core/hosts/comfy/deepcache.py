@@ -16,7 +16,7 @@ from __future__ import annotations
 from ...deepcaching import DeepCacheConfig, DeepCacheRunner, check_depth
 from ...stepcache import StepCacheConfig
 from ...log import logger
-from .compile import active_compile_config
+from .compile import active_compile_config, is_compile_wrapper
 from .deepcache_walk import COMFY, ComfyHooks, paths  # noqa: F401  (re-exported)
 from .model import check_model, wrappers_mp
 from .runs import run_per_sampling
@@ -42,10 +42,11 @@ def _rest_of_chain(to: dict):
     """The DIFFUSION_MODEL wrappers after ours in this call, with the index to start at, or None.
 
     The chain is the one ComfyUI's UNetModel.forward builds (get_all_wrappers of the call's
-    transformer_options); ours is found in it by identity."""
+    transformer_options); ours is found in it by identity. Compile UNet's wrapper is left out: it
+    would put the whole compiled UNet where the chosen path (compiled with its config) goes."""
     from comfy.patcher_extension import get_all_wrappers
 
-    chain = get_all_wrappers(wrappers_mp().DIFFUSION_MODEL, to)
+    chain = [w for w in get_all_wrappers(wrappers_mp().DIFFUSION_MODEL, to) if not is_compile_wrapper(w)]
     return next(((chain, i + 1) for i, w in enumerate(chain) if w is _diffusion_model_wrapper), None)
 
 

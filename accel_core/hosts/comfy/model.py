@@ -71,7 +71,7 @@ def check_model(model, node: str):
 # --- DynamicVRAM ------------------------------------------------------------------------------
 # ComfyUI's DynamicVRAM patcher (on by default on NVIDIA since ~0.16) keeps the weights in
 # read-only memory-mapped files and casts them per call: nothing may be written into them.
-# Features that change weights (compile's in-place LoRA updates, FP16 Cast's copy, hot-swap's
+# Features that change weights (compile's NHWC conv weights, FP16 Cast's copy, hot-swap's
 # fused deltas) run on a classic copy, rebuilt from the checkpoint file as ComfyUI's own
 # TorchCompileModel does. One classic copy per dynamic model: all our clones of it share it, as
 # clones share a model, so compiled code and fused weights carry over between nodes and runs.
