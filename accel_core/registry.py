@@ -31,6 +31,7 @@ class Artifacts:
         self.compiled: dict[object, CompiledUNet] = {}  # and RegionalCompiled under (config, "regional")
         self.copy_key = None
         self.copy: nn.Module | None = None
+        self.block_hooks: dict = {}  # (point, arg names) -> the BlockHook in place of that block (families/hooks.py)
 
     def __deepcopy__(self, memo):
         return Artifacts()

@@ -15,8 +15,6 @@ before. With no entry for its point in the call's transformer_options it is the 
 """
 from __future__ import annotations
 
-import weakref
-
 from torch import nn
 
 
@@ -65,18 +63,17 @@ def unwrap(block: nn.Module) -> nn.Module:
     return block.wrapped_block if isinstance(block, BlockHook) else block
 
 
-_HOOKS: "weakref.WeakValueDictionary[tuple, BlockHook]" = weakref.WeakValueDictionary()
-
-
-def hook_for(block: nn.Module, point: tuple[str, int], arg_names: tuple[str, ...]) -> BlockHook:
-    """The BlockHook of `block` at `point` (one per block and point while any host holds it, so
-    nodes that install hooks on clones of one model install the same object)."""
+def hook_for(block: nn.Module, point: tuple[str, int], arg_names: tuple[str, ...], table: dict | None = None) -> BlockHook:
+    """The BlockHook of `block` at `point`. `table` is the owner's (the model's) hooks by point, so nodes
+    that install hooks on clones of one model install the same object; without one, a new hook."""
     if isinstance(block, BlockHook):
         return block
-    key = (id(block), point, tuple(arg_names))
-    hook = _HOOKS.get(key)
-    if hook is None or hook.wrapped_block is not block:  # a live hook holds its block, so ids are not reused under it
-        hook = _HOOKS[key] = BlockHook(block, point, arg_names)
+    key = (point, tuple(arg_names))
+    hook = table.get(key) if table is not None else None
+    if hook is None or hook.wrapped_block is not block:
+        hook = BlockHook(block, point, arg_names)
+        if table is not None:
+            table[key] = hook
     return hook
 
 
