@@ -300,23 +300,36 @@ def test_clone_dropped_while_loaded_restores_the_weights(comfy_host, lora, tiny,
 
 
 def test_compiled_model_swaps_without_recompiling(comfy_host, comfy_adapter, tiny, tiny_loras):
-    from sd_accel.accel_core.compiling import CompileConfig as _  # noqa: F401  (import check only)
-
     cc = comfy_host.pack_module("accel_core.compiling")
+    sets = ([("b", 1.0)], [("b", 0.3)], [("a", 0.5), ("c", 1.0)], [], [("c", -1.0)])
+    # LoraLoader's references first: on hosts whose parameters require grad (0.3.64, 0.8.0), a LoraLoader
+    # sibling sampled between compiled runs swaps the shared UNet's Parameters (docs/comfy-internals.md),
+    # which is ComfyUI's doing, not a hot-swap's; this test is about the swaps.
+    refs = []
+    for chain in sets:
+        eager = tiny
+        for name, s in chain:
+            eager = _comfy_lora(eager, tiny_loras[name + "_kohya" if name == "c" else name], s)
+        refs.append(harness.sample(eager))
     torch._dynamo.reset()
     compiled = comfy_adapter.apply_compile(tiny, cc.CompileConfig(torch_backend="eager"))
     node = comfy_host.node("SDAccelLoRAHotSwap")
     harness.sample(node.apply(compiled, "tiny_a.safetensors", 1.0)[0])  # compiles once
     report = comfy_adapter.compile_report(compiled)
     assert report and report["status"] in ("compiled", "partial"), report
-    sets = ([("b", 1.0)], [("b", 0.3)], [("a", 0.5), ("c", 1.0)], [], [("c", -1.0)])
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for chain in sets:
-            hot, eager = compiled, tiny
+        for chain, ref in zip(sets, refs):
+            hot = compiled
             for name, s in chain:
                 hot = node.apply(hot, f"tiny_{name}.safetensors", s)[0]
-                eager = _comfy_lora(eager, tiny_loras[name + "_kohya" if name == "c" else name], s)
-            assert harness.rel_err(harness.sample(hot), harness.sample(eager)) < 1e-5, chain
+            assert harness.rel_err(harness.sample(hot), ref) < 1e-5, chain
+    # Compile falls back per block when dynamo raises (error_on_recompile included), so results alone
+    # would not show a recompile: count the graphs, and the report must still be the first one.
+    assert counters["stats"]["unique_graphs"] == graphs, "a LoRA swap compiled a new graph"
+    assert comfy_adapter.compile_report(compiled)["status"] == report["status"]
     torch._dynamo.reset()
 
 
