@@ -325,15 +325,24 @@ def test_bad_input_is_a_clear_error_and_leaves_the_model(pack, tiny):
 
 # --- with Compile UNet -----------------------------------------------------------------------------
 
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def test_compile_stacks_in_either_order(pack, tiny, stats):
     eager = run(pack.deepcache(tiny, interval=3, depth=1))
     cfg = pack.compile.CompileConfig(backend="inductor", torch_backend="eager")
     after = pack.deepcache(pack.comfy.apply_compile(tiny, cfg), interval=3, depth=1)
     before = pack.comfy.apply_compile(pack.deepcache(tiny, interval=3, depth=1), cfg)
     torch.testing.assert_close(run(after), eager, rtol=1e-4, atol=1e-5)
-    with torch._dynamo.config.patch(error_on_recompile=True):  # warmed up: no recompilation, either order
+    run(before)  # warm both orders, then nothing compiles again (counted: a recompile error would fall back per block)
+    graphs = _graphs()
+    with torch._dynamo.config.patch(error_on_recompile=True):
         torch.testing.assert_close(run(before), eager, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(run(after), eager, rtol=1e-4, atol=1e-5)
+    assert _graphs() == graphs
     assert stats[-1]["hits"] > 0
     unet = tiny.model.diffusion_model
     paths = {k[1]: cu for k, cu in pack.registry.compiled_of(unet).items() if isinstance(k, tuple)}
@@ -415,8 +424,10 @@ def test_step_cache_forecast_on_a_compiled_unet_does_not_recompile(pack, tiny, s
     cfg = pack.compile.CompileConfig(torch_backend="eager")
     m = step_cache(pack.host, pack.comfy.apply_compile(tiny, cfg), "forecast", interval=2)
     torch.testing.assert_close(run(m), eager, rtol=1e-4, atol=1e-5)
+    graphs = _graphs()
     with torch._dynamo.config.patch(error_on_recompile=True):
         torch.testing.assert_close(run(m), eager, rtol=1e-4, atol=1e-5)
+    assert _graphs() == graphs  # counted: a recompile error would fall back per block and still match
     assert stats[-1]["hits"] > 0
 
 
