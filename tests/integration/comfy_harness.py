@@ -262,6 +262,11 @@ INPAINT = Case("inpaint", denoise=1.0, init=True, mask=True)
 CASES = (TXT2IMG, IMG2IMG, INPAINT)
 
 
+def step_cache(host, model, mode="fixed", interval=3, front=1, back=0, threshold=0.1, max_cached=3, start=0.0, end=1.0, cfg="separate", **kw):
+    """`model` through the SDAccelStepCache node (its inputs in the node's order)."""
+    return host.node("SDAccelStepCache").apply(model, mode, interval, front, back, threshold, max_cached, start, end, cfg, **kw)[0]
+
+
 def conditioning(seed: int = 3, dim: int = CONTEXT_DIM):
     """Positive and negative SD1.x conditioning (random CLIP-like embeddings, no text encoder)."""
     g = torch.Generator().manual_seed(seed)

@@ -36,6 +36,21 @@ def comfy_host() -> harness.Host:
     return harness.boot(harness.host_root())
 
 
+@pytest.fixture
+def stepcache_stats(comfy_host):
+    """The `stepcache_stats` events the pack emits during the test (one dict per sampling run)."""
+    events = comfy_host.pack_module("accel_core.events")
+    seen = []
+
+    def listen(event, data):
+        if event == "stepcache_stats":
+            seen.append(data)
+
+    events.subscribe(listen)
+    yield seen
+    events.unsubscribe(listen)
+
+
 @pytest.fixture(scope="session")
 def comfy_adapter(comfy_host):
     """accel_core.hosts.comfy as ComfyUI loaded it (its compile registry is the one the nodes use)."""

@@ -30,21 +30,11 @@ def model(comfy_host):
 
 
 @pytest.fixture
-def stats(comfy_host):
-    events = comfy_host.pack_module("accel_core.events")
-    seen = []
-
-    def listen(event, data):
-        if event == "stepcache_stats":
-            seen.append(data)
-
-    events.subscribe(listen)
-    yield seen
-    events.unsubscribe(listen)
+def stats(stepcache_stats):
+    return stepcache_stats
 
 
-def step_cache(host, model, mode="fixed", interval=3, front=1, back=0, threshold=0.1, max_cached=3, start=0.0, end=1.0, cfg="separate"):
-    return host.node("SDAccelStepCache").apply(model, mode, interval, front, back, threshold, max_cached, start, end, cfg)[0]
+step_cache = harness.step_cache
 
 
 def sample(model, seed=42):
