@@ -2,7 +2,8 @@
 
 Ours beside the peers, in one process on one model (dit.py): ComfyUI eager; ComfyUI's
 TorchCompileModel; our Compile Model (regional on DiTs: one compiled block per kind), with and
-without CUDA graphs; FP16 Cast fp8 + Compile; our Step Cache (fixed and forecast, interval 3) alone
+without CUDA graphs; FP16 Cast fp8 + Compile, and FP16 Cast attention=cudnn + Compile (cuDNN's
+attention inside the compiled blocks, where ComfyUI's order puts flash first); our Step Cache (fixed and forecast, interval 3) alone
 and on Compile; ComfyUI's EasyCache and LazyCache (its step caches) at their 0.2 threshold.
 
 rel err: one model call for the compile and fp8 rows (a random DiT amplifies rounding over 20
@@ -28,6 +29,7 @@ def _names(cfg: BenchConfig) -> dict[str, str]:
     if cfg.device == "cuda":
         n["ours_nocg"] = f"SDAccelCompileUNet default (no CUDA graphs){tag}"
         n["fp8"] = f"SDAccelFP16Cast fp8 + {ours}"
+        n["cudnn"] = f"SDAccelFP16Cast attention=cudnn + {ours}"
     for m in ("fixed", "forecast"):
         n[f"cache_{m}"] = f"SDAccelStepCache {m} {CACHE_INTERVAL}"
     for m in ("fixed", "forecast"):
@@ -51,6 +53,7 @@ def rows(b: ComfyBench):
     if "ours_nocg" in n:
         yield b.measure(n["ours_nocg"], lambda: our_compile(base, "default", torch_backend=be), rel="call")
         yield b.measure(n["fp8"], lambda: ours(fp8_cast(base)), rel="call")
+        yield b.measure(n["cudnn"], lambda: ours(fp8_cast(base, dtype="auto", attention="cudnn")), rel="call")
     for m in ("fixed", "forecast"):
         yield b.measure(n[f"cache_{m}"], lambda m=m: step_cache(base, m))
     for m in ("fixed", "forecast"):
@@ -59,10 +62,11 @@ def rows(b: ComfyBench):
         yield b.measure(n[peer], lambda peer=peer: comfy_cache(base, peer, PEER_THRESHOLD))
 
 
-def fp8_cast(model):
+def fp8_cast(model, dtype: str = "fp8", attention: str = "auto"):
+    """FP16 Cast as the graph would run it: fp8 linears by default; dtype "auto" keeps the model's (attention choice only)."""
     from ...nodes.cast import SDAccelFP16Cast
 
-    return SDAccelFP16Cast().apply(model, dtype="fp8", channels_last=False, attention="auto")[0]
+    return SDAccelFP16Cast().apply(model, dtype=dtype, channels_last=False, attention=attention)[0]
 
 
 def step_cache(model, mode: str, interval: int = CACHE_INTERVAL):
