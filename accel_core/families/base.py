@@ -65,6 +65,8 @@ class Family:
     fp8_skip: substrings of layer names that stay in the compute dtype under fp8 matmuls (the
         timestep / modulation layers: one row per image, nothing to gain, and they steer every
         block); None: fp8.FP8Config's default (the LDM UNet's).
+    lora_hints: fragments of LoRA layer names that say a file was made for this family (the
+        message for a LoRA that does not fit names the family it looks made for).
     """
 
     name: str
@@ -79,6 +81,7 @@ class Family:
     walk: object = None
     keep_dtype: tuple[str, ...] = ()
     fp8_skip: tuple[str, ...] | None = None
+    lora_hints: tuple[str, ...] = ()
 
     def keeps_dtype(self, name: str) -> bool:
         """Whether parameter `name` stays in its dtype when the model is cast (the family's class pins it)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("flux", "qwen_image", "zimage", "wan")
+FAMILIES = ("flux", "qwen_image", "zimage", "wan", "ltx")
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,14 @@ class Spec:
     latent_shape: tuple
     extra_cond: dict = field(default_factory=dict)
     n_blocks: dict = field(default_factory=dict)  # block list attr -> count (for tests)
+    detected: bool = False  # ComfyUI's detection recognises the reduced state dict: built through the file loader
 
 
 SPECS = {
     "flux": Spec(("Flux",), dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=128,
                                   mlp_ratio=4.0, num_heads=1, depth=2, depth_single_blocks=3, axes_dim=[16, 56, 56], theta=10000,
                                   patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[]),
-                 64, (1, 16, 8, 8), {"pooled_output": (1, 32), "guidance": 3.5}, {"double_blocks": 2, "single_blocks": 3}),
+                 64, (1, 16, 8, 8), {"pooled_output": (1, 32), "guidance": 3.5}, {"double_blocks": 2, "single_blocks": 3}, detected=True),
     "qwen_image": Spec(("QwenImage",), dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=3, attention_head_dim=128,
                                             num_attention_heads=1, joint_attention_dim=48),
                        48, (1, 16, 1, 8, 8), {}, {"transformer_blocks": 3}),
@@ -45,6 +46,12 @@ SPECS = {
     "wan": Spec(("WAN21_T2V",), dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64, ffn_dim=128,
                                      freq_dim=32, text_dim=48, out_dim=16, num_heads=2, num_layers=3),
                 48, (1, 16, 1, 8, 8), {}, {"blocks": 3}),
+    # LTX-Video: detection fixes 32 heads, the 128-channel latent and the 4096-wide T5 text (0.3.64 reads no
+    # config from the file's metadata), so the reduced model keeps those and narrows the heads (2 wide: width 64).
+    # A 5-D video latent (B, 128, T, H, W) with 2 frames; the forward requires the text's attention mask.
+    "ltx": Spec(("LTXV",), dict(image_model="ltxv", in_channels=128, num_attention_heads=32, attention_head_dim=2, cross_attention_dim=64,
+                                caption_channels=4096, num_layers=2),
+                4096, (1, 128, 2, 8, 8), {"attention_mask": torch.ones(1, 8, dtype=torch.int64)}, {"transformer_blocks": 2}, detected=True),
 }
 ZIMAGE_EXTRA = dict(z_image_modulation=True, time_scale=1000.0)
 
@@ -108,7 +115,7 @@ def build(family: str, seed: int = 0, tmp: Path | None = None):
     mc = _config(family)
     base = mc.get_model({}, "", device=torch.device("cpu"))
     sd = seed_weights(base.diffusion_model, seed)
-    if family == "flux" and tmp is not None:  # through the file loader: detection sees the reduced model
+    if SPECS[family].detected and tmp is not None:  # through the file loader: detection sees the reduced model
         import comfy.sd
         import comfy.utils
 

@@ -1,5 +1,5 @@
 """LoRA files for the reduced-size DiT models of `dit_models` (ComfyUI's own Flux, Qwen-Image,
-Z-Image, Wan classes), in the formats people have, with seeded random factors; and ComfyUI's own
+Z-Image, Wan, LTX-Video classes), in the formats people have, with seeded random factors; and ComfyUI's own
 LoraLoader result for them, to compare with.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ def skip_reason(family: str) -> str | None:
 
 
 _CLASSES = {"flux": ("comfy.ldm.flux.model", "Flux"), "qwen_image": ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
-            "zimage": ("comfy.ldm.lumina.model", "NextDiT"), "wan": ("comfy.ldm.wan.model", "WanModel")}
+            "zimage": ("comfy.ldm.lumina.model", "NextDiT"), "wan": ("comfy.ldm.wan.model", "WanModel"),
+            "ltx": ("comfy.ldm.lightricks.model", "LTXVModel")}
 
 
 def _accepted(family: str, cfg: dict) -> dict:
@@ -70,6 +71,8 @@ def inputs(family: str, seed: int = 5):
     extra = {}
     if family == "flux":
         extra = {"y": torch.randn(spec.extra_cond["pooled_output"], generator=g), "guidance": torch.tensor([3.5])}
+    elif family == "ltx":  # LTXVModel's forward takes the text's attention mask as a required argument
+        extra = {"attention_mask": None}
     return x, torch.tensor([0.7]), ctx, extra
 
 
@@ -77,7 +80,7 @@ def inputs(family: str, seed: int = 5):
 
 _BLOCKS = ("double_blocks.", "single_blocks.", "transformer_blocks.", "layers.", "noise_refiner.", "context_refiner.", "blocks.")
 LORA_FORMATS = {"flux": ("kohya", "comfy", "diffusers", "xlabs"), "qwen_image": ("kohya", "comfy", "diffusers"),
-                "zimage": ("kohya", "comfy", "diffusers"), "wan": ("kohya", "comfy", "lightx2v")}
+                "zimage": ("kohya", "comfy", "diffusers"), "wan": ("kohya", "comfy", "lightx2v"), "ltx": ("kohya", "comfy", "diffusers")}
 
 
 def _pair(g, out_f: int, in_f: int, rank: int, scale: float = 0.05):
@@ -97,7 +100,7 @@ def _diffusers_targets(model, family: str) -> dict[str, tuple]:
 
     fn = {"flux": "flux_to_diffusers", "zimage": "z_image_to_diffusers"}.get(family)
     sd = model.model.diffusion_model.state_dict()
-    if fn is None:  # Qwen-Image: ComfyUI's module names are diffusers' names
+    if fn is None:  # Qwen-Image, LTX-Video: ComfyUI's module names are diffusers' names
         return {k[:-7]: (k, sd[k].shape[0]) for k in _block_weights(model)}
     out, seen = {}, set()
     for k, v in getattr(comfy.utils, fn)(model.model.model_config.unet_config).items():
@@ -157,13 +160,17 @@ def make_lora(model, family: str, fmt: str, seed: int = 1, rank: int = 4) -> dic
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def comfy_reference_sd(sd: dict, fmt: str) -> dict:
+def comfy_reference_sd(sd: dict, fmt: str, family: str | None = None) -> dict:
     """The state dict to hand ComfyUI's loader for the same LoRA: XLabs files go through ComfyUI's own
-    converter (its loader converts them only when every one of Flux.1's 57 blocks is present)."""
+    converter (its loader converts them only when every one of Flux.1's 57 blocks is present). ComfyUI
+    maps no `transformer.` names for LTX-Video: a user converts a diffusers LTX LoRA to `diffusion_model.`
+    names (LTX-Video-Trainer's converter swaps the prefix), and that file is the reference."""
     if fmt == "xlabs":
         import comfy.lora_convert
 
         return comfy.lora_convert.convert_uso_lora(sd)
+    if fmt == "diffusers" and family == "ltx":
+        return {"diffusion_model." + k[len("transformer."):]: v for k, v in sd.items()}
     return sd
 
 

@@ -1,4 +1,4 @@
-"""Compile and FP16 Cast on the DiT families (Flux, Qwen-Image, Z-Image, Wan) in a real ComfyUI.
+"""Compile, FP16 Cast and Step Cache on the DiT families (Flux, Qwen-Image, Z-Image, Wan, LTX-Video) in a real ComfyUI.
 
 Reduced-size models of each family's real ComfyUI class (tests/integration/dit_models.py),
 sampled through ComfyUI's KSampler path. Every family compiles regionally through
@@ -16,7 +16,7 @@ import torch
 import comfy_harness as harness
 import dit_models
 
-REGIONAL = ("flux", "qwen_image", "zimage", "wan")
+REGIONAL = ("flux", "qwen_image", "zimage", "wan", "ltx")
 
 
 def _counters():
@@ -161,6 +161,23 @@ def test_fp16_cast_bf16(comfy_host, comfy_cast, models, fam):
     assert harness.rel_err(out, ref) < 0.1  # bf16 rounding over 2 steps of a random model: ~0.05
 
 
+@pytest.mark.parametrize("fam", dit_models.FAMILIES)
+def test_step_cache_cuts_every_family_and_adaptive_measures_the_front_blocks(comfy_host, models, stepcache_stats, fam):
+    """Fixed: the scheduled steps are cached and the result moves off eager; adaptive: a tiny threshold never
+    caches (the front blocks' residual really changes between steps: LTX-Video's blocks add into their input
+    in place, so the measure must not alias it) and a huge one caches up to the cap."""
+    model, _ = _model(models, fam)
+    steps = 6
+    ref = dit_models.sample(model, fam, steps=steps, cfg=2.0)
+    out = dit_models.sample(harness.step_cache(comfy_host, model, interval=3), fam, steps=steps, cfg=2.0)
+    assert stepcache_stats[-1]["cached_steps"] == [1, 2, 4, 5], stepcache_stats[-1]
+    assert 0 < harness.rel_err(out, ref) < 0.5
+    dit_models.sample(harness.step_cache(comfy_host, model, "adaptive", threshold=0.001), fam, steps=steps, cfg=2.0)
+    assert stepcache_stats[-1]["cached_steps"] == [], stepcache_stats[-1]
+    dit_models.sample(harness.step_cache(comfy_host, model, "adaptive", threshold=10.0, max_cached=2), fam, steps=steps, cfg=2.0)
+    assert stepcache_stats[-1]["cached_steps"] == [1, 2, 4, 5], stepcache_stats[-1]
+
+
 def test_nodes_without_dit_support_pass_a_dit_model_through(comfy_host, comfy_adapter, models, caplog):
     model, _ = _model(models, "flux")
     dc = comfy_host.pack_module("accel_core.hosts.comfy.deepcache")
@@ -169,6 +186,27 @@ def test_nodes_without_dit_support_pass_a_dit_model_through(comfy_host, comfy_ad
         out = dc.apply_deepcache(model, dcmod.DeepCacheConfig())
     assert out is model
     assert "Flux is not a model this node knows" in caplog.text
+
+
+def test_ltx2_audio_video_passes_through_every_node_with_a_warning(comfy_host, comfy_adapter, accel, caplog):
+    """LTX-2 (LTXAVModel, a subclass of LTX-Video's class) hands its blocks a (video, audio) pair: no family
+    takes it, so the nodes pass it through with their warning instead of cutting or compiling it wrongly."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    if not hasattr(sm, "LTXAV"):
+        pytest.skip("this ComfyUI has no LTXAV (LTX-2) model config")
+    mc = sm.LTXAV(dict(image_model="ltxav", num_attention_heads=32, attention_head_dim=2, cross_attention_dim=64, num_layers=1))
+    mc.set_inference_dtype(torch.float32, None)
+    base = mc.get_model({}, "", device=torch.device("meta"))  # shapes only: its audio parts are full size
+    model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    assert comfy_host.pack_module("accel_core.families").family_of(base.diffusion_model) is None
+    hs = comfy_host.pack_module("accel_core.hosts.comfy.stepcache")
+    sc = comfy_host.pack_module("accel_core.stepcache")
+    with caplog.at_level(logging.WARNING):
+        assert comfy_adapter.apply_compile(model, _config(accel)) is model
+        assert hs.apply_step_cache(model, sc.StepCacheConfig()) is model
+    assert caplog.text.count("LTXAVModel is not a model this node knows") == 2, caplog.text
 
 
 def test_an_unknown_model_passes_through_with_a_warning(comfy_host, comfy_adapter, accel, models, caplog):

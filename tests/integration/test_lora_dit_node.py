@@ -12,7 +12,7 @@ import comfy_harness as harness
 import dit_models
 import dit_tiny
 
-FORMAT = {"flux": "diffusers", "qwen_image": "diffusers", "zimage": "kohya", "wan": "lightx2v"}
+FORMAT = {"flux": "diffusers", "qwen_image": "diffusers", "zimage": "kohya", "wan": "lightx2v", "ltx": "comfy"}  # ComfyUI reads no diffusers LTX names
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import comfy_harness as harness
 import dit_models
 import dit_tiny
 
-FAMS = ("flux", "wan")
+FAMS = ("flux", "wan", "ltx")
 STEPS, INTERVAL = 5, 2  # full calls at steps 0, 2, 4; cached at 1, 3
-FORMAT = {"flux": "diffusers", "wan": "lightx2v"}
+FORMAT = {"flux": "diffusers", "wan": "lightx2v", "ltx": "comfy"}
 
 
 @pytest.fixture(scope="module")

@@ -141,3 +141,33 @@ def test_fallback_off_raises():
     rc = regional.RegionalCompiled(m, families.family_of(m), CompileConfig(torch_backend="eager", fullgraph=True, fallback=False))
     with pytest.raises(Exception), torch.no_grad(), rc.calling():
         m(*_inputs(), _replacements(rc))
+
+
+class LTXVModel(nn.Module):
+    """The attributes the LTX-Video probe reads (ComfyUI's comfy/ldm/lightricks/model.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patchify_proj, self.adaln_single = nn.Linear(4, 8), nn.Linear(8, 48)
+        self.transformer_blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+
+class LTXAVModel(LTXVModel):
+    """LTX-2's audio-video model subclasses LTX-Video's, with blocks of another calling convention."""
+
+
+def test_ltx_video_is_a_family_and_ltx2_is_not():
+    fam = families.family_of(LTXVModel())
+    assert fam is not None and fam.name == "ltx"
+    assert [(bl.attr, bl.patch, len(m)) for bl, m in fam.block_lists(LTXVModel())] == [("transformer_blocks", "double_block", 3)]
+    assert families.family_of(LTXAVModel()) is None  # nodes pass it through with their "not a model this node knows" warning
+
+
+def test_a_lora_s_family_is_guessed_from_the_registrations_hints():
+    from sd_accel.accel_core.lora_names import guess_family
+
+    assert guess_family(["diffusion_model.transformer_blocks.0.attn1.to_q", "diffusion_model.adaln_single.linear"]) == "ltx"
+    assert guess_family(["lora_unet_blocks_0_self_attn_q"]) == "wan"
+    # an SD LoRA names attn1 layers too: the tie goes to the UNets, registered first
+    assert guess_family(["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]) == "unet"
+    assert guess_family(["something_else"]) is None
