@@ -22,7 +22,7 @@ import comfy_harness as harness
 ROWS = ["comfy eager (baseline)", "comfy TorchCompileModel (built-in, eager)", "SDAccelCompileUNet default [eager]",
         "SDAccelStepCache fixed 3", "SDAccelStepCache forecast 3", "SDAccelCompileUNet default [eager] + SDAccelStepCache fixed 3",
         "SDAccelCompileUNet default [eager] + SDAccelStepCache forecast 3", "comfy EasyCache 0.2", "comfy LazyCache 0.2"]
-BLOCK_KINDS = {"flux-tiny": 2, "wan-tiny": 1}  # Flux: double and single blocks; Wan: one kind
+BLOCK_KINDS = {"flux-tiny": 2, "wan-tiny": 1, "ltx-tiny": 1}  # Flux: double and single blocks; Wan, LTX-Video: one kind
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_dit_preset_measures_ours_beside_the_peers(root, tmp_path, preset):
     assert "DynamicVRAM off" in p.stdout and ROWS[-1] in p.stdout
 
 
-BILLIONS = {"flux": 11.9, "qwen_image": 20.43, "zimage": 6.15, "wan": 5.0}  # Flux.1-dev, Qwen-Image, Z-Image, Wan 2.2 TI2V-5B
+BILLIONS = {"flux": 11.9, "qwen_image": 20.43, "zimage": 6.15, "wan": 5.0, "ltx": 1.92}  # Flux.1-dev, Qwen-Image, Z-Image, Wan 2.2 TI2V-5B, LTX-Video 2B
 
 
 @pytest.mark.parametrize("family", sorted(BILLIONS))
