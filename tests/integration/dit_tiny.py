@@ -17,7 +17,7 @@ def skip_reason(family: str) -> str | None:
 
 _CLASSES = {"flux": ("comfy.ldm.flux.model", "Flux"), "qwen_image": ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
             "zimage": ("comfy.ldm.lumina.model", "NextDiT"), "wan": ("comfy.ldm.wan.model", "WanModel"),
-            "ltx": ("comfy.ldm.lightricks.model", "LTXVModel")}
+            "ltx": ("comfy.ldm.lightricks.model", "LTXVModel"), "minimax": ("comfy.ldm.minimax.model", "MiniMaxH3Model")}
 
 
 def _accepted(family: str, cfg: dict) -> dict:
@@ -53,7 +53,7 @@ def tiny_model(family: str, seed: int = 0):
     mc = getattr(sm, name)(_accepted(family, cfg))
     mc.set_inference_dtype(torch.float32, None)
     base = mc.get_model({}, "", device=torch.device("cpu"))
-    dit_models.seed_weights(base.diffusion_model, seed)
+    dit_models.seed_weights(base.diffusion_model, seed, spec.std)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
@@ -73,14 +73,18 @@ def inputs(family: str, seed: int = 5):
         extra = {"y": torch.randn(spec.extra_cond["pooled_output"], generator=g), "guidance": torch.tensor([3.5])}
     elif family == "ltx":  # LTXVModel's forward takes the text's attention mask as a required argument
         extra = {"attention_mask": None}
+    elif spec.audio_shape is not None:  # MiniMax H3: the (video, audio) pair, a single batch, timestep = sigma * 1000
+        return [x, torch.randn(spec.audio_shape, generator=g)], torch.tensor([700.0]), ctx, extra
     return x, torch.tensor([0.7]), ctx, extra
 
 
 # --- LoRA files in the formats people have, with seeded random factors --------------------------
 
-_BLOCKS = ("double_blocks.", "single_blocks.", "transformer_blocks.", "layers.", "noise_refiner.", "context_refiner.", "blocks.")
+_BLOCKS = ("double_blocks.", "single_blocks.", "transformer_blocks.", "layers.", "noise_refiner.", "context_refiner.", "blocks.",
+           "token_refiner.blocks.")
 LORA_FORMATS = {"flux": ("kohya", "comfy", "diffusers", "xlabs"), "qwen_image": ("kohya", "comfy", "diffusers"),
-                "zimage": ("kohya", "comfy", "diffusers"), "wan": ("kohya", "comfy", "lightx2v"), "ltx": ("kohya", "comfy", "diffusers")}
+                "zimage": ("kohya", "comfy", "diffusers"), "wan": ("kohya", "comfy", "lightx2v"), "ltx": ("kohya", "comfy", "diffusers"),
+                "minimax": ("kohya", "comfy")}  # ComfyUI maps no other MiniMax H3 names
 
 
 def _pair(g, out_f: int, in_f: int, rank: int, scale: float = 0.05):
@@ -202,4 +206,4 @@ def sample(model, family: str, steps: int = 2, cfg: float = 1.0, seed: int = 42,
     pos, neg = conditioning(family)
     with torch.inference_mode():
         out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, pos, neg, dit_models.latent(family, size))
-    return out[0]["samples"].clone()
+    return dit_models.flat(out[0]["samples"]).clone()
