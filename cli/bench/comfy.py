@@ -231,10 +231,13 @@ class ComfyBench:
                inputs: ComfyInputs | None = None) -> torch.Tensor:
         import comfy.sample
 
+        from . import dit
+
         i = inputs or self.inputs
         scheduler = scheduler or self.preset.scheduler
-        return comfy.sample.sample(model, i.noise, steps or self.steps, self.cfg.cfg_scale if cfg_scale is None else cfg_scale,
-                                   sampler, scheduler, i.positive, i.negative, i.latent, denoise=1.0, disable_pbar=True, seed=self.cfg.seed)
+        out = comfy.sample.sample(model, i.noise, steps or self.steps, self.cfg.cfg_scale if cfg_scale is None else cfg_scale,
+                                  sampler, scheduler, i.positive, i.negative, i.latent, denoise=1.0, disable_pbar=True, seed=self.cfg.seed)
+        return dit.flat(out)  # an audio+video latent (MiniMax H3) as one tensor
 
     def measure(self, name: str, make: Callable[[], object], note: str = "", compile_ctx: Callable | None = None,
                 steps: int | None = None, row_ctx: Callable | None = None, run: Callable | None = None,

@@ -44,6 +44,7 @@ class DitSpec:
     extra: dict = field(default_factory=dict)  # conditioning extras: a tuple is a random tensor of that shape
     std: float = 0.02  # weights ~ N(0, std); norm scales 1, biases 0
     text_mask: bool = False  # the conditioning carries the text's attention mask (Lumina 2 on 0.3.64 reads its length; LTX-Video requires it)
+    audio: tuple | None = None  # an audio+video model: the latent is ComfyUI's NestedTensor (video `latent`, audio of this shape)
 
 
 FULL = {
@@ -88,11 +89,18 @@ TINY = {
     "ltx": DitSpec(("LTXV",), dict(image_model="ltxv", in_channels=128, num_attention_heads=32, attention_head_dim=2, cross_attention_dim=64,
                                    caption_channels=4096, num_layers=2),
                    (8, 4096), (1, 128, 2, 8, 8), std=0.05, text_mask=True),
+    # MiniMax H3 (0.33+): no full-size preset: its released width (hidden 5376, 50 blocks) is about 32B parameters,
+    # a 64 GB bf16 file, more than the GPU machines' disk holds next to the rest.
+    "minimax": DitSpec(("MiniMaxH3",), dict(image_model="minimax_h3", hidden_size=64, num_layers=3, token_refiner_num_layers=1,
+                                            num_attention_heads=2, attention_head_dim=32, ffn_hidden_size=128, latents_dim=24,
+                                            audio_latents_dim=32, text_dim=32, timestep_input_dim=32, time_embed_hidden_size=64,
+                                            time_embed_dim=32, rope_inv_freq_len=4),
+                       (8, 32), (1, 24, 2, 8, 8), std=0.1, audio=(1, 32, 2, 4)),
 }
 
 _CLASSES = {"flux": ("comfy.ldm.flux.model", "Flux", "FluxParams"), "qwen_image": ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", None),
             "zimage": ("comfy.ldm.lumina.model", "NextDiT", None), "wan": ("comfy.ldm.wan.model", "WanModel", None),
-            "ltx": ("comfy.ldm.lightricks.model", "LTXVModel", None)}
+            "ltx": ("comfy.ldm.lightricks.model", "LTXVModel", None), "minimax": ("comfy.ldm.minimax.model", "MiniMaxH3Model", None)}
 
 
 def spec(family: str, tiny: bool) -> DitSpec:
@@ -272,9 +280,21 @@ def conditioning(family: str, tiny: bool, g: torch.Generator) -> list:
     return [[torch.randn((1, n, width), generator=g), extra]]
 
 
-def latent(family: str, tiny: bool) -> torch.Tensor:
-    return torch.zeros(spec(family, tiny).latent)
+def latent(family: str, tiny: bool):
+    s = spec(family, tiny)
+    if s.audio is None:
+        return torch.zeros(s.latent)
+    import comfy.nested_tensor
+
+    return comfy.nested_tensor.NestedTensor((torch.zeros(s.latent), torch.zeros(s.audio)))
+
+
+def flat(samples) -> torch.Tensor:
+    """A sampled latent as one tensor (an audio+video NestedTensor: its streams flattened and joined)."""
+    if getattr(samples, "is_nested", False):
+        return torch.cat([t.flatten() for t in samples.unbind()])
+    return samples
 
 
 __all__ = ["FULL", "TINY", "DitSpec", "spec", "config_name", "model_config", "build_weights", "model_file", "load_model", "conditioning",
-           "latent", "seed_weights"]
+           "latent", "flat", "seed_weights"]
