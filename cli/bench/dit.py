@@ -89,8 +89,9 @@ TINY = {
     "ltx": DitSpec(("LTXV",), dict(image_model="ltxv", in_channels=128, num_attention_heads=32, attention_head_dim=2, cross_attention_dim=64,
                                    caption_channels=4096, num_layers=2),
                    (8, 4096), (1, 128, 2, 8, 8), std=0.05, text_mask=True),
-    # MiniMax H3 (0.33+): no full-size preset: its released width (hidden 5376, 50 blocks) is about 32B parameters,
-    # a 64 GB bf16 file, more than the GPU machines' disk holds next to the rest.
+    # MiniMax H3 (0.33+): no full-size preset: the class defaults (hidden 5376, 50 blocks, full-width adaln) are 33.1B
+    # parameters, a 66 GB bf16 file, more than the GPU machines' disk holds next to the rest; the curve-form
+    # checkpoints are smaller, but their curve basis size is read from the file and not known here.
     "minimax": DitSpec(("MiniMaxH3",), dict(image_model="minimax_h3", hidden_size=64, num_layers=3, token_refiner_num_layers=1,
                                             num_attention_heads=2, attention_head_dim=32, ffn_hidden_size=128, latents_dim=24,
                                             audio_latents_dim=32, text_dim=32, timestep_input_dim=32, time_embed_hidden_size=64,
