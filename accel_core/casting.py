@@ -135,11 +135,12 @@ def cast_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool, source
             if id(p) in memo:
                 continue
             src = source.get(name, p) if source else p
-            t = _convert(src.detach(), p.dtype if fam is not None and fam.keeps_dtype(name) else dtype, channels_last)
+            t = _convert(src.detach(), p.dtype if fam is not None and fam.keeps_dtype(name, module) else dtype, channels_last)
             memo[id(p)] = nn.Parameter(t, requires_grad=False)
         for name, b in module.named_buffers(remove_duplicate=False):
             if id(b) not in memo:
-                memo[id(b)] = _convert(b, dtype, channels_last) if b.is_floating_point() else b.clone()
+                keep = fam is not None and fam.keeps_dtype(name, module)
+                memo[id(b)] = _convert(b, b.dtype if keep else dtype, channels_last) if b.is_floating_point() else b.clone()
     return copy.deepcopy(module, memo)
 
 

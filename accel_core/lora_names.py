@@ -91,21 +91,14 @@ class Targets:
         return self.exact.get(base) or self.flat.get(base.replace(".", "_"))
 
 
-# Key fragments that say which family a LoRA file was made for (for the wrong-model message).
-_FAMILY_HINTS = (
-    ("unet", ("input_blocks", "output_blocks", "down_blocks", "up_blocks", "mid_block", "middle_block")),
-    ("flux", ("double_blocks", "single_blocks", "single_transformer_blocks", "qkv_lora")),
-    ("qwen_image", ("img_mlp.net", "img_mlp_net", "img_mod.1", "img_mod_1", "txt_mlp.net", "txt_mlp_net")),
-    ("wan", ("self_attn.q", "self_attn_q", "cross_attn.k", "cross_attn_k", "blocks.0.ffn", "blocks_0_ffn")),
-    ("zimage", ("noise_refiner", "context_refiner", "attention.qkv", "attention_qkv", "feed_forward.w", "feed_forward_w")),
-)
-
-
 def guess_family(keys) -> str | None:
-    """The family group (a registry name, or "unet") a LoRA's layer names point to, or None."""
+    """The family group (a registry name, or "unet") a LoRA's layer names point to (the families'
+    `lora_hints`: key fragments that say which family a file was made for), or None. A tie goes to
+    the family registered first (the UNets: an SD LoRA also names attn1/attn2 layers)."""
+    hints = [(_group(f), f.lora_hints) for f in families() if f.lora_hints]
     votes = {}
     for k in keys:
-        for fam, frags in _FAMILY_HINTS:
+        for fam, frags in hints:
             if any(f in k for f in frags):
                 votes[fam] = votes.get(fam, 0) + 1
     return max(votes, key=votes.get) if votes else None

@@ -388,8 +388,8 @@ class StepCacheRun:
         i = self.cuts.pos[point]
         if i == 0 or self.call is None:
             self._start_call(lane_key, sigma, args["img"])
-            if self.config.mode == "adaptive":
-                self.call.first_in = args["img"]
+            if self.config.mode == "adaptive":  # a copy: a block may add into its input in place (LTX-Video's)
+                self.call.first_in = args["img"].clone()
         call, cuts = self.call, self.cuts
         if i < cuts.first_mid or i >= cuts.end_mid:
             return run_block(args)

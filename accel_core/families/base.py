@@ -60,11 +60,15 @@ class Family:
     skip_count(module): UNets: how many skip connections (DeepCache's cut depths) it has.
     host_walk: a forward walk driven by a host's hooks object (families/ldm.py), for hosts that
         cut the model themselves; walk: a host-free cut walk with `full`/`shallow` (families/diffusers.py).
-    keep_dtype: module names whose weights a cast leaves in their dtype (the class builds them
-        fp32 and feeds them fp32, e.g. Wan's patch embedding).
+    keep_dtype: module / tensor names whose weights and buffers a cast leaves in their dtype (the
+        class builds them fp32 and feeds them fp32, e.g. Wan's patch embedding); a name matches a
+        whole dotted path or any run of its segments ("adaln_proj" is every block's). Or a function
+        of the module giving those names (a variant builds some parts fp32, others not).
     fp8_skip: substrings of layer names that stay in the compute dtype under fp8 matmuls (the
         timestep / modulation layers: one row per image, nothing to gain, and they steer every
         block); None: fp8.FP8Config's default (the LDM UNet's).
+    lora_hints: fragments of LoRA layer names that say a file was made for this family (the
+        message for a LoRA that does not fit names the family it looks made for).
     """
 
     name: str
@@ -77,12 +81,15 @@ class Family:
     skip_count: Callable[[nn.Module], int] | None = None
     host_walk: object = None
     walk: object = None
-    keep_dtype: tuple[str, ...] = ()
+    keep_dtype: tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]] = ()
     fp8_skip: tuple[str, ...] | None = None
+    lora_hints: tuple[str, ...] = ()
 
-    def keeps_dtype(self, name: str) -> bool:
-        """Whether parameter `name` stays in its dtype when the model is cast (the family's class pins it)."""
-        return any(name == p or name.startswith(p + ".") for p in self.keep_dtype)
+    def keeps_dtype(self, name: str, module: nn.Module | None = None) -> bool:
+        """Whether tensor `name` of `module` stays in its dtype when the model is cast (the family's class pins it)."""
+        names = self.keep_dtype(module) if callable(self.keep_dtype) else self.keep_dtype
+        path = f".{name}."
+        return any(f".{p}." in path for p in names)
 
     def entry_of(self, module: nn.Module) -> str:
         """The method name a host routes `module` through."""

@@ -20,5 +20,6 @@ FLUX = register(Family(
     entry=("_forward", "forward"),
     lora_keys=flux_lora.lora_keys,
     blocks=(BlockList("double_blocks", "double_block"), BlockList("single_blocks", "single_block")),
+    lora_hints=("double_blocks", "single_blocks", "single_transformer_blocks", "qkv_lora"),
     fp8_skip=("time_in", "vector_in", "guidance_in", "distilled_guidance", "img_mod", "txt_mod", "modulation", "adaLN"),
 ))

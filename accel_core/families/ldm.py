@@ -195,6 +195,7 @@ LDM = register(Family(
     lora_keys=unet_lora_keys,
     skip_count=lambda m: len(m.input_blocks),
     host_walk=sys.modules[__name__],
+    lora_hints=("input_blocks", "output_blocks", "down_blocks", "up_blocks", "mid_block", "middle_block"),
 ))
 
 __all__ = ["LDM", "LdmHooks", "BLOCK_PATCHES", "walk", "forward", "full", "shallow", "paths", "skipped_transformers", "drop_skipped_control", "apply_control"]

@@ -15,5 +15,6 @@ QWEN_IMAGE = register(Family(
     entry=("_forward", "forward"),
     lora_keys=own_names,
     blocks=(BlockList("transformer_blocks", "double_block"),),
+    lora_hints=("img_mlp.net", "img_mlp_net", "img_mod.1", "img_mod_1", "txt_mlp.net", "txt_mlp_net"),
     fp8_skip=("time_text_embed", "img_mod", "txt_mod", "norm_out"),
 ))

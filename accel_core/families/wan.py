@@ -16,6 +16,7 @@ WAN = register(Family(
     entry=("_forward", "forward"),
     lora_keys=own_names,
     blocks=(BlockList("blocks", "double_block"),),
+    lora_hints=("self_attn.q", "self_attn_q", "cross_attn.k", "cross_attn_k", "blocks.0.ffn", "blocks_0_ffn"),
     keep_dtype=("patch_embedding",),  # built fp32 and called as patch_embedding(x.float())
     fp8_skip=("time_embedding", "time_projection"),
 ))

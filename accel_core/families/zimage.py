@@ -30,4 +30,5 @@ ZIMAGE = register(Family(
             BlockList("layers", "double_block", hooked=False, args=_ARGS)),
     units=lambda m: units_of(m, _PARTS),
     fp8_skip=("t_embedder", "adaLN_modulation"),
+    lora_hints=("noise_refiner", "context_refiner", "attention.qkv", "attention_qkv", "feed_forward.w", "feed_forward_w"),
 ))

@@ -17,7 +17,7 @@ of one sampling run of the matching rows.
 
 Presets (comfy_presets.py; the ComfyUI loader needs real shapes, so "tiny" is real SD1.5 at a small
 latent): tiny = SD1.5 at 128x128, 4 steps (a CPU smoke run); sd15-512 = 512x512, 20 steps; sdxl-1024;
-the DiT families (flux-1024, qwen-image-1328, zimage-1024, wan-480p and their -tiny sizes), whose
+the DiT families (flux-1024, qwen-image-1328, zimage-1024, wan-480p, ltx-768x512 and their -tiny sizes), whose
 models are built in dit.py and whose rows are in dit_rows.py. ComfyUI is imported as its main.py
 would (DynamicVRAM where main.py turns it on: comfy_boot.py).
 """
@@ -231,10 +231,13 @@ class ComfyBench:
                inputs: ComfyInputs | None = None) -> torch.Tensor:
         import comfy.sample
 
+        from . import dit
+
         i = inputs or self.inputs
         scheduler = scheduler or self.preset.scheduler
-        return comfy.sample.sample(model, i.noise, steps or self.steps, self.cfg.cfg_scale if cfg_scale is None else cfg_scale,
-                                   sampler, scheduler, i.positive, i.negative, i.latent, denoise=1.0, disable_pbar=True, seed=self.cfg.seed)
+        out = comfy.sample.sample(model, i.noise, steps or self.steps, self.cfg.cfg_scale if cfg_scale is None else cfg_scale,
+                                  sampler, scheduler, i.positive, i.negative, i.latent, denoise=1.0, disable_pbar=True, seed=self.cfg.seed)
+        return dit.flat(out)  # an audio+video latent (MiniMax H3) as one tensor
 
     def measure(self, name: str, make: Callable[[], object], note: str = "", compile_ctx: Callable | None = None,
                 steps: int | None = None, row_ctx: Callable | None = None, run: Callable | None = None,

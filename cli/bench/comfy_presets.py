@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DIT_FAMILIES = ("flux", "qwen_image", "zimage", "wan")
+DIT_FAMILIES = ("flux", "qwen_image", "zimage", "wan", "ltx", "minimax")
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,14 @@ PRESETS = {
     "qwen-image-1328": ComfyPreset("qwen_image", 166, 20, cfg=4.0, scheduler="simple", what="Qwen-Image (20B) 1328x1328"),
     "zimage-1024": ComfyPreset("zimage", 128, 8, cfg=1.0, scheduler="simple", what="Z-Image (6B) 1024x1024"),
     "wan-480p": ComfyPreset("wan", 30, 20, cfg=5.0, scheduler="simple", what="Wan 2.2 5B 832x480, 33 frames"),
+    "ltx-768x512": ComfyPreset("ltx", 16, 30, cfg=3.0, scheduler="simple", what="LTX-Video 2B 0.9.x 768x512, 97 frames"),
     # Their reduced sizes: the real ComfyUI classes at small width and depth, for the CPU and tests.
     "flux-tiny": ComfyPreset("flux", 8, 6, cfg=1.0, scheduler="simple", tiny=True, what="Flux class, width 128, 5 blocks"),
     "qwen-image-tiny": ComfyPreset("qwen_image", 8, 6, cfg=4.0, scheduler="simple", tiny=True, what="Qwen-Image class, 3 blocks"),
     "zimage-tiny": ComfyPreset("zimage", 8, 6, cfg=1.0, scheduler="simple", tiny=True, what="Z-Image class, 3 layers"),
     "wan-tiny": ComfyPreset("wan", 8, 6, cfg=5.0, scheduler="simple", tiny=True, what="Wan class, 3 blocks"),
+    "ltx-tiny": ComfyPreset("ltx", 8, 6, cfg=3.0, scheduler="simple", tiny=True, what="LTX-Video class, width 64, 2 blocks"),
+    "minimax-tiny": ComfyPreset("minimax", 8, 6, cfg=3.0, scheduler="simple", tiny=True, what="MiniMax H3 class (0.33+), width 64, 3 blocks"),
 }
 
 __all__ = ["ComfyPreset", "PRESETS", "DIT_FAMILIES"]

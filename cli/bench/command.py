@@ -98,7 +98,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--preset", default="tiny", choices=list(PRESETS) + dits,
                    help="model and size: tiny (an SD1.5-layout UNet with narrow widths, 128x128: the CPU default), sd15-512, sdxl-1024; "
                         "with --host comfy also the DiT families at full size (--device cuda; seeded random weights written once as a "
-                        "safetensors file in the temp folder, 10-41 GB): " + "; ".join(f"{k} ({COMFY[k].what})" for k in dits if not COMFY[k].tiny)
+                        "safetensors file in the temp folder, 4-41 GB): " + "; ".join(f"{k} ({COMFY[k].what})" for k in dits if not COMFY[k].tiny)
                         + "; and their reduced sizes for the CPU: " + ", ".join(k for k in dits if COMFY[k].tiny))
     b.add_argument("--steps", type=count("the number of sampling steps", "give e.g. --steps 8, or leave it out for the preset's"), default=None,
                    help="sampling steps per run (default: the preset's: " + ", ".join(

@@ -1,6 +1,6 @@
 """The DiT families for `sd-accel bench --host comfy`: ComfyUI's own model classes with seeded random weights.
 
-Full size (flux-1024, qwen-image-1328, zimage-1024, wan-480p): the family's ComfyUI model config
+Full size (flux-1024, qwen-image-1328, zimage-1024, wan-480p, ltx-768x512): the family's ComfyUI model config
 (`comfy.supported_models`) with the released checkpoint's configuration builds the model on the
 device in bf16, every parameter is filled from a seeded generator, the state dict is written as
 safetensors (once; the file is kept in the temp folder for the next run) and loaded back with
@@ -43,6 +43,8 @@ class DitSpec:
     latent: tuple  # the latent at the preset's size
     extra: dict = field(default_factory=dict)  # conditioning extras: a tuple is a random tensor of that shape
     std: float = 0.02  # weights ~ N(0, std); norm scales 1, biases 0
+    text_mask: bool = False  # the conditioning carries the text's attention mask (Lumina 2 on 0.3.64 reads its length; LTX-Video requires it)
+    audio: tuple | None = None  # an audio+video model: the latent is ComfyUI's NestedTensor (video `latent`, audio of this shape)
 
 
 FULL = {
@@ -56,11 +58,16 @@ FULL = {
                                         n_kv_heads=30, multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
                                         axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0, z_image_modulation=True,
                                         time_scale=1000.0, pad_tokens_multiple=32),
-                      (256, 2560), (1, 16, 128, 128)),
+                      (256, 2560), (1, 16, 128, 128), text_mask=True),
     # Wan 2.2 TI2V 5B (48-channel latent, 16x spatial / 4x temporal): 832x480, 33 frames -> 9 x 30 x 52
     "wan": DitSpec(("WAN22_T2V",), dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=48, dim=3072,
                                         ffn_dim=14336, freq_dim=256, text_dim=4096, out_dim=48, num_heads=24, num_layers=30),
                    (512, 4096), (1, 48, 9, 30, 52)),
+    # LTX-Video 2B 0.9.x (128-channel latent, 32x spatial / 8x temporal): 768x512, 97 frames -> 13 x 16 x 24; T5-XXL text.
+    # ComfyUI's detection reads the depth, head width (32 heads) and text width; the rest are the class defaults.
+    "ltx": DitSpec(("LTXV",), dict(image_model="ltxv", in_channels=128, num_attention_heads=32, attention_head_dim=64, cross_attention_dim=2048,
+                                   caption_channels=4096, num_layers=28),
+                   (128, 4096), (1, 128, 13, 16, 24), text_mask=True),
 }
 
 TINY = {
@@ -75,14 +82,26 @@ TINY = {
                                                   n_heads=8, n_kv_heads=8, multiple_of=16, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5, qk_norm=True,
                                                   cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[64, 64, 64], rope_theta=256.0,
                                                   z_image_modulation=True, time_scale=1000.0),
-                      (8, 32), (1, 16, 8, 8), std=0.05),
+                      (8, 32), (1, 16, 8, 8), std=0.05, text_mask=True),
     "wan": DitSpec(("WAN21_T2V",), dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64, ffn_dim=128,
                                         freq_dim=32, text_dim=48, out_dim=16, num_heads=2, num_layers=3),
                    (8, 48), (1, 16, 1, 8, 8), std=0.05),
+    "ltx": DitSpec(("LTXV",), dict(image_model="ltxv", in_channels=128, num_attention_heads=32, attention_head_dim=2, cross_attention_dim=64,
+                                   caption_channels=4096, num_layers=2),
+                   (8, 4096), (1, 128, 2, 8, 8), std=0.05, text_mask=True),
+    # MiniMax H3 (0.33+): no full-size preset: the class defaults (hidden 5376, 50 blocks, full-width adaln) are 33.1B
+    # parameters, a 66 GB bf16 file, more than the GPU machines' disk holds next to the rest; the curve-form
+    # checkpoints are smaller, but their curve basis size is read from the file and not known here.
+    "minimax": DitSpec(("MiniMaxH3",), dict(image_model="minimax_h3", hidden_size=64, num_layers=3, token_refiner_num_layers=1,
+                                            num_attention_heads=2, attention_head_dim=32, ffn_hidden_size=128, latents_dim=24,
+                                            audio_latents_dim=32, text_dim=32, timestep_input_dim=32, time_embed_hidden_size=64,
+                                            time_embed_dim=32, rope_inv_freq_len=4),
+                       (8, 32), (1, 24, 2, 8, 8), std=0.1, audio=(1, 32, 2, 4)),
 }
 
 _CLASSES = {"flux": ("comfy.ldm.flux.model", "Flux", "FluxParams"), "qwen_image": ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", None),
-            "zimage": ("comfy.ldm.lumina.model", "NextDiT", None), "wan": ("comfy.ldm.wan.model", "WanModel", None)}
+            "zimage": ("comfy.ldm.lumina.model", "NextDiT", None), "wan": ("comfy.ldm.wan.model", "WanModel", None),
+            "ltx": ("comfy.ldm.lightricks.model", "LTXVModel", None), "minimax": ("comfy.ldm.minimax.model", "MiniMaxH3Model", None)}
 
 
 def spec(family: str, tiny: bool) -> DitSpec:
@@ -257,14 +276,26 @@ def conditioning(family: str, tiny: bool, g: torch.Generator) -> list:
     s = spec(family, tiny)
     n, width = s.context
     extra = {k: torch.randn(v, generator=g) if isinstance(v, tuple) else v for k, v in s.extra.items()}
-    if family == "zimage":  # Lumina 2 hosts (0.3.64) take the text length from it
+    if s.text_mask:
         extra["attention_mask"] = torch.ones(1, n, dtype=torch.long)
     return [[torch.randn((1, n, width), generator=g), extra]]
 
 
-def latent(family: str, tiny: bool) -> torch.Tensor:
-    return torch.zeros(spec(family, tiny).latent)
+def latent(family: str, tiny: bool):
+    s = spec(family, tiny)
+    if s.audio is None:
+        return torch.zeros(s.latent)
+    import comfy.nested_tensor
+
+    return comfy.nested_tensor.NestedTensor((torch.zeros(s.latent), torch.zeros(s.audio)))
+
+
+def flat(samples) -> torch.Tensor:
+    """A sampled latent as one tensor (an audio+video NestedTensor: its streams flattened and joined)."""
+    if getattr(samples, "is_nested", False):
+        return torch.cat([t.flatten() for t in samples.unbind()])
+    return samples
 
 
 __all__ = ["FULL", "TINY", "DitSpec", "spec", "config_name", "model_config", "build_weights", "model_file", "load_model", "conditioning",
-           "latent", "seed_weights"]
+           "latent", "flat", "seed_weights"]

@@ -1,4 +1,4 @@
-"""`sd-accel bench --host comfy --preset flux-1024|qwen-image-1328|zimage-1024|wan-480p|<family>-tiny`: the DiT rows.
+"""`sd-accel bench --host comfy --preset flux-1024|qwen-image-1328|zimage-1024|wan-480p|ltx-768x512|<family>-tiny`: the DiT rows.
 
 Ours beside the peers, in one process on one model (dit.py): ComfyUI eager; ComfyUI's
 TorchCompileModel; our Compile Model (regional on DiTs: one compiled block per kind), with and

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "tests" / "gpu"))
 
 CASES = ("eager", "builtin", "ours", "ours_nocg", "ours_fp8", "ours_cache", "ours_forecast", "cache_only", "limit24")
 GB = 1024 ** 3
-FAMILIES = ("flux", "qwen_image", "zimage", "wan")
+FAMILIES = ("flux", "qwen_image", "zimage", "wan", "ltx")
 
 
 def _package():
@@ -68,7 +68,7 @@ def spec(family: str, tiny: bool) -> dict:
     dit, presets = _package()
     s = dit.spec(family, tiny)
     p = next(v for v in presets.PRESETS.values() if v.arch == family and v.tiny == tiny)
-    return dict(context=s.context, extra=s.extra, latent=s.latent, steps=2 if tiny else p.steps, cfg=1.0 if tiny else p.cfg)
+    return dict(context=s.context, extra=s.extra, text_mask=s.text_mask, latent=s.latent, steps=2 if tiny else p.steps, cfg=1.0 if tiny else p.cfg)
 
 
 # --- the model file ------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ class Ctx:
         g = torch.Generator().manual_seed(3)
         n, w = self.spec["context"]
         extra = {k: torch.randn(v, generator=g) if isinstance(v, tuple) else v for k, v in self.spec["extra"].items()}
-        if self.family == "zimage":  # Lumina 2 hosts take the text length from it
+        if self.spec["text_mask"]:  # Lumina 2 hosts take the text length from it; LTX-Video requires it
             extra["attention_mask"] = torch.ones(1, n, dtype=torch.long)
         pos = [[torch.randn((1, n, w), generator=g), extra]]
         neg = [[torch.randn((1, n, w), generator=g), dict(extra)]]

@@ -1,13 +1,13 @@
 """Reduced-size DiT models of each family's real ComfyUI class, for CPU tests.
 
 `build(family)` makes a MODEL (ModelPatcher) through ComfyUI's own model config
-(`comfy.supported_models`), base model class and `operations`, with seeded weights. Flux goes
-through a safetensors file and `comfy.sd.load_diffusion_model`, so shape detection recognises
-the reduced model too; the others cannot (their detection fixes head counts and widths that a
-reduced model does not have), so they are built from the config directly.
+(`comfy.supported_models`), base model class and `operations`, with seeded weights. Flux, LTX-Video
+and MiniMax H3 (`Spec.detected`) go through a safetensors file and `comfy.sd.load_diffusion_model`,
+so shape detection recognises the reduced model too; the others cannot (their detection fixes head
+counts and widths that a reduced model does not have), so they are built from the config directly.
 
 `conditioning(family)` / `latent(family)` give inputs of the right shapes for
-`nodes.common_ksampler`. Each family has a `Spec`; `available(family)` says why a host lacks one.
+`nodes.common_ksampler` (MiniMax H3: a (video, audio) NestedTensor latent; `sample` returns it flat). Each family has a `Spec`; `available(family)` says why a host lacks one.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("flux", "qwen_image", "zimage", "wan")
+FAMILIES = ("flux", "qwen_image", "zimage", "wan", "ltx", "minimax")
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,16 @@ class Spec:
     latent_shape: tuple
     extra_cond: dict = field(default_factory=dict)
     n_blocks: dict = field(default_factory=dict)  # block list attr -> count (for tests)
+    detected: bool = False  # ComfyUI's detection recognises the reduced state dict: built through the file loader
+    audio_shape: tuple | None = None  # an audio+video model: the latent is ComfyUI's NestedTensor (video, audio of this shape)
+    std: float = 0.05  # seeded weights ~ N(0, std)
 
 
 SPECS = {
     "flux": Spec(("Flux",), dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=128,
                                   mlp_ratio=4.0, num_heads=1, depth=2, depth_single_blocks=3, axes_dim=[16, 56, 56], theta=10000,
                                   patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[]),
-                 64, (1, 16, 8, 8), {"pooled_output": (1, 32), "guidance": 3.5}, {"double_blocks": 2, "single_blocks": 3}),
+                 64, (1, 16, 8, 8), {"pooled_output": (1, 32), "guidance": 3.5}, {"double_blocks": 2, "single_blocks": 3}, detected=True),
     "qwen_image": Spec(("QwenImage",), dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=3, attention_head_dim=128,
                                             num_attention_heads=1, joint_attention_dim=48),
                        48, (1, 16, 1, 8, 8), {}, {"transformer_blocks": 3}),
@@ -45,6 +48,21 @@ SPECS = {
     "wan": Spec(("WAN21_T2V",), dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64, ffn_dim=128,
                                      freq_dim=32, text_dim=48, out_dim=16, num_heads=2, num_layers=3),
                 48, (1, 16, 1, 8, 8), {}, {"blocks": 3}),
+    # LTX-Video: detection fixes 32 heads, the 128-channel latent and the 4096-wide T5 text (0.3.64 reads no
+    # config from the file's metadata), so the reduced model keeps those and narrows the heads (2 wide: width 64).
+    # A 5-D video latent (B, 128, T, H, W) with 2 frames; the forward requires the text's attention mask.
+    "ltx": Spec(("LTXV",), dict(image_model="ltxv", in_channels=128, num_attention_heads=32, attention_head_dim=2, cross_attention_dim=64,
+                                caption_channels=4096, num_layers=2),
+                4096, (1, 128, 2, 8, 8), {"attention_mask": torch.ones(1, 8, dtype=torch.int64)}, {"transformer_blocks": 2}, detected=True),
+    # MiniMax H3 (0.33+): one packed sequence of text, audio and video rows; detection reads every width from the
+    # shapes. The latent is a (video [B, 24, T, H, W], audio [B, 32, 2, T_audio]) NestedTensor, as its
+    # EmptyMiniMaxH3LatentAV node makes; rope over 3 x 4 frequencies (24 of the 32-wide heads rotate).
+    "minimax": Spec(("MiniMaxH3",), dict(image_model="minimax_h3", hidden_size=64, num_layers=3, token_refiner_num_layers=1,
+                                         num_attention_heads=2, attention_head_dim=32, ffn_hidden_size=128, latents_dim=24,
+                                         audio_latents_dim=32, text_dim=32, timestep_input_dim=32, time_embed_hidden_size=64,
+                                         time_embed_dim=32, rope_inv_freq_len=4),
+                    32, (1, 24, 2, 8, 8), {}, {"blocks": 3}, detected=True, audio_shape=(1, 32, 2, 4),
+                    std=0.1),  # its blocks' gates are small: at 0.05 a LoRA on them moves the result by 3e-4 only
 }
 ZIMAGE_EXTRA = dict(z_image_modulation=True, time_scale=1000.0)
 
@@ -87,9 +105,13 @@ def _config(family: str):
 
 
 def seed_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> dict:
-    """Seeded normal(0, std) weights (norm weights 1, biases 0); returns the state dict."""
+    """Seeded normal(0, std) weights (norm weights 1, biases 0), RoPE `inv_freq` buffers the usual
+    geometric series (MiniMax H3 keeps its own in the checkpoint); returns the state dict."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, b in module.named_buffers():
+            if name.endswith("inv_freq"):
+                b.copy_(1.0 / 10000.0 ** (torch.arange(b.numel(), dtype=torch.float32) / b.numel()))
         for name, p in module.named_parameters():
             if p.dim() == 1 and ("norm" in name or name.endswith("scale")):
                 p.fill_(1.0 if not name.endswith("bias") else 0.0)
@@ -107,8 +129,8 @@ def build(family: str, seed: int = 0, tmp: Path | None = None):
 
     mc = _config(family)
     base = mc.get_model({}, "", device=torch.device("cpu"))
-    sd = seed_weights(base.diffusion_model, seed)
-    if family == "flux" and tmp is not None:  # through the file loader: detection sees the reduced model
+    sd = seed_weights(base.diffusion_model, seed, SPECS[family].std)
+    if SPECS[family].detected and tmp is not None:  # through the file loader: detection sees the reduced model
         import comfy.sd
         import comfy.utils
 
@@ -135,8 +157,20 @@ def conditioning(family: str, seed: int = 3):
 
 
 def latent(family: str, size: int = 8) -> dict:
-    shape = SPECS[family].latent_shape
-    return {"samples": torch.zeros(*shape[:-2], size, size)}
+    spec = SPECS[family]
+    video = torch.zeros(*spec.latent_shape[:-2], size, size)
+    if spec.audio_shape is None:
+        return {"samples": video}
+    import comfy.nested_tensor
+
+    return {"samples": comfy.nested_tensor.NestedTensor((video, torch.zeros(spec.audio_shape)))}
+
+
+def flat(samples) -> torch.Tensor:
+    """A sampled latent as one tensor (an audio+video NestedTensor: its streams flattened and joined)."""
+    if getattr(samples, "is_nested", False):
+        return torch.cat([t.flatten() for t in samples.unbind()])
+    return samples
 
 
 def sample(model, family: str, steps: int = 2, cfg: float = 1.0, seed: int = 42, size: int = 8) -> torch.Tensor:
@@ -145,7 +179,7 @@ def sample(model, family: str, steps: int = 2, cfg: float = 1.0, seed: int = 42,
     pos, neg = conditioning(family)
     with torch.inference_mode():
         out = nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", pos, neg, latent(family, size))
-    return out[0]["samples"].clone()
+    return flat(out[0]["samples"]).clone()
 
 
-__all__ = ["FAMILIES", "SPECS", "available", "build", "conditioning", "latent", "sample", "seed_weights"]
+__all__ = ["FAMILIES", "SPECS", "available", "build", "conditioning", "latent", "flat", "sample", "seed_weights"]

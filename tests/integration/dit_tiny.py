@@ -1,5 +1,5 @@
 """LoRA files for the reduced-size DiT models of `dit_models` (ComfyUI's own Flux, Qwen-Image,
-Z-Image, Wan classes), in the formats people have, with seeded random factors; and ComfyUI's own
+Z-Image, Wan, LTX-Video classes), in the formats people have, with seeded random factors; and ComfyUI's own
 LoraLoader result for them, to compare with.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ def skip_reason(family: str) -> str | None:
 
 
 _CLASSES = {"flux": ("comfy.ldm.flux.model", "Flux"), "qwen_image": ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
-            "zimage": ("comfy.ldm.lumina.model", "NextDiT"), "wan": ("comfy.ldm.wan.model", "WanModel")}
+            "zimage": ("comfy.ldm.lumina.model", "NextDiT"), "wan": ("comfy.ldm.wan.model", "WanModel"),
+            "ltx": ("comfy.ldm.lightricks.model", "LTXVModel"), "minimax": ("comfy.ldm.minimax.model", "MiniMaxH3Model")}
 
 
 def _accepted(family: str, cfg: dict) -> dict:
@@ -52,7 +53,7 @@ def tiny_model(family: str, seed: int = 0):
     mc = getattr(sm, name)(_accepted(family, cfg))
     mc.set_inference_dtype(torch.float32, None)
     base = mc.get_model({}, "", device=torch.device("cpu"))
-    dit_models.seed_weights(base.diffusion_model, seed)
+    dit_models.seed_weights(base.diffusion_model, seed, spec.std)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
@@ -70,14 +71,20 @@ def inputs(family: str, seed: int = 5):
     extra = {}
     if family == "flux":
         extra = {"y": torch.randn(spec.extra_cond["pooled_output"], generator=g), "guidance": torch.tensor([3.5])}
+    elif family == "ltx":  # LTXVModel's forward takes the text's attention mask as a required argument
+        extra = {"attention_mask": None}
+    elif spec.audio_shape is not None:  # MiniMax H3: the (video, audio) pair, a single batch, timestep = sigma * 1000
+        return [x, torch.randn(spec.audio_shape, generator=g)], torch.tensor([700.0]), ctx, extra
     return x, torch.tensor([0.7]), ctx, extra
 
 
 # --- LoRA files in the formats people have, with seeded random factors --------------------------
 
-_BLOCKS = ("double_blocks.", "single_blocks.", "transformer_blocks.", "layers.", "noise_refiner.", "context_refiner.", "blocks.")
+_BLOCKS = ("double_blocks.", "single_blocks.", "transformer_blocks.", "layers.", "noise_refiner.", "context_refiner.", "blocks.",
+           "token_refiner.blocks.")
 LORA_FORMATS = {"flux": ("kohya", "comfy", "diffusers", "xlabs"), "qwen_image": ("kohya", "comfy", "diffusers"),
-                "zimage": ("kohya", "comfy", "diffusers"), "wan": ("kohya", "comfy", "lightx2v")}
+                "zimage": ("kohya", "comfy", "diffusers"), "wan": ("kohya", "comfy", "lightx2v"), "ltx": ("kohya", "comfy", "diffusers"),
+                "minimax": ("kohya", "comfy")}  # ComfyUI maps no other MiniMax H3 names
 
 
 def _pair(g, out_f: int, in_f: int, rank: int, scale: float = 0.05):
@@ -97,7 +104,7 @@ def _diffusers_targets(model, family: str) -> dict[str, tuple]:
 
     fn = {"flux": "flux_to_diffusers", "zimage": "z_image_to_diffusers"}.get(family)
     sd = model.model.diffusion_model.state_dict()
-    if fn is None:  # Qwen-Image: ComfyUI's module names are diffusers' names
+    if fn is None:  # Qwen-Image, LTX-Video: ComfyUI's module names are diffusers' names
         return {k[:-7]: (k, sd[k].shape[0]) for k in _block_weights(model)}
     out, seen = {}, set()
     for k, v in getattr(comfy.utils, fn)(model.model.model_config.unet_config).items():
@@ -157,13 +164,17 @@ def make_lora(model, family: str, fmt: str, seed: int = 1, rank: int = 4) -> dic
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def comfy_reference_sd(sd: dict, fmt: str) -> dict:
+def comfy_reference_sd(sd: dict, fmt: str, family: str | None = None) -> dict:
     """The state dict to hand ComfyUI's loader for the same LoRA: XLabs files go through ComfyUI's own
-    converter (its loader converts them only when every one of Flux.1's 57 blocks is present)."""
+    converter (its loader converts them only when every one of Flux.1's 57 blocks is present). ComfyUI
+    maps no `transformer.` names for LTX-Video: a user converts a diffusers LTX LoRA to `diffusion_model.`
+    names (LTX-Video-Trainer's converter swaps the prefix), and that file is the reference."""
     if fmt == "xlabs":
         import comfy.lora_convert
 
         return comfy.lora_convert.convert_uso_lora(sd)
+    if fmt == "diffusers" and family == "ltx":
+        return {"diffusion_model." + k[len("transformer."):]: v for k, v in sd.items()}
     return sd
 
 
@@ -195,4 +206,4 @@ def sample(model, family: str, steps: int = 2, cfg: float = 1.0, seed: int = 42,
     pos, neg = conditioning(family)
     with torch.inference_mode():
         out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, pos, neg, dit_models.latent(family, size))
-    return out[0]["samples"].clone()
+    return dit_models.flat(out[0]["samples"]).clone()

@@ -18,7 +18,7 @@ from torch import nn
 # Real diffusion classes SD Accel registers families for (and MiniMax H3, the compiler's first user).
 DIFFUSION = [("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel"), ("comfy.ldm.flux.model", "Flux"),
              ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"), ("comfy.ldm.lumina.model", "NextDiT"),
-             ("comfy.ldm.wan.model", "WanModel"), ("comfy.ldm.minimax.model", "MiniMaxH3Model")]
+             ("comfy.ldm.wan.model", "WanModel"), ("comfy.ldm.minimax.model", "MiniMaxH3Model"), ("comfy.ldm.lightricks.model", "LTXVModel")]
 
 
 @pytest.fixture(scope="module")

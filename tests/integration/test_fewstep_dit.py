@@ -116,6 +116,8 @@ def test_settings_off_uses_the_nodes_steps_and_cfg(comfy_host, folder, caplog):
     ("qwen_image", "my_style.safetensors", "comfy", "is not a few-step LoRA SD Accel knows"),
     ("zimage", "zimage_style.safetensors", "kohya", "Z-Image-Turbo is a distilled checkpoint"),
     ("wan", "Qwen-Image-Lightning-8steps-V1.0.safetensors", None, "does not fit this model"),
+    ("ltx", "ltxv_style.safetensors", "comfy", "no few-step LoRA is known for LTX-Video"),
+    ("minimax", "minimax_h3_style.safetensors", "kohya", "no few-step LoRA is known for MiniMax H3"),
 ])
 def test_other_loras_are_refused_with_the_model_untouched(comfy_host, folder, fam, name, fmt, expect):
     model = _model(fam)

@@ -1,4 +1,4 @@
-"""LoRA Hot-Swap on ComfyUI's DiT families (Flux, Qwen-Image, Z-Image, Wan), tiny real classes:
+"""LoRA Hot-Swap on ComfyUI's DiT families (Flux, Qwen-Image, Z-Image, Wan, LTX-Video, MiniMax H3), tiny real classes:
 every name ComfyUI's loader maps resolves to the same weight (and slice), the fused weights equal
 what ComfyUI's LoraLoader patches for each file format, removal restores the exact bits, swaps
 on a compiled model never recompile, and a LoRA for another family is refused with the model
@@ -75,7 +75,7 @@ def test_fused_weights_equal_loraloader_and_restore_bit_exactly(comfy_host, lora
             pytest.skip("this ComfyUI maps no diffusers Z-Image LoRA names")
     sd = dit_tiny.make_lora(model, family, fmt, seed=3)
     before = dit_tiny.weights(model)
-    ref = dit_tiny.comfy_lora_weights(model, dit_tiny.comfy_reference_sd(sd, fmt), STRENGTH)
+    ref = dit_tiny.comfy_lora_weights(model, dit_tiny.comfy_reference_sd(sd, fmt, family), STRENGTH)
     assert dit_tiny.weights(model).keys() == before.keys()
     changed_by_comfy = {k for k in ref if not torch.equal(ref[k], before[k])}
     assert changed_by_comfy, "ComfyUI's LoraLoader changed nothing: the test file is not in a format it reads"
@@ -137,7 +137,8 @@ def test_swaps_on_a_compiled_flux_never_recompile(comfy_host, lora, tmp_path):
     assert torch.equal(outs[0], outs[-1])
 
 
-@pytest.mark.parametrize("lora_family,model_family", [("wan", "qwen_image"), ("qwen_image", "wan"), ("flux", "zimage"), ("sd15", "flux")])
+@pytest.mark.parametrize("lora_family,model_family", [("wan", "qwen_image"), ("qwen_image", "wan"), ("flux", "zimage"), ("sd15", "flux"),
+                                                      ("ltx", "wan"), ("wan", "ltx"), ("sd15", "ltx"), ("minimax", "ltx"), ("ltx", "minimax")])
 def test_lora_for_another_family_is_refused_with_the_model_untouched(comfy_host, lora, lora_family, model_family, tmp_path):
     model = _model(model_family)
     if lora_family == "sd15":
@@ -147,7 +148,7 @@ def test_lora_for_another_family_is_refused_with_the_model_untouched(comfy_host,
         expect = "SD1.x/SD2.x/SDXL UNet"
     else:
         sd = dit_tiny.make_lora(_model(lora_family), lora_family, "comfy", seed=6)
-        expect = {"wan": "Wan 2.x", "qwen_image": "Qwen-Image", "flux": "Flux / Chroma"}[lora_family]
+        expect = {"wan": "Wan 2.x", "qwen_image": "Qwen-Image", "flux": "Flux / Chroma", "ltx": "LTX-Video", "minimax": "MiniMax H3"}[lora_family]
     path = _save(tmp_path, sd, f"{lora_family}_lora")
     before = dit_tiny.weights(model)
     with pytest.raises(Exception) as e:

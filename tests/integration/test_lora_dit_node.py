@@ -12,7 +12,8 @@ import comfy_harness as harness
 import dit_models
 import dit_tiny
 
-FORMAT = {"flux": "diffusers", "qwen_image": "diffusers", "zimage": "kohya", "wan": "lightx2v"}
+FORMAT = {"flux": "diffusers", "qwen_image": "diffusers", "zimage": "kohya", "wan": "lightx2v", "ltx": "comfy",
+          "minimax": "comfy"}  # ComfyUI reads no diffusers LTX or MiniMax names
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""Step Cache stacked with Compile and LoRA Hot-Swap in a real ComfyUI (COMFYUI_PATH), on reduced Flux
-and Wan models of ComfyUI's own classes: Compile Model -> Step Cache -> LoRA Hot-Swap, the LoRA
+"""Step Cache stacked with Compile and LoRA Hot-Swap in a real ComfyUI (COMFYUI_PATH), on reduced Flux,
+Wan, LTX-Video and MiniMax H3 models of ComfyUI's own classes: Compile Model -> Step Cache -> LoRA Hot-Swap, the LoRA
 swapped between runs. Each run equals the same Step Cache over ComfyUI's LoraLoader (uncompiled), no
 swap recompiles (dynamo's "eager" backend, as the other CPU compile tests), and the plain model's
 weights come back bit for bit."""
@@ -13,9 +13,9 @@ import comfy_harness as harness
 import dit_models
 import dit_tiny
 
-FAMS = ("flux", "wan")
+FAMS = ("flux", "wan", "ltx", "minimax")
 STEPS, INTERVAL = 5, 2  # full calls at steps 0, 2, 4; cached at 1, 3
-FORMAT = {"flux": "diffusers", "wan": "lightx2v"}
+FORMAT = {"flux": "diffusers", "wan": "lightx2v", "ltx": "comfy", "minimax": "comfy"}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_compile_step_cache_and_hotswap_stack_like_loraloader_without_recompiles
         graphs = None
         for (k, s, mode), ref in zip(runs, refs):
             out = dit_tiny.sample(_hotswap(comfy_host, cached[mode], names[k], s), fam, steps=STEPS, cfg=2.0)
-            assert stats[-1]["cached_steps"] == [1, 3], stats[-1]
+            assert sorted(set(stats[-1]["cached_steps"])) == [1, 3], stats[-1]  # MiniMax H3 calls cond and uncond apart
             assert harness.rel_err(out, ref) < 1e-4, (k, s, mode)
             if graphs is None:
                 graphs = int(counters["stats"]["unique_graphs"])

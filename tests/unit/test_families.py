@@ -141,3 +141,69 @@ def test_fallback_off_raises():
     rc = regional.RegionalCompiled(m, families.family_of(m), CompileConfig(torch_backend="eager", fullgraph=True, fallback=False))
     with pytest.raises(Exception), torch.no_grad(), rc.calling():
         m(*_inputs(), _replacements(rc))
+
+
+class LTXVModel(nn.Module):
+    """The attributes the LTX-Video probe reads (ComfyUI's comfy/ldm/lightricks/model.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patchify_proj, self.adaln_single = nn.Linear(4, 8), nn.Linear(8, 48)
+        self.transformer_blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+
+class LTXAVModel(LTXVModel):
+    """LTX-2's audio-video model subclasses LTX-Video's, with blocks of another calling convention."""
+
+
+def test_ltx_video_is_a_family_and_ltx2_is_not():
+    fam = families.family_of(LTXVModel())
+    assert fam is not None and fam.name == "ltx"
+    assert [(bl.attr, bl.patch, len(m)) for bl, m in fam.block_lists(LTXVModel())] == [("transformer_blocks", "double_block", 3)]
+    assert families.family_of(LTXAVModel()) is None  # nodes pass it through with their "not a model this node knows" warning
+
+
+def test_a_lora_s_family_is_guessed_from_the_registrations_hints():
+    from sd_accel.accel_core.lora_names import guess_family
+
+    assert guess_family(["diffusion_model.transformer_blocks.0.attn1.to_q", "diffusion_model.adaln_single.linear"]) == "ltx"
+    assert guess_family(["lora_unet_blocks_0_self_attn_q"]) == "wan"
+    # an SD LoRA names attn1 layers too: the tie goes to the UNets, registered first
+    assert guess_family(["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]) == "unet"
+    assert guess_family(["something_else"]) is None
+
+
+class MiniMaxH3Model(nn.Module):
+    """The attributes the MiniMax H3 probe reads; `use_adaln_curves` is the curve-form checkpoint's flag."""
+
+    def __init__(self, curves=False):
+        super().__init__()
+        self.use_adaln_curves = curves
+        self.video_patch_proj, self.token_refiner = nn.Linear(4, 8), nn.Linear(8, 8)
+        self.blocks = nn.ModuleList(nn.Module() for _ in range(2))
+        for b in self.blocks:
+            b.attn, b.adaln_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+
+
+def test_minimax_keeps_its_fp32_parts_and_the_curve_form_adaln_in_their_dtype():
+    plain, curves = MiniMaxH3Model(), MiniMaxH3Model(curves=True)
+    fam = families.family_of(plain)
+    assert fam is not None and fam.name == "minimax"
+    assert fam.keeps_dtype("video_patch_proj.weight", plain) and fam.keeps_dtype("final_layer.video_out.bias", plain)
+    assert fam.keeps_dtype("rope.inv_freq", plain)  # a buffer: the cast leaves it too
+    assert not fam.keeps_dtype("blocks.0.attn.weight", plain)
+    assert not fam.keeps_dtype("blocks.1.adaln_proj.linear.weight", plain)  # built in the model's dtype
+    assert fam.keeps_dtype("blocks.1.adaln_proj.linear.weight", curves)  # built fp32 in the curve form
+    assert not fam.keeps_dtype("blocks.1.adaln_projx.weight", curves)  # whole segments only
+
+
+def test_cast_copy_keeps_the_family_s_buffers_in_their_dtype():
+    from sd_accel.accel_core.casting import cast_copy
+
+    m = MiniMaxH3Model()
+    m.rope = nn.Module()
+    m.rope.register_buffer("inv_freq", torch.rand(4))
+    m.register_buffer("scratch", torch.rand(3))
+    c = cast_copy(m, torch.bfloat16, channels_last=False)
+    assert c.rope.inv_freq.dtype == torch.float32 and c.scratch.dtype == torch.bfloat16
+    assert c.video_patch_proj.weight.dtype == torch.float32 and c.blocks[0].attn.weight.dtype == torch.bfloat16
