@@ -131,9 +131,15 @@ def test_infotext_carries_every_declared_value(name):
             kw["deepcache_start"], kw["deepcache_end"] = sorted((kw["deepcache_start"], kw["deepcache_end"]))
         if name in ("backend", "dtype") and value == w.OFF:
             continue
+        if name == "stepcache_threshold":
+            kw["stepcache_mode"] = "adaptive"  # the mode that reads it (the entry leaves it out otherwise)
         opts = w.WebuiOptions(**kw)
-        back = w.from_infotext(w.to_infotext(opts))
-        assert getattr(back, name) == getattr(opts, name), (name, value)
+        # On a UNet the cache controls are DeepCache's; on a DiT model (dit) the Step Cache's, recorded under its own key.
+        for dit in (False, True):
+            if (name.startswith("stepcache_") and not dit) or (name == "deepcache_depth" and dit):
+                continue  # what the other cache reads
+            back = w.from_infotext(w.to_infotext(opts, dit=dit))
+            assert getattr(back, name) == getattr(opts, name), (name, value, dit)
 
 
 def test_infotext_leaves_out_what_the_declaration_defaults():

@@ -15,13 +15,20 @@ def test_defaults_are_off_and_write_nothing():
 
 
 def test_args_follow_ui_field_order_and_types():
-    args = [True, "inductor", "reduce-overhead", "bf16", True, "math", 3.0, 2.0, 0.1, 0.9, "lcm-lora-sdv1-5", 0.8, "style:0.5, detail"]
+    args = [True, "inductor", "reduce-overhead", "bf16", True, "math", 3.0, 2.0, 0.1, 0.9, "lcm-lora-sdv1-5", 0.8, "style:0.5, detail",
+            "forecast", 2.0, 1.0, 0.2]
     assert len(args) == len(w.UI_FIELDS)
     opts = w.options_from_args(args)
     assert opts.backend == "inductor" and opts.mode == "reduce-overhead" and opts.dtype == "bf16"
     assert opts.deepcache_interval == 3 and isinstance(opts.deepcache_interval, int)  # gradio sliders send floats
     assert opts.loras == (("style", 0.5), ("detail", 1.0))
     assert opts.compile_on and opts.cast_on and opts.deepcache_on and opts.lcm_on and opts.loras_on
+    assert (opts.stepcache_mode, opts.stepcache_front, opts.stepcache_back, opts.stepcache_threshold) == ("forecast", 2, 1, 0.2)
+    assert isinstance(opts.stepcache_front, int)
+    # A caller from before the Step Cache's controls (its 13 positional args, e.g. an API script) still fits: they keep their defaults.
+    old = w.options_from_args(args[:13])
+    assert old == w.WebuiOptions(**{**{n: getattr(opts, n) for n in w.UI_FIELDS[:13]}})
+    assert old.stepcache_mode == w.UI_OPTIONS["stepcache_mode"].default
 
 
 @pytest.mark.parametrize("opts", [
@@ -186,5 +193,6 @@ def test_backend_table_lists_every_backend():
 def test_feature_status_names_what_is_missing():
     status = w.feature_status()
     assert set(status) == {"deepcache", "lora", "lcm"}
+    assert status == {"deepcache": None, "lora": None, "lcm": None}  # this copy has them all (accel_core.deepcache is a verb, not the module)
     for name, why in status.items():
         assert why is None or name.lower()[:4] in why.lower()
