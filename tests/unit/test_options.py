@@ -243,6 +243,35 @@ def test_the_settings_page_shows_the_declarations(script):
             assert info.args[3] == {"minimum": opt.min, "maximum": opt.max, "step": opt.step}
 
 
+def test_the_xyz_axes_show_the_declarations(script):
+    """Each XYZ plot axis is named after an option's declared label and sets that option (COMBO axes offer its choices)."""
+    mod, _ = script
+
+    class AxisOption:
+        def __init__(self, label, typ, apply, choices=None):
+            self.label, self.type, self.apply, self.choices = label, typ, apply, choices
+
+    xyz = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[])
+    mod.scripts.scripts_data = [types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=xyz)]
+    mod._add_xyz_axes()
+    axes = {a.label: a for a in xyz.axis_options}
+    shown = set()
+    for name, opt in w.UI_OPTIONS.items():
+        axis = axes.get(f"[SD Accel] {opt.label.split(' (')[0]}")
+        if axis is None:
+            continue
+        p = types.SimpleNamespace()
+        value = opt.choices[-1] if opt.kind == "COMBO" else opt.max if opt.kind in ("INT", "FLOAT") else "a:0.5"
+        axis.apply(p, str(value), None)
+        assert p.sd_accel_overrides == {name: axis.type(str(value))}, name
+        w.with_overrides(w.WebuiOptions(), p.sd_accel_overrides)  # a value the declaration accepts
+        if opt.kind == "COMBO":
+            assert axis.choices() == list(opt.choices), name
+        shown.add(name)
+    assert len(shown) == len(axes), "an axis that is no declared option's"
+    assert {"deepcache_interval", "stepcache_mode", "stepcache_front", "stepcache_threshold"} <= shown
+
+
 # --- CLI ------------------------------------------------------------------------------------------------
 
 def test_cli_arguments_follow_the_declarations():
