@@ -323,3 +323,14 @@ def test_attention_kernel_applies_to_a_dits_calls_only(flux, monkeypatch):
     assert torch.allclose(_call(m), _eager(flux), atol=1e-6)
     assert seen[0] == (False, True)  # inside the call: math only
     assert torch.backends.cuda.flash_sdp_enabled()  # and the process's setting is back after it
+
+
+def test_the_step_cache_steps_aside_for_neos_compile_with_a_note(flux):
+    from tests.unit.test_webui_apply import _neo_compile  # noqa: E402 (what Neo's sd_forge_compile script does)
+
+    kmodel = _KModel(flux)
+    _neo_compile(kmodel)
+    patcher = _Patcher(kmodel)
+    m, applied = w.apply_forge(patcher, w.WebuiOptions(enabled=True, deepcache_interval=3))
+    assert m is patcher  # nothing left to apply
+    assert applied.status().startswith("Step Cache not applied: Forge Neo's Torch Compile Integrated (preset dynamic)")

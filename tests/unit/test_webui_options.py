@@ -55,6 +55,33 @@ def test_infotext_round_trip(opts):
             (opts.deepcache_interval, opts.deepcache_depth, opts.deepcache_start, opts.deepcache_end)
 
 
+@pytest.mark.parametrize("opts", [
+    w.WebuiOptions(enabled=True, deepcache_interval=3),
+    w.WebuiOptions(enabled=True, backend="inductor", deepcache_interval=4, deepcache_start=0.2, deepcache_end=0.9, stepcache_mode="forecast",
+                   stepcache_front=2, stepcache_back=1),
+    w.WebuiOptions(enabled=True, deepcache_interval=5, stepcache_mode="adaptive", stepcache_threshold=0.25, loras=(("x", 0.5),)),
+])
+def test_step_cache_infotext_round_trip_on_a_dit(opts):
+    """On a DiT model the cache controls ran the Step Cache: its own entry, read back into the same controls."""
+    text = w.to_infotext(opts, dit=True)
+    assert w.K_DEEPCACHE not in text and text[w.K_STEPCACHE].startswith(f"mode={opts.stepcache_mode} interval={opts.deepcache_interval} ")
+    assert ("threshold=" in text[w.K_STEPCACHE]) == (opts.stepcache_mode == "adaptive")
+    back = w.from_infotext(dict(text))
+    assert w.to_infotext(back, dit=True) == text
+    assert back == opts  # DeepCache's depth (not a DiT's) is at its default in these
+
+
+def test_a_unets_infotext_is_deepcaches_as_before():
+    opts = w.WebuiOptions(enabled=True, deepcache_interval=3, stepcache_mode="forecast", stepcache_front=4)
+    assert w.to_infotext(opts) == {w.K_DEEPCACHE: "interval=3 depth=0 start=0 end=1"}
+    old = w.from_infotext({w.K_DEEPCACHE: "interval=3 depth=2 start=0.1 end=0.9"})  # an image from before the Step Cache
+    assert (old.deepcache_interval, old.deepcache_depth, old.stepcache_mode) == (3, 2, "fixed")
+    with pytest.raises(SDAccelError, match="sometimes"):
+        w.from_infotext({w.K_STEPCACHE: "mode=sometimes interval=3"})
+    with pytest.raises(SDAccelError, match="could not read"):
+        w.from_infotext({w.K_STEPCACHE: "mode=fixed front=2"})
+
+
 def test_infotext_survives_the_webui_text_format():
     """What the webui does to the values: `key: value` pairs joined by ", ", values with commas quoted."""
     import json
