@@ -49,6 +49,8 @@ SCHEDULES = ("uniform", "non-uniform")
 MAX_INTERVAL = 20
 # Modes whose compiled outputs live in a CUDA-graph pool that the next replay overwrites.
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+_WEBUI_INTERVAL = ("Run every block every N steps; 1 turns the cache off. On SD1.x/SD2.x/SDXL UNets it is DeepCache's interval, "
+                   "on DiT models (Flux, Chroma, Qwen-Image, Wan on Forge Neo) the Step Cache's. 3 is a good start, higher is faster and rougher.")
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,20 @@ class DeepCacheConfig:
 
     cache_interval: int = option(3, "Run the full UNet every N steps; 1 turns DeepCache off. 3 is the paper's default, 5 is faster and rougher.",
                                  label="DeepCache interval (1 = off)", min=1, max=MAX_INTERVAL, step=1,
-                                 hosts={"webui": {"default": 1}})  # the webui's accordion starts with DeepCache off
+                                 # The webui's accordion starts with the cache off; its cache controls serve both caches
+                                 # (DeepCache on a UNet, the Step Cache on a DiT: hosts/webui/options.py).
+                                 hosts={"webui": {"default": 1, "label": "Cache interval (1 = off)", "help": _WEBUI_INTERVAL}})
     cache_depth: int = option(0, "Which skip connection cuts off the cached deep branch, from the shallowest (0, fastest) down; "
                               "SD1.x/SD2.x have 0-11, SDXL 0-8. Higher keeps more quality.", label="DeepCache depth", min=0, max=11, step=1,
                               per_model=True)  # check_depth holds it to the UNet's own skips
     start_percent: float = option(0.0, "Fraction of the run's steps after which caching may start; earlier steps always run in full.",
-                                  label="DeepCache start", min=0.0, max=1.0, step=0.01)
+                                  label="DeepCache start", min=0.0, max=1.0, step=0.01,
+                                  hosts={"webui": {"label": "Cache start", "help": "Fraction of the run's steps after which caching may start "
+                                                   "(DeepCache on SD UNets, Step Cache on DiT models); earlier steps always run in full."}})
     end_percent: float = option(1.0, "Fraction of the run's steps after which caching stops; later steps run in full (raise detail at the "
-                                "end by lowering it).", label="DeepCache end", min=0.0, max=1.0, step=0.01)
+                                "end by lowering it).", label="DeepCache end", min=0.0, max=1.0, step=0.01,
+                                hosts={"webui": {"label": "Cache end", "help": "Fraction of the run's steps after which caching stops "
+                                                 "(DeepCache on SD UNets, Step Cache on DiT models); later steps run in full."}})
     schedule: str = option("uniform", "uniform: a full step every N steps. non-uniform: as many full steps, packed where the features change "
                            "fastest (the paper's non-uniform variant).", label="DeepCache schedule", choices=SCHEDULES)
 

@@ -19,7 +19,7 @@ from .errors import SDAccelError, check_range, choice_error, is_number
 
 KEY = "sd_accel.option"
 HOSTS = ("comfy", "webui", "cli")
-_OVERRIDABLE = ("default", "choices", "min", "max", "step", "label", "round")
+_OVERRIDABLE = ("default", "choices", "min", "max", "step", "label", "round", "help")
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ class StepCacheConfig:
                               label="Step Cache back blocks", min=0, max=64, step=1, per_model=True)
     threshold: float = option(0.1, "adaptive: cache while the first blocks' output changed by less than this (relative) since the last "
                               "full step. Higher: more cached steps, more drift; 0 never caches.", label="Step Cache threshold",
-                              min=0.0, max=10.0, step=0.005)
+                              min=0.0, max=10.0, step=0.005, hosts={"webui": {"max": 1.0}})  # a slider: 0.05-0.3 is typical
     max_cached: int = option(3, "adaptive: at most this many cached steps in a row, a bound on drift; 0 turns the cache off.",
                              label="Step Cache max cached in a row", min=0, max=50, step=1)
     start_percent: float = option(0.0, "Steps before this fraction of the run always run in full (the layout forms early).",

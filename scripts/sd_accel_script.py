@@ -103,6 +103,8 @@ class SDAccelScript(scripts.Script):
             with gr.Row():
                 dc_interval, dc_depth = field("deepcache_interval"), field("deepcache_depth")
                 dc_start, dc_end = field("deepcache_start"), field("deepcache_end")
+            with gr.Row(visible=_runs_dits()):  # DiT models only: Forge Neo's Flux, Chroma, Qwen-Image, Wan
+                sc_mode, sc_front, sc_back, sc_threshold = field("stepcache_mode"), field("stepcache_front"), field("stepcache_back"), field("stepcache_threshold")
             with gr.Row():
                 lcm_lora = gr.Dropdown(_lora_names(), value=d.lcm_lora, label=OPTIONS["lcm_lora"].label, allow_custom_value=True, elem_id=self.elem_id("sd_accel_lcm_lora"))
                 lcm_strength = field("lcm_strength")
@@ -111,7 +113,8 @@ class SDAccelScript(scripts.Script):
             notes = [m for m in missing.values() if m]
             if notes:
                 gr.Markdown("Unavailable here: " + " ".join(notes))
-        components = [enabled, backend, mode, dtype, channels_last, attention, dc_interval, dc_depth, dc_start, dc_end, lcm_lora, lcm_strength, loras]
+        components = [enabled, backend, mode, dtype, channels_last, attention, dc_interval, dc_depth, dc_start, dc_end, lcm_lora, lcm_strength, loras,
+                      sc_mode, sc_front, sc_back, sc_threshold]
         # Same function objects in both tabs, so "Send to img2img" carries the values across.
         self.infotext_fields = [(c, webui.infotext_field(n)) for c, n in zip(components, webui.UI_FIELDS)]
         self.paste_field_names = [webui.infotext_field(n) for n in webui.UI_FIELDS]
@@ -133,7 +136,7 @@ class SDAccelScript(scripts.Script):
             return
         p.sd_accel_options = opts
         p.sd_accel_lora_dirs = _lora_dirs()
-        p.extra_generation_params.update(webui.to_infotext(opts))
+        p.extra_generation_params.update(webui.to_infotext(opts, dit=webui.is_dit(p.sd_model)))  # a DiT's cache is the Step Cache
         if opts.lcm_on and webui.takes_lcm(p.sd_model):  # on a DiT model the LCM-LoRA is refused with a note (forge_dit)
             _use_lcm_sampler(p)
 
@@ -181,6 +184,15 @@ class SDAccelScript(scripts.Script):
         for run in stats["deepcache"]:
             print(f"SD Accel DeepCache: reused deep features on {run['hits']}/{run['hits'] + run['full']} UNet calls "
                   f"(interval {run['interval']}, depth {run['depth']}){'; off: ' + run['disabled'] if run.get('disabled') else ''}")
+        p.sd_accel_stepcache_runs = stats["stepcache"]
+        for run in stats["stepcache"]:
+            print(f"SD Accel Step Cache: cached {run['cached']}/{run['calls']} model calls ({run['mode']}); "
+                  f"{100 * run['block_fraction']:.0f}% of block evaluations ran")
+
+
+def _runs_dits() -> bool:
+    """Whether this webui runs DiT models (Forge's `backend`, imported before the UI is built): the Step Cache's controls show there only."""
+    return "backend.memory_management" in sys.modules
 
 
 def _denoiser_progress(p):
@@ -242,7 +254,7 @@ def _add_xyz_axes():
     axes = [
         *(xyz.AxisOption(label(opt), str, _override(n, str), choices=lambda opt=opt: list(opt.choices)) for n, opt in OPTIONS.items() if opt.kind == "COMBO"),
         *(xyz.AxisOption(label(OPTIONS[n]), casts[OPTIONS[n].kind], _override(n, casts[OPTIONS[n].kind]))
-          for n in ("deepcache_interval", "deepcache_depth", "lcm_strength")),
+          for n in ("deepcache_interval", "deepcache_depth", "lcm_strength", "stepcache_front", "stepcache_back", "stepcache_threshold")),
         xyz.AxisOption(label(OPTIONS["loras"]), str, _override("loras", str)),
     ]
     known = {a.label for a in xyz.axis_options}

@@ -20,7 +20,7 @@ import webui_harness as harness  # noqa: E402
 
 pytestmark = pytest.mark.skipif(harness.skip_reason("a1111") is not None, reason=str(harness.skip_reason("a1111")))
 
-OFF = [False, "off", "default", "off", False, "auto", 1, 0, 0.0, 1.0, "None", 1.0, ""]  # the declared webui defaults, in UI_FIELDS order
+OFF = [False, "off", "default", "off", False, "auto", 1, 0, 0.0, 1.0, "None", 1.0, "", "fixed", 1, 0, 0.1]  # the declared webui defaults, in UI_FIELDS order
 
 
 def accel(**kw) -> list:
@@ -114,13 +114,13 @@ def test_xyz_plot_has_sd_accel_axes(webui, adapter):
 
     xyz = next(d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py")
     axes = {a.label: a for a in xyz.axis_options if a.label.startswith("[SD Accel]")}
-    assert {"[SD Accel] Compile backend", "[SD Accel] DeepCache interval", "[SD Accel] LoRA hot-swap"} <= set(axes)
+    assert {"[SD Accel] Compile backend", "[SD Accel] Cache interval", "[SD Accel] LoRA hot-swap"} <= set(axes)
     # Each choice axis lists its own option's choices.
     for label, choices in (("Compile backend", adapter.BACKEND_CHOICES), ("Compile mode", adapter.MODES),
                            ("UNet dtype", adapter.DTYPE_CHOICES), ("Attention kernel", adapter.ATTENTION)):
         assert axes[f"[SD Accel] {label}"].choices() == list(choices), label
     p = type("P", (), {})()
-    axes["[SD Accel] DeepCache interval"].apply(p, "3", None)
+    axes["[SD Accel] Cache interval"].apply(p, "3", None)
     axes["[SD Accel] Compile backend"].apply(p, "inductor", None)
     assert p.sd_accel_overrides == {"deepcache_interval": 3, "backend": "inductor"}
 

@@ -21,7 +21,7 @@ import webui_harness as harness  # noqa: E402
 
 pytestmark = pytest.mark.skipif(harness.skip_reason("neo") is not None, reason=str(harness.skip_reason("neo")))
 
-OFF = [False, "off", "default", "off", False, "auto", 1, 0, 0.0, 1.0, "None", 1.0, ""]  # the declared webui defaults, in UI_FIELDS order
+OFF = [False, "off", "default", "off", False, "auto", 1, 0, 0.0, 1.0, "None", 1.0, "", "fixed", 1, 0, 0.1]  # the declared webui defaults, in UI_FIELDS order
 NEO_COMPILE = "TorchCompileForForge"  # the class of Neo's compile script (its title is translated in some copies)
 
 
@@ -122,7 +122,7 @@ def test_extension_is_loaded_by_neos_loader(webui, adapter):
     fields = [key for _, key in infotext_utils.paste_fields["txt2img"]["fields"] if callable(key)]
     assert [adapter.infotext_field(n) for n in adapter.UI_FIELDS] == [k for k in fields if k in script.paste_field_names]
     xyz = next(d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py")
-    assert "[SD Accel] DeepCache interval" in {a.label for a in xyz.axis_options}
+    assert "[SD Accel] Cache interval" in {a.label for a in xyz.axis_options}
     assert sys.modules["sd_accel"].__file__.startswith(str(webui.extension_dir))
     assert webui.script(NEO_COMPILE) is not None  # Neo's own compile script is there too (triton is installed)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -186,11 +187,109 @@ def test_an_sd_lora_on_neo_flux_is_refused_and_the_model_untouched(neo, tmp_path
     assert all(torch.equal(v, weights[k]) for k, v in flux.state_dict().items())
 
 
-def test_deepcache_and_lcm_on_neo_dit_step_aside_with_a_note(neo):
+def test_step_cache_on_neo_zimage_and_lcm_step_aside_with_a_note(neo):
+    """Neo's NextDiT (Z-Image) offers no block hook: the Step Cache is refused with a note, the model left as it is."""
     from sd_accel.accel_core.hosts import webui
 
-    patcher, inputs = _build(neo, "wan")
+    patcher, inputs = _build(neo, "zimage")
+    weights = {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    before = copy.copy(patcher.model_options)
     m, applied = webui.apply_forge(patcher, webui.WebuiOptions(enabled=True, deepcache_interval=3, lcm_lora="lcm-lora-sdv1-5"))
-    assert m is patcher
-    assert "DeepCache not applied" in applied.status() and "Wan 2.x (DiT)" in applied.status() and "LCM-LoRA not applied" in applied.status()
+    assert m is patcher and patcher.model_options == before
+    status = applied.status()
+    assert "Step Cache not applied" in status and "NextDiT's forward has none" in status and "Cache interval to 1" in status
+    assert "LCM-LoRA not applied" in status and "DeepCache" not in status
     assert torch.equal(_sample_call(m, inputs), _reference(patcher, inputs))
+    assert all(torch.equal(v, weights[k]) for k, v in patcher.model.diffusion_model.state_dict().items())
+
+
+# --- the Step Cache: the cache controls on Neo's DiT models ----------------------------------------------
+
+STEPS = 6
+
+
+def _sample(patcher, inputs, sigmas=None):
+    """One Euler run as Neo's k-diffusion sampler makes it: the run's sigmas in the patcher's transformer_options
+    (`sampling_sigmas`, a new tensor per run), each call's options a copy with its sigma (calc_cond_uncond_batch)."""
+    x, _, ctx, extra = inputs
+    sigmas = torch.linspace(1.0, 0.0, STEPS + 1) if sigmas is None else sigmas
+    patcher.model_options.setdefault("transformer_options", {})["sampling_sigmas"] = sigmas
+    fn = patcher.model_options.get("model_function_wrapper")
+    x = x * sigmas[0]
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            sigma = s.reshape(1)
+            c = {"c_crossattn": ctx, **extra,
+                 "transformer_options": {**patcher.model_options["transformer_options"], "cond_or_uncond": [0], "sigmas": sigma}}
+            if fn is None:
+                denoised = patcher.model.apply_model(x, sigma, **c)
+            else:
+                denoised = fn(patcher.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
+            x = x + (x - denoised) / s * (s_next - s)
+    return x
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture
+def stepcache_events():
+    from sd_accel.accel_core import events
+
+    seen = []
+
+    def listen(event, data):
+        if event == "stepcache_stats":
+            seen.append(data)
+
+    events.subscribe(listen)
+    yield seen
+    events.unsubscribe(listen)
+
+
+@pytest.mark.parametrize("family", REGIONAL)
+def test_step_cache_on_neo_dit_caches_on_schedule_and_stays_near_eager(neo, family, stepcache_events):
+    from sd_accel.accel_core.hosts import webui
+    from sd_accel.accel_core.hosts.webui.forge_dit import DitWrapper
+
+    patcher, inputs = _build(neo, family)
+    eager = _sample(patcher, inputs)
+    m, applied = webui.apply_forge(patcher, webui.WebuiOptions(enabled=True, deepcache_interval=3))
+    assert isinstance(m.model_options["model_function_wrapper"], DitWrapper) and applied.status() is None
+    cached = _sample(m, inputs)
+    stats = webui.finish_generation()["stepcache"]
+    assert [s["cached_steps"] for s in stats] == [[1, 2, 4, 5]] and stepcache_events == stats  # the run's event, one per run
+    assert stats[0]["calls"] == STEPS and stats[0]["block_fraction"] < 1
+    err = _rel(cached, eager)
+    assert 1e-5 < err < 0.02, err  # the middle blocks' kept residual stands in on 4 of 6 steps: near eager, not equal
+    # Interval 1 is off: nothing is installed, the run is Neo's own.
+    off, _ = webui.apply_forge(patcher, webui.WebuiOptions(enabled=True, deepcache_interval=1))
+    assert off is patcher and torch.equal(_sample(off, inputs), eager)
+    # The cache installed, but its window leaves no step to cache: every block runs, the result is eager's exactly.
+    m, _ = webui.apply_forge(patcher, webui.WebuiOptions(enabled=True, deepcache_interval=3, deepcache_start=0.9))
+    assert torch.equal(_sample(m, inputs), eager)
+    assert webui.finish_generation()["stepcache"][0]["cached"] == 0
+
+
+@pytest.mark.parametrize("family", REGIONAL)
+def test_compiled_and_cached_runs_do_not_recompile_across_runs(neo, family):
+    from sd_accel.accel_core.hosts import webui
+
+    patcher, inputs = _build(neo, family)
+    opts = webui.WebuiOptions(enabled=True, backend="inductor", deepcache_interval=3, stepcache_mode="forecast")
+    m, _ = webui.apply_forge(patcher, replace(opts, backend="off"))
+    eager_cached = _sample(m, inputs)
+    webui.finish_generation()
+    m, applied = webui.apply_forge(patcher, opts)
+    first = _sample(m, inputs)
+    assert applied.compile_report.status == "compiled" and applied.status() is None, applied.describe()
+    graphs = _graphs()
+    second = _sample(m, inputs)  # the sampler's next run in the same pass (another sigmas tensor)
+    stats = webui.finish_generation()["stepcache"]
+    m, _ = webui.apply_forge(patcher, opts)  # the next generation: a new pass over the same compiled blocks
+    third = _sample(m, inputs)
+    stats += webui.finish_generation()["stepcache"]
+    assert _graphs() == graphs  # cached steps call fewer of the same compiled blocks: nothing recompiles
+    assert [s["cached_steps"] for s in stats] == [[1, 2, 4, 5]] * 3
+    assert torch.allclose(first, eager_cached, atol=1e-5, rtol=1e-4) and torch.equal(first, second) and torch.equal(first, third)

@@ -131,9 +131,15 @@ def test_infotext_carries_every_declared_value(name):
             kw["deepcache_start"], kw["deepcache_end"] = sorted((kw["deepcache_start"], kw["deepcache_end"]))
         if name in ("backend", "dtype") and value == w.OFF:
             continue
+        if name == "stepcache_threshold":
+            kw["stepcache_mode"] = "adaptive"  # the mode that reads it (the entry leaves it out otherwise)
         opts = w.WebuiOptions(**kw)
-        back = w.from_infotext(w.to_infotext(opts))
-        assert getattr(back, name) == getattr(opts, name), (name, value)
+        # On a UNet the cache controls are DeepCache's; on a DiT model (dit) the Step Cache's, recorded under its own key.
+        for dit in (False, True):
+            if (name.startswith("stepcache_") and not dit) or (name == "deepcache_depth" and dit):
+                continue  # what the other cache reads
+            back = w.from_infotext(w.to_infotext(opts, dit=dit))
+            assert getattr(back, name) == getattr(opts, name), (name, value, dit)
 
 
 def test_infotext_leaves_out_what_the_declaration_defaults():
@@ -235,6 +241,35 @@ def test_the_settings_page_shows_the_declarations(script):
             assert info.args[3] == {"choices": list(opt.choices)}
         elif opt.kind in ("INT", "FLOAT"):
             assert info.args[3] == {"minimum": opt.min, "maximum": opt.max, "step": opt.step}
+
+
+def test_the_xyz_axes_show_the_declarations(script):
+    """Each XYZ plot axis is named after an option's declared label and sets that option (COMBO axes offer its choices)."""
+    mod, _ = script
+
+    class AxisOption:
+        def __init__(self, label, typ, apply, choices=None):
+            self.label, self.type, self.apply, self.choices = label, typ, apply, choices
+
+    xyz = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[])
+    mod.scripts.scripts_data = [types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=xyz)]
+    mod._add_xyz_axes()
+    axes = {a.label: a for a in xyz.axis_options}
+    shown = set()
+    for name, opt in w.UI_OPTIONS.items():
+        axis = axes.get(f"[SD Accel] {opt.label.split(' (')[0]}")
+        if axis is None:
+            continue
+        p = types.SimpleNamespace()
+        value = opt.choices[-1] if opt.kind == "COMBO" else opt.max if opt.kind in ("INT", "FLOAT") else "a:0.5"
+        axis.apply(p, str(value), None)
+        assert p.sd_accel_overrides == {name: axis.type(str(value))}, name
+        w.with_overrides(w.WebuiOptions(), p.sd_accel_overrides)  # a value the declaration accepts
+        if opt.kind == "COMBO":
+            assert axis.choices() == list(opt.choices), name
+        shown.add(name)
+    assert len(shown) == len(axes), "an axis that is no declared option's"
+    assert {"deepcache_interval", "stepcache_mode", "stepcache_front", "stepcache_threshold"} <= shown
 
 
 # --- CLI ------------------------------------------------------------------------------------------------

@@ -187,23 +187,84 @@ def test_a_flux_without_block_hooks_compiles_whole(flux):
     assert applied.compile_report.status == "compiled" and "regional" not in applied.compile_report.target
 
 
-def test_deepcache_and_lcm_lora_are_refused_on_a_dit_with_a_note(flux, tmp_path):
-    weights = copy.deepcopy(flux.state_dict())
-    patcher = _Patcher(_KModel(flux))
+def test_the_step_cache_without_block_hooks_and_the_lcm_lora_are_refused_with_a_note(tmp_path):
+    torch.manual_seed(0)
+    old = OldForgeFlux().eval()  # the June 2025 Forge's Flux: no block hooks for the Step Cache
+    weights = copy.deepcopy(old.state_dict())
+    patcher = _Patcher(_KModel(old))
     opts = w.WebuiOptions(enabled=True, deepcache_interval=3, lcm_lora="lcm-sd15")
     m, applied = w.apply_forge(patcher, opts, lora_dirs=str(tmp_path))  # the LCM-LoRA is not even looked up
     assert m is patcher  # nothing left to apply
     status = applied.status()
-    assert "DeepCache not applied" in status and "Flux / Chroma (DiT) has none" in status and "interval to 1" in status
+    assert "Step Cache not applied" in status and "IntegratedFluxTransformer2DModel's forward has none" in status
+    assert "Cache interval to 1" in status and "DeepCache" not in status
     assert "LCM-LoRA not applied" in status and "LoRA hot-swap" in status
-    assert all(torch.equal(v, weights[k]) for k, v in flux.state_dict().items())
+    assert all(torch.equal(v, weights[k]) for k, v in old.state_dict().items())
 
 
 def test_the_rest_applies_beside_a_refused_feature(flux):
-    m, applied = w.apply_forge(_Patcher(_KModel(flux)), w.WebuiOptions(enabled=True, backend="inductor", deepcache_interval=3))
+    m, applied = w.apply_forge(_Patcher(_KModel(flux)), w.WebuiOptions(enabled=True, backend="inductor", lcm_lora="lcm-sd15"))
     assert isinstance(m.model_options["model_function_wrapper"], DitWrapper)
     assert torch.allclose(_call(m), _eager(flux), atol=1e-5)
-    assert "DeepCache not applied" in applied.status()
+    assert "LCM-LoRA not applied" in applied.status()
+
+
+# --- the Step Cache (the cache controls on a DiT model) ---------------------------------------------
+
+SIGMAS = torch.linspace(1.0, 0.0, 7)  # a 6-step run, as Neo's k-diffusion sampler records it (sampling_sigmas)
+
+
+def _run(m, sigmas=SIGMAS, first=0):
+    """One sampler run from step `first`: each call's transformer_options as Neo's calc_cond_uncond_batch makes them."""
+    m.model_options["transformer_options"]["sampling_sigmas"] = sigmas  # what Neo's KDiffusionSampler.sample sets
+    for s in sigmas[first:-1]:
+        _call(m, {**m.model_options["transformer_options"], "cond_or_uncond": [0, 1], "sigmas": s.expand(2)})
+
+
+def test_the_cache_controls_run_the_step_cache_on_a_dit(flux):
+    opts = w.WebuiOptions(enabled=True, deepcache_interval=3)
+    m, applied = w.apply_forge(_Patcher(_KModel(flux)), opts)
+    wrapper = m.model_options["model_function_wrapper"]
+    assert isinstance(wrapper, DitWrapper) and wrapper.steps is not None and applied.status() is None
+    assert "Step Cache: mode=fixed interval=3 front=1 back=0 start=0 end=1" in applied.describe()
+    _run(m)
+    _run(m, SIGMAS.clone())  # the sampler's next run: another sigmas tensor begins another run
+    _run(m, torch.linspace(1.0, 0.0, 11), first=4)  # img2img: the run starts part-way through the schedule
+    stats = w.finish_generation()
+    assert stats["deepcache"] == [] and [s["cached_steps"] for s in stats["stepcache"]] == [[1, 2, 4, 5]] * 3
+    assert all(s["calls"] == 6 and s["mode"] == "fixed" and s["block_fraction"] == 1 - 4 * 3 / 24 for s in stats["stepcache"])
+
+
+def test_another_scripts_block_replacement_still_runs_inside_ours(flux):
+    calls = []
+
+    def theirs(i):
+        def entry(args, extra):
+            calls.append(i)
+            return extra["original_block"](args)
+        return entry
+
+    patcher = _Patcher(_KModel(flux))
+    patcher.model_options["transformer_options"]["patches_replace"] = {"dit": {("double_block", i): theirs(i) for i in (0, 1)}}
+    theirs_1 = patcher.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 1)]
+    m, _ = w.apply_forge(patcher, w.WebuiOptions(enabled=True, backend="inductor", deepcache_interval=3))
+    _run(m)
+    assert w.finish_generation()["stepcache"][0]["cached_steps"] == [1, 2, 4, 5]
+    # double_block 0 is the front (always runs); double_block 1 is cached: it runs on the two full steps only.
+    assert calls.count(0) == 6 and calls.count(1) == 2
+    assert patcher.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 1)] is theirs_1
+
+
+@pytest.mark.parametrize("kw, why", [
+    (dict(stepcache_front=3, stepcache_back=1), "must leave at least one of the model's 4 blocks"),
+    (dict(stepcache_mode="adaptive", stepcache_front=0), "front_blocks must be >= 1"),
+])
+def test_step_cache_blocks_that_do_not_fit_get_a_note_and_leave_the_model_untouched(flux, kw, why):
+    patcher = _Patcher(_KModel(flux))
+    before = copy.deepcopy(patcher.model_options)
+    m, applied = w.apply_forge(patcher, w.WebuiOptions(enabled=True, deepcache_interval=3, **kw))
+    assert m is patcher and patcher.model_options == before
+    assert applied.status().startswith("Step Cache not applied: ") and why in applied.status()
 
 
 def test_lora_hot_swap_on_a_dit_and_bit_exact_restore(flux, tmp_path):
@@ -262,3 +323,14 @@ def test_attention_kernel_applies_to_a_dits_calls_only(flux, monkeypatch):
     assert torch.allclose(_call(m), _eager(flux), atol=1e-6)
     assert seen[0] == (False, True)  # inside the call: math only
     assert torch.backends.cuda.flash_sdp_enabled()  # and the process's setting is back after it
+
+
+def test_the_step_cache_steps_aside_for_neos_compile_with_a_note(flux):
+    from tests.unit.test_webui_apply import _neo_compile  # noqa: E402 (what Neo's sd_forge_compile script does)
+
+    kmodel = _KModel(flux)
+    _neo_compile(kmodel)
+    patcher = _Patcher(kmodel)
+    m, applied = w.apply_forge(patcher, w.WebuiOptions(enabled=True, deepcache_interval=3))
+    assert m is patcher  # nothing left to apply
+    assert applied.status().startswith("Step Cache not applied: Forge Neo's Torch Compile Integrated (preset dynamic)")

@@ -15,13 +15,20 @@ def test_defaults_are_off_and_write_nothing():
 
 
 def test_args_follow_ui_field_order_and_types():
-    args = [True, "inductor", "reduce-overhead", "bf16", True, "math", 3.0, 2.0, 0.1, 0.9, "lcm-lora-sdv1-5", 0.8, "style:0.5, detail"]
+    args = [True, "inductor", "reduce-overhead", "bf16", True, "math", 3.0, 2.0, 0.1, 0.9, "lcm-lora-sdv1-5", 0.8, "style:0.5, detail",
+            "forecast", 2.0, 1.0, 0.2]
     assert len(args) == len(w.UI_FIELDS)
     opts = w.options_from_args(args)
     assert opts.backend == "inductor" and opts.mode == "reduce-overhead" and opts.dtype == "bf16"
     assert opts.deepcache_interval == 3 and isinstance(opts.deepcache_interval, int)  # gradio sliders send floats
     assert opts.loras == (("style", 0.5), ("detail", 1.0))
     assert opts.compile_on and opts.cast_on and opts.deepcache_on and opts.lcm_on and opts.loras_on
+    assert (opts.stepcache_mode, opts.stepcache_front, opts.stepcache_back, opts.stepcache_threshold) == ("forecast", 2, 1, 0.2)
+    assert isinstance(opts.stepcache_front, int)
+    # A caller from before the Step Cache's controls (its 13 positional args, e.g. an API script) still fits: they keep their defaults.
+    old = w.options_from_args(args[:13])
+    assert old == w.WebuiOptions(**{**{n: getattr(opts, n) for n in w.UI_FIELDS[:13]}})
+    assert old.stepcache_mode == w.UI_OPTIONS["stepcache_mode"].default
 
 
 @pytest.mark.parametrize("opts", [
@@ -46,6 +53,33 @@ def test_infotext_round_trip(opts):
     if opts.deepcache_on:
         assert (back.deepcache_interval, back.deepcache_depth, back.deepcache_start, back.deepcache_end) == \
             (opts.deepcache_interval, opts.deepcache_depth, opts.deepcache_start, opts.deepcache_end)
+
+
+@pytest.mark.parametrize("opts", [
+    w.WebuiOptions(enabled=True, deepcache_interval=3),
+    w.WebuiOptions(enabled=True, backend="inductor", deepcache_interval=4, deepcache_start=0.2, deepcache_end=0.9, stepcache_mode="forecast",
+                   stepcache_front=2, stepcache_back=1),
+    w.WebuiOptions(enabled=True, deepcache_interval=5, stepcache_mode="adaptive", stepcache_threshold=0.25, loras=(("x", 0.5),)),
+])
+def test_step_cache_infotext_round_trip_on_a_dit(opts):
+    """On a DiT model the cache controls ran the Step Cache: its own entry, read back into the same controls."""
+    text = w.to_infotext(opts, dit=True)
+    assert w.K_DEEPCACHE not in text and text[w.K_STEPCACHE].startswith(f"mode={opts.stepcache_mode} interval={opts.deepcache_interval} ")
+    assert ("threshold=" in text[w.K_STEPCACHE]) == (opts.stepcache_mode == "adaptive")
+    back = w.from_infotext(dict(text))
+    assert w.to_infotext(back, dit=True) == text
+    assert back == opts  # DeepCache's depth (not a DiT's) is at its default in these
+
+
+def test_a_unets_infotext_is_deepcaches_as_before():
+    opts = w.WebuiOptions(enabled=True, deepcache_interval=3, stepcache_mode="forecast", stepcache_front=4)
+    assert w.to_infotext(opts) == {w.K_DEEPCACHE: "interval=3 depth=0 start=0 end=1"}
+    old = w.from_infotext({w.K_DEEPCACHE: "interval=3 depth=2 start=0.1 end=0.9"})  # an image from before the Step Cache
+    assert (old.deepcache_interval, old.deepcache_depth, old.stepcache_mode) == (3, 2, "fixed")
+    with pytest.raises(SDAccelError, match="sometimes"):
+        w.from_infotext({w.K_STEPCACHE: "mode=sometimes interval=3"})
+    with pytest.raises(SDAccelError, match="could not read"):
+        w.from_infotext({w.K_STEPCACHE: "mode=fixed front=2"})
 
 
 def test_infotext_survives_the_webui_text_format():
@@ -186,5 +220,6 @@ def test_backend_table_lists_every_backend():
 def test_feature_status_names_what_is_missing():
     status = w.feature_status()
     assert set(status) == {"deepcache", "lora", "lcm"}
+    assert status == {"deepcache": None, "lora": None, "lcm": None}  # this copy has them all (accel_core.deepcache is a verb, not the module)
     for name, why in status.items():
         assert why is None or name.lower()[:4] in why.lower()

@@ -2,7 +2,8 @@
 
 - `patches_replace["dit"][(name, i)]` for every block the family lets a cache cut (Flux's double
   and single blocks, Qwen-Image's, Wan's and Z-Image's blocks; NextDiT's forward offers no such
-  hook, so its blocks get BlockHooks as object patches, blockhooks.py): each hands the call to the run's
+  hook, so its blocks get BlockHooks as object patches, blockhooks.py): each (the core's
+  `stepcache_route.BlockReplacement`, which Forge Neo's host shares) hands the call to the run's
   `StepCacheRun.block`, which runs the block (through any replacement that was there before
   ours) or stands in for it.
 - OUTER_SAMPLE ("sd_accel.stepcache"): a fresh `StepCacheRun` per sampling run, in a per-run
@@ -21,41 +22,11 @@ from ...deepcaching import unet_cut
 from ...families import family_of
 from ...log import logger
 from ...stepcache import Cuts, StepCacheConfig, StepCacheRun, cut_points
+from ...stepcache_route import STEPCACHE_KEY, BlockReplacement, prior_entry
 from .blockhooks import install_block_hooks
 from .deepcache import apply_deepcache
 from .model import check_model, wrappers_mp
 from .runs import run_per_sampling
-
-STEPCACHE_KEY = "sd_accel.stepcache"
-
-
-def _lane_key(to: dict):
-    for name in ("cond_or_uncond", "uuids"):
-        v = to.get(name)
-        if v:
-            return tuple(v)
-    return "all"
-
-
-class BlockReplacement:
-    """Our `patches_replace["dit"]` entry for one block; keeps the entry it replaced (`prior`)."""
-
-    def __init__(self, point, prior=None):
-        self.point, self.prior = point, prior
-
-    def _run(self, args, extra):
-        if self.prior is not None:
-            return self.prior(args, extra)
-        return extra["original_block"](args)
-
-    def __call__(self, args, extra):
-        to = args.get("transformer_options") or {}
-        run = to.get(STEPCACHE_KEY)
-        if not isinstance(run, StepCacheRun) or not run.running or self.point not in run.cuts.pos:
-            return self._run(args, extra)
-        sigmas = to.get("sigmas")
-        sigma = float(sigmas.flatten()[0]) if sigmas is not None else None
-        return run.block(self.point, args, lambda a: self._run(a, extra), _lane_key(to), sigma)
 
 
 def _begin(run, sigmas):
@@ -82,9 +53,7 @@ def apply_step_cache(model, config: StepCacheConfig, owner: str = ""):
     to.pop(STEPCACHE_KEY, None)
     dit = to.get("patches_replace", {}).get("dit", {})
     for point in cuts.points:  # take ours out (a re-applied node), keep anyone else's
-        prev = dit.get(point)
-        while isinstance(prev, BlockReplacement):
-            prev = prev.prior
+        prev = prior_entry(dit.get(point))
         if prev is None:
             dit.pop(point, None)
         else:

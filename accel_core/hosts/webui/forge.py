@@ -12,7 +12,8 @@ so compile, DeepCache and the attention kernel step aside with a note; LoRAs are
 the weights outside it and still apply.
 
 The model's family comes from the core's registry (accel_core/families). On a DiT model (Forge
-Neo's Flux, Chroma, Qwen-Image, Wan, Z-Image) forge_dit says what runs and how.
+Neo's Flux, Chroma, Qwen-Image, Wan, Z-Image) forge_dit says what runs and how; the cache
+controls run the Step Cache there (stepcache.py) instead of DeepCache.
 """
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, loras: FusedLoras, lora_dir
     if fam is None:
         applied.notes.append(f"not applied: {type(unet).__name__} is not a model SD Accel knows (it knows {known_names()}); it runs unchanged")
         return unet_patcher, applied, None
-    if not takes_unet_features(fam):
-        opts = dit_options(fam, opts, applied.notes)
+    applied.dit = not takes_unet_features(fam)
+    steps = None  # on a DiT: this pass's Step Cache (the cache controls' interval goes to it)
+    if applied.dit:
+        opts, steps = dit_options(fam, unet, opts, applied.notes)
     if opts.cast_on:
         # Forge owns the UNet's storage dtype and moves it between devices itself; a second
         # cast copy would sit outside its memory management. Its own selector does this job.
@@ -57,11 +60,12 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, loras: FusedLoras, lora_dir
         opts = replace(opts, dtype=OFF, channels_last=False)
     other = host_compile(kmodel)
     if other is not None:
-        asked = [label for label, on in (("compile", opts.compile_on), ("DeepCache", opts.deepcache_on), ("attention kernel", opts.attention_on)) if on]
+        asked = [label for label, on in (("compile", opts.compile_on), ("DeepCache", opts.deepcache_on), ("Step Cache", steps is not None),
+                                         ("attention kernel", opts.attention_on)) if on]
         if asked:
             applied.notes.append(f"{' and '.join(asked)} not applied: {other} compiles the UNet for this generation, and SD Accel steps aside "
                                  "(set its preset to Disable to use SD Accel's)")
-            opts = replace(opts, backend=OFF, deepcache_interval=1, attention="auto")
+            opts, steps = replace(opts, backend=OFF, deepcache_interval=1, attention="auto"), None
     check_quantized(unet, opts, FORGE_HINT, "UNet" if takes_unet_features(fam) else f"{fam.display} model")
     specs = None
     if (opts.loras_on or opts.lcm_on) and feature_module("lora") is not None:
@@ -69,13 +73,13 @@ def apply_forge(unet_patcher, opts: WebuiOptions, *, loras: FusedLoras, lora_dir
     plan = opts.plan()  # the core's configs, built once here and handed down
     if plan.deepcache is not None:
         check_depth(unet, plan.deepcache)
-    swap = plan.compile is not None or plan.attention != "auto" or plan.deepcache is not None
+    swap = plan.compile is not None or plan.attention != "auto" or plan.deepcache is not None or steps is not None
     if not swap and specs is None:
         return unet_patcher, applied, None  # nothing left to apply (e.g. stepped aside for Neo's compile)
     m = unet_patcher.clone()
     previous = m.model_options.get("model_function_wrapper")
     if not takes_unet_features(fam) and regional(fam, unet):  # DiT blocks through the regional compile
-        wrapper = DitWrapper(plan, previous, family=fam, kmodel=kmodel, specs=specs, loras=loras)
+        wrapper = DitWrapper(plan, previous, family=fam, steps=steps, kmodel=kmodel, specs=specs, loras=loras)
         report = regional_for(unet, fam, plan.compile).report if plan.compile is not None else None
     else:
         wrapper = ForgeWrapper(plan, previous, kmodel=kmodel, specs=specs, loras=loras, progress=progress, swap=swap)

@@ -107,8 +107,9 @@ class ForgeWrapper:
             self.warned = True
             logger.warning(message)
 
-    def finish(self) -> list[dict]:
-        return self.runner.finish() if self.runner is not None else []
+    def finish(self) -> dict[str, list[dict]]:
+        """End the pass: its runs' cache stats by feature ("deepcache")."""
+        return {"deepcache": self.runner.finish() if self.runner is not None else []}
 
 
 __all__ = ["ForgeWrapper", "host_compile"]

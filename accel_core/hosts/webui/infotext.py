@@ -9,17 +9,21 @@ from .accordion import format_loras, format_num, parse_loras
 from .options import UI_OPTIONS, WebuiOptions
 
 # One key per feature, only for features that are on, so images made without SD Accel carry nothing.
-K_COMPILE, K_CAST, K_DEEPCACHE, K_LCM, K_LORA, K_STATUS = (
-    "SD Accel compile", "SD Accel cast", "SD Accel DeepCache", "SD Accel LCM-LoRA", "SD Accel LoRA", "SD Accel status")
-SETTING_KEYS = (K_COMPILE, K_CAST, K_DEEPCACHE, K_LCM, K_LORA)
+K_COMPILE, K_CAST, K_DEEPCACHE, K_STEPCACHE, K_LCM, K_LORA, K_STATUS = (
+    "SD Accel compile", "SD Accel cast", "SD Accel DeepCache", "SD Accel Step Cache", "SD Accel LCM-LoRA", "SD Accel LoRA", "SD Accel status")
+SETTING_KEYS = (K_COMPILE, K_CAST, K_DEEPCACHE, K_STEPCACHE, K_LCM, K_LORA)
 
 
-# The DeepCache entry's `key=value` words and the options they hold (what SD Accel has always written).
+# The cache entries' `key=value` words and the options they hold. DeepCache's are what SD Accel has
+# always written; on a DiT model the same controls ran the Step Cache, recorded under its own key
+# (the threshold only where the mode reads it).
 DEEPCACHE_WORDS = {"interval": "deepcache_interval", "depth": "deepcache_depth", "start": "deepcache_start", "end": "deepcache_end"}
+STEPCACHE_WORDS = {"mode": "stepcache_mode", "interval": "deepcache_interval", "front": "stepcache_front", "back": "stepcache_back",
+                   "threshold": "stepcache_threshold", "start": "deepcache_start", "end": "deepcache_end"}
 
 
-def to_infotext(opts: WebuiOptions) -> dict[str, str]:
-    """The infotext entries recording `opts` (what `from_infotext` reads back)."""
+def to_infotext(opts: WebuiOptions, dit: bool = False) -> dict[str, str]:
+    """The infotext entries recording `opts` (what `from_infotext` reads back); `dit`: the model is a DiT (the cache is the Step Cache)."""
     out = {}
     if opts.compile_on:
         out[K_COMPILE] = f"{opts.backend} {opts.mode}"
@@ -27,7 +31,8 @@ def to_infotext(opts: WebuiOptions) -> dict[str, str]:
         parts = [opts.dtype] + (["channels_last"] if opts.channels_last else []) + [f"attention={opts.attention}"]
         out[K_CAST] = " ".join(parts)
     if opts.deepcache_on:
-        out[K_DEEPCACHE] = " ".join(f"{word}={_format(getattr(opts, name))}" for word, name in DEEPCACHE_WORDS.items())
+        words = {w: n for w, n in STEPCACHE_WORDS.items() if w != "threshold" or opts.stepcache_mode == "adaptive"} if dit else DEEPCACHE_WORDS
+        out[K_STEPCACHE if dit else K_DEEPCACHE] = " ".join(f"{word}={_format(getattr(opts, name))}" for word, name in words.items())
     if opts.lcm_on:
         out[K_LCM] = f"{opts.lcm_lora}:{format_num(opts.lcm_strength)}"
     if opts.loras_on:
@@ -36,7 +41,7 @@ def to_infotext(opts: WebuiOptions) -> dict[str, str]:
 
 
 def _format(value) -> str:
-    return str(value) if isinstance(value, int) else format_num(value)
+    return str(value) if isinstance(value, (int, str)) else format_num(value)
 
 
 def _kv(text: str) -> dict[str, str]:
@@ -63,10 +68,11 @@ def from_infotext(params: dict) -> WebuiOptions:
         if K_CAST in params:
             toks = str(params[K_CAST]).split()
             values.update(dtype=toks[0], channels_last="channels_last" in toks, attention=_kv(params[K_CAST]).get("attention", UI_OPTIONS["attention"].default))
-        if K_DEEPCACHE in params:
-            kv = _kv(params[K_DEEPCACHE])
-            kv["interval"]  # the one word every DeepCache entry has
-            values.update({name: _parse(name, kv[word]) for word, name in DEEPCACHE_WORDS.items() if word in kv})
+        for key, words in ((K_DEEPCACHE, DEEPCACHE_WORDS), (K_STEPCACHE, STEPCACHE_WORDS)):
+            if key in params:
+                kv = _kv(params[key])
+                kv["interval"]  # the one word every cache entry has
+                values.update({name: _parse(name, kv[word]) for word, name in words.items() if word in kv})
         if K_LCM in params:
             ((name, strength),) = parse_loras(str(params[K_LCM]))
             values.update(lcm_lora=name, lcm_strength=strength)
@@ -98,4 +104,4 @@ def infotext_field(name: str):
     return read
 
 
-__all__ = ["DEEPCACHE_WORDS", "K_COMPILE", "K_CAST", "K_DEEPCACHE", "K_LCM", "K_LORA", "K_STATUS", "SETTING_KEYS", "to_infotext", "from_infotext", "infotext_field"]
+__all__ = ["DEEPCACHE_WORDS", "STEPCACHE_WORDS", "K_COMPILE", "K_CAST", "K_DEEPCACHE", "K_STEPCACHE", "K_LCM", "K_LORA", "K_STATUS", "SETTING_KEYS", "to_infotext", "from_infotext", "infotext_field"]

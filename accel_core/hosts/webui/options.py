@@ -3,7 +3,9 @@
 Plain data (no webui imports). Each field of WebuiOptions is a core option (declared once, on
 the core's config, with the webui's own default where it differs: the accordion starts off)
 or one of the webui's own three (enabled, lcm_lora, loras). `plan()` turns the options into
-the core's configs once; the installers hand that plan down to the runtime.
+the core's configs once; the installers hand that plan down to the runtime. One set of cache
+controls serves both caches: DeepCache on an SD UNet, the Step Cache on a DiT model (with its
+own mode and blocks, last so older callers' positional args still fit; stepcache.py maps them).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from ...compile_cache import default_cache_dir
 from ...deepcaching import DeepCacheConfig
 from ...errors import SDAccelError
 from ...lcm import LcmConfig
+from ...stepcache import StepCacheConfig
 from ...options import KEY, check_declared, declared, option
 
 OFF = "off"
@@ -48,6 +51,10 @@ class WebuiOptions:
     lcm_strength: float = _core(LcmConfig, "strength")
     loras: tuple[tuple[str, float], ...] = option((), "LoRAs swapped into the UNet in place (no recompilation).",
                                                    label="LoRA hot-swap (name:weight, comma separated)")
+    stepcache_mode: str = _core(StepCacheConfig, "mode")
+    stepcache_front: int = _core(StepCacheConfig, "front_blocks")
+    stepcache_back: int = _core(StepCacheConfig, "back_blocks")
+    stepcache_threshold: float = _core(StepCacheConfig, "threshold")
 
     def __post_init__(self):
         # Gradio sliders deliver floats; keep ints ints so infotext round-trips exactly.
@@ -59,10 +66,10 @@ class WebuiOptions:
                 object.__setattr__(self, name, round(float(value), 3))
         check_declared(self, "webui")
         if not float(self.deepcache_start) < float(self.deepcache_end):
-            raise SDAccelError(f"SD Accel: DeepCache start/end must satisfy 0 <= start < end <= 1 (fractions of the steps), found {self.deepcache_start}..{self.deepcache_end}.")
+            raise SDAccelError(f"SD Accel: the cache's start/end must satisfy 0 <= start < end <= 1 (fractions of the steps), found {self.deepcache_start}..{self.deepcache_end}.")
         object.__setattr__(self, "loras", tuple((str(n), round(float(s), 3)) for n, s in self.loras))
 
-    # What is on (enabled and set to something other than off).
+    # What is on (enabled and set to something other than off); "deepcache" is the cache: the Step Cache on a DiT.
     @property
     def compile_on(self) -> bool:
         return self.enabled and self.backend != OFF
@@ -98,16 +105,14 @@ class WebuiOptions:
     def compile_config(self) -> CompileConfig | None:
         if not self.compile_on:
             return None
-        # SD_ACCEL_DYNAMO_BACKEND=eager|aot_eager runs Dynamo without Inductor: isolates Inductor
-        # problems when debugging (and keeps tests fast on CPUs).
+        # SD_ACCEL_DYNAMO_BACKEND=eager|aot_eager: Dynamo without Inductor (isolates Inductor problems; fast CPU tests).
         return CompileConfig(**self.core_values(CompileConfig), torch_backend=os.environ.get("SD_ACCEL_DYNAMO_BACKEND", "inductor"),
                              cache_dir=default_cache_dir("webui"))
 
     def cast_config(self) -> CastConfig | None:
         if not self.cast_on:
             return None
-        values = self.core_values(CastConfig)
-        return CastConfig(**{**values, "dtype": "auto" if self.dtype == OFF else self.dtype})
+        return CastConfig(**{**self.core_values(CastConfig), "dtype": "auto" if self.dtype == OFF else self.dtype})
 
     def deepcache_config(self) -> DeepCacheConfig:
         """The DeepCacheConfig these options ask for (whether or not DeepCache is on: the depth is checked before sampling)."""
@@ -131,15 +136,11 @@ class Plan:
 
 BACKEND_CHOICES = declared(WebuiOptions)["backend"].choices
 DTYPE_CHOICES = declared(WebuiOptions)["dtype"].choices
-
-
 # The accordion's components, in the order `Script.ui` returns them (= the order of *args).
 UI_FIELDS = tuple(f.name for f in dataclasses.fields(WebuiOptions))
-# Defaults the webui Settings page can change (the rest are per-image choices).
-SETTINGS_FIELDS = ("enabled", "backend", "mode", "dtype", "channels_last", "attention",
-                   "deepcache_interval", "deepcache_depth", "deepcache_start", "deepcache_end")
+# Defaults the webui Settings page can change (all but the per-image LoRA choices).
+SETTINGS_FIELDS = tuple(n for n in UI_FIELDS if n not in ("lcm_lora", "lcm_strength", "loras"))
 # The accordion's and the Settings page's widgets: name -> Option (kind, label, default, range, choices).
 UI_OPTIONS = declared(WebuiOptions)
-
 
 __all__ = ["Plan", "UI_OPTIONS", "OFF", "BACKEND_CHOICES", "DTYPE_CHOICES", "NO_LORA", "ATTENTION", "MODES", "WebuiOptions", "UI_FIELDS", "SETTINGS_FIELDS"]

@@ -31,6 +31,12 @@ def takes_lcm(sd_model) -> bool:
     return takes_unet_features(family_of(diffusion_model(sd_model)))
 
 
+def is_dit(sd_model) -> bool:
+    """Whether the loaded model is a DiT SD Accel knows (Flux, Qwen-Image, Wan, ...): its cache is the Step Cache, not DeepCache."""
+    fam = family_of(diffusion_model(sd_model))
+    return fam is not None and not takes_unet_features(fam)
+
+
 class Session:
     """SD Accel's state in one webui process: owned by the extension, one per process (webui.SESSION)."""
 
@@ -57,14 +63,17 @@ class Session:
         return m, applied
 
     def finish_generation(self) -> dict:
-        """End of a generation on either host: undo A1111's swap, restore fused LoRAs, collect DeepCache stats."""
-        runs = []
+        """End of a generation on either host: undo A1111's swap, restore fused LoRAs, collect the caches' stats
+        ({"deepcache": [...], "stepcache": [...]}, one entry per sampling run)."""
+        stats = {"deepcache": [], "stepcache": []}
         while self.forge_passes:
-            runs += self.forge_passes.pop(0).finish()
+            for feature, runs in self.forge_passes.pop(0).finish().items():
+                stats[feature] += runs
         self.a1111.last_deepcache = []
         self.a1111.undo()
         self.loras.restore()
-        return {"deepcache": runs + self.a1111.last_deepcache}
+        stats["deepcache"] += self.a1111.last_deepcache
+        return stats
 
 
-__all__ = ["Session", "is_forge", "a1111_unet", "diffusion_model", "takes_lcm"]
+__all__ = ["Session", "is_forge", "a1111_unet", "diffusion_model", "takes_lcm", "is_dit"]

@@ -12,15 +12,16 @@ from .options import WebuiOptions
 
 # Feature modules written alongside the compile/cast core; a copy of SD Accel may lack one.
 FEATURES = {"deepcache": "DeepCache", "lora": "LoRA hot-swap", "lcm": "LCM-LoRA"}
+_MODULES = {"deepcache": "deepcaching"}  # the runtime's module where its name is not the feature's (accel_core.deepcache is a verb)
 
 
 @functools.lru_cache(maxsize=None)
 def feature_module(name: str):
     """The core module for a feature, or None when this copy of SD Accel does not have it."""
     try:
-        return importlib.import_module(f"{__package__.rsplit('.', 2)[0]}.{name}")
+        return importlib.import_module(f"{__package__.rsplit('.', 2)[0]}.{_MODULES.get(name, name)}")
     except ModuleNotFoundError as e:
-        if e.name and e.name.endswith(f".{name}"):
+        if e.name and e.name.endswith(f".{_MODULES.get(name, name)}"):
             return None
         raise
 
@@ -47,6 +48,7 @@ class Applied:
     notes: list[str] = field(default_factory=list)
     compile_report: CompileReport | None = None  # the report only: an Applied must not keep a UNet alive
     lora: str | None = None  # the hot-swap report (A1111; on Forge the weights change at the first UNet call)
+    dit: bool = False  # a DiT model: the cache controls ran the Step Cache (its infotext entry)
 
     def status(self) -> str | None:
         """The infotext status: what did not go as asked (None when everything applied cleanly)."""
@@ -57,7 +59,7 @@ class Applied:
         return "; ".join(parts) or None
 
     def describe(self) -> str:
-        lines = [f"{self.host}: " + (", ".join(f"{k[len('SD Accel '):]}: {v}" for k, v in to_infotext(self.options).items()) or "nothing")]
+        lines = [f"{self.host}: " + (", ".join(f"{k[len('SD Accel '):]}: {v}" for k, v in to_infotext(self.options, dit=self.dit).items()) or "nothing")]
         if self.compile_report is not None:
             lines.append("compile: " + self.compile_report.summary())
         if self.lora:

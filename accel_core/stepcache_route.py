@@ -1,0 +1,76 @@
+"""The step cache's block entries: how a host's `patches_replace["dit"]` hooks reach a `StepCacheRun`.
+
+ComfyUI's DiT forwards and Forge Neo's (ComfyUI-derived) ones offer block i to
+`transformer_options["patches_replace"]["dit"][(name, i)]`. A `BlockReplacement` there hands
+the call to its run, which runs the block (through the entry that was there before: another
+pack's replacement still decides how the block runs) or stands in for it.
+
+ComfyUI keeps the entries in a clone's model options and the run in a per-run copy of them
+(hosts/comfy/stepcache.py): an entry finds the run, the call's sigma and cond/uncond lane in the
+transformer_options of the block's args. Forge Neo's wrapper makes the entries per call, in its
+copy of the call's transformer_options (`with_step_cache`, hosts/webui/stepcache.py), bound to
+that call: Neo's Qwen-Image hands its blocks no transformer_options.
+"""
+from __future__ import annotations
+
+from .stepcache import StepCacheRun
+
+STEPCACHE_KEY = "sd_accel.stepcache"
+
+
+def lane_key(to: dict):
+    """The cache lane of a call (`cfg="separate"`): its cond/uncond composition."""
+    for name in ("cond_or_uncond", "uuids"):
+        v = to.get(name)
+        if v:
+            return tuple(v)
+    return "all"
+
+
+def call_of(to: dict) -> tuple:
+    """(run, lane, sigma) of a model call, from its transformer_options."""
+    sigmas = to.get("sigmas")
+    return to.get(STEPCACHE_KEY), lane_key(to), (float(sigmas.flatten()[0]) if sigmas is not None else None)
+
+
+class BlockReplacement:
+    """Our `patches_replace["dit"]` entry for one block; keeps the entry it replaced (`prior`).
+    `bound`: the (run, lane, sigma) of the one call it was made for; else read from each block's args."""
+
+    def __init__(self, point, prior=None, bound: tuple | None = None):
+        self.point, self.prior, self.bound = point, prior, bound
+
+    def _run(self, args, extra):
+        if self.prior is not None:
+            return self.prior(args, extra)
+        return extra["original_block"](args)
+
+    def __call__(self, args, extra):
+        run, lane, sigma = self.bound or call_of(args.get("transformer_options") or {})
+        if not isinstance(run, StepCacheRun) or not run.running or self.point not in run.cuts.pos:
+            return self._run(args, extra)
+        return run.block(self.point, args, lambda a: self._run(a, extra), lane, sigma)
+
+
+def prior_entry(entry):
+    """The entry behind ours (another pack's, or None): what a re-applied cache wraps again."""
+    while isinstance(entry, BlockReplacement):
+        entry = entry.prior
+    return entry
+
+
+def with_step_cache(to: dict, run: StepCacheRun) -> dict:
+    """A copy of one call's transformer_options whose `patches_replace["dit"]` routes every cut point of `run`
+    through it (wrapping the entry there before), bound to this call."""
+    to = dict(to)
+    bound = call_of({**to, STEPCACHE_KEY: run})
+    replace = dict(to.get("patches_replace") or {})
+    dit = dict(replace.get("dit") or {})
+    for point in run.cuts.points:
+        dit[point] = BlockReplacement(point, prior_entry(dit.get(point)), bound)
+    replace["dit"] = dit
+    to["patches_replace"] = replace
+    return to
+
+
+__all__ = ["STEPCACHE_KEY", "BlockReplacement", "call_of", "lane_key", "prior_entry", "with_step_cache"]
