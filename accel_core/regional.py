@@ -130,13 +130,23 @@ class RegionalCompiled(DiskCacheUser):
 # --- routing a host's blocks here ---------------------------------------------------------------
 # ComfyUI's DiT forwards and Forge Neo's (ComfyUI-derived) ones offer block i to
 # `transformer_options["patches_replace"]["dit"][(name, i)]`. The compiled block gets a
-# transformer_options holding only what blocks read (`optimized_attention_override`): dynamo
-# guards on what it reads, and the host's dict changes per block (block_index) and per run.
+# transformer_options holding only what blocks read (`optimized_attention_override`; LTX-2's
+# switches, which ComfyUI's STG and modality guidance set for some calls or blocks: dynamo guards
+# on their values, so each setting met traces once): dynamo guards on what it reads, and the
+# host's dict changes per block (block_index) and per run.
 # When the run has patches that the blocks themselves call (attn1_patch, ...), blocks run as
 # the host's own code for that call.
 
-KEEP = ("optimized_attention_override",)
+KEEP = ("optimized_attention_override", "stg_skip_self_attn", "run_vx", "run_ax", "a2v_cross_attn", "v2a_cross_attn")
 INNER_PATCHES = ("attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch")
+
+
+def _contiguous(v):
+    if isinstance(v, torch.Tensor):
+        return v.contiguous()
+    if isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):  # LTX-2's (video, audio) img
+        return tuple(t.contiguous() for t in v)
+    return v
 
 
 class _Block:
@@ -160,7 +170,7 @@ class _Block:
             return original(args)
         # Contiguous inputs: the first block often gets a transposed view (Wan's patch embedding),
         # the others contiguous outputs; dynamo guards on strides, so one frame serves all only so.
-        slim = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        slim = {k: _contiguous(v) for k, v in args.items()}
         slim["transformer_options"] = {k: to[k] for k in KEEP if k in to}
         return self.rc.run(self.kind, self.name, original, slim, args)
 

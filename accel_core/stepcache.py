@@ -19,6 +19,8 @@ The model is a flat list of cut points (the host's block replacements, in call o
 middle block is one between the front and the back; consecutive middle blocks of the same
 list form a span whose residual is kept per output ("img", "txt"), so a span never crosses
 the glue between two block lists (Flux joins txt and img between its double and single blocks).
+An output may be a tuple of tensors (LTX-2's img is its (video, audio) pair): its residual is
+kept, forecast and added per element; adaptive measures its first element (the video).
 
 DeepCache on UNets is this runtime cut at one skip connection (`deepcaching.py`): its runner asks
 the run for the step decision (`wants_full`), keeps the up-path feature in the run's `kept`
@@ -203,6 +205,27 @@ class KeptFeatures:
         return h if h.shape[0] == batch else None
 
 
+def _is_state(v) -> bool:
+    """A block output the cache keeps: a tensor, or a tuple of tensors (LTX-2's (video, audio) pair)."""
+    return torch.is_tensor(v) or (isinstance(v, (tuple, list)) and len(v) > 0 and all(torch.is_tensor(t) for t in v))
+
+
+def _each(fn, v, *more):
+    """`fn` on a tensor, or per element on a tuple of tensors (with the matching elements of `more`)."""
+    if torch.is_tensor(v):
+        return fn(v, *more)
+    return tuple(fn(*xs) for xs in zip(v, *more))
+
+
+def _shape(v) -> tuple:
+    return tuple(v.shape) if torch.is_tensor(v) else tuple(tuple(t.shape) for t in v)
+
+
+def _lead(v) -> torch.Tensor:
+    """The tensor a call is measured and keyed by: the output itself, or a tuple's first (LTX-2: the video)."""
+    return v if torch.is_tensor(v) else v[0]
+
+
 def extrapolate(r: torch.Tensor, prev: torch.Tensor | None, a: int | None, b: int | None, step: int) -> torch.Tensor:
     """Forecast: `r` (kept at full step b) moved on to `step` along its change since `prev` (full step a), to first order."""
     if prev is None or a is None or b is None or b <= a or prev.shape != r.shape:
@@ -348,7 +371,7 @@ class StepCacheRun:
     def _start_call(self, lane_key, sigma, x: torch.Tensor):
         key = "all" if self.config.cfg == "shared" else lane_key
         lane = self.lanes.setdefault(key, Lane())
-        meta = (tuple(x.shape), x.dtype, x.device)
+        meta = (_shape(x), _lead(x).dtype, _lead(x).device)
         if lane.meta is not None and lane.meta != meta:  # another size / batch: what was kept does not fit
             self.lanes[key] = lane = Lane()
         lane.meta = meta
@@ -372,12 +395,12 @@ class StepCacheRun:
             return call.metric < c.threshold and lane.in_a_row < c.max_cached
         return True
 
-    def _forecast(self, span: int, out: str, r: torch.Tensor) -> torch.Tensor:
+    def _forecast(self, span: int, out: str, r):
         lane = self.call.lane
         prev = lane.previous.get(span, {}).get(out)
-        if self.config.mode != "forecast" or len(lane.full_at) < 2:
+        if self.config.mode != "forecast" or len(lane.full_at) < 2 or prev is None or _shape(prev) != _shape(r):
             return r
-        return extrapolate(r, prev, *lane.full_at, self.call.step)
+        return _each(lambda r_, p_: extrapolate(r_, p_, *lane.full_at, self.call.step), r, prev)
 
     def block(self, point, args: dict, run_block, lane_key, sigma) -> dict:
         """Run or stand in for the block at cut point `point`.
@@ -389,15 +412,16 @@ class StepCacheRun:
         if i == 0 or self.call is None:
             self._start_call(lane_key, sigma, args["img"])
             if self.config.mode == "adaptive":  # a copy: a block may add into its input in place (LTX-Video's)
-                self.call.first_in = args["img"].clone()
+                self.call.first_in = _lead(args["img"]).clone()
         call, cuts = self.call, self.cuts
         if i < cuts.first_mid or i >= cuts.end_mid:
             return run_block(args)
         lane = call.lane
         if call.cached is None:  # the first middle block: decide
             front = None
-            if self.config.mode == "adaptive" and call.first_in is not None and call.first_in.shape == args["img"].shape:
-                front = args["img"] - call.first_in
+            now = _lead(args["img"])
+            if self.config.mode == "adaptive" and call.first_in is not None and call.first_in.shape == now.shape:
+                front = now - call.first_in
             call.cached = self._decide(front)
             self.log.append({"call": call.index, "step": call.step, "cached": call.cached, "metric": call.metric})
             if call.cached:
@@ -414,20 +438,20 @@ class StepCacheRun:
         span = cuts.span_of[i]
         if call.cached:
             kept = lane.residual.get(span)
-            if kept is None or any(k not in args or args[k].shape != v.shape for k, v in kept.items()):
+            if kept is None or any(k not in args or _shape(args[k]) != _shape(v) for k, v in kept.items()):
                 raise SDAccelError("SD Accel Step Cache: the kept residual does not fit this call's blocks "
                                    f"(cut point {point}); this is a bug, please report it with the model's family.")
             if i in cuts.span_start:
-                return {k: args[k] + self._forecast(span, k, v).to(args[k].dtype) for k, v in kept.items()}
+                return {k: _each(lambda a, r: a + r.to(a.dtype), args[k], self._forecast(span, k, v)) for k, v in kept.items()}
             return {k: args[k] for k in kept}
         if i in cuts.span_start:
             # A copy: under CUDA graphs the next replay of a compiled block may reuse this memory.
-            call.entry[span] = {k: v.clone() for k, v in args.items() if torch.is_tensor(v) and k in ("img", "txt")}
+            call.entry[span] = {k: _each(torch.clone, v) for k, v in args.items() if k in ("img", "txt") and _is_state(v)}
         out = run_block(args)
         if i in cuts.span_end:
             entry = call.entry.pop(span, {})
-            lane.residual[span] = {k: (v - entry[k]).detach() for k, v in out.items()
-                                   if k in entry and torch.is_tensor(v) and v.shape == entry[k].shape}
+            lane.residual[span] = {k: _each(lambda o, e: (o - e).detach(), v, entry[k]) for k, v in out.items()
+                                   if k in entry and _is_state(v) and _shape(v) == _shape(entry[k])}
         return out
 
 

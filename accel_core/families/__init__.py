@@ -12,6 +12,6 @@ from .base import (BlockList, Family, ModuleDtype, compile_units, describe, fami
                    module_dtype, register, require, skip_count, split_unit, units_of)
 
 # The registrations (each file calls `register`); the UNets first.
-from . import ldm, diffusers, flux, qwen_image, zimage, wan, ltx, minimax  # noqa: E402,F401
+from . import ldm, diffusers, flux, qwen_image, zimage, wan, ltx, ltx2, minimax  # noqa: E402,F401
 __all__ = ["Family", "BlockList", "register", "families", "family_of", "require", "known_names", "skip_count", "describe",
            "compile_units", "split_unit", "units_of", "flatten", "module_dtype", "ModuleDtype"]

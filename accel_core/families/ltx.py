@@ -7,7 +7,7 @@ transformer_options[, self_attention_mask, prompt_timestep]) (read in 0.3.64, 0.
 A block adds its residuals into its input in place (`x += ...`); the step cache copies what it keeps.
 
 LTX-2 (`LTXAVModel`, av_model.py, a subclass of LTXVModel) hands its blocks a (video, audio) pair
-and timestep objects of its own: it is not this family, and nodes pass it through with a warning.
+and timestep objects of its own: it is a family of its own (ltx2.py), which this probe excludes.
 
 LoRA names: ComfyUI's module names are the diffusers names inside the blocks (`attn1.to_q`,
 `ff.net.0.proj`); ComfyUI maps `diffusion_model.`, kohya `lora_unet_` and (0.33) bare names, and

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("flux", "qwen_image", "zimage", "wan", "ltx", "minimax")
+FAMILIES = ("flux", "qwen_image", "zimage", "wan", "ltx", "ltx2", "minimax")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,16 @@ SPECS = {
     "ltx": Spec(("LTXV",), dict(image_model="ltxv", in_channels=128, num_attention_heads=32, attention_head_dim=2, cross_attention_dim=64,
                                 caption_channels=4096, num_layers=2),
                 4096, (1, 128, 2, 8, 8), {"attention_mask": torch.ones(1, 8, dtype=torch.int64)}, {"transformer_blocks": 2}, detected=True),
+    # LTX-2 (LTXAVModel, 0.8.0+): detection hard-codes the audio widths (a ~867M-parameter audio half), so the
+    # reduced model is built from its config. The latent is a (video [B, 128, T, H, W], audio [B, 8, T_audio, 16])
+    # NestedTensor, as LTXVConcatAVLatent makes; the text is the video and audio halves side by side (2 x 32
+    # wide: 0.33 takes it as already through its connectors, 0.8.0 has none in the model).
+    "ltx2": Spec(("LTXAV",), dict(image_model="ltxav", in_channels=128, audio_in_channels=128, num_attention_heads=2, attention_head_dim=16,
+                                  cross_attention_dim=32, audio_num_attention_heads=2, audio_attention_head_dim=16,
+                                  audio_cross_attention_dim=32, caption_channels=32, num_layers=3, connector_attention_head_dim=16,
+                                  connector_num_attention_heads=2, connector_num_layers=1),
+                 64, (1, 128, 2, 8, 8), {"attention_mask": torch.ones(1, 8, dtype=torch.int64)}, {"transformer_blocks": 3},
+                 audio_shape=(1, 8, 4, 16)),
     # MiniMax H3 (0.33+): one packed sequence of text, audio and video rows; detection reads every width from the
     # shapes. The latent is a (video [B, 24, T, H, W], audio [B, 32, 2, T_audio]) NestedTensor, as its
     # EmptyMiniMaxH3LatentAV node makes; rope over 3 x 4 frequencies (24 of the 32-wide heads rotate).

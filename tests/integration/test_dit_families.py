@@ -17,7 +17,7 @@ import torch
 import comfy_harness as harness
 import dit_models
 
-REGIONAL = ("flux", "qwen_image", "zimage", "wan", "ltx", "minimax")
+REGIONAL = ("flux", "qwen_image", "zimage", "wan", "ltx", "ltx2", "minimax")
 # MiniMax H3 hands its blocks the modulation rows as Python ints (mod_segments): at sigma 1 audio and video share
 # one timestep, so the first step's rows differ from the later steps' and a second graph is traced once.
 SECOND_GRAPH = {"minimax": 1}

@@ -1,0 +1,35 @@
+"""LTX-2 (ComfyUI's `comfy/ldm/lightricks/av_model.py` `LTXAVModel`, 0.8.0+): joint video + audio.
+
+N identical `BasicAVTransformerBlock`s, each a video and an audio transformer (self-attention,
+cross-attention to the text, gated MLP) joined by audio-to-video and video-to-audio
+cross-attention. Block i is offered to `patches_replace["dit"][("double_block", i)]` with
+img = (video, audio) tokens, a pair, and returns img as a pair (read in 0.8.0 and 0.33.0); the
+step cache keeps residuals per element of such a pair. The timesteps are `CompressedTimestep`
+objects (0.33: a tensor per frame, expanded inside the block) or tensors (0.8.0). A block adds
+its residuals into its inputs in place; the step cache copies what it keeps.
+
+Per-call switches the blocks read from transformer_options (run_vx / run_ax, a2v_cross_attn /
+v2a_cross_attn: ComfyUI's modality guidance; stg_skip_self_attn: its STG guidance, set per block)
+reach a compiled block: regional.KEEP lists them.
+
+LoRA names: ComfyUI's module names (`transformer_blocks.0.audio_attn1.to_q`), which 0.33 also
+maps bare (comfy/lora.py: LTXV and LTXAV); `lora_names` adds the usual prefixes. The model
+builds nothing fp32 (the text connectors' double-precision RoPE is computed, not stored).
+"""
+from __future__ import annotations
+
+from .base import BlockList, Family, register
+from ._dit import probe
+from .lora_maps import own_names
+
+LTX2 = register(Family(
+    name="ltx2", display="LTX-2 (audio-video DiT)",
+    probe=probe(("LTXAVModel",), "transformer_blocks", "patchify_proj", "audio_patchify_proj", "audio_adaln_single"),
+    entry=("_forward", "forward"),
+    lora_keys=own_names,
+    blocks=(BlockList("transformer_blocks", "double_block"),),
+    # Every timestep modulation: adaln_single, audio_adaln_single, the av_ca_*_adaln_single of the
+    # audio-video cross-attention and the prompt_adaln_single variants (one row per frame, steer every block).
+    fp8_skip=("adaln_single",),
+    lora_hints=("audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn", "audio_ff", "audio_adaln_single"),
+))
