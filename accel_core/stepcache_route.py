@@ -16,6 +16,16 @@ from __future__ import annotations
 from .stepcache import StepCacheRun
 
 STEPCACHE_KEY = "sd_accel.stepcache"
+# Switches a guidance pass sets to change what the blocks compute (ComfyUI's STG and modality
+# guidance on LTX-2: an extra cond pass per step with some self-attention or the audio-video
+# cross-attention off). Such a pass runs every block: the kept change is the unperturbed one.
+PERTURBING = ("stg_self_attn_blocks",)
+SEVERING = ("run_vx", "run_ax", "a2v_cross_attn", "v2a_cross_attn")
+
+
+def perturbed(to: dict) -> bool:
+    """Whether a call's transformer_options make it a perturbed guidance pass (see PERTURBING / SEVERING)."""
+    return any(to.get(k) for k in PERTURBING) or any(to.get(k, True) is False for k in SEVERING)
 
 
 def lane_key(to: dict):
@@ -46,8 +56,9 @@ class BlockReplacement:
         return extra["original_block"](args)
 
     def __call__(self, args, extra):
-        run, lane, sigma = self.bound or call_of(args.get("transformer_options") or {})
-        if not isinstance(run, StepCacheRun) or not run.running or self.point not in run.cuts.pos:
+        to = args.get("transformer_options") or {}
+        run, lane, sigma = self.bound or call_of(to)
+        if not isinstance(run, StepCacheRun) or not run.running or self.point not in run.cuts.pos or perturbed(to):
             return self._run(args, extra)
         return run.block(self.point, args, lambda a: self._run(a, extra), lane, sigma)
 
@@ -73,4 +84,4 @@ def with_step_cache(to: dict, run: StepCacheRun) -> dict:
     return to
 
 
-__all__ = ["STEPCACHE_KEY", "BlockReplacement", "call_of", "lane_key", "prior_entry", "with_step_cache"]
+__all__ = ["STEPCACHE_KEY", "BlockReplacement", "call_of", "lane_key", "perturbed", "prior_entry", "with_step_cache"]

@@ -194,25 +194,38 @@ def test_nodes_without_dit_support_pass_a_dit_model_through(comfy_host, comfy_ad
     assert "Flux is not a model this node knows" in caplog.text
 
 
-def test_ltx2_audio_video_passes_through_every_node_with_a_warning(comfy_host, comfy_adapter, accel, caplog):
-    """LTX-2 (LTXAVModel, a subclass of LTX-Video's class) hands its blocks a (video, audio) pair: no family
-    takes it, so the nodes pass it through with their warning instead of cutting or compiling it wrongly."""
-    import comfy.model_patcher
-    import comfy.supported_models as sm
+# LTX-2's guidance nodes (0.33+): an extra cond pass per step with switches its blocks read from transformer_options.
+GUIDANCE = {"LTXVSpatioTemporalGuidance": dict(scale=1.0, blocks="1", start_percent=0.0, end_percent=1.0),  # stg_skip_self_attn on block 1
+            "LTXVModalityGuidance": dict(modality_scale=3.0, start_percent=0.0, end_percent=1.0)}  # a2v / v2a cross-attention off
 
-    if not hasattr(sm, "LTXAV"):
-        pytest.skip("this ComfyUI has no LTXAV (LTX-2) model config")
-    mc = sm.LTXAV(dict(image_model="ltxav", num_attention_heads=32, attention_head_dim=2, cross_attention_dim=64, num_layers=1))
-    mc.set_inference_dtype(torch.float32, None)
-    base = mc.get_model({}, "", device=torch.device("meta"))  # shapes only: its audio parts are full size
-    model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    assert comfy_host.pack_module("accel_core.families").family_of(base.diffusion_model) is None
-    hs = comfy_host.pack_module("accel_core.hosts.comfy.stepcache")
-    sc = comfy_host.pack_module("accel_core.stepcache")
-    with caplog.at_level(logging.WARNING):
-        assert comfy_adapter.apply_compile(model, _config(accel)) is model
-        assert hs.apply_step_cache(model, sc.StepCacheConfig()) is model
-    assert caplog.text.count("LTXAVModel is not a model this node knows") == 2, caplog.text
+
+@pytest.mark.parametrize("node", GUIDANCE)
+def test_ltx2_guidance_passes_compile_once_and_run_every_block_under_the_step_cache(comfy_host, comfy_adapter, accel, models,
+                                                                                    stepcache_stats, node):
+    """The compiled blocks see the guidance pass's switches (the result equals eager's; a second run traces
+    nothing), and the step cache runs that pass in full: it logs as many calls as without the guidance."""
+    import comfy_extras.nodes_lt as nodes_lt
+
+    model, _ = _model(models, "ltx2")
+    cls = getattr(nodes_lt, node, None)
+    if cls is None:
+        pytest.skip(f"this ComfyUI has no {node} node (0.33+)")
+    out = cls.execute(model, **GUIDANCE[node])
+    guided = out[0] if isinstance(out, tuple) else out.result[0]
+    ref = dit_models.sample(guided, "ltx2", cfg=2.0)
+    assert harness.rel_err(ref, dit_models.sample(model, "ltx2", cfg=2.0)) > 1e-3  # the pass changes the result
+    torch._dynamo.reset()
+    _counters().clear()
+    compiled = comfy_adapter.apply_compile(guided, _config(accel))
+    assert harness.rel_err(dit_models.sample(compiled, "ltx2", cfg=2.0), ref) < 1e-4
+    first = _graphs()
+    assert harness.rel_err(dit_models.sample(compiled, "ltx2", cfg=2.0), ref) < 1e-4
+    assert _graphs() == first
+    steps = 6
+    dit_models.sample(harness.step_cache(comfy_host, model, interval=3), "ltx2", steps=steps, cfg=2.0)
+    plain = stepcache_stats[-1]
+    dit_models.sample(harness.step_cache(comfy_host, guided, interval=3), "ltx2", steps=steps, cfg=2.0)
+    assert stepcache_stats[-1]["calls"] == plain["calls"] and stepcache_stats[-1]["cached_steps"] == plain["cached_steps"]
 
 
 def test_an_unknown_model_passes_through_with_a_warning(comfy_host, comfy_adapter, accel, models, caplog):
