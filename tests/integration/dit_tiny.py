@@ -1,5 +1,5 @@
 """LoRA files for the reduced-size DiT models of `dit_models` (ComfyUI's own Flux, Qwen-Image,
-Z-Image, Wan, LTX-Video classes), in the formats people have, with seeded random factors; and ComfyUI's own
+Z-Image, Wan, LTX-Video, LTX-2, MiniMax H3 classes), in the formats people have, with seeded random factors; and ComfyUI's own
 LoraLoader result for them, to compare with.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ def skip_reason(family: str) -> str | None:
 
 _CLASSES = {"flux": ("comfy.ldm.flux.model", "Flux"), "qwen_image": ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"),
             "zimage": ("comfy.ldm.lumina.model", "NextDiT"), "wan": ("comfy.ldm.wan.model", "WanModel"),
-            "ltx": ("comfy.ldm.lightricks.model", "LTXVModel"), "minimax": ("comfy.ldm.minimax.model", "MiniMaxH3Model")}
+            "ltx": ("comfy.ldm.lightricks.model", "LTXVModel"), "ltx2": ("comfy.ldm.lightricks.av_model", "LTXAVModel"),
+            "minimax": ("comfy.ldm.minimax.model", "MiniMaxH3Model")}
 
 
 def _accepted(family: str, cfg: dict) -> dict:
@@ -71,10 +72,10 @@ def inputs(family: str, seed: int = 5):
     extra = {}
     if family == "flux":
         extra = {"y": torch.randn(spec.extra_cond["pooled_output"], generator=g), "guidance": torch.tensor([3.5])}
-    elif family == "ltx":  # LTXVModel's forward takes the text's attention mask as a required argument
+    elif family in ("ltx", "ltx2"):  # LTXVModel's forward takes the text's attention mask as a required argument
         extra = {"attention_mask": None}
-    elif spec.audio_shape is not None:  # MiniMax H3: the (video, audio) pair, a single batch, timestep = sigma * 1000
-        return [x, torch.randn(spec.audio_shape, generator=g)], torch.tensor([700.0]), ctx, extra
+    if spec.audio_shape is not None:  # the (video, audio) pair; MiniMax H3: a single batch, timestep = sigma * 1000
+        return [x, torch.randn(spec.audio_shape, generator=g)], torch.tensor([700.0 if family == "minimax" else 0.7]), ctx, extra
     return x, torch.tensor([0.7]), ctx, extra
 
 
@@ -84,7 +85,7 @@ _BLOCKS = ("double_blocks.", "single_blocks.", "transformer_blocks.", "layers.",
            "token_refiner.blocks.")
 LORA_FORMATS = {"flux": ("kohya", "comfy", "diffusers", "xlabs"), "qwen_image": ("kohya", "comfy", "diffusers"),
                 "zimage": ("kohya", "comfy", "diffusers"), "wan": ("kohya", "comfy", "lightx2v"), "ltx": ("kohya", "comfy", "diffusers"),
-                "minimax": ("kohya", "comfy")}  # ComfyUI maps no other MiniMax H3 names
+                "ltx2": ("kohya", "comfy", "diffusers"), "minimax": ("kohya", "comfy")}  # ComfyUI maps no other MiniMax H3 names
 
 
 def _pair(g, out_f: int, in_f: int, rank: int, scale: float = 0.05):
@@ -104,7 +105,7 @@ def _diffusers_targets(model, family: str) -> dict[str, tuple]:
 
     fn = {"flux": "flux_to_diffusers", "zimage": "z_image_to_diffusers"}.get(family)
     sd = model.model.diffusion_model.state_dict()
-    if fn is None:  # Qwen-Image, LTX-Video: ComfyUI's module names are diffusers' names
+    if fn is None:  # Qwen-Image, LTX-Video, LTX-2: ComfyUI's module names are diffusers' names
         return {k[:-7]: (k, sd[k].shape[0]) for k in _block_weights(model)}
     out, seen = {}, set()
     for k, v in getattr(comfy.utils, fn)(model.model.model_config.unet_config).items():
@@ -173,7 +174,7 @@ def comfy_reference_sd(sd: dict, fmt: str, family: str | None = None) -> dict:
         import comfy.lora_convert
 
         return comfy.lora_convert.convert_uso_lora(sd)
-    if fmt == "diffusers" and family == "ltx":
+    if fmt == "diffusers" and family in ("ltx", "ltx2"):
         return {"diffusion_model." + k[len("transformer."):]: v for k, v in sd.items()}
     return sd
 

@@ -1,4 +1,4 @@
-"""LoRA Hot-Swap on ComfyUI's DiT families (Flux, Qwen-Image, Z-Image, Wan, LTX-Video, MiniMax H3), tiny real classes:
+"""LoRA Hot-Swap on ComfyUI's DiT families (Flux, Qwen-Image, Z-Image, Wan, LTX-Video, LTX-2, MiniMax H3), tiny real classes:
 every name ComfyUI's loader maps resolves to the same weight (and slice), the fused weights equal
 what ComfyUI's LoraLoader patches for each file format, removal restores the exact bits, swaps
 on a compiled model never recompile, and a LoRA for another family is refused with the model

@@ -13,7 +13,7 @@ import dit_models
 import dit_tiny
 
 FORMAT = {"flux": "diffusers", "qwen_image": "diffusers", "zimage": "kohya", "wan": "lightx2v", "ltx": "comfy",
-          "minimax": "comfy"}  # ComfyUI reads no diffusers LTX or MiniMax names
+          "ltx2": "comfy", "minimax": "comfy"}  # ComfyUI reads no diffusers LTX or MiniMax names
 
 
 @pytest.fixture(scope="module")

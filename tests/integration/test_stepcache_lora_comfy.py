@@ -1,5 +1,5 @@
 """Step Cache stacked with Compile and LoRA Hot-Swap in a real ComfyUI (COMFYUI_PATH), on reduced Flux,
-Wan, LTX-Video and MiniMax H3 models of ComfyUI's own classes: Compile Model -> Step Cache -> LoRA Hot-Swap, the LoRA
+Wan, LTX-Video, LTX-2 and MiniMax H3 models of ComfyUI's own classes: Compile Model -> Step Cache -> LoRA Hot-Swap, the LoRA
 swapped between runs. Each run equals the same Step Cache over ComfyUI's LoraLoader (uncompiled), no
 swap recompiles (dynamo's "eager" backend, as the other CPU compile tests), and the plain model's
 weights come back bit for bit."""
@@ -13,9 +13,9 @@ import comfy_harness as harness
 import dit_models
 import dit_tiny
 
-FAMS = ("flux", "wan", "ltx", "minimax")
+FAMS = ("flux", "wan", "ltx", "ltx2", "minimax")
 STEPS, INTERVAL = 5, 2  # full calls at steps 0, 2, 4; cached at 1, 3
-FORMAT = {"flux": "diffusers", "wan": "lightx2v", "ltx": "comfy", "minimax": "comfy"}
+FORMAT = {"flux": "diffusers", "wan": "lightx2v", "ltx": "comfy", "ltx2": "comfy", "minimax": "comfy"}
 
 
 @pytest.fixture(scope="module")
