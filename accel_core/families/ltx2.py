@@ -21,6 +21,7 @@ from __future__ import annotations
 from .base import BlockList, Family, register
 from ._dit import probe
 from .lora_maps import own_names
+from .ltx import LTX
 
 LTX2 = register(Family(
     name="ltx2", display="LTX-2 (audio-video DiT)",
@@ -31,5 +32,7 @@ LTX2 = register(Family(
     # Every timestep modulation: adaln_single, audio_adaln_single, the av_ca_*_adaln_single of the
     # audio-video cross-attention and the prompt_adaln_single variants (one row per frame, steer every block).
     fp8_skip=("adaln_single",),
-    lora_hints=("audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn", "audio_ff", "audio_adaln_single"),
+    # LTX-Video's hints (an LTX-2 file names the same video layers; a tie goes to LTX-Video, registered
+    # first) and the audio layers only LTX-2 has.
+    lora_hints=LTX.lora_hints + ("audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn", "audio_ff", "audio_patchify"),
 ))

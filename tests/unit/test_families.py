@@ -153,20 +153,29 @@ class LTXVModel(nn.Module):
 
 
 class LTXAVModel(LTXVModel):
-    """LTX-2's audio-video model subclasses LTX-Video's, with blocks of another calling convention."""
+    """LTX-2's audio-video model subclasses LTX-Video's, with blocks of another calling convention (av_model.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio_patchify_proj, self.audio_adaln_single = nn.Linear(4, 8), nn.Linear(8, 48)
 
 
-def test_ltx_video_is_a_family_and_ltx2_is_not():
+def test_ltx_video_and_ltx2_are_families_of_their_own():
     fam = families.family_of(LTXVModel())
     assert fam is not None and fam.name == "ltx"
     assert [(bl.attr, bl.patch, len(m)) for bl, m in fam.block_lists(LTXVModel())] == [("transformer_blocks", "double_block", 3)]
-    assert families.family_of(LTXAVModel()) is None  # nodes pass it through with their "not a model this node knows" warning
+    av = families.family_of(LTXAVModel())
+    assert av is not None and av.name == "ltx2"  # the subclass is not LTX-Video: its blocks take a (video, audio) pair
+    assert [(bl.attr, bl.patch, len(m)) for bl, m in av.block_lists(LTXAVModel())] == [("transformer_blocks", "double_block", 3)]
+    assert av.fp8_skip == ("adaln_single",) and not av.keeps_dtype("audio_adaln_single.linear.weight")
 
 
 def test_a_lora_s_family_is_guessed_from_the_registrations_hints():
     from sd_accel.accel_core.lora_names import guess_family
 
     assert guess_family(["diffusion_model.transformer_blocks.0.attn1.to_q", "diffusion_model.adaln_single.linear"]) == "ltx"
+    assert guess_family(["diffusion_model.transformer_blocks.0.attn1.to_q", "diffusion_model.transformer_blocks.0.audio_to_video_attn.to_q"]) == "ltx2"
+    assert guess_family(["lora_unet_transformer_blocks_0_attn1_to_q", "lora_unet_transformer_blocks_0_audio_ff_net_0_proj"]) == "ltx2"
     assert guess_family(["lora_unet_blocks_0_self_attn_q"]) == "wan"
     # an SD LoRA names attn1 layers too: the tie goes to the UNets, registered first
     assert guess_family(["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]) == "unet"

@@ -220,3 +220,75 @@ def test_planned_schedules_cache_every_call_of_the_planned_steps_and_no_other():
     assert plan(12, StepCacheConfig(interval=3, schedule="uniform")) != full  # non-uniform places them elsewhere
     with pytest.raises(SDAccelError, match="schedule"):
         StepCacheConfig(schedule="sometimes")
+
+
+class PairToy:
+    """Blocks the way ComfyUI's LTX-2 calls them: img is a (video, audio) pair, each block adds into
+    both in place (and mixes them) and returns the pair."""
+
+    def __init__(self, n=4, drift=None, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.w = [(torch.randn(D, D, generator=g) * 0.3, torch.randn(D, D, generator=g) * 0.3) for _ in range(n)]
+        self.points = [("double_block", i) for i in range(n)]
+        self.drift = drift
+
+    def forward(self, v, a, step, run=None, lane=("c",), sigma=None):
+        v, a = v.clone(), a.clone()
+        for i, (wv, wa) in enumerate(self.w):
+            def block(args, wv=wv, wa=wa):
+                v, a = args["img"]
+                dv = v @ wv * 0.5 if self.drift is not None else torch.tanh(v @ wv)
+                da = a @ wa * 0.5 if self.drift is not None else torch.tanh(a @ wa) + 0.1 * v.mean()
+                if self.drift is not None:
+                    dv, da = dv + self.drift * step, da - self.drift * step
+                v.add_(dv)
+                a.add_(da)
+                return {"img": (v, a)}
+            args = {"img": (v, a), "v_timestep": None}
+            out = run.block(self.points[i], args, block, lane, sigma) if run is not None else block(args)
+            v, a = out["img"]
+        return v, a
+
+
+def pair_inputs(step=0):
+    g = torch.Generator().manual_seed(200 + step)
+    return torch.randn(1, 5, D, generator=g), torch.randn(1, 3, D, generator=g)
+
+
+def test_a_pair_output_is_kept_per_element_and_full_calls_equal_eager_bit_for_bit():
+    toy = PairToy()
+    run = make_run(toy, mode="fixed", interval=3, front_blocks=1, back_blocks=1)
+    for step in range(4):
+        v, a = pair_inputs(step)
+        got = toy.forward(v, a, step, run, sigma=sigma(step))
+        if step % 3 == 0:
+            want = PairToy().forward(v, a, step)
+            assert all(torch.equal(x, y) for x, y in zip(got, want)), step
+    # step 3 was full; a cached call on its input: the kept residual of both elements is exact
+    cached = toy.forward(*pair_inputs(3), 3, run, sigma=sigma(4))
+    assert run.stats()["cached_steps"] == [1, 2, 4]
+    for x, y in zip(cached, PairToy().forward(*pair_inputs(3), 3)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_forecast_extrapolates_each_element_of_a_pair():
+    drift = torch.full((D,), 0.05)
+    toy = PairToy(drift=drift)
+    run = make_run(toy, mode="forecast", interval=3)
+    v, a = pair_inputs(0)
+    for step in range(9):
+        got = toy.forward(v, a, step, run, sigma=sigma(step))
+        if step >= 4:  # two full calls exist: exact on a linear drift, for video and audio alike
+            for x, y in zip(got, PairToy(drift=drift).forward(v, a, step)):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert run.finish()["cached_steps"] == [1, 2, 4, 5, 7, 8]
+
+
+def test_adaptive_on_a_pair_measures_its_first_element():
+    toy = PairToy()
+    run = make_run(toy, mode="adaptive", threshold=0.01, max_cached=8)
+    v, a = pair_inputs(0)
+    toy.forward(v, a, 0, run, sigma=sigma(0))
+    toy.forward(v, a, 0, run, sigma=sigma(1))  # the same input: the video's front residual did not change -> cached
+    toy.forward(pair_inputs(5)[0], a, 0, run, sigma=sigma(2))  # another video -> full
+    assert run.finish()["cached_steps"] == [1]
