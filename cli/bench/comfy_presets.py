@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DIT_FAMILIES = ("flux", "qwen_image", "zimage", "wan", "ltx", "minimax")
+DIT_FAMILIES = ("flux", "qwen_image", "zimage", "wan", "ltx", "ltx2", "minimax")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ PRESETS = {
     "zimage-tiny": ComfyPreset("zimage", 8, 6, cfg=1.0, scheduler="simple", tiny=True, what="Z-Image class, 3 layers"),
     "wan-tiny": ComfyPreset("wan", 8, 6, cfg=5.0, scheduler="simple", tiny=True, what="Wan class, 3 blocks"),
     "ltx-tiny": ComfyPreset("ltx", 8, 6, cfg=3.0, scheduler="simple", tiny=True, what="LTX-Video class, width 64, 2 blocks"),
+    "ltx2-tiny": ComfyPreset("ltx2", 8, 6, cfg=3.0, scheduler="simple", tiny=True, what="LTX-2 audio-video class (0.8.0+), width 32, 3 blocks"),
     "minimax-tiny": ComfyPreset("minimax", 8, 6, cfg=3.0, scheduler="simple", tiny=True, what="MiniMax H3 class (0.33+), width 64, 3 blocks"),
 }
 

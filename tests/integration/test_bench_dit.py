@@ -24,7 +24,7 @@ ROWS = ["comfy eager (baseline)", "comfy TorchCompileModel (built-in, eager)", "
         "SDAccelCompileUNet default [eager] + SDAccelStepCache forecast 3", "comfy EasyCache 0.2", "comfy LazyCache 0.2"]
 # Frames our compile traces: Flux: double and single blocks; the others: one block kind (MiniMax H3: its first step's
 # modulation rows, Python ints the blocks receive, differ from the later steps': a second frame, traced once).
-BLOCK_KINDS = {"flux-tiny": 2, "wan-tiny": 1, "ltx-tiny": 1, "minimax-tiny": 2}
+BLOCK_KINDS = {"flux-tiny": 2, "wan-tiny": 1, "ltx-tiny": 1, "ltx2-tiny": 1, "minimax-tiny": 2}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def _bench(root, preset: str, out) -> tuple[subprocess.CompletedProcess, dict]:
 def test_dit_preset_measures_ours_beside_the_peers(root, comfy_host, tmp_path, preset):
     import comfy.supported_models as sm
 
-    needs = {"minimax-tiny": "MiniMaxH3"}.get(preset)
+    needs = {"minimax-tiny": "MiniMaxH3", "ltx2-tiny": "LTXAV"}.get(preset)
     if needs and not hasattr(sm, needs):
         pytest.skip(f"this ComfyUI has no {needs} model config (the family is newer)")
     p, data = _bench(root, preset, tmp_path)
