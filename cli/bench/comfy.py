@@ -17,7 +17,7 @@ of one sampling run of the matching rows.
 
 Presets (comfy_presets.py; the ComfyUI loader needs real shapes, so "tiny" is real SD1.5 at a small
 latent): tiny = SD1.5 at 128x128, 4 steps (a CPU smoke run); sd15-512 = 512x512, 20 steps; sdxl-1024;
-the DiT families (flux-1024, qwen-image-1328, zimage-1024, wan-480p, ltx-768x512 and their -tiny sizes), whose
+the DiT families (flux-1024, qwen-image-1328, zimage-1024, wan-480p, ltx-768x512 and their -tiny sizes; ltx2-tiny, minimax-tiny), whose
 models are built in dit.py and whose rows are in dit_rows.py. ComfyUI is imported as its main.py
 would (DynamicVRAM where main.py turns it on: comfy_boot.py).
 """
