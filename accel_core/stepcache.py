@@ -222,7 +222,7 @@ def _shape(v) -> tuple:
 
 
 def _lead(v) -> torch.Tensor:
-    """The tensor a call is measured and keyed by: the output itself, or a tuple's first (LTX-2: the video)."""
+    """The tensor a call is measured by and takes its dtype and device from: the output itself, or a tuple's first (LTX-2: the video)."""
     return v if torch.is_tensor(v) else v[0]
 
 
