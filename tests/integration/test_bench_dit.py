@@ -25,6 +25,9 @@ ROWS = ["comfy eager (baseline)", "comfy TorchCompileModel (built-in, eager)", "
 # Frames our compile traces: Flux: double and single blocks; the others: one block kind (MiniMax H3: its first step's
 # modulation rows, Python ints the blocks receive, differ from the later steps': a second frame, traced once).
 BLOCK_KINDS = {"flux-tiny": 2, "wan-tiny": 1, "ltx-tiny": 1, "ltx2-tiny": 1, "minimax-tiny": 2}
+# A peer row that may fail on a host: ComfyUI 0.8.0's EasyCache slices the model's output as one tensor, and
+# LTX-2's is a (video, audio) list (nodes_easycache.py; 0.33's takes it). The bench names it; ours must not fail.
+PEER_BUGS = {"ltx2-tiny": {"comfy EasyCache 0.2"}}
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +57,13 @@ def test_dit_preset_measures_ours_beside_the_peers(root, comfy_host, tmp_path, p
     if needs and not hasattr(sm, needs):
         pytest.skip(f"this ComfyUI has no {needs} model config (the family is newer)")
     p, data = _bench(root, preset, tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert data["complete"] and not data["failed"] and data["host"] == "comfy" and data["dynamic_vram"] is False
+    peer_failed = set(data.get("failed", ())) & PEER_BUGS.get(preset, set())
+    assert p.returncode == (1 if peer_failed else 0), p.stderr[-3000:]  # the bench exits 1 when a row failed
+    assert data["complete"] and set(data["failed"]) == peer_failed and data["host"] == "comfy" and data["dynamic_vram"] is False
     assert data["comfyui"] and data["model"]
     rows = {r["name"]: r for r in data["rows"]}
     assert list(rows) == ROWS, list(rows)
-    for r in rows.values():
+    for r in (r for n, r in rows.items() if n not in peer_failed):
         assert math.isfinite(r["ms_per_step"]) and r["ms_per_step"] > 0 and math.isfinite(r["rel_err"]), r
     for name in ROWS[1:3]:  # the compile rows: one model call against eager's, the final latent's error in the note
         assert rows[name]["rel_err"] < 1e-4 and "rel err of one model call" in rows[name]["note"], rows[name]
