@@ -22,6 +22,7 @@ import dataclasses
 import gc
 import importlib
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -45,7 +46,7 @@ class DitSpec:
     std: float = 0.02  # weights ~ N(0, std); norm scales 1, biases 0
     text_mask: bool = False  # the conditioning carries the text's attention mask (Lumina 2 on 0.3.64 reads its length; LTX-Video requires it)
     audio: tuple | None = None  # an audio+video model: the latent is ComfyUI's NestedTensor (video `latent`, audio of this shape)
-    detected: bool = True  # tiny: ComfyUI's detection may recognise the reduced file (False: it would build full-size parts; skip the loader)
+    file_config: bool = False  # the file carries its config in its metadata, as LTX-2's released files do (detection reads it)
 
 
 FULL = {
@@ -98,13 +99,13 @@ TINY = {
                                             audio_latents_dim=32, text_dim=32, timestep_input_dim=32, time_embed_hidden_size=64,
                                             time_embed_dim=32, rope_inv_freq_len=4),
                        (8, 32), (1, 24, 2, 8, 8), std=0.1, audio=(1, 32, 2, 4)),
-    # LTX-2 (0.8.0+): detection hard-codes the audio widths (a ~867M-parameter audio half), so the reduced model is
-    # built from its config. The text is the video and audio halves side by side, already through the connectors.
+    # LTX-2 (0.8.0+): detection fixes the audio widths (a ~867M-parameter audio half) unless the file's metadata carries
+    # the transformer config, as the released files do; this one does. The text: the video and audio halves side by side.
     "ltx2": DitSpec(("LTXAV",), dict(image_model="ltxav", in_channels=128, audio_in_channels=128, num_attention_heads=2, attention_head_dim=16,
                                      cross_attention_dim=32, audio_num_attention_heads=2, audio_attention_head_dim=16,
                                      audio_cross_attention_dim=32, caption_channels=32, num_layers=3, connector_attention_head_dim=16,
                                      connector_num_attention_heads=2, connector_num_layers=1),
-                    (8, 64), (1, 128, 2, 8, 8), std=0.05, text_mask=True, audio=(1, 8, 4, 16), detected=False),
+                    (8, 64), (1, 128, 2, 8, 8), std=0.05, text_mask=True, audio=(1, 8, 4, 16), file_config=True),
 }
 
 _CLASSES = {"flux": ("comfy.ldm.flux.model", "Flux", "FluxParams"), "qwen_image": ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", None),
@@ -229,7 +230,9 @@ def model_file(family: str, tiny: bool, seed: int, device: str) -> str:
                            f"Free some space{' (earlier bench models there: ' + ', '.join(others) + ')' if others else ''}, then run again.")
     if not tiny:
         logger.info("SD Accel bench: writing %s (%.1f GB, seeded random weights; kept for the next run)", path, size / GB)
-    comfy.utils.save_torch_file(sd, path + ".part")
+    s = spec(family, tiny)
+    config = {k: v for k, v in s.unet.items() if k != "image_model"}
+    comfy.utils.save_torch_file(sd, path + ".part", metadata={"config": json.dumps({"transformer": config})} if s.file_config else None)
     os.replace(path + ".part", path)
     del sd
     gc.collect()
@@ -244,8 +247,6 @@ def load_model(family: str, tiny: bool, seed: int, device: str):
 
     path = model_file(family, tiny, seed, device)
     want = config_name(family, tiny)
-    if tiny and not spec(family, tiny).detected:
-        return _build_direct(family, path), f"{want} built from its model config (ComfyUI's detection fixes this family's widths)"
     opts = {"dtype": torch.float32} if tiny else {}
     try:
         model = comfy.sd.load_diffusion_model(path, model_options=opts)

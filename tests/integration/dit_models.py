@@ -1,8 +1,8 @@
 """Reduced-size DiT models of each family's real ComfyUI class, for CPU tests.
 
 `build(family)` makes a MODEL (ModelPatcher) through ComfyUI's own model config
-(`comfy.supported_models`), base model class and `operations`, with seeded weights. Flux, LTX-Video
-and MiniMax H3 (`Spec.detected`) go through a safetensors file and `comfy.sd.load_diffusion_model`,
+(`comfy.supported_models`), base model class and `operations`, with seeded weights. Flux, LTX-Video,
+LTX-2 and MiniMax H3 (`Spec.detected`) go through a safetensors file and `comfy.sd.load_diffusion_model`,
 so shape detection recognises the reduced model too; the others cannot (their detection fixes head
 counts and widths that a reduced model does not have), so they are built from the config directly.
 
@@ -11,6 +11,7 @@ counts and widths that a reduced model does not have), so they are built from th
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Spec:
     extra_cond: dict = field(default_factory=dict)
     n_blocks: dict = field(default_factory=dict)  # block list attr -> count (for tests)
     detected: bool = False  # ComfyUI's detection recognises the reduced state dict: built through the file loader
+    file_config: bool = False  # the file carries its config in its metadata (LTX-2's released files do); detection reads it
     audio_shape: tuple | None = None  # an audio+video model: the latent is ComfyUI's NestedTensor (video, audio of this shape)
     std: float = 0.05  # seeded weights ~ N(0, std)
 
@@ -54,8 +56,8 @@ SPECS = {
     "ltx": Spec(("LTXV",), dict(image_model="ltxv", in_channels=128, num_attention_heads=32, attention_head_dim=2, cross_attention_dim=64,
                                 caption_channels=4096, num_layers=2),
                 4096, (1, 128, 2, 8, 8), {"attention_mask": torch.ones(1, 8, dtype=torch.int64)}, {"transformer_blocks": 2}, detected=True),
-    # LTX-2 (LTXAVModel, 0.8.0+): detection hard-codes the audio widths (a ~867M-parameter audio half), so the
-    # reduced model is built from its config. The latent is a (video [B, 128, T, H, W], audio [B, 8, T_audio, 16])
+    # LTX-2 (LTXAVModel, 0.8.0+): detection fixes the audio widths (a ~867M-parameter audio half) unless the
+    # file's metadata carries the transformer config, as the released LTX-2 files do; the reduced file does. The latent is a (video [B, 128, T, H, W], audio [B, 8, T_audio, 16])
     # NestedTensor, as LTXVConcatAVLatent makes; the text is the video and audio halves side by side (2 x 32
     # wide: 0.33 takes it as already through its connectors, 0.8.0 has none in the model).
     "ltx2": Spec(("LTXAV",), dict(image_model="ltxav", in_channels=128, audio_in_channels=128, num_attention_heads=2, attention_head_dim=16,
@@ -63,7 +65,7 @@ SPECS = {
                                   audio_cross_attention_dim=32, caption_channels=32, num_layers=3, connector_attention_head_dim=16,
                                   connector_num_attention_heads=2, connector_num_layers=1),
                  64, (1, 128, 2, 8, 8), {"attention_mask": torch.ones(1, 8, dtype=torch.int64)}, {"transformer_blocks": 3},
-                 audio_shape=(1, 8, 4, 16), std=0.1),  # its gates are small: at 0.05 two LoRAs' results differ by ~1e-3 only
+                 detected=True, file_config=True, audio_shape=(1, 8, 4, 16), std=0.1),  # its gates are small: at 0.05 two LoRAs' results differ by ~1e-3 only
     # MiniMax H3 (0.33+): one packed sequence of text, audio and video rows; detection reads every width from the
     # shapes. The latent is a (video [B, 24, T, H, W], audio [B, 32, 2, T_audio]) NestedTensor, as its
     # EmptyMiniMaxH3LatentAV node makes; rope over 3 x 4 frequencies (24 of the 32-wide heads rotate).
@@ -145,7 +147,8 @@ def build(family: str, seed: int = 0, tmp: Path | None = None):
         import comfy.utils
 
         path = Path(tmp) / f"tiny_{family}_{seed}.safetensors"
-        comfy.utils.save_torch_file(sd, str(path))
+        config = {k: v for k, v in SPECS[family].unet_config.items() if k != "image_model"}
+        comfy.utils.save_torch_file(sd, str(path), metadata={"config": json.dumps({"transformer": config})} if SPECS[family].file_config else None)
         try:
             return comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
         except (ValueError, RuntimeError):  # ComfyUI < 0.33 fixes Flux's head count (and 0.3.64 its width) in detection: a width-128 model is not detectable there
