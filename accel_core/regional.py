@@ -57,6 +57,7 @@ class RegionalCompiled(DiskCacheUser):
             logger.info("SD Accel Compile: %s compiles whole UNets; DiT blocks are compiled with inductor (torch.compile).", backend.name)
             backend = BACKENDS["inductor"]
         self.backend = backend
+        self.keep = KEEP + family.block_options  # the transformer_options a compiled block is handed
         groups = family.regions(module)
         # (patch name, index) -> (kind, block name): what a host may route here.
         self.targets: dict[tuple[str, int], tuple[str, str]] = {}
@@ -130,14 +131,14 @@ class RegionalCompiled(DiskCacheUser):
 # --- routing a host's blocks here ---------------------------------------------------------------
 # ComfyUI's DiT forwards and Forge Neo's (ComfyUI-derived) ones offer block i to
 # `transformer_options["patches_replace"]["dit"][(name, i)]`. The compiled block gets a
-# transformer_options holding only what blocks read (`optimized_attention_override`; LTX-2's
-# switches, which ComfyUI's STG and modality guidance set for some calls or blocks: dynamo guards
-# on their values, so each setting met traces once): dynamo guards on what it reads, and the
+# transformer_options holding only what blocks read (`optimized_attention_override`, and the
+# family's `block_options`: LTX-2's switches, which ComfyUI's STG and modality guidance set for
+# some calls or blocks, each setting met traced once): dynamo guards on what it reads, and the
 # host's dict changes per block (block_index) and per run.
 # When the run has patches that the blocks themselves call (attn1_patch, ...), blocks run as
 # the host's own code for that call.
 
-KEEP = ("optimized_attention_override", "stg_skip_self_attn", "run_vx", "run_ax", "a2v_cross_attn", "v2a_cross_attn")
+KEEP = ("optimized_attention_override",)
 INNER_PATCHES = ("attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch")
 
 
@@ -171,7 +172,7 @@ class _Block:
         # Contiguous inputs: the first block often gets a transposed view (Wan's patch embedding),
         # the others contiguous outputs; dynamo guards on strides, so one frame serves all only so.
         slim = {k: _contiguous(v) for k, v in args.items()}
-        slim["transformer_options"] = {k: to[k] for k in KEEP if k in to}
+        slim["transformer_options"] = {k: to[k] for k in self.rc.keep if k in to}
         return self.rc.run(self.kind, self.name, original, slim, args)
 
 

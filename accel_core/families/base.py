@@ -69,6 +69,8 @@ class Family:
         block); None: fp8.FP8Config's default (the LDM UNet's).
     lora_hints: fragments of LoRA layer names that say a file was made for this family (the
         message for a LoRA that does not fit names the family it looks made for).
+    block_options: transformer_options keys its blocks read beyond the attention override (switches
+        a guidance node sets per call or block): a compiled block is handed them, and dynamo guards on them.
     """
 
     name: str
@@ -84,6 +86,7 @@ class Family:
     keep_dtype: tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]] = ()
     fp8_skip: tuple[str, ...] | None = None
     lora_hints: tuple[str, ...] = ()
+    block_options: tuple[str, ...] = ()
 
     def keeps_dtype(self, name: str, module: nn.Module | None = None) -> bool:
         """Whether tensor `name` of `module` stays in its dtype when the model is cast (the family's class pins it)."""

@@ -10,7 +10,7 @@ its residuals into its inputs in place; the step cache copies what it keeps.
 
 Per-call switches the blocks read from transformer_options (run_vx / run_ax, a2v_cross_attn /
 v2a_cross_attn: ComfyUI's modality guidance; stg_skip_self_attn: its STG guidance, set per block)
-reach a compiled block: regional.KEEP lists them.
+reach a compiled block: `block_options` names them.
 
 LoRA names: ComfyUI's module names (`transformer_blocks.0.audio_attn1.to_q`), which 0.33 also
 maps bare (comfy/lora.py: LTXV and LTXAV); `lora_names` adds the usual prefixes. The model
@@ -29,6 +29,7 @@ LTX2 = register(Family(
     entry=("_forward", "forward"),
     lora_keys=own_names,
     blocks=(BlockList("transformer_blocks", "double_block"),),
+    block_options=("stg_skip_self_attn", "run_vx", "run_ax", "a2v_cross_attn", "v2a_cross_attn"),
     # Every timestep modulation: adaln_single, audio_adaln_single, the av_ca_*_adaln_single of the
     # audio-video cross-attention and the prompt_adaln_single variants (one row per frame, steer every block).
     fp8_skip=("adaln_single",),
