@@ -52,8 +52,8 @@ def rows(b: ComfyBench):
     yield b.measure(n["ours"], ours, rel="call")
     if "ours_nocg" in n:
         yield b.measure(n["ours_nocg"], lambda: our_compile(base, "default", torch_backend=be), rel="call")
-        yield b.measure(n["fp8"], lambda: ours(fp8_cast(base)), rel="call")
-        yield b.measure(n["cudnn"], lambda: ours(fp8_cast(base, dtype="auto", attention="cudnn")), rel="call")
+        yield b.measure(n["fp8"], lambda: ours(fp16_cast(base)), rel="call")
+        yield b.measure(n["cudnn"], lambda: ours(fp16_cast(base, dtype="auto", attention="cudnn")), rel="call")
     for m in ("fixed", "forecast"):
         yield b.measure(n[f"cache_{m}"], lambda m=m: step_cache(base, m))
     for m in ("fixed", "forecast"):
@@ -62,7 +62,7 @@ def rows(b: ComfyBench):
         yield b.measure(n[peer], lambda peer=peer: comfy_cache(base, peer, PEER_THRESHOLD))
 
 
-def fp8_cast(model, dtype: str = "fp8", attention: str = "auto"):
+def fp16_cast(model, dtype: str = "fp8", attention: str = "auto"):
     """FP16 Cast as the graph would run it: fp8 linears by default; dtype "auto" keeps the model's (attention choice only)."""
     from ...nodes.cast import SDAccelFP16Cast
 
@@ -88,4 +88,4 @@ def comfy_cache(model, kind: str, threshold: float):
     return out.result[0] if hasattr(out, "result") else out[0]
 
 
-__all__ = ["rows", "row_names", "fp8_cast", "step_cache", "comfy_cache"]
+__all__ = ["rows", "row_names", "fp16_cast", "step_cache", "comfy_cache"]

@@ -267,6 +267,31 @@ def step_cache(host, model, mode="fixed", interval=3, front=1, back=0, threshold
     return host.node("SDAccelStepCache").apply(model, mode, interval, front, back, threshold, max_cached, start, end, cfg, **kw)[0]
 
 
+def record_calls(m) -> list:
+    """Wrap `m`'s model calls (set_model_unet_function_wrapper) to record each as (input, timestep, c, output)."""
+    calls = []
+
+    def record(apply_model, a):
+        out = apply_model(a["input"], a["timestep"], **a["c"])
+        calls.append((a["input"].clone(), a["timestep"].clone(), a["c"], out.clone()))
+        return out
+
+    m.set_model_unet_function_wrapper(record)
+    return calls
+
+
+def check_full_calls(m, calls, full=(0, 3, 6), cached=1):
+    """The recorded `full` calls equal the model recomputed without the cache (the run is over: the cache passes
+    through), bit for bit; the `cached` call does not."""
+    base = m.model
+    with torch.inference_mode():
+        for step in full:
+            x, t, c, out = calls[step]
+            assert torch.equal(base.apply_model(x, t, **c), out), step
+        x, t, c, out = calls[cached]
+        assert not torch.equal(base.apply_model(x, t, **c), out)  # a cached call is not the full one
+
+
 def conditioning(seed: int = 3, dim: int = CONTEXT_DIM):
     """Positive and negative SD1.x conditioning (random CLIP-like embeddings, no text encoder)."""
     g = torch.Generator().manual_seed(seed)

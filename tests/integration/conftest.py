@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_harness as harness  # noqa: E402
+from testkit.events import collected  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,16 +40,8 @@ def comfy_host() -> harness.Host:
 @pytest.fixture
 def stepcache_stats(comfy_host):
     """The `stepcache_stats` events the pack emits during the test (one dict per sampling run)."""
-    events = comfy_host.pack_module("accel_core.events")
-    seen = []
-
-    def listen(event, data):
-        if event == "stepcache_stats":
-            seen.append(data)
-
-    events.subscribe(listen)
-    yield seen
-    events.unsubscribe(listen)
+    with collected(comfy_host.pack_module("accel_core.events"), "stepcache_stats") as seen:
+        yield seen
 
 
 @pytest.fixture(scope="session")

@@ -47,23 +47,10 @@ def _block_class(model, i=0):
 
 def test_fixed_schedule_caches_the_scheduled_steps_and_full_calls_equal_eager(comfy_host, model, stats):
     m = step_cache(comfy_host, model, interval=3)
-    calls = []
-
-    def record(apply_model, a):
-        out = apply_model(a["input"], a["timestep"], **a["c"])
-        calls.append((a["input"].clone(), a["timestep"].clone(), a["c"], out.clone()))
-        return out
-
-    m.set_model_unet_function_wrapper(record)
+    calls = harness.record_calls(m)
     cached = sample(m)
     assert stats[-1]["cached_steps"] == [1, 2, 4, 5] and stats[-1]["calls"] == STEPS, stats[-1]
-    base = m.model
-    with torch.inference_mode():
-        for step in (0, 3, 6):  # the full calls, recomputed without the cache (the run is over: the hooks pass through)
-            x, t, c, out = calls[step]
-            assert torch.equal(base.apply_model(x, t, **c), out), step
-        x, t, c, out = calls[1]
-        assert not torch.equal(base.apply_model(x, t, **c), out)  # a cached call is not the full one
+    harness.check_full_calls(m, calls)
     assert 0 < harness.rel_err(cached, sample(model)) < 0.5
 
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 import webui_harness as harness
+from testkit.events import collected
 
 FAMILIES = ("flux", "qwen_image", "wan", "zimage")
 REGIONAL = ("flux", "qwen_image", "wan")
@@ -237,15 +238,8 @@ def _rel(a, b) -> float:
 def stepcache_events():
     from sd_accel.accel_core import events
 
-    seen = []
-
-    def listen(event, data):
-        if event == "stepcache_stats":
-            seen.append(data)
-
-    events.subscribe(listen)
-    yield seen
-    events.unsubscribe(listen)
+    with collected(events, "stepcache_stats") as seen:
+        yield seen
 
 
 @pytest.mark.parametrize("family", REGIONAL)
