@@ -38,7 +38,8 @@ def run(args) -> int:
                           configs=("",) if args.all else (tuple(args.configs) if args.configs is not None else None), out_dir=args.out,
                           seed=args.seed, repeats=args.repeats, threads=args.threads, cfg_scale=args.cfg_scale,
                           host=resolve_host(args.host, args.comfyui_path, args.checkpoint), comfyui_path=args.comfyui_path,
-                          dynamic_vram=args.dynamic_vram, dynamo_backend=args.dynamo_backend)
+                          dynamic_vram=args.dynamic_vram, dynamo_backend=args.dynamo_backend,
+                          wavespeed=args.wavespeed)
         planned = check_rows(cfg)
     except SDAccelError as e:
         print(e, file=sys.stderr)
@@ -126,6 +127,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--dynamo-backend", default="inductor", choices=list(DYNAMO_BACKENDS),
                    help="DiT presets: the torch.compile backend of every compile row (ours and ComfyUI's); eager / aot_eager trace and "
                         "guard without generating kernels, a smoke run of the rows in seconds (compile cost and recompiles, not speed)")
+    b.add_argument("--wavespeed", default=None, metavar="FOLDER",
+                   help="DiT presets: a Comfy-WaveSpeed checkout; adds its First Block Cache, alone and with its Compile Model+, as rows")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=run)
     return b

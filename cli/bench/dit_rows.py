@@ -4,7 +4,10 @@ Ours beside the peers, in one process on one model (dit.py): ComfyUI eager; Comf
 TorchCompileModel; our Compile Model (regional on DiTs: one compiled block per kind), with and
 without CUDA graphs; FP16 Cast fp8 + Compile, and FP16 Cast attention=cudnn + Compile (cuDNN's
 attention inside the compiled blocks, where ComfyUI's order puts flash first); our Step Cache (fixed and forecast, interval 3) alone
-and on Compile; ComfyUI's EasyCache and LazyCache (its step caches) at their 0.2 threshold.
+and on Compile; ComfyUI's EasyCache and LazyCache (its step caches) at their 0.2 threshold; on CUDA,
+ComfyUI's own fp8 (Load Diffusion Model's fp8_e4m3fn_fast), alone and with its TorchCompileModel; with
+`--wavespeed FOLDER`, WaveSpeed's First Block Cache alone and with its Compile Model+ (last: WaveSpeed
+patches torch process-wide when it compiles).
 
 rel err: one model call for the compile and fp8 rows (a random DiT amplifies rounding over 20
 steps, so the final latent says little about a kernel change; it is in the note), the final
@@ -13,6 +16,7 @@ error is not its error on a trained model: tests/gpu/judge_caches.py judges them
 """
 from __future__ import annotations
 
+from . import dit, peers
 from .comfy import BASELINE, ComfyBench, builtin_compile, our_compile
 from .measure import BenchConfig
 
@@ -30,12 +34,17 @@ def _names(cfg: BenchConfig) -> dict[str, str]:
         n["ours_nocg"] = f"SDAccelCompileUNet default (no CUDA graphs){tag}"
         n["fp8"] = f"SDAccelFP16Cast fp8 + {ours}"
         n["cudnn"] = f"SDAccelFP16Cast attention=cudnn + {ours}"
+        n["comfy_fp8"] = "comfy fp8_e4m3fn_fast (Load Diffusion Model weight_dtype)"
+        n["comfy_fp8_compile"] = f"comfy fp8_e4m3fn_fast + TorchCompileModel ({be})"
     for m in ("fixed", "forecast"):
         n[f"cache_{m}"] = f"SDAccelStepCache {m} {CACHE_INTERVAL}"
     for m in ("fixed", "forecast"):
         n[f"compile_cache_{m}"] = f"{ours} + SDAccelStepCache {m} {CACHE_INTERVAL}"
     for peer in ("EasyCache", "LazyCache"):
         n[peer] = f"comfy {peer} {PEER_THRESHOLD:g}"
+    if cfg.wavespeed:
+        n["fbcache"] = f"WaveSpeed FBCache {peers.FBCACHE_THRESHOLD:g}"
+        n["fbcache_compile"] = f"WaveSpeed FBCache {peers.FBCACHE_THRESHOLD:g} + Compile Model+ {mode}"
     return n
 
 
@@ -54,12 +63,19 @@ def rows(b: ComfyBench):
         yield b.measure(n["ours_nocg"], lambda: our_compile(base, "default", torch_backend=be), rel="call")
         yield b.measure(n["fp8"], lambda: ours(fp16_cast(base)), rel="call")
         yield b.measure(n["cudnn"], lambda: ours(fp16_cast(base, dtype="auto", attention="cudnn")), rel="call")
+        fp8_file = lambda: peers.comfy_fp8(dit.model_file(b.preset.arch, b.preset.tiny, b.cfg.seed, b.device))  # noqa: E731
+        yield b.measure(n["comfy_fp8"], fp8_file, rel="call")
+        yield b.measure(n["comfy_fp8_compile"], lambda: builtin_compile(fp8_file(), be), rel="call")
     for m in ("fixed", "forecast"):
         yield b.measure(n[f"cache_{m}"], lambda m=m: step_cache(base, m))
     for m in ("fixed", "forecast"):
         yield b.measure(n[f"compile_cache_{m}"], lambda m=m: step_cache(ours(), m))
     for peer in ("EasyCache", "LazyCache"):
         yield b.measure(n[peer], lambda peer=peer: comfy_cache(base, peer, PEER_THRESHOLD))
+    if "fbcache" in n:
+        ws = b.cfg.wavespeed
+        yield b.measure(n["fbcache"], lambda: peers.wavespeed_fbcache(base, ws))
+        yield b.measure(n["fbcache_compile"], lambda: peers.wavespeed_compile(peers.wavespeed_fbcache(base, ws), ws, mode, be))
 
 
 def fp16_cast(model, dtype: str = "fp8", attention: str = "auto"):

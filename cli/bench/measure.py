@@ -66,6 +66,7 @@ class BenchConfig:
     threads: int | None = None  # torch CPU threads for the run (None: default_threads()), restored after
     dynamic_vram: str = "auto"  # host "comfy": DynamicVRAM as ComfyUI's main.py starts it ("auto"), required ("on") or not ("off")
     dynamo_backend: str = "inductor"  # host "comfy", DiT presets: the torch.compile backend of the compile rows
+    wavespeed: str | None = None  # host "comfy", DiT presets: a Comfy-WaveSpeed checkout, for its rows beside ours
 
     def __post_init__(self):
         if self.host not in HOSTS:
@@ -92,7 +93,7 @@ class BenchConfig:
                 raise SDAccelError(f"SD Accel bench: --configs expects row-name prefixes (strings), found {self.configs!r}. "
                                    "Give e.g. --configs eager deepcache.")
             self.configs = tuple(self.configs)
-        for flag, value in (("--checkpoint", self.checkpoint), ("--comfyui-path", self.comfyui_path)):
+        for flag, value in (("--checkpoint", self.checkpoint), ("--comfyui-path", self.comfyui_path), ("--wavespeed", self.wavespeed)):
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise SDAccelError(f"SD Accel bench: {flag} expects a path, found {value!r}. Give the path, or leave the option out.")
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
@@ -104,6 +105,9 @@ class BenchConfig:
         if self.dynamo_backend != "inductor" and not getattr(preset, "dit", False):
             raise SDAccelError(f"SD Accel bench: --dynamo-backend {self.dynamo_backend} applies to the DiT presets of --host comfy (e.g. "
                                "flux-tiny); the SD rows compile with inductor. Leave it out, or pick a DiT preset.")
+        if self.wavespeed is not None and not getattr(preset, "dit", False):
+            raise SDAccelError(f"SD Accel bench: --wavespeed adds WaveSpeed's rows to the DiT presets of --host comfy (e.g. flux-1024); "
+                               f"found --preset {self.preset}. Leave it out, or pick a DiT preset.")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise SDAccelError("SD Accel bench: --device cuda was asked for, but torch sees no CUDA device. Run with --device cpu, or on a machine with an NVIDIA GPU and a CUDA build of torch.")
 

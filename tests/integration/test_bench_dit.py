@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import comfy_harness as harness
 
@@ -99,3 +100,21 @@ def test_full_size_file_is_detected_as_its_family(comfy_host, family):
     assert round(sum(v.numel() for v in sd.values()) / 1e9, 2) == pytest.approx(BILLIONS[family], abs=0.06)
     got = comfy.model_detection.model_config_from_unet(sd, "")
     assert type(got).__name__ == want
+
+
+def test_comfy_fp8_row_loads_the_file_as_the_loaders_fp8_fast(comfy_host, tmp_path):
+    """The bench's ComfyUI-fp8 peer is the Load Diffusion Model node's weight_dtype "fp8_e4m3fn_fast" on the
+    preset's file: fp8 weights, ComfyUI's fp8 matmul switch on, and it samples (on the CPU ComfyUI casts back)."""
+    import comfy.sample
+
+    from sd_accel.cli.bench import dit, peers
+    from sd_accel.cli.bench.comfy import make_inputs
+
+    path = dit.model_file("flux", True, 0, "cpu")
+    model = peers.comfy_fp8(path)
+    dm = model.model.diffusion_model
+    assert {v.dtype for k, v in dm.state_dict().items() if k.endswith(".weight") and v.ndim == 2} == {torch.float8_e4m3fn}
+    assert model.model.model_config.optimizations.get("fp8") is True
+    i = make_inputs("flux", 8, 0, tiny=True)
+    out = comfy.sample.sample(model, i.noise, 2, 1.0, "euler", "simple", i.positive, i.negative, i.latent, disable_pbar=True, seed=0)
+    assert torch.isfinite(out).all() and out.shape == i.latent.shape

@@ -124,3 +124,16 @@ def test_dit_rows_are_listed_per_device_and_configs_are_checked_against_them(tmp
     assert not any("fp8" in n for n in cpu)  # fp8 matmuls are a GPU path
     with pytest.raises(SDAccelError, match="matches no row"):
         check_rows(BenchConfig(host="comfy", preset="flux-tiny", configs=("SDAccelDeepCache",), out_dir=str(tmp_path)))
+    ws = check_rows(BenchConfig(host="comfy", preset="flux-tiny", wavespeed=str(tmp_path), out_dir=str(tmp_path)))
+    assert ws[-2:] == ["WaveSpeed FBCache 0.12", "WaveSpeed FBCache 0.12 + Compile Model+ default"]  # last: it patches torch
+
+
+def test_wavespeed_rows_need_a_dit_preset_and_a_checkout(tmp_path):
+    from sd_accel.cli.bench import peers
+
+    with pytest.raises(SDAccelError, match="DiT presets"):
+        BenchConfig(host="comfy", preset="tiny", wavespeed=str(tmp_path))
+    with pytest.raises(SDAccelError, match="expects a path"):
+        BenchConfig(host="comfy", preset="flux-tiny", wavespeed=" ")
+    with pytest.raises(SDAccelError, match="Comfy-WaveSpeed checkout.*fbcache_nodes.py"):
+        peers.wavespeed_module(str(tmp_path), "fbcache_nodes")
