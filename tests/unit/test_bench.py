@@ -196,9 +196,9 @@ def test_comfy_row_names_are_the_rows_it_measures(monkeypatch, preset):
     class B:
         model, progress, diagnostics = object(), None, {}
 
-        def __init__(self, device):
+        def __init__(self, device, wavespeed=None):
             self.device = device
-            self.cfg = types.SimpleNamespace(device=device, preset=preset, dynamo_backend="inductor")
+            self.cfg = types.SimpleNamespace(device=device, preset=preset, dynamo_backend="inductor", wavespeed=wavespeed)
             self.preset = PRESETS[preset]
 
         def measure(self, name, *a, **k):
@@ -212,11 +212,12 @@ def test_comfy_row_names_are_the_rows_it_measures(monkeypatch, preset):
 
     monkeypatch.setattr(cr, "_has", lambda module: True)
     monkeypatch.setattr(cr, "_lcm_runner", lambda *a, **k: None)
-    for device in ("cpu", "cuda"):
+    for device, wavespeed in (("cpu", None), ("cuda", None), ("cuda", "/a/checkout")):
         asked.clear()
-        b = B(device)
+        b = B(device, wavespeed)
         list(cr.rows(b))
         assert list(dict.fromkeys(asked)) == cr.row_names(b.cfg)
+        assert any(n.startswith("WaveSpeed") for n in asked) == (wavespeed is not None and PRESETS[preset].dit)
 
 
 def test_bench_bad_options():
