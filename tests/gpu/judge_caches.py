@@ -17,6 +17,7 @@ Writes the JSON and prints a table (markdown).
 from __future__ import annotations
 
 import argparse
+import importlib
 import asyncio
 import inspect
 import json
@@ -90,17 +91,6 @@ def _boot(args):
     return nodes
 
 
-def _wavespeed(path: str):
-    """WaveSpeed's FBCache node, imported without its package __init__ (which pulls optional deps)."""
-    import importlib
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("wavespeed_judge", str(Path(path) / "__init__.py"), submodule_search_locations=[str(path)])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["wavespeed_judge"] = pkg
-    return importlib.import_module("wavespeed_judge.fbcache_nodes").ApplyFBCacheOnModel()
-
-
 def _node_out(out):
     return out.result[0] if hasattr(out, "result") else out[0]
 
@@ -120,7 +110,8 @@ def _apply(name: str, model, nodes, args):
         return _node_out(node.apply(model, **{**kw, **{**OURS, **UNET_STEPCACHE}[name]}))
     kind, thr = PEERS[name]
     if kind == "FBCache":
-        return _node_out(_wavespeed(args.wavespeed).patch(model, "diffusion_model", thr, max_consecutive_cache_hits=-1, start=0.0, end=1.0))
+        pack = nodes.NODE_CLASS_MAPPINGS["SDAccelStepCache"].__module__.rsplit(".nodes.", 1)[0]
+        return importlib.import_module(pack + ".cli.bench.peers").wavespeed_fbcache(model, args.wavespeed, thr)
     import comfy_extras.nodes_easycache as ec
 
     cls = ec.EasyCacheNode if kind == "EasyCache" else ec.LazyCacheNode
@@ -148,7 +139,6 @@ def run_one(args) -> dict:
     size = args.size or train.get("size", 32)
     m = _apply(args.one, model, nodes, args)
     dev = mm.get_torch_device()
-    import importlib
 
     pack = nodes.NODE_CLASS_MAPPINGS["SDAccelStepCache"].__module__.rsplit(".nodes.", 1)[0]
     seen: list = []

@@ -438,17 +438,8 @@ def rows_for(lv: Levers, args):
 
 def _wavespeed(lv, folder):
     """Comfy-WaveSpeed's Compile Model+ (EnhancedCompileModel) with mode reduce-overhead, as a user fills it in."""
-    ok = lv.nodes.load_custom_node(str(Path(folder).resolve()))
-    import asyncio
-    import inspect
-
-    if inspect.iscoroutine(ok):
-        ok = asyncio.run(ok)
-    cls = lv.nodes.NODE_CLASS_MAPPINGS["EnhancedCompileModel"]
-
-    def make(model):
-        return cls().patch(model, True, "diffusion_model", "torch.compile", False, False, "reduce-overhead", "", False, "inductor")[0]
-    return make
+    peers = importlib.import_module(lv.pack + ".cli.bench.peers")
+    return lambda model: peers.wavespeed_compile(model, folder, "reduce-overhead")
 
 
 def main(argv=None) -> int:
