@@ -6,8 +6,11 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 STACKED = "SDAccel-stacked-cast-compile-deepcache-lora.json"
+FLUX_STACKED = "SDAccel-flux-cast-compile-stepcache-lora.json"
 
 
 def node_ids() -> set[str]:
@@ -31,8 +34,12 @@ def test_every_node_is_listed_documented_and_has_an_example():
         assert node_id in {n["type"] for n in wf["nodes"]}
 
 
-def test_the_stacked_example_chains_cast_compile_deepcache_lora_into_the_sampler():
-    wf = json.loads((REPO / "example_workflows" / STACKED).read_text())
+@pytest.mark.parametrize("name, chain", [
+    (STACKED, ["CheckpointLoaderSimple", "SDAccelFP16Cast", "SDAccelCompileUNet", "SDAccelDeepCache", "SDAccelLoRAHotSwap"]),
+    (FLUX_STACKED, ["UNETLoader", "SDAccelFP16Cast", "SDAccelCompileUNet", "SDAccelStepCache", "SDAccelLoRAHotSwap"]),
+])
+def test_the_stacked_examples_chain_the_nodes_into_the_sampler(name, chain):
+    wf = json.loads((REPO / "example_workflows" / name).read_text())
     nodes = {n["id"]: n for n in wf["nodes"]}
     links = {link[0]: link for link in wf["links"]}  # [id, from node, from slot, to node, to slot, type]
 
@@ -40,11 +47,11 @@ def test_the_stacked_example_chains_cast_compile_deepcache_lora_into_the_sampler
         inp = next(i for i in node["inputs"] if i["name"] == "model")
         return nodes[links[inp["link"]][1]]
 
-    chain, node = [], next(n for n in wf["nodes"] if n["type"] == "KSampler")
-    while node["type"] != "CheckpointLoaderSimple":
+    seen, node = [], next(n for n in wf["nodes"] if n["type"] == "KSampler")
+    while node["type"] != chain[0]:
         node = upstream_model(node)
-        chain.append(node["type"])
-    assert chain[::-1] == ["CheckpointLoaderSimple", "SDAccelFP16Cast", "SDAccelCompileUNet", "SDAccelDeepCache", "SDAccelLoRAHotSwap"]
+        seen.append(node["type"])
+    assert seen[::-1] == chain
 
 
 def test_example_workflows_are_frontend_workflows():
