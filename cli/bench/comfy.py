@@ -335,13 +335,15 @@ class ComfyBench:
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    def measure_changes(self, name: str, make: Callable[[], object], phases: list[tuple[str, int, int]], note: str = "") -> BenchRow | None:
-        """What a size change costs: sample at the preset size (first run: compile), time a steady run,
-        then run each phase (label, latent side, batch) in order; per phase, the seconds of its first
-        run and how many frames dynamo compiled for it (0 = reused, 1 = one recompile).
+    def measure_changes(self, name: str, make: Callable[[], object], phases: list[tuple], note: str = "") -> BenchRow | None:
+        """What a change costs: sample (first run: compile), time a steady run, then run each phase in
+        order and time its first run and the one after, with how many frames dynamo compiled for it
+        (0 = reused, 1 = one recompile).
 
-        ms/step and speed-up are the steady run at the preset size; the phases go in the note and
-        in bench.json's diagnostics.
+        A phase is (label, latent side, batch): a size change; or (label, change): `change(model)`
+        returns the model the graph runs next (a LoRA change: the node run again on its input), and
+        its own time counts in the first run, as the user waits for it.
+        ms/step and speed-up are the steady run; the phases go in the note and in bench.json's diagnostics.
         """
         if not self.wanted(name):
             return None
@@ -353,13 +355,18 @@ class ComfyBench:
                 _, first = self._timed(model)
                 out, steady = self._timed(model)
                 phase_log = []
-                for label, side, batch in phases:
-                    inputs = make_inputs(arch, side, self.cfg.seed, batch)
-                    c0 = _counters()["frames_compiled"]
-                    _, secs = self._timed(model, inputs)
+                for label, *change in phases:
+                    c0, t0 = _counters()["frames_compiled"], time.perf_counter()
+                    if callable(change[0]):
+                        inputs, info = None, {}
+                        model = change[0](model)
+                    else:
+                        inputs, info = make_inputs(arch, change[0], self.cfg.seed, change[1]), {"latent": change[0], "batch": change[1]}
+                    self._timed(model, inputs)
+                    secs = time.perf_counter() - t0
                     _, again = self._timed(model, inputs)
-                    phase_log.append({"phase": label, "latent": side, "batch": batch, "first_run_s": secs,
-                                      "second_run_s": again, "frames_compiled": _counters()["frames_compiled"] - c0})
+                    phase_log.append({"phase": label, **info, "first_run_s": secs, "second_run_s": again, "vs_steady": secs / steady,
+                                      "frames_compiled": _counters()["frames_compiled"] - c0})
                 peak = torch.cuda.max_memory_allocated() / 2 ** 20 if self.device == "cuda" else None
         except Exception as e:
             logger.exception("SD Accel bench: row %r failed", name)
@@ -370,10 +377,10 @@ class ComfyBench:
         if self.baseline:
             compare(row, self.baseline)
         row.rel_err = rel_err(out, self.baseline_out) if self.baseline_out is not None else 0.0
-        parts = [f"{p['phase']}: {p['frames_compiled']} compiled frame(s), first run {p['first_run_s']:.1f} s, then {p['second_run_s']:.2f} s"
-                 for p in phase_log]
+        parts = [f"{p['phase']}: {p['frames_compiled']} compiled frame(s), first run {p['first_run_s']:.1f} s "
+                 f"({p['vs_steady']:.2f}x steady), then {p['second_run_s']:.2f} s" for p in phase_log]
         row.note = "; ".join(([note] if note else []) + parts)
-        self.diagnostics[name] = {"phases": phase_log, "first_run_s": first}
+        self.diagnostics[name] = {"phases": phase_log, "first_run_s": first, "steady_run_s": steady}
         self._done(name)
         return row
 

@@ -241,6 +241,28 @@ def model_file(family: str, tiny: bool, seed: int, device: str) -> str:
     return path
 
 
+def lora_file(model_path: str, folder: str, name: str, seed: int, rank: int = 32, std: float = 0.01) -> str:
+    """A seeded random LoRA over every 2-D weight of a model file, in ComfyUI's own names
+    (`diffusion_model.<module>.lora_up/down.weight`, which LoraLoader and LoRA Hot-Swap both take).
+    The shapes come from the file's header, so no weights are read; speed does not depend on the values."""
+    import comfy.utils
+    from safetensors import safe_open
+
+    g, sd = torch.Generator().manual_seed(seed), {}
+    with safe_open(model_path, framework="pt") as f:
+        for k in f.keys():
+            shape = f.get_slice(k).get_shape()
+            r = min(rank, *shape) if len(shape) == 2 else 0  # the reduced models have layers narrower than `rank`
+            if k.endswith(".weight") and r >= 2:
+                module = "diffusion_model." + k[: -len(".weight")]
+                sd[f"{module}.lora_down.weight"] = (torch.randn((r, shape[1]), generator=g) * std).to(torch.bfloat16)
+                sd[f"{module}.lora_up.weight"] = (torch.randn((shape[0], r), generator=g) * std).to(torch.bfloat16)
+                sd[f"{module}.alpha"] = torch.tensor(float(r))
+    path = os.path.join(folder, name)
+    comfy.utils.save_torch_file(sd, path)
+    return path
+
+
 def load_model(family: str, tiny: bool, seed: int, device: str):
     """(MODEL, how it was loaded) for the family at the preset's size (see the module doc)."""
     import comfy.sd

@@ -7,7 +7,9 @@ attention inside the compiled blocks, where ComfyUI's order puts flash first); o
 and on Compile; ComfyUI's EasyCache and LazyCache (its step caches) at their 0.2 threshold; on CUDA,
 ComfyUI's own fp8 (Load Diffusion Model's fp8_e4m3fn_fast), alone and with its TorchCompileModel; with
 `--wavespeed FOLDER`, WaveSpeed's First Block Cache alone and with its Compile Model+ (last: WaveSpeed
-patches torch process-wide when it compiles).
+patches torch process-wide when it compiles). LoRA changes on a compiled model, ours (LoRA Hot-Swap)
+and ComfyUI's (LoraLoaderModelOnly after TorchCompileModel): the first image after another LoRA and
+after another strength, against the steady image, and what dynamo compiled for each.
 
 rel err: one model call for the compile and fp8 rows (a random DiT amplifies rounding over 20
 steps, so the final latent says little about a kernel change; it is in the note), the final
@@ -15,6 +17,8 @@ latent for the step caches (what a cache changes is the trajectory). On random w
 error is not its error on a trained model: tests/gpu/judge_caches.py judges them on one.
 """
 from __future__ import annotations
+
+import os
 
 from . import dit, peers
 from .comfy import BASELINE, ComfyBench, builtin_compile, our_compile
@@ -42,6 +46,8 @@ def _names(cfg: BenchConfig) -> dict[str, str]:
         n[f"compile_cache_{m}"] = f"{ours} + SDAccelStepCache {m} {CACHE_INTERVAL}"
     for peer in ("EasyCache", "LazyCache"):
         n[peer] = f"comfy {peer} {PEER_THRESHOLD:g}"
+    n["ours_lora"] = f"{ours} + SDAccelLoRAHotSwap, LoRA changes"
+    n["builtin_lora"] = f"comfy TorchCompileModel ({be}) + LoraLoaderModelOnly, LoRA changes"
     if cfg.wavespeed:
         n["fbcache"] = f"WaveSpeed FBCache {peers.FBCACHE_THRESHOLD:g}"
         n["fbcache_compile"] = f"WaveSpeed FBCache {peers.FBCACHE_THRESHOLD:g} + Compile Model+ {mode}"
@@ -72,6 +78,8 @@ def rows(b: ComfyBench):
         yield b.measure(n[f"compile_cache_{m}"], lambda m=m: step_cache(ours(), m))
     for peer in ("EasyCache", "LazyCache"):
         yield b.measure(n[peer], lambda peer=peer: comfy_cache(base, peer, PEER_THRESHOLD))
+    yield b.measure_changes(n["ours_lora"], *lora_changes(b, ours, hotswap))
+    yield b.measure_changes(n["builtin_lora"], *lora_changes(b, lambda: builtin_compile(base, be), lora_loader))
     if "fbcache" in n:
         ws = b.cfg.wavespeed
         yield b.measure(n["fbcache"], lambda: peers.wavespeed_fbcache(base, ws))
@@ -95,6 +103,46 @@ def step_cache(model, mode: str, interval: int = CACHE_INTERVAL):
     return node.apply(model, **kw)[0]
 
 
+def lora_changes(b: ComfyBench, compiled, apply):
+    """`make` and the phases of a LoRA-changes row: `apply(model, lora, strength)` on the compiled model
+    again, as ComfyUI reruns a LoRA node whose widget changed (its input, the compiled model, is cached)."""
+    a, other = _bench_loras(b)
+    held = {}
+
+    def make():
+        held["compiled"] = compiled()
+        return apply(held["compiled"], a, 1.0)
+    return make, [("another LoRA", lambda _m: apply(held["compiled"], other, 1.0)),
+                  ("strength 0.5", lambda _m: apply(held["compiled"], other, 0.5))]
+
+
+def _bench_loras(b: ComfyBench) -> tuple[str, str]:
+    """Two seeded random LoRAs for the preset's model, written once per bench into a temp folder ComfyUI lists."""
+    import tempfile
+
+    import folder_paths
+
+    if not getattr(b, "_dit_loras", None):
+        folder, path = tempfile.mkdtemp(prefix="sd_accel_bench_lora_"), dit.model_file(b.preset.arch, b.preset.tiny, b.cfg.seed, b.device)
+        b._dit_loras = tuple(os.path.basename(dit.lora_file(path, folder, f"sd_accel_bench_lora_{i}.safetensors", b.cfg.seed + 1 + i))
+                             for i in range(2))
+        folder_paths.add_model_folder_path("loras", folder)
+    return b._dit_loras
+
+
+def hotswap(model, lora: str, strength: float):
+    from ...nodes.lora import SDAccelLoRAHotSwap
+
+    return SDAccelLoRAHotSwap().apply(model, lora, strength)[0]
+
+
+def lora_loader(model, lora: str, strength: float):
+    """ComfyUI's LoraLoaderModelOnly, as the graph runs it."""
+    import nodes
+
+    return nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora, strength)[0]
+
+
 def comfy_cache(model, kind: str, threshold: float):
     """ComfyUI's EasyCache or LazyCache node (comfy_extras/nodes_easycache.py) at its default start/end."""
     import comfy_extras.nodes_easycache as ec
@@ -104,4 +152,4 @@ def comfy_cache(model, kind: str, threshold: float):
     return out.result[0] if hasattr(out, "result") else out[0]
 
 
-__all__ = ["rows", "row_names", "fp16_cast", "step_cache", "comfy_cache"]
+__all__ = ["rows", "row_names", "fp16_cast", "step_cache", "comfy_cache", "lora_changes", "hotswap", "lora_loader"]

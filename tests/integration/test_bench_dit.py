@@ -22,7 +22,10 @@ import comfy_harness as harness
 
 ROWS = ["comfy eager (baseline)", "comfy TorchCompileModel (built-in, eager)", "SDAccelCompileUNet default [eager]",
         "SDAccelStepCache fixed 3", "SDAccelStepCache forecast 3", "SDAccelCompileUNet default [eager] + SDAccelStepCache fixed 3",
-        "SDAccelCompileUNet default [eager] + SDAccelStepCache forecast 3", "comfy EasyCache 0.2", "comfy LazyCache 0.2"]
+        "SDAccelCompileUNet default [eager] + SDAccelStepCache forecast 3", "comfy EasyCache 0.2", "comfy LazyCache 0.2",
+        "SDAccelCompileUNet default [eager] + SDAccelLoRAHotSwap, LoRA changes",
+        "comfy TorchCompileModel (eager) + LoraLoaderModelOnly, LoRA changes"]
+LORA_ROWS = ROWS[-2:]
 # Frames our compile traces: Flux: double and single blocks; the others: one block kind (MiniMax H3: its first step's
 # modulation rows, Python ints the blocks receive, differ from the later steps': a second frame, traced once).
 BLOCK_KINDS = {"flux-tiny": 2, "wan-tiny": 1, "ltx-tiny": 1, "ltx2-tiny": 1, "minimax-tiny": 2}
@@ -76,6 +79,12 @@ def test_dit_preset_measures_ours_beside_the_peers(root, comfy_host, tmp_path, p
         assert 1e-4 < rows[name]["rel_err"] < 0.2, rows[name]
     # Compile under the cache: the same trajectory as the eager cache (dynamo's eager backend runs the same ops)
     assert rows[ROWS[5]]["rel_err"] == pytest.approx(rows[ROWS[3]]["rel_err"], rel=1e-3)
+    # LoRA changes on the compiled model: another LoRA and another strength compile nothing, and ours
+    # samples what ComfyUI's LoraLoader does (both rows' error against eager without a LoRA agree)
+    for name in LORA_ROWS:
+        assert [p["phase"] for p in diag[name]["phases"]] == ["another LoRA", "strength 0.5"], diag[name]
+    assert all(p["frames_compiled"] == 0 for p in diag[LORA_ROWS[0]]["phases"]), diag[LORA_ROWS[0]]
+    assert rows[LORA_ROWS[0]]["rel_err"] == pytest.approx(rows[LORA_ROWS[1]]["rel_err"], rel=1e-2), rows
     assert "DynamicVRAM off" in p.stdout and ROWS[-1] in p.stdout
 
 
