@@ -106,14 +106,15 @@ def step_cache(model, mode: str, interval: int = CACHE_INTERVAL):
 def lora_changes(b: ComfyBench, compiled, apply):
     """`make` and the phases of a LoRA-changes row: `apply(model, lora, strength)` on the compiled model
     again, as ComfyUI reruns a LoRA node whose widget changed (its input, the compiled model, is cached)."""
-    a, other = _bench_loras(b)
     held = {}
 
     def make():
-        held["compiled"] = compiled()
-        return apply(held["compiled"], a, 1.0)
-    return make, [("another LoRA", lambda _m: apply(held["compiled"], other, 1.0)),
-                  ("strength 0.5", lambda _m: apply(held["compiled"], other, 0.5))]
+        held["loras"], held["compiled"] = _bench_loras(b), compiled()
+        return apply(held["compiled"], held["loras"][0], 1.0)
+
+    def change(strength: float):
+        return lambda _m: apply(held["compiled"], held["loras"][1], strength)
+    return make, [("another LoRA", change(1.0)), ("strength 0.5", change(0.5))]
 
 
 def _bench_loras(b: ComfyBench) -> tuple[str, str]:
