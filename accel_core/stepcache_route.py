@@ -23,6 +23,21 @@ PERTURBING = ("stg_self_attn_blocks",)
 SEVERING = ("run_vx", "run_ax", "a2v_cross_attn", "v2a_cross_attn")
 
 
+# What adds into the hidden state between blocks, outside them: a ControlNet (the host marks its calls:
+# CONTROLLED) and post-block model patches (Qwen-Image's DiffSynth ControlNet, Z-Image's ControlNet).
+# A kept change holds the last full step's additions, which a cached call would add again; the host
+# code adds them after each skipped block too, and the patches read features a cached call never made.
+CONTROLLED = "sd_accel.stepcache.controlled"
+POST_BLOCK_PATCHES = ("double_block", "single_block", "noise_refiner", "context_refiner")
+ADDED_BETWEEN = "a ControlNet or a model patch adds into the features between the blocks (a kept change would add it twice)"
+
+
+def added_between(to: dict) -> bool:
+    """Whether something adds into the features between this call's blocks (see CONTROLLED)."""
+    patches = to.get("patches") or {}
+    return bool(to.get(CONTROLLED)) or any(patches.get(k) for k in POST_BLOCK_PATCHES)
+
+
 def perturbed(to: dict) -> bool:
     """Whether a call's transformer_options make it a perturbed guidance pass (see PERTURBING / SEVERING)."""
     return any(to.get(k) for k in PERTURBING) or any(to.get(k, True) is False for k in SEVERING)
@@ -60,6 +75,8 @@ class BlockReplacement:
         run, lane, sigma = self.bound or call_of(to)
         if not isinstance(run, StepCacheRun) or not run.running or self.point not in run.cuts.pos or perturbed(to):
             return self._run(args, extra)
+        if added_between(to):
+            run.disable(ADDED_BETWEEN)
         return run.block(self.point, args, lambda a: self._run(a, extra), lane, sigma)
 
 
@@ -84,4 +101,5 @@ def with_step_cache(to: dict, run: StepCacheRun) -> dict:
     return to
 
 
-__all__ = ["STEPCACHE_KEY", "BlockReplacement", "call_of", "lane_key", "perturbed", "prior_entry", "with_step_cache"]
+__all__ = ["STEPCACHE_KEY", "CONTROLLED", "BlockReplacement", "added_between", "call_of", "lane_key", "perturbed", "prior_entry",
+           "with_step_cache"]

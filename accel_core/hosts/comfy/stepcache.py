@@ -9,6 +9,9 @@
 - OUTER_SAMPLE ("sd_accel.stepcache"): a fresh `StepCacheRun` per sampling run, in a per-run
   copy of the model options (ComfyUI's EasyCache pattern), told the run's sigmas; finished at
   the end (one summary line, a `stepcache_stats` event).
+- APPLY_MODEL (same key): a call with a ControlNet's output gets a copy of its transformer_options
+  that says so (`CONTROLLED`): ComfyUI adds that output between the blocks, so the run stops
+  caching (stepcache_route.added_between).
 
 A UNet (SD1.x/SD2.x/SDXL) has no block hooks: it is cut at a skip connection by DeepCache's host
 over the same runtime (`deepcaching.unet_cut`: front_blocks - 1 is the depth).
@@ -22,7 +25,7 @@ from ...deepcaching import unet_cut
 from ...families import family_of
 from ...log import logger
 from ...stepcache import Cuts, StepCacheConfig, StepCacheRun, cut_points
-from ...stepcache_route import STEPCACHE_KEY, BlockReplacement, prior_entry
+from ...stepcache_route import CONTROLLED, STEPCACHE_KEY, BlockReplacement, prior_entry
 from .blockhooks import install_block_hooks
 from .deepcache import apply_deepcache
 from .model import check_model, wrappers_mp
@@ -37,6 +40,19 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
     return run_per_sampling(executor, args, kwargs, STEPCACHE_KEY, StepCacheRun, _begin)
 
 
+_CONTROL_AT, _OPTIONS_AT = 4, 5  # BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...)
+
+
+def _apply_model_wrapper(executor, *args, **kwargs):
+    control = args[_CONTROL_AT] if len(args) > _CONTROL_AT else kwargs.get("control")
+    if control:
+        if len(args) > _OPTIONS_AT:
+            args = (*args[:_OPTIONS_AT], {**(args[_OPTIONS_AT] or {}), CONTROLLED: True}, *args[_OPTIONS_AT + 1:])
+        else:
+            kwargs["transformer_options"] = {**(kwargs.get("transformer_options") or {}), CONTROLLED: True}
+    return executor(*args, **kwargs)
+
+
 def apply_step_cache(model, config: StepCacheConfig, owner: str = ""):
     """Clone `model` and install the step cache on the clone (a disabled config: a clone without it)."""
     dm = check_model(model, "Step Cache")
@@ -49,6 +65,7 @@ def apply_step_cache(model, config: StepCacheConfig, owner: str = ""):
     m = model.clone()
     wmp = wrappers_mp()
     m.remove_wrappers_with_key(wmp.OUTER_SAMPLE, STEPCACHE_KEY)
+    m.remove_wrappers_with_key(wmp.APPLY_MODEL, STEPCACHE_KEY)
     to = m.model_options.setdefault("transformer_options", {})
     to.pop(STEPCACHE_KEY, None)
     dit = to.get("patches_replace", {}).get("dit", {})
@@ -66,6 +83,7 @@ def apply_step_cache(model, config: StepCacheConfig, owner: str = ""):
         m.set_model_patch_replace(BlockReplacement((name, i), dit.get((name, i))), "dit", name, i)
     m.model_options["transformer_options"][STEPCACHE_KEY] = StepCacheRun(config, cuts, owner)
     m.add_wrapper_with_key(wmp.OUTER_SAMPLE, STEPCACHE_KEY, _outer_sample_wrapper)
+    m.add_wrapper_with_key(wmp.APPLY_MODEL, STEPCACHE_KEY, _apply_model_wrapper)
     return m
 
 
