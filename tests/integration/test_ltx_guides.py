@@ -60,7 +60,10 @@ def _graphs() -> int:
 
 
 def _compiled(host, model):
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     cfg = host.pack_module("accel_core.compiling").CompileConfig(torch_backend="eager")
     return host.pack_module("accel_core.hosts.comfy").apply_compile(model, cfg)
 
@@ -206,3 +209,62 @@ def test_ltx23_lora_names_resolve_as_comfyui_maps_them_and_fuse_as_loraloader(co
     finally:
         lora.apply_loras(unet, [])
     assert all(torch.equal(v, before[k]) for k, v in dit_tiny.weights(model).items())
+
+
+# --- keyframe / reference guides --------------------------------------------------------------------
+
+def _cropped(fam: str, pos, neg, samples: dict) -> torch.Tensor:
+    """The sampled video with the appended guide frames cropped off by the host's nodes."""
+    import comfy_extras.nodes_lt as lt
+
+    if samples["samples"].is_nested:
+        samples = _out(lt.LTXVSeparateAVLatent.execute(samples))[0]
+    return _out(lt.LTXVCropGuides.execute(pos, neg, samples))[2]["samples"]
+
+
+@pytest.mark.parametrize("fam", GUIDED)
+def test_guided_sampling_compiles_once_equals_eager_and_caches_steps(comfy_host, tmp_path_factory, stepcache_stats, fam):
+    """A guided run (guide frames in the latent, a denoise mask, per-token timesteps; LTX-2.3 with an IC-LoRA
+    reference at half resolution, MiniMax H3 with two anchored frames) compiled: equal to eager, the graphs of the
+    first run only (LTX: one frame; MiniMax H3: its text layouts, cond with the guides and uncond without, each with
+    the first step's rows and the later steps'), none on a second run. Step Cache: the scheduled calls cached, the
+    result near eager's; the guide frames come out as they went in."""
+    model = _model(fam, tmp_path_factory)
+    pos, neg, latent, what = guided(fam)
+    seen = []  # what the first block gets: its tokens and the self-attention mask
+
+    def look(_, args, kwargs):
+        x = args[0][0] if isinstance(args[0], (tuple, list)) else args[0]
+        seen.append((x.shape[1], type(kwargs.get("self_attention_mask")).__name__))
+
+    blocks = model.get_model_object("diffusion_model").transformer_blocks if fam != "minimax" else None
+    hook = blocks[0].register_forward_pre_hook(look, with_kwargs=True) if blocks is not None else None
+    try:
+        ref = sample(model, pos, neg, latent)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if blocks is not None:  # 4 latent frames of 64 tokens; an IC-LoRA reference at half size keeps a quarter of its frame
+        import comfy.ldm.lightricks.model as ltx_model
+
+        mask = "GuideAttentionMask" if hasattr(ltx_model, "GuideAttentionMask") else "NoneType"  # 0.33: strength 0.8 attenuates
+        assert set(seen) == {(3 * 64 + (16 if "iclora_parameters" in what else 64), mask)}, set(seen)
+    plain = sample(model, *dit_models.conditioning(fam), dit_models.latent(fam))
+    assert dit_models.flat(ref["samples"]).shape != dit_models.flat(plain["samples"]).shape or \
+        harness.rel_err(dit_models.flat(ref["samples"]), dit_models.flat(plain["samples"])) > 1e-3  # the guides matter
+    compiled = _compiled(comfy_host, model)
+    out = sample(compiled, pos, neg, latent)
+    assert harness.rel_err(dit_models.flat(out["samples"]), dit_models.flat(ref["samples"])) < 1e-4
+    first = _graphs()
+    assert first == (4 if fam == "minimax" else 1), first
+    again = sample(compiled, pos, neg, latent)
+    assert torch.equal(dit_models.flat(again["samples"]), dit_models.flat(out["samples"]))
+    assert _graphs() == first, "the second guided run traced again"
+    cached = sample(harness.step_cache(comfy_host, model, interval=2), pos, neg, latent)
+    assert sorted(set(stepcache_stats[-1]["cached_steps"])) == [1], stepcache_stats[-1]
+    assert 0 < harness.rel_err(dit_models.flat(cached["samples"]), dit_models.flat(ref["samples"])) < 0.5
+    if fam != "minimax":  # the appended keyframe cropped off, the conditioned first frame (strength 1) kept, in every run
+        for s in (ref, out, cached):
+            video = _cropped(fam, pos, neg, s)
+            assert video.shape == (1, 128, 3, 8, 8)
+            assert torch.allclose(video[:, :, :1], what["first"], rtol=1e-5, atol=1e-6)
