@@ -80,7 +80,7 @@ def _takes(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-def guided(fam: str):
+def guided(fam: str, iclora: dict | None = None):
     """(positive, negative, latent, what) for a guided sampling run of `fam`, made by the host's own nodes.
 
     LTX: `LTXVImgToVideo` conditions the first frame in place (a denoise mask), `LTXVAddGuide` appends a keyframe
@@ -101,8 +101,10 @@ def guided(fam: str):
     vae = StandInVAE(128, 8, 32)
     pos, neg, video = _out(lt.LTXVImgToVideo.execute(pos, neg, _image(0, 256), vae, 256, 256, 17, 1, 1.0))
     extra = {}
-    if fam == "ltx23" and _takes(lt.LTXVAddGuide.execute, "iclora_parameters"):
-        extra["iclora_parameters"] = {"reference_downscale_factor": 2}
+    if iclora is None and fam == "ltx23" and _takes(lt.LTXVAddGuide.execute, "iclora_parameters"):
+        iclora = {"reference_downscale_factor": 2}
+    if iclora is not None:
+        extra["iclora_parameters"] = iclora
     pos, neg, video = _out(lt.LTXVAddGuide.execute(pos, neg, vae, video, _image(1, 256), -1, 0.8, **extra))
     latent = video
     if dit_models.SPECS[fam].audio_shape is not None:
@@ -268,3 +270,28 @@ def test_guided_sampling_compiles_once_equals_eager_and_caches_steps(comfy_host,
             video = _cropped(fam, pos, neg, s)
             assert video.shape == (1, 128, 3, 8, 8)
             assert torch.allclose(video[:, :, :1], what["first"], rtol=1e-5, atol=1e-6)
+
+
+def test_an_ic_lora_through_hot_swap_gives_its_parameters_and_samples_as_loraloader(comfy_host, tmp_path_factory, tmp_path):
+    """An IC-LoRA carries its reference_downscale_factor in its file's metadata, which LTX's GetICLoRAParameters reads
+    from the model LoraLoader made. LoRA Hot-Swap's model carries it the same way; the guided run (the reference at
+    that factor) compiled with the hot-swapped LoRA equals LoraLoader's eager run."""
+    import comfy.sd
+    import comfy_extras.nodes_lt as lt
+
+    model = _model("ltx23", tmp_path_factory)
+    if not hasattr(lt, "GetICLoRAParameters"):
+        pytest.skip("this ComfyUI has no GetICLoRAParameters node (IC-LoRA parameters are newer)")
+    meta = {"reference_downscale_factor": "2"}
+    sd = dit_tiny.make_lora(model, "ltx23", "comfy", seed=4)
+    path = tmp_path / "ic_lora.safetensors"
+    save_file(sd, str(path), metadata=meta)
+    theirs = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0, lora_metadata=meta)[0]
+    ours = comfy_host.pack_module("accel_core.hosts.comfy.lora").apply_hotswap(model, str(path), 1.0)
+    params = _out(lt.GetICLoRAParameters.execute(ours))[0]
+    assert params == _out(lt.GetICLoRAParameters.execute(theirs))[0] == {"reference_downscale_factor": 2}
+    pos, neg, latent, _ = guided("ltx23", params)
+    ref = dit_models.flat(sample(theirs, pos, neg, latent)["samples"])
+    assert harness.rel_err(ref, dit_models.flat(sample(model, pos, neg, latent)["samples"])) > 1e-3  # the LoRA matters
+    out = dit_models.flat(sample(_compiled(comfy_host, ours), pos, neg, latent)["samples"])
+    assert harness.rel_err(out, ref) < 1e-4
