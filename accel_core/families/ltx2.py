@@ -42,7 +42,6 @@ LTX2 = register(Family(
     # activation would be quantized for nothing); the text connectors (run once per sampling run).
     fp8_skip=("adaln_single", "to_gate_logits", "embeddings_connector"),
     # LTX-Video's hints (an LTX-2 file names the same video layers; a tie goes to LTX-Video, registered
-    # first) and the layers only LTX-2 has (audio; LTX-2.3's gates).
-    lora_hints=LTX.lora_hints + ("audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn", "audio_ff", "audio_patchify",
-                                 "to_gate_logits"),
+    # first) and the audio layers only LTX-2 has.
+    lora_hints=LTX.lora_hints + ("audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn", "audio_ff", "audio_patchify"),
 ))
