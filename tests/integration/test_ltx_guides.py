@@ -230,7 +230,8 @@ def test_guided_sampling_compiles_once_equals_eager_and_caches_steps(comfy_host,
     reference at half resolution, MiniMax H3 with two anchored frames) compiled: equal to eager, the graphs of the
     first run only (LTX: one frame; MiniMax H3: its text layouts, cond with the guides and uncond without, each with
     the first step's rows and the later steps'), none on a second run. Step Cache: the scheduled calls cached, the
-    result near eager's; the guide frames come out as they went in."""
+    result near eager's (MiniMax H3 also with cfg "shared", its cond and uncond of different lengths); the guide
+    frames come out as they went in."""
     model = _model(fam, tmp_path_factory)
     pos, neg, latent, what = guided(fam)
     seen = []  # what the first block gets: its tokens and the self-attention mask
@@ -265,7 +266,10 @@ def test_guided_sampling_compiles_once_equals_eager_and_caches_steps(comfy_host,
     cached = sample(harness.step_cache(comfy_host, model, interval=2), pos, neg, latent)
     assert sorted(set(stepcache_stats[-1]["cached_steps"])) == [1], stepcache_stats[-1]
     assert 0 < harness.rel_err(dit_models.flat(cached["samples"]), dit_models.flat(ref["samples"])) < 0.5
-    if fam != "minimax":  # the appended keyframe cropped off, the conditioned first frame (strength 1) kept, in every run
+    if fam == "minimax":  # cond (with the guides' rows) is longer than uncond: "shared" keeps a lane for each and caches
+        sample(harness.step_cache(comfy_host, model, interval=2, cfg="shared"), pos, neg, latent)
+        assert stepcache_stats[-1]["lanes"] == 2 and stepcache_stats[-1]["cached_steps"] == [1, 1], stepcache_stats[-1]
+    else:  # the appended keyframe cropped off, the conditioned first frame (strength 1) kept, in every run
         for s in (ref, out, cached):
             video = _cropped(fam, pos, neg, s)
             assert video.shape == (1, 128, 3, 8, 8)
