@@ -8,8 +8,8 @@
   mask, per-token timesteps, `keyframe_idxs`; MiniMax H3: condition rows packed before the targets). Compiled: equal
   to eager, and a second run traces nothing; Step Cache: the scheduled calls cached, a bounded change.
 
-The VAE is a stand-in (`StandInVAE`): the nodes only call its `encode` and read `downscale_index_formula`, and what
-is under test is the diffusion model. Dynamo's "eager" backend: tracing, guards and recompiles are tested here.
+The VAEs are stand-ins (`StandInVAE`, `StandInAudioVAE`): the nodes only call their `encode` (and read
+`downscale_index_formula`), and what is under test is the diffusion model. Dynamo's "eager" backend: tracing, guards and recompiles are tested here.
 """
 from __future__ import annotations
 
@@ -39,6 +39,20 @@ class StandInVAE:
         x = pixels[:, :, :, :3].movedim(-1, 0).unsqueeze(0).float()
         x = torch.nn.functional.adaptive_avg_pool3d(x, (frames, pixels.shape[1] // self.scale, pixels.shape[2] // self.scale))
         return torch.einsum("bcfhw,cd->bdfhw", x, self.proj)
+
+
+class StandInAudioVAE:
+    """What MiniMaxH3AddGuide uses of an audio VAE: `encode(waveform [1, samples, 2])` -> [1, 32, 2, samples / 64]
+    (a seeded projection of the pooled samples) at `audio_sample_rate`."""
+
+    audio_sample_rate = 32000
+
+    def __init__(self):
+        self.proj = torch.randn(32, generator=torch.Generator().manual_seed(8))
+
+    def encode(self, waveform):
+        x = torch.nn.functional.avg_pool1d(waveform.movedim(-1, 1).float(), 64)  # [1, 2, T]
+        return torch.einsum("bct,d->bdct", x, self.proj)
 
 
 _models: dict = {}
@@ -86,16 +100,20 @@ def guided(fam: str, iclora: dict | None = None):
     LTX: `LTXVImgToVideo` conditions the first frame in place (a denoise mask), `LTXVAddGuide` appends a keyframe
     for the last frame (strength 0.8: 0.33 turns it into a guide attention mask; LTX-2.3 adds it as an IC-LoRA
     reference with a downscale factor where the node takes one); an AV model then gets its audio stream beside it
-    (`LTXVConcatAVLatent`). MiniMax H3: `MiniMaxH3AddGuide` anchors the first and the last frame."""
+    (`LTXVConcatAVLatent`). MiniMax H3: `MiniMaxH3AddGuide` anchors the first frame with a soundtrack and the
+    last frame."""
     pos, neg = dit_models.conditioning(fam)
     if fam == "minimax":
         import comfy_extras.nodes_minimax_h3 as mh
 
         latent = dit_models.latent(fam)
         vae = StandInVAE(24, 4, 16)
-        for i, frame in enumerate((0, -1)):
-            pos = _out(mh.MiniMaxH3AddGuide.execute(pos, latent, frame, vae=vae, image=_image(i, 128)))[0]
-        return pos, neg, latent, {"keyframes": 2}
+        audio = {"waveform": torch.randn(1, 2, 4 * 64, generator=torch.Generator().manual_seed(2)), "sample_rate": 32000}
+        pos = _out(mh.MiniMaxH3AddGuide.execute(pos, latent, 0, vae=vae, audio_vae=StandInAudioVAE(), image=_image(0, 128), audio=audio))[0]
+        pos = _out(mh.MiniMaxH3AddGuide.execute(pos, latent, -1, vae=vae, image=_image(1, 128)))[0]
+        keyframes = pos[0][1]["minimax_keyframes"]
+        assert [sorted(k) for k in keyframes] == [["audio_latent", "latent", "resolved_frame_index"], ["latent", "resolved_frame_index"]]
+        return pos, neg, latent, {"keyframes": keyframes}
     import comfy_extras.nodes_lt as lt
 
     vae = StandInVAE(128, 8, 32)
