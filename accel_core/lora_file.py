@@ -154,6 +154,7 @@ class LoraFile:
     layers: dict[str, LoraLayer | DiffLayer]  # diffs keyed by their full key (`<base>.diff_b`)
     text_encoder_keys: int = 0
     unused: dict[str, int] = field(default_factory=dict)  # kind -> key count
+    metadata: dict[str, str] = field(default_factory=dict)  # the file's safetensors metadata (an IC-LoRA's reference_downscale_factor)
 
     @property
     def name(self) -> str:
@@ -175,9 +176,11 @@ def read_lora(path: str) -> LoraFile:
 
 @functools.lru_cache(maxsize=8)
 def _read_cached(key: tuple, path: str) -> LoraFile:
-    from .checkpoint import read_safetensors
+    from .checkpoint import read_safetensors, read_safetensors_metadata
 
-    return parse_lora(read_safetensors(path, "LoRA"), path, key)
+    lf = parse_lora(read_safetensors(path, "LoRA"), path, key)
+    lf.metadata = read_safetensors_metadata(path)
+    return lf
 
 
 def parse_lora(sd: dict[str, torch.Tensor], path: str = "<state dict>", key: tuple | None = None) -> LoraFile:

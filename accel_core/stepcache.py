@@ -30,8 +30,8 @@ The decision is eager Python at the first middle block, outside compiled code: t
 the host's (compiled once each by Compile's regional compile), a cached call only calls fewer
 of them. State lives in one `StepCacheRun` per sampling run; a clone of the model starts with
 none. CFG: `cfg="separate"` keeps one lane (residuals, counters, decision) per cond/uncond
-composition of a model call; `cfg="shared"` keeps one lane for every call, so when the host
-calls cond and uncond apart the later call reuses the earlier's residual of the same step.
+composition of a model call; `cfg="shared"` keeps one lane for every call of one input shape, so when the
+host calls cond and uncond apart the later call reuses the earlier's residual of the same step.
 """
 from __future__ import annotations
 
@@ -369,9 +369,11 @@ class StepCacheRun:
         self.log.append({"call": len(self.log), "step": step, "cached": cached, "metric": None})
 
     def _start_call(self, lane_key, sigma, x: torch.Tensor):
-        key = "all" if self.config.cfg == "shared" else lane_key
-        lane = self.lanes.setdefault(key, Lane())
         meta = (_shape(x), _lead(x).dtype, _lead(x).device)
+        # shared: one lane per input shape. A model that packs the text into its tokens (MiniMax H3) gets cond and
+        # uncond of different shapes when their prompts differ in length; one lane would drop its residual every call.
+        key = ("all", meta) if self.config.cfg == "shared" else lane_key
+        lane = self.lanes.setdefault(key, Lane())
         if lane.meta is not None and lane.meta != meta:  # another size / batch: what was kept does not fit
             self.lanes[key] = lane = Lane()
         lane.meta = meta

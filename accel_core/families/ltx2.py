@@ -8,6 +8,12 @@ step cache keeps residuals per element of such a pair. The timesteps are `Compre
 objects (0.33: a tensor per frame, expanded inside the block) or tensors (0.8.0). A block adds
 its residuals into its inputs in place; the step cache copies what it keeps.
 
+LTX-2.3 is this class with options its file's metadata config turns on (read by ComfyUI 0.33's detection):
+`apply_gated_attention` (every attention gets `to_gate_logits`, a per-head gate on its output) and
+`cross_attention_adaln` (the text cross-attention modulated by 3 more rows of the timestep modulation and by the
+`prompt_adaln_single` embeddings, handed to the blocks as v_/a_prompt_timestep). Same blocks, same hook: one
+compiled frame; nothing new is fp32.
+
 Per-call switches the blocks read from transformer_options (run_vx / run_ax, a2v_cross_attn /
 v2a_cross_attn: ComfyUI's modality guidance; stg_skip_self_attn: its STG guidance, set per block)
 reach a compiled block: `block_options` names them.
@@ -31,8 +37,10 @@ LTX2 = register(Family(
     blocks=(BlockList("transformer_blocks", "double_block"),),
     block_options=("stg_skip_self_attn", "run_vx", "run_ax", "a2v_cross_attn", "v2a_cross_attn"),
     # Every timestep modulation: adaln_single, audio_adaln_single, the av_ca_*_adaln_single of the
-    # audio-video cross-attention and the prompt_adaln_single variants (one row per frame, steer every block).
-    fp8_skip=("adaln_single",),
+    # audio-video cross-attention and LTX-2.3's prompt_adaln_single pair (one row per frame, steer every block);
+    # LTX-2.3's per-head gates (to_gate_logits: one logit per head, a matmul 1/128 of a projection whose
+    # activation would be quantized for nothing); the text connectors (run once per sampling run).
+    fp8_skip=("adaln_single", "to_gate_logits", "embeddings_connector"),
     # LTX-Video's hints (an LTX-2 file names the same video layers; a tie goes to LTX-Video, registered
     # first) and the audio layers only LTX-2 has.
     lora_hints=LTX.lora_hints + ("audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn", "audio_ff", "audio_patchify"),

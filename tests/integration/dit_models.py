@@ -32,6 +32,8 @@ class Spec:
     file_config: bool = False  # the file carries its config in its metadata (LTX-2's released files do); detection reads it
     audio_shape: tuple | None = None  # an audio+video model: the latent is ComfyUI's NestedTensor (video, audio of this shape)
     std: float = 0.05  # seeded weights ~ N(0, std)
+    family: str | None = None  # a variant of a registered family (VARIANTS): that family's name; None: the key is the family
+    needs: tuple = ()  # (module, class, __init__ parameters) the host's class must take (a variant's options)
 
 
 SPECS = {
@@ -76,15 +78,39 @@ SPECS = {
                     32, (1, 24, 2, 8, 8), {}, {"blocks": 3}, detected=True, audio_shape=(1, 32, 2, 4),
                     std=0.1),  # its blocks' gates are small: at 0.05 a LoRA on them moves the result by 3e-4 only
 }
+# LTX-2.3 (ComfyUI 0.33's LTXAVModel with the options the released LTX-2.3 files turn on in their metadata config:
+# per-head gated attention in every attention and in the text connectors, AdaLN-modulated text cross-attention with
+# the prompt_adaln_single timestep embeddings, the text projection before the connectors (here the identity), split
+# float64 RoPE, middle-of-token positions). 16 heads, 2 wide: the per-head gates are 16 wide, a size fp8 could take.
+# The text comes unprocessed ([video | audio] widths side by side) and without a mask, as LTX-2.3's text encoder
+# hands it (`unprocessed_ltxav_embeds`): the model's connectors run on it once per run and pad it to 1024 rows.
+SPECS["ltx23"] = Spec(("LTXAV",), dict(SPECS["ltx2"].unet_config, num_attention_heads=16, attention_head_dim=2, audio_num_attention_heads=16,
+                                       audio_attention_head_dim=2, apply_gated_attention=True, connector_apply_gated_attention=True,
+                                       cross_attention_adaln=True, caption_proj_before_connector=True,
+                                       caption_projection_first_linear=False, rope_type="split", frequencies_precision="float64",
+                                       use_middle_indices_grid=True),
+                      64, (1, 128, 2, 8, 8), {"unprocessed_ltxav_embeds": True},
+                      {"transformer_blocks": 3}, detected=True, file_config=True, audio_shape=(1, 8, 4, 16), std=0.1, family="ltx2",
+                      needs=("comfy.ldm.lightricks.av_model", "BasicAVTransformerBlock", ("apply_gated_attention", "cross_attention_adaln")))
+VARIANTS = ("ltx23",)  # models of a registered family with options of their own (Spec.family)
 ZIMAGE_EXTRA = dict(z_image_modulation=True, time_scale=1000.0)
 
 
 def available(family: str) -> str | None:
     """None, or why this ComfyUI lacks the family's model config."""
+    import importlib
+    import inspect
+
     import comfy.supported_models as sm
 
-    if not any(hasattr(sm, n) for n in SPECS[family].config_class):
-        return f"this ComfyUI has no {' / '.join(SPECS[family].config_class)} model config (the family is newer)"
+    spec = SPECS[family]
+    if not any(hasattr(sm, n) for n in spec.config_class):
+        return f"this ComfyUI has no {' / '.join(spec.config_class)} model config (the family is newer)"
+    if spec.needs:
+        mod, cls, params = spec.needs
+        have = inspect.signature(getattr(importlib.import_module(mod), cls).__init__).parameters
+        if not all(p in have for p in params):
+            return f"this ComfyUI's {cls} takes no {' / '.join(params)} ({family}'s options are newer)"
     return None
 
 
@@ -195,4 +221,4 @@ def sample(model, family: str, steps: int = 2, cfg: float = 1.0, seed: int = 42,
     return flat(out[0]["samples"]).clone()
 
 
-__all__ = ["FAMILIES", "SPECS", "available", "build", "conditioning", "latent", "flat", "sample", "seed_weights"]
+__all__ = ["FAMILIES", "VARIANTS", "SPECS", "available", "build", "conditioning", "latent", "flat", "sample", "seed_weights"]

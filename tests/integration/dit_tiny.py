@@ -27,7 +27,7 @@ def _accepted(family: str, cfg: dict) -> dict:
     import importlib
     import inspect
 
-    mod_name, cls_name = _CLASSES[family]
+    mod_name, cls_name = _CLASSES[dit_models.SPECS[family].family or family]
     mod = importlib.import_module(mod_name)
     params = inspect.signature(getattr(mod, cls_name).__init__).parameters
     if hasattr(mod, "FluxParams"):  # Flux hands **kwargs to its params dataclass
@@ -174,7 +174,7 @@ def comfy_reference_sd(sd: dict, fmt: str, family: str | None = None) -> dict:
         import comfy.lora_convert
 
         return comfy.lora_convert.convert_uso_lora(sd)
-    if fmt == "diffusers" and family in ("ltx", "ltx2"):
+    if fmt == "diffusers" and family in ("ltx", "ltx2", "ltx23"):
         return {"diffusion_model." + k[len("transformer."):]: v for k, v in sd.items()}
     return sd
 

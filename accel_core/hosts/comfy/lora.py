@@ -8,7 +8,8 @@ clone stops being the loaded one (comfy_lora_owner.py says when and why).
 Why not ComfyUI's own weight patches: `add_patches` gives the clone a new `patches_uuid`, so
 the next load unpatches, moves the UNet to the offload device and back, and repatches
 (comfyui-api.md §2.6); a compiled UNet may then also recompile. Hot-swap instead fuses the
-deltas in place with `accel_core.lora`, keeping tensor identity.
+deltas in place with `accel_core.lora`, keeping tensor identity. The file's metadata goes where ComfyUI's
+LoraLoader puts it (the "lora_metadata" attachment), so nodes that read it (LTX's GetICLoRAParameters) see it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from ...errors import SDAccelError
 from ...lora import LoraConfig, LoraSpec, lora_state, read_lora
 from .model import callbacks_mp, check_model, patchable_clone, wrappers_mp
 from .lora_owner import LORA_KEY, HotSwapSet, hotswap_set, on_cleanup, on_detach, on_pre_run, outer_sample
+
+METADATA_KEY = "lora_metadata"  # ComfyUI's attachment for the last loaded LoRA's file metadata (comfy/sd.py load_lora_for_models)
 
 
 def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None = None):
@@ -42,6 +45,8 @@ def apply_hotswap(model, path: str, strength: float, config: LoraConfig | None =
     lora_state(m.get_model_object("diffusion_model")).resolve(lf, config)  # raises SDAccelError (how many layers matched) for another architecture
     wanted = (prev or HotSwapSet((), config)).plus(LoraSpec(str(path), float(strength)))
     m.set_attachments(LORA_KEY, wanted)
+    if lf.metadata:  # as LoraLoader does: GetICLoRAParameters reads an IC-LoRA's reference_downscale_factor from it
+        m.set_attachments(METADATA_KEY, dict(lf.metadata))
     cmp = callbacks_mp()
     for kind, fn in ((cmp.ON_PRE_RUN, on_pre_run), (cmp.ON_CLEANUP, on_cleanup), (cmp.ON_DETACH, on_detach)):
         m.remove_callbacks_with_key(kind, LORA_KEY)
