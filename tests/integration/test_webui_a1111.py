@@ -220,20 +220,12 @@ def test_deepcache_generation_reuses_features_on_the_planned_steps(webui, adapte
 
 def test_an_api_call_with_the_13_values_from_before_the_step_cache_runs_as_before(webui):
     """An API script written for the 13-value accordion (before the Step Cache's controls) still works:
-    A1111's API fills the other 4 with the accordion's defaults; same image as the 17 values."""
-    import json
-    import threading
-
-    from fastapi import FastAPI
-    from modules.api import api, models
-
+    the webui's API fills the other 4 with the accordion's defaults; same image as the 17 values."""
     sent = accel(deepcache_interval=3, deepcache_depth=1)
-    req = models.StableDiffusionTxt2ImgProcessingAPI(prompt="a red cat", negative_prompt="blurry", steps=9, sampler_name="Euler", seed=1234,
-                                                     cfg_scale=5.0, width=64, height=64, alwayson_scripts={"SD Accel": {"args": sent[:13]}})
-    res = api.Api(FastAPI(), threading.Lock()).text2imgapi(req)
-    assert "SD Accel DeepCache: interval=3 depth=1" in json.loads(res.info)["infotexts"][0]
+    infotext, img = webui.api_txt2img(sent[:13], steps=9)
+    assert "SD Accel DeepCache: interval=3 depth=1" in infotext
     p, full = webui.txt2img(sent, steps=9)
-    assert np.array_equal(np.asarray(api.decode_base64_to_image(res.images[0])).astype(np.float64), image(full))
+    assert np.array_equal(img, image(full))
 
 
 def test_lora_hot_swap_changes_the_image_and_restores_the_weights(webui, adapter):
