@@ -149,7 +149,11 @@ def test_off_leaves_the_webui_alone(webui):
 
 
 def test_compile_matches_and_is_undone_after_the_generation(webui, adapter):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     p, res = webui.txt2img(accel(backend="inductor"))
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the whole UNet is one graph, not eager pieces
     assert np.abs(image(res) - image(webui.reference[1])).max() <= 1.0  # Dynamo (eager backend here) computes the same
     assert "SD Accel compile: inductor default" in res.infotexts[0]
     assert "SD Accel status" not in res.infotexts[0]
@@ -212,6 +216,16 @@ def test_deepcache_generation_reuses_features_on_the_planned_steps(webui, adapte
     diff = np.abs(image(res) - image(base))
     assert diff.max() > 0  # shallow steps really ran
     assert "SD Accel DeepCache: interval=3 depth=1" in res.infotexts[0]
+
+
+def test_an_api_call_with_the_13_values_from_before_the_step_cache_runs_as_before(webui):
+    """An API script written for the 13-value accordion (before the Step Cache's controls) still works:
+    the webui's API fills the other 4 with the accordion's defaults; same image as the 17 values."""
+    sent = accel(deepcache_interval=3, deepcache_depth=1)
+    infotext, img = webui.api_txt2img(sent[:13], steps=9)
+    assert "SD Accel DeepCache: interval=3 depth=1" in infotext
+    p, full = webui.txt2img(sent, steps=9)
+    assert np.array_equal(img, image(full))
 
 
 def test_lora_hot_swap_changes_the_image_and_restores_the_weights(webui, adapter):

@@ -57,7 +57,11 @@ def webui(tmp_path_factory):
     base = tmp_path_factory.mktemp("neo")
     extra = base / "more_loras"  # a second LoRA folder, as Neo's --lora-dirs (a list) adds
     extra.mkdir()
-    w = harness.boot("neo", harness.root("neo"), base / "data", base / "standin", extra_argv=["--lora-dirs", str(extra)])
+    # --use-pytorch-cross-attention: the attention Neo picks on NVIDIA GPUs. Its CPU default,
+    # attention_basic, calls platform.mac_ver() on every call, which Dynamo cannot trace: the UNet
+    # would run eager under any compile, and the compile test below would prove nothing.
+    argv = ["--lora-dirs", str(extra), "--use-pytorch-cross-attention"]
+    w = harness.boot("neo", harness.root("neo"), base / "data", base / "standin", extra_argv=argv)
     w.model = harness.forge_model(w)
     from modules import shared
 
@@ -136,7 +140,11 @@ def test_off_leaves_neo_alone(webui):
 def test_compile_on_a_clone_of_neos_unet_patcher(webui):
     base = webui.model.forge_objects_after_applying_lora.unet
     before = dict(base.model_options)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     p, res = webui.txt2img(accel(backend="inductor"))
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the whole UNet is one graph, not eager pieces
     assert np.abs(image(res) - image(webui.reference[1])).max() <= 1.0
     assert "SD Accel compile: inductor default" in res.infotexts[0]
     assert base.model_options == before
@@ -179,6 +187,16 @@ def test_deepcache_generation_follows_neos_denoiser(webui):
     assert runs[0]["hits"] == sum(not f for f in planned) > 0
     base_p, base = webui.txt2img(OFF, steps=9)
     assert np.abs(image(res) - image(base)).max() > 0
+
+
+def test_an_api_call_with_the_13_values_from_before_the_step_cache_runs_as_before(webui):
+    """An API script written for the 13-value accordion (before the Step Cache's controls) still works:
+    the webui's API fills the other 4 with the accordion's defaults; same image as the 17 values."""
+    sent = accel(deepcache_interval=3, deepcache_depth=1)
+    infotext, img = webui.api_txt2img(sent[:13], steps=9)
+    assert "SD Accel DeepCache: interval=3 depth=1" in infotext
+    p, full = webui.txt2img(sent, steps=9)
+    assert np.array_equal(img, image(full))
 
 
 # --- LoRAs: Neo's folders, hot-swap, LCM ---------------------------------------------------------------

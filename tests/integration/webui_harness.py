@@ -341,6 +341,23 @@ class Webui:
             hook(p)
         return p, processing.process_images(p)
 
+    def api_txt2img(self, sd_accel: list, *, steps=4, sampler="Euler", seed=1234, width=64, height=64, prompt="a red cat", cfg_scale=5.0):
+        """The same generation as txt2img, through the webui's own HTTP API handler (Api.text2imgapi), SD Accel's
+        values sent as an API client sends them (alwayson_scripts; the API fills what is missing with the
+        accordion's defaults). Returns (the infotext, the image as float64 array)."""
+        import json
+        import threading
+
+        import numpy as np
+        from fastapi import FastAPI
+
+        api, models = self.mod("api.api"), self.mod("api.models")
+        req = models.StableDiffusionTxt2ImgProcessingAPI(prompt=prompt, negative_prompt="blurry", steps=steps, sampler_name=sampler, seed=seed,
+                                                         cfg_scale=cfg_scale, width=width, height=height,
+                                                         alwayson_scripts={self.our_script.title(): {"args": list(sd_accel)}})
+        res = api.Api(FastAPI(), threading.Lock()).text2imgapi(req)
+        return json.loads(res.info)["infotexts"][0], np.asarray(api.decode_base64_to_image(res.images[0])).astype(np.float64)
+
 
 _booted: dict = {}
 
