@@ -74,6 +74,7 @@ class RegionalCompiled(DiskCacheUser):
         self._first_done: set[str] = set()
         self.failed: dict[str, str] = {}
         self._announced = False
+        self._noted: set[tuple] = set()
 
     @contextlib.contextmanager
     def calling(self):
@@ -111,6 +112,14 @@ class RegionalCompiled(DiskCacheUser):
             self.report.units_compiled += 1
             self._settle()
         return out
+
+    def note_eager(self, patches: list[str]):
+        """Once per set of patches: blocks of calls that carry patches inside the blocks run uncompiled."""
+        key = tuple(patches)
+        if key not in self._noted:
+            self._noted.add(key)
+            logger.info("SD Accel Compile: another node patches the attention inside the blocks (%s, e.g. ComfyUI's Flux KV "
+                        "Cache); the blocks of such calls run as ComfyUI's own code, uncompiled.", ", ".join(patches))
 
     def _on_failure(self, name: str, e: Exception):
         self.failed[name] = self.report.fallbacks[name] = short_error(e)
@@ -167,7 +176,9 @@ class _Block:
     def _run(self, original, args):
         to = args.get("transformer_options") or {}
         patches = to.get("patches") or {}
-        if any(patches.get(k) for k in INNER_PATCHES):
+        inner = [k for k in INNER_PATCHES if patches.get(k)]
+        if inner:
+            self.rc.note_eager(inner)
             return original(args)
         # Contiguous inputs: the first block often gets a transposed view (Wan's patch embedding),
         # the others contiguous outputs; dynamo guards on strides, so one frame serves all only so.

@@ -30,8 +30,10 @@ The decision is eager Python at the first middle block, outside compiled code: t
 the host's (compiled once each by Compile's regional compile), a cached call only calls fewer
 of them. State lives in one `StepCacheRun` per sampling run; a clone of the model starts with
 none. CFG: `cfg="separate"` keeps one lane (residuals, counters, decision) per cond/uncond
-composition of a model call; `cfg="shared"` keeps one lane for every call of one input shape, so when the
-host calls cond and uncond apart the later call reuses the earlier's residual of the same step.
+composition of a model call; `cfg="shared"` keeps one lane for every call of one input shape, so
+when the host calls cond and uncond apart the later call reuses the earlier's residual of the same
+step. Calls of different shapes cannot share a residual (an edit model's cond with reference-image
+tokens and an uncond without): each shape keeps its lane, as it would under "separate".
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ class StepCacheConfig:
         threshold: adaptive: cache while the front residual's relative change since the last full call is below it.
         max_cached: adaptive: at most this many cached calls in a row (0 turns the cache off).
         start_percent, end_percent: the part of the run (fraction of its steps) in which calls may be cached.
-        cfg: "separate" (one cache per cond/uncond composition) or "shared" (one for all calls).
+        cfg: "separate" (one cache per cond/uncond composition) or "shared" (one for all calls of a shape).
         schedule: fixed/forecast: "rolling" (a full call `interval` steps after the lane's last one),
             "uniform" / "non-uniform" (DeepCache's plans: `plan`).
     """
@@ -88,8 +90,8 @@ class StepCacheConfig:
     end_percent: float = option(1.0, "Steps after this fraction of the run always run in full (lower it to keep the last details exact).",
                                 label="Step Cache end", min=0.0, max=1.0, step=0.01)
     cfg: str = option("separate", "separate: cond and uncond keep their own caches (safe). shared: one cache; when ComfyUI runs cond and "
-                      "uncond apart, uncond reuses cond's cached change of the same step (faster, less exact). Identical when they "
-                      "run batched.", label="Step Cache CFG", choices=CFG_MODES)
+                      "uncond apart, uncond reuses cond's cached change of the same step (faster, less exact; not where their shapes "
+                      "differ, e.g. reference images on cond only). Identical when they run batched.", label="Step Cache CFG", choices=CFG_MODES)
     schedule: str = option("rolling", "fixed/forecast: rolling: a full step N steps after the last full one. uniform: a full step every "
                            "N steps from the start of the cached part (DeepCache's). non-uniform: as many full steps, packed where the "
                            "features change fastest (DeepCache's non-uniform).", label="Step Cache schedule", choices=SCHEDULES)
@@ -370,8 +372,8 @@ class StepCacheRun:
 
     def _start_call(self, lane_key, sigma, x: torch.Tensor):
         meta = (_shape(x), _lead(x).dtype, _lead(x).device)
-        # shared: one lane per input shape. A model that packs the text into its tokens (MiniMax H3) gets cond and
-        # uncond of different shapes when their prompts differ in length; one lane would drop its residual every call.
+        # shared: one lane per input shape. Cond and uncond of different shapes (an edit model's reference tokens on
+        # cond only, MiniMax H3's text packed into its tokens) would drop one lane's residual at every call.
         key = ("all", meta) if self.config.cfg == "shared" else lane_key
         lane = self.lanes.setdefault(key, Lane())
         if lane.meta is not None and lane.meta != meta:  # another size / batch: what was kept does not fit

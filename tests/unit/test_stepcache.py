@@ -154,18 +154,22 @@ def test_cond_and_uncond_keep_separate_caches_or_share_one():
             assert not torch.allclose(outs[(0, ("u",))], Toy().forward(*xs[("u",)], 0), atol=1e-4)
 
 
-def test_shared_keeps_a_lane_per_shape_when_cond_and_uncond_differ_in_length():
-    # MiniMax H3 packs the text into its tokens: a longer negative prompt makes uncond's input longer than cond's.
-    # One lane for both would drop its residual on every call and cache nothing.
-    g = torch.Generator().manual_seed(5)
-    xs = {("c",): inputs(0), ("u",): (torch.randn(1, 6, D, generator=g), torch.randn(1, 3, D, generator=g))}
-    toy = Toy()
-    run = make_run(toy, mode="fixed", interval=3, cfg="shared")
-    for step in range(3):
-        for lane, (img, txt) in xs.items():
-            toy.forward(img, txt, 0, run, lane=lane, sigma=sigma(step))
-    stats = run.finish()
-    assert stats["lanes"] == 2 and stats["cached_steps"] == [1, 1, 2, 2]
+def test_shared_cfg_keeps_one_lane_per_shape_when_cond_and_uncond_differ_in_length():
+    # An edit model's cond carries reference-image tokens, its uncond none: the calls have different
+    # lengths, no residual can serve both. One lane for all would be dropped at every call and never cache.
+    img, txt = inputs(0)
+    xs = {("c",): (torch.cat([img, inputs(1)[0][:, :3]], 1), txt), ("u",): (img, txt)}
+    for cfg in ("separate", "shared"):
+        toy = Toy()
+        run = make_run(toy, mode="fixed", interval=3, cfg=cfg)
+        outs = {}
+        for step in range(3):
+            for lane, x in xs.items():
+                outs[(step, lane)] = toy.forward(*x, 0, run, lane=lane, sigma=sigma(step))
+        stats = run.finish()
+        assert stats["lanes"] == 2 and stats["cached_steps"] == [1, 1, 2, 2], (cfg, stats)
+        for lane, x in xs.items():  # each lane its own residual: exact for a static input
+            torch.testing.assert_close(outs[(2, lane)], Toy().forward(*x, 0), rtol=1e-5, atol=1e-5)
 
 
 def test_state_is_per_run_and_a_shape_change_drops_what_was_kept():
