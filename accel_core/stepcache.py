@@ -424,8 +424,10 @@ class StepCacheRun:
         if call.cached is None:  # the first middle block: decide
             front = None
             now = _lead(args["img"])
-            if self.config.mode == "adaptive" and call.first_in is not None and call.first_in.shape == now.shape:
-                front = now - call.first_in
+            if self.config.mode == "adaptive" and call.first_in is not None:
+                # the front blocks' change; a cut past a join of streams (Flux's single blocks take text + image)
+                # has other shapes than the first block's input: there, the features entering the cut
+                front = now - call.first_in if call.first_in.shape == now.shape else now.clone()
             call.cached = self._decide(front)
             self.log.append({"call": call.index, "step": call.step, "cached": call.cached, "metric": call.metric})
             if call.cached:

@@ -99,6 +99,11 @@ def test_adaptive_threshold_zero_never_caches_and_huge_caches_up_to_the_cap(comf
     assert stats[-1]["cached_steps"] == []
     sample(step_cache(comfy_host, model, "adaptive", threshold=10.0, max_cached=2), fam)
     assert stats[-1]["cached_steps"] == [1, 2, 4, 5]
+    # a cut past Flux's join of text and image (front = both double blocks): measured on the cut's features
+    sample(step_cache(comfy_host, model, "adaptive", front=2, threshold=10.0, max_cached=2), fam)
+    assert stats[-1]["cached_steps"] == [1, 2, 4, 5]
+    sample(step_cache(comfy_host, model, "adaptive", front=2, threshold=0.0), fam)
+    assert stats[-1]["cached_steps"] == []
 
 
 @pytest.mark.parametrize("fam", ("flux", "wan"))
