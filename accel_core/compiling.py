@@ -99,6 +99,7 @@ class CompileReport:
     whole_error: str | None = None
     fallbacks: dict[str, str] = field(default_factory=dict)
     cache: str = ""  # the on-disk compile cache: what was loaded from it and saved to it
+    graph_breaks: dict[str, int] = field(default_factory=dict)  # dynamo's, at the first whole call: reason -> count
 
     def summary(self) -> str:
         head = f"{self.backend} ({self.mode}) on {self.target}: {self.status}"
@@ -106,6 +107,10 @@ class CompileReport:
             head += f", first call {self.compile_seconds:.1f}s"
         if self.whole_error:
             head += f"; whole UNet did not convert ({self.whole_error}); {self.units_compiled} blocks compiled"
+        if self.graph_breaks:
+            n = sum(self.graph_breaks.values())
+            top = sorted(self.graph_breaks.items(), key=lambda kv: -kv[1])[:2]
+            head += f"; {n} graph break(s), the code between them runs eager: " + "; ".join(f"{r[:120]} (x{c})" for r, c in top)
         if self.fallbacks:
             head += "; kept eager: " + "; ".join(f"{k} ({v})" for k, v in self.fallbacks.items())
         if self.cache:
@@ -114,6 +119,13 @@ class CompileReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _graph_breaks() -> dict[str, int]:
+    """Dynamo's graph breaks so far in this process, by reason (counted only where dynamo traces)."""
+    from torch._dynamo.utils import counters
+
+    return dict(counters["graph_break"])
 
 
 def short_error(e: BaseException) -> str:
@@ -140,6 +152,7 @@ class _Guarded:
         if self.state == "failed":
             return self.eager(*args, **kwargs)
         first = self.state == "pending"
+        breaks = _graph_breaks() if first and self is self.holder._whole else None
         t0 = time.perf_counter()
         try:
             if self.compiled is None:
@@ -156,6 +169,9 @@ class _Guarded:
             return out
         if first:
             self.state = "compiled"
+            if breaks is not None:  # a break splits the traced code into graphs with eager Python between them
+                after = _graph_breaks()
+                self.holder.report.graph_breaks = {r: n - breaks.get(r, 0) for r, n in after.items() if n > breaks.get(r, 0)}
             self.holder._on_compiled(self, time.perf_counter() - t0)
         return out
 
@@ -269,7 +285,7 @@ class CompiledUNet(DiskCacheUser):
             self.report.status = "compiled"
             self._save_cache()
             events.emit("compile_end", report=self.report.to_dict())
-            logger.info("SD Accel: compiled %s", self.report.summary())
+            (logger.warning if self.report.graph_breaks else logger.info)("SD Accel: compiled %s", self.report.summary())
         else:
             self.report.units_compiled += 1
             self._progress(guard.name)

@@ -212,3 +212,30 @@ def test_channels_last_stores_conv_weights_nhwc_once_and_keeps_the_parameters(un
 def test_channels_last_must_be_a_flag():
     with pytest.raises(SDAccelError, match="channels_last"):
         CompileConfig(channels_last="yes")
+
+
+def test_graph_breaks_of_the_whole_are_reported(caplog):
+    """A break splits the compiled code (attention that reads psutil or the platform per call did, on Forge and Neo):
+    the report names it and the log line is a warning, where it once said just "compiled"."""
+    class Breaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    torch._dynamo.reset()
+    m = Breaks()
+    cu = compile(m, CompileConfig(**EAGER))
+    with caplog.at_level(logging.INFO, logger="sd_accel"), torch.no_grad():
+        torch.testing.assert_close(cu(torch.ones(2, 8)), m(torch.ones(2, 8)))
+    assert cu.report.status == "compiled" and sum(cu.report.graph_breaks.values()) == 1, cu.report
+    assert "1 graph break(s)" in cu.report.summary()
+    assert any(r.levelno == logging.WARNING and "graph break" in r.getMessage() for r in caplog.records)
+    clean = compile(nn.Linear(8, 8), CompileConfig(**EAGER))
+    with torch.no_grad():
+        clean(torch.ones(2, 8))
+    assert clean.report.graph_breaks == {} and "graph break" not in clean.report.summary()
