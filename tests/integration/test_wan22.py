@@ -174,3 +174,159 @@ def test_14b_split_compile_equals_eager_and_the_low_noise_model_reuses_the_high_
     assert _graphs() == 1 and not _counters()["recompiles"], "the second run compiled again"
     for m in (ch, cl):
         assert comfy_adapter.compile_report(m)["status"] == "compiled"
+
+
+def _recorder(model):
+    """A clone of `model` whose model calls are recorded (input, timestep, conds, output): harness.record_calls."""
+    m = model.clone()
+    return m, harness.record_calls(m)
+
+
+def test_14b_split_step_cache_runs_each_stage_on_its_own_with_the_window_over_the_whole_schedule(comfy_host, pair, stepcache_stats):
+    """Step Cache on both models: each KSamplerAdvanced is its own sampling run. Each stage's first call runs
+    every block (nothing kept from the high-noise model reaches the low-noise one), the schedule caches where
+    expected, the result stays near eager. start/end are points of the whole denoising: a window of
+    0.5..1 caches in the low-noise stage only, 0..0.5 in the high-noise stage only."""
+    high, low = pair("t2v_14b")
+    steps = 8  # 4 + 4
+    ref = _split(high, low, "t2v_14b", steps=steps)
+    sc = {}
+    for window in ((0.0, 1.0), (0.5, 1.0), (0.0, 0.5)):
+        rh, calls_h = _recorder(harness.step_cache(comfy_host, high, interval=2, start=window[0], end=window[1]))
+        rl, calls_l = _recorder(harness.step_cache(comfy_host, low, interval=2, start=window[0], end=window[1]))
+        out = _split(rh, rl, "t2v_14b", steps=steps)
+        hi, lo = stepcache_stats[-2:]
+        assert (hi["span"], lo["span"]) == ([0.0, 0.5], [0.5, 1.0])  # where each stage lies in the whole schedule
+        assert hi["calls"] == lo["calls"] == 4  # cond and uncond batched: one call per step
+        sc[window] = (hi["cached_steps"], lo["cached_steps"], harness.rel_err(out, ref))
+        for m, calls, stats in ((rh, calls_h, hi), (rl, calls_l, lo)):  # full calls (each stage's first) are the model's own, bit for bit
+            with torch.inference_mode():
+                for step, (x, t, c, o) in enumerate(calls):
+                    assert torch.equal(m.model.apply_model(x, t, **c), o) == (step not in stats["cached_steps"]), (window, step)
+    assert sc[(0.0, 1.0)][:2] == ([1, 3], [1, 3]), sc
+    assert sc[(0.5, 1.0)][:2] == ([], [1, 3]), sc
+    assert sc[(0.0, 0.5)][:2] == ([1, 3], []), sc
+    for window, (_, _, err) in sc.items():
+        assert 0 < err < 0.3, (window, err)
+    assert sc[(0.5, 1.0)][2] < sc[(0.0, 1.0)][2] and sc[(0.0, 0.5)][2] < sc[(0.0, 1.0)][2]
+
+
+# lightx2v's Wan 2.2 A14B 4-step LoRAs, one per model, as ComfyUI's templates name them
+LIGHTX2V = {"high": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors", "low": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def loras(comfy_host, pair, tmp):
+    """The two lightx2v-format LoRAs (different seeds) and a kohya one, in a tmp folder ComfyUI's LoraLoader lists."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    high, _ = pair("t2v_14b")
+    folder = tmp / "loras"
+    folder.mkdir(exist_ok=True)
+    names = dict(LIGHTX2V, style="wan_style_kohya.safetensors")
+    for (key, name), (fmt, seed) in zip(names.items(), (("lightx2v", 1), ("lightx2v", 2), ("kohya", 3))):
+        save_file(dit_tiny.make_lora(high, "wan", fmt, seed=seed, rank=4), str(folder / name))
+    folder_paths.add_model_folder_path("loras", str(folder))
+    return folder, names
+
+
+def _loraloader(model, folder, name, strength):
+    import comfy.sd
+    import comfy.utils
+
+    return comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(folder / name), safe_load=True), strength, 0)[0]
+
+
+def test_14b_split_hotswap_on_both_compiled_models_equals_loraloader_without_recompiles(comfy_host, comfy_adapter, accel, pair, loras):
+    """LoRA Hot-Swap on both compiled models, each its own lightx2v LoRA, sampled as the lightx2v templates do
+    (4 steps split 2 + 2, CFG 1): equal to ComfyUI's LoraLoader on each, one compiled graph for both models
+    over the swaps, and the models' weights back bit for bit."""
+    high, low = pair("t2v_14b")
+    folder, names = loras
+    before = [dit_tiny.weights(m) for m in (high, low)]
+    runs = ((("high", 1.0), ("low", 1.0)), (("style", 0.7), ("low", 0.5)))  # a second run swaps the high model's LoRA, re-weights the low's
+    refs = [_split(_loraloader(high, folder, names[a], sa), _loraloader(low, folder, names[b], sb), "t2v_14b", cfg=1.0)
+            for (a, sa), (b, sb) in runs]
+    assert harness.rel_err(refs[0], _split(high, low, "t2v_14b", cfg=1.0)) > 1e-3  # the LoRAs change the result
+    _fresh_dynamo()
+    ch, cl = _compile(comfy_adapter, accel, high), _compile(comfy_adapter, accel, low)
+    hotswap = comfy_host.node("SDAccelLoRAHotSwap")
+    for ((a, sa), (b, sb)), ref in zip(runs, refs):
+        out = _split(hotswap.apply(ch, names[a], sa)[0], hotswap.apply(cl, names[b], sb)[0], "t2v_14b", cfg=1.0)
+        assert harness.rel_err(out, ref) < 1e-5, (a, b)
+        assert _graphs() == 1 and not _counters()["recompiles"], (_graphs(), dict(_counters()["recompiles"]))
+    _split(high, low, "t2v_14b", cfg=1.0, steps=2)  # the plain models sample: the hot-swapped LoRAs come out
+    for m, w in zip((high, low), before):
+        after = dit_tiny.weights(m)
+        assert all(torch.equal(after[k], w[k]) for k in w)
+
+
+def test_14b_split_fp16_cast_then_compile(comfy_host, comfy_adapter, comfy_cast, accel, pair):
+    """FP16 Cast (bf16) on both models, then Compile Model: near eager, the input models untouched, and the two
+    cast copies (same block structure) share one compiled graph."""
+    high, low = pair("t2v_14b")
+    ref = _split(high, low, "t2v_14b")
+    castmod = comfy_host.pack_module("accel_core.casting")
+    cast = [comfy_cast.apply_cast(m, castmod.CastConfig(dtype="bf16", channels_last=False)) for m in (high, low)]
+    for c, m in zip(cast, (high, low)):
+        assert c.get_model_object("diffusion_model").blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+        assert m.get_model_object("diffusion_model").blocks[0].self_attn.q.weight.dtype == torch.float32
+    out = _split(*cast, "t2v_14b")
+    assert harness.rel_err(out, ref) < 0.1  # bf16 rounding
+    _fresh_dynamo()
+    compiled = [_compile(comfy_adapter, accel, c) for c in cast]
+    assert harness.rel_err(_split(*compiled, "t2v_14b"), out) < 1e-2
+    assert _graphs() == 1 and not _counters()["recompiles"]
+
+
+# --- Wan 2.2 TI2V 5B (per-frame timesteps) and Wan 2.1 I2V (image concat + CLIP features) ----------
+
+def _timestep_shapes(model):
+    """A clone of `model` that records the timestep shape each model call hands the diffusion model."""
+    m, seen = model.clone(), []
+
+    def record(apply_model, a):
+        seen.append(tuple(m.model.process_timestep(a["timestep"], x=a["input"], **a["c"]).shape) if hasattr(m.model, "process_timestep")
+                    else tuple(a["timestep"].shape))
+        return apply_model(a["input"], a["timestep"], **a["c"])
+
+    m.set_model_unet_function_wrapper(record)
+    return m, seen
+
+
+@pytest.mark.parametrize("variant", ["ti2v_5b", "i2v_21"])
+def test_image_to_video_compile_and_step_cache(comfy_host, comfy_adapter, accel, pair, stepcache_stats, variant):
+    """TI2V 5B: ComfyUI detects Wan 2.2 5B (WAN22), and Wan22ImageToVideoLatent's start image makes every call's
+    timestep one per latent frame (the first frame, the image, at 0). Wan 2.1 I2V: the image latent and mask are
+    concatenated to the input and CLIP features join the text. Compile equals eager with one graph and none new
+    on a second run; the Step Cache caches the scheduled steps near eager and leaves the image frame as given."""
+    import comfy.model_base
+
+    model, _ = pair(variant)
+    pos, neg, latent = _inputs(variant)
+    ref = _one(model, variant)
+    if variant == "ti2v_5b":
+        assert type(model.model) is comfy.model_base.WAN22 and type(model.model.model_config).__name__ == "WAN22_T2V"
+        probe, shapes = _timestep_shapes(model)
+        _one(probe, variant, steps=1)
+        frames = latent["samples"].shape[2]
+        assert shapes and all(s == (2, frames) for s in shapes), shapes  # cond + uncond batched, one timestep per frame
+        assert torch.allclose(ref[:, :, :1], latent["samples"][:, :, :1], atol=1e-5)  # the start image's frame is kept (up to the latent format's round trip)
+    else:
+        assert model.get_model_object("diffusion_model").img_emb is not None
+    _fresh_dynamo()
+    compiled = _compile(comfy_adapter, accel, model)
+    out = _one(compiled, variant)
+    assert harness.rel_err(out, ref) < 1e-5
+    graphs = _graphs()
+    assert graphs == 1, graphs
+    assert torch.equal(_one(compiled, variant), out) and _graphs() == graphs and not _counters()["recompiles"]
+    steps = 6
+    ref6 = _one(model, variant, steps=steps)
+    cached = _one(harness.step_cache(comfy_host, compiled, interval=3), variant, steps=steps)
+    assert stepcache_stats[-1]["cached_steps"] == [1, 2, 4, 5], stepcache_stats[-1]
+    assert 0 < harness.rel_err(cached, ref6) < 0.3
+    assert _graphs() == graphs and not _counters()["recompiles"]  # the step cache calls the same compiled block
+    if variant == "ti2v_5b":
+        assert torch.allclose(cached[:, :, :1], latent["samples"][:, :, :1], atol=1e-5)

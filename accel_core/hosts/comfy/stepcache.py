@@ -7,8 +7,10 @@
   `StepCacheRun.block`, which runs the block (through any replacement that was there before
   ours) or stands in for it.
 - OUTER_SAMPLE ("sd_accel.stepcache"): a fresh `StepCacheRun` per sampling run, in a per-run
-  copy of the model options (ComfyUI's EasyCache pattern), told the run's sigmas; finished at
-  the end (one summary line, a `stepcache_stats` event).
+  copy of the model options (ComfyUI's EasyCache pattern), told the run's sigmas and where they lie
+  in the whole schedule (runs.schedule_span: a KSamplerAdvanced stage covers part of it, and the
+  start/end window means the same points of the denoising in every stage); finished at the end
+  (one summary line, a `stepcache_stats` event).
 
 A UNet (SD1.x/SD2.x/SDXL) has no block hooks: it is cut at a skip connection by DeepCache's host
 over the same runtime (`deepcaching.unet_cut`: front_blocks - 1 is the depth).
@@ -29,8 +31,8 @@ from .model import check_model, wrappers_mp
 from .runs import run_per_sampling
 
 
-def _begin(run, sigmas):
-    run.begin(sigmas.detach().flatten().float().cpu().tolist() if sigmas is not None else None)
+def _begin(run, sigmas, span):
+    run.begin(sigmas.detach().flatten().float().cpu().tolist() if sigmas is not None else None, span=span)
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
