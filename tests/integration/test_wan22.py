@@ -262,6 +262,22 @@ def test_14b_split_hotswap_on_both_compiled_models_equals_loraloader_without_rec
         assert all(torch.equal(after[k], w[k]) for k in w)
 
 
+def test_lcm_lora_sampler_with_one_half_of_a_wan22_a14b_pair_samples_that_model_and_warns_with_the_recipe(comfy_host, pair, loras, caplog):
+    """The LCM-LoRA Sampler is one sampler over one model, so it cannot run the 14B split; with a high-noise
+    lightx2v half it samples that model with the lightx2v settings and says how to run the pair."""
+    import logging
+
+    high, _ = pair("t2v_14b")
+    _, names = loras
+    pos, neg, latent = _inputs("t2v_14b")
+    with caplog.at_level(logging.INFO), torch.inference_mode():
+        out = comfy_host.node("SDAccelLCMLoRASampler").sample(high, pos, neg, latent, names["high"], 1.0, 42, 4, 1.5, 1.0, lora_settings=True)
+    assert torch.isfinite(out[0]["samples"]).all()
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "A14B pair" in r.getMessage()]
+    assert warn and "LoRA Hot-Swap" in warn[0] and "KSamplerAdvanced" in warn[0], warn
+    assert any("high-noise half: 4 steps, CFG 1, lcm / simple, shift 5" in r.getMessage() for r in caplog.records)
+
+
 def test_14b_split_fp16_cast_then_compile(comfy_host, comfy_adapter, comfy_cast, accel, pair):
     """FP16 Cast (bf16) on both models, then Compile Model: near eager, the input models untouched, and the two
     cast copies (same block structure) share one compiled graph."""
@@ -325,7 +341,7 @@ def test_image_to_video_compile_and_step_cache(comfy_host, comfy_adapter, accel,
     steps = 6
     ref6 = _one(model, variant, steps=steps)
     cached = _one(harness.step_cache(comfy_host, compiled, interval=3), variant, steps=steps)
-    assert stepcache_stats[-1]["cached_steps"] == [1, 2, 4, 5], stepcache_stats[-1]
+    assert stepcache_stats[-1]["cached_steps"] == [1, 2, 4, 5] and stepcache_stats[-1]["span"] == [0.0, 1.0], stepcache_stats[-1]
     assert 0 < harness.rel_err(cached, ref6) < 0.3
     assert _graphs() == graphs and not _counters()["recompiles"]  # the step cache calls the same compiled block
     if variant == "ti2v_5b":
