@@ -238,23 +238,33 @@ def _loraloader(model, folder, name, strength):
     return comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(folder / name), safe_load=True), strength, 0)[0]
 
 
-def test_14b_split_hotswap_on_both_compiled_models_equals_loraloader_without_recompiles(comfy_host, comfy_adapter, accel, pair, loras):
+def test_14b_split_hotswap_on_both_compiled_models_equals_loraloader_without_recompiles(comfy_host, comfy_adapter, accel, pair, loras,
+                                                                                      stepcache_stats):
     """LoRA Hot-Swap on both compiled models, each its own lightx2v LoRA, sampled as the lightx2v templates do
-    (4 steps split 2 + 2, CFG 1): equal to ComfyUI's LoraLoader on each, one compiled graph for both models
-    over the swaps, and the models' weights back bit for bit."""
+    (4 steps split 2 + 2, CFG 1): equal to ComfyUI's LoraLoader on each; then the whole stack (Compile Model ->
+    Step Cache -> LoRA Hot-Swap on both) with the high model's LoRA swapped and the low's re-weighted, equal to
+    the Step Cache over LoraLoader. One compiled graph for both models over all of it, and the models'
+    weights back bit for bit."""
     high, low = pair("t2v_14b")
     folder, names = loras
     before = [dit_tiny.weights(m) for m in (high, low)]
-    runs = ((("high", 1.0), ("low", 1.0)), (("style", 0.7), ("low", 0.5)))  # a second run swaps the high model's LoRA, re-weights the low's
-    refs = [_split(_loraloader(high, folder, names[a], sa), _loraloader(low, folder, names[b], sb), "t2v_14b", cfg=1.0)
-            for (a, sa), (b, sb) in runs]
+    # (high LoRA, strength), (low LoRA, strength), Step Cache (rolling interval 2: step 1 of each 2-step stage cached)
+    runs = ((("high", 1.0), ("low", 1.0), False), (("style", 0.7), ("low", 0.5), True))
+
+    def cache(m, on):
+        return harness.step_cache(comfy_host, m, interval=2) if on else m
+
+    refs = [_split(cache(_loraloader(high, folder, names[a], sa), on), cache(_loraloader(low, folder, names[b], sb), on), "t2v_14b", cfg=1.0)
+            for (a, sa), (b, sb), on in runs]
     assert harness.rel_err(refs[0], _split(high, low, "t2v_14b", cfg=1.0)) > 1e-3  # the LoRAs change the result
     _fresh_dynamo()
     ch, cl = _compile(comfy_adapter, accel, high), _compile(comfy_adapter, accel, low)
     hotswap = comfy_host.node("SDAccelLoRAHotSwap")
-    for ((a, sa), (b, sb)), ref in zip(runs, refs):
-        out = _split(hotswap.apply(ch, names[a], sa)[0], hotswap.apply(cl, names[b], sb)[0], "t2v_14b", cfg=1.0)
-        assert harness.rel_err(out, ref) < 1e-5, (a, b)
+    for ((a, sa), (b, sb), on), ref in zip(runs, refs):
+        out = _split(hotswap.apply(cache(ch, on), names[a], sa)[0], hotswap.apply(cache(cl, on), names[b], sb)[0], "t2v_14b", cfg=1.0)
+        assert harness.rel_err(out, ref) < 1e-5, (a, b, on)
+        if on:
+            assert [s["cached_steps"] for s in stepcache_stats[-2:]] == [[1], [1]], stepcache_stats[-2:]
         assert _graphs() == 1 and not _counters()["recompiles"], (_graphs(), dict(_counters()["recompiles"]))
     _split(high, low, "t2v_14b", cfg=1.0, steps=2)  # the plain models sample: the hot-swapped LoRAs come out
     for m, w in zip((high, low), before):
