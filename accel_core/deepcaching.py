@@ -66,12 +66,14 @@ class DeepCacheConfig:
     cache_depth: int = option(0, "Which skip connection cuts off the cached deep branch, from the shallowest (0, fastest) down; "
                               "SD1.x/SD2.x have 0-11, SDXL 0-8. Higher keeps more quality.", label="DeepCache depth", min=0, max=11, step=1,
                               per_model=True)  # check_depth holds it to the UNet's own skips
-    start_percent: float = option(0.0, "Fraction of the run's steps after which caching may start; earlier steps always run in full.",
+    start_percent: float = option(0.0, "Point of the denoising (0 = pure noise, 1 = clean) after which caching may start; earlier steps "
+                                  "always run in full. A point of the whole schedule: a sampler that runs part of it (KSamplerAdvanced, "
+                                  "a refiner stage, denoise < 1) caches only where its steps fall in the window.",
                                   label="DeepCache start", min=0.0, max=1.0, step=0.01,
                                   hosts={"webui": {"label": "Cache start", "help": "Fraction of the run's steps after which caching may start "
                                                    "(DeepCache on SD UNets, Step Cache on DiT models); earlier steps always run in full."}})
-    end_percent: float = option(1.0, "Fraction of the run's steps after which caching stops; later steps run in full (raise detail at the "
-                                "end by lowering it).", label="DeepCache end", min=0.0, max=1.0, step=0.01,
+    end_percent: float = option(1.0, "Point of the denoising (0 = pure noise, 1 = clean) after which caching stops; later steps run in "
+                                "full (raise detail at the end by lowering it). A point of the whole schedule, as start_percent.", label="DeepCache end", min=0.0, max=1.0, step=0.01,
                                 hosts={"webui": {"label": "Cache end", "help": "Fraction of the run's steps after which caching stops "
                                                  "(DeepCache on SD UNets, Step Cache on DiT models); later steps run in full."}})
     schedule: str = option("uniform", "uniform: a full step every N steps. non-uniform: as many full steps, packed where the features change "
@@ -186,11 +188,11 @@ class DeepCacheRunner:
         return self.run.running
 
     # -- run boundaries -----------------------------------------------------------------
-    def begin(self, schedule: Sequence[float] = (), n_steps: int | None = None) -> "DeepCacheRunner":
+    def begin(self, schedule: Sequence[float] = (), n_steps: int | None = None, span: tuple[float, float] = (0.0, 1.0)) -> "DeepCacheRunner":
         """Start a run over `schedule` (decreasing sigmas or timesteps, `n_steps` its length unless given;
-        empty: the host gives it on the first call)."""
+        empty: the host gives it on the first call); `span`: the part of the whole schedule it covers (StepCacheRun.begin)."""
         schedule = list(schedule)
-        self.run.begin(schedule, len(schedule) if n_steps is None else n_steps)
+        self.run.begin(schedule, len(schedule) if n_steps is None else n_steps, span)
         self._counter = None
         return self
 

@@ -15,6 +15,9 @@ Settings (the publishers' recommendations):
   exponential shift of log(3), i.e. flow shift 3.
 - Wan 2.x lightx2v step/CFG-distill LoRAs (also Wan2.2-Lightning): 4 steps, CFG 1, shift 5; the
   distilled scheduler re-noises after every step, which is ComfyUI's "lcm" sampler on a flow model.
+  Wan 2.2 A14B's come in high-/low-noise pairs for its two models, sampled 2 + 2 steps by two
+  KSamplerAdvanced: one sampler over one model cannot do that, so the node samples the one model
+  and warns with the recipe for the pair (LoRA Hot-Swap on each model).
 - Hyper-FLUX.1-dev (ByteDance Hyper-SD): 8 or 16 steps at LoRA strength 0.125, CFG 1 (Flux guidance 3.5).
 - FLUX.1-Turbo-Alpha (alimama-creative): 8 steps, CFG 1 (Flux guidance 3.5), strength 1.
 """
@@ -39,6 +42,7 @@ class FewStep:
     scheduler: str
     shift: float | None = None  # flow shift to sample with (None: the model's own)
     strength: float = 1.0  # the LoRA strength it was made for
+    note: str = ""  # what the sampler warns about (a LoRA made for one model of a pair)
 
 
 _STEPS = re.compile(r"(\d+)[\s_-]*steps?")
@@ -59,9 +63,21 @@ def _qwen(text):
     return None
 
 
+# Wan 2.2 A14B's LoRAs come in pairs, one per model: "..._high_noise", "..._HIGH_fp16" (lower-cased here).
+_WAN22_HALF = re.compile(r"(high|low)[\s_-]?noise|[_-](high|low)[_-]fp\d")
+
+
 def _wan(text):
     if any(k in text for k in ("lightx2v", "stepdistill", "step_distill", "step-distill", "cfg_distill", "lightning")):
-        return FewStep("Wan lightx2v 4-step (step/CFG distill)", "wan", 4, 1.0, "lcm", "simple", shift=5.0)
+        half = _WAN22_HALF.search(text)
+        if half is None:
+            return FewStep("Wan lightx2v 4-step (step/CFG distill)", "wan", 4, 1.0, "lcm", "simple", shift=5.0)
+        which = half.group(1) or half.group(2)
+        steps = "the first 2 steps (0-2, return_with_leftover_noise)" if which == "high" else "the last 2 (2-4, add_noise off)"
+        return FewStep(f"Wan 2.2 A14B lightx2v 4-step, {which}-noise half", "wan", 4, 1.0, "lcm", "simple", shift=5.0,
+                       note=f"this LoRA is the {which}-noise half of a Wan 2.2 A14B pair: this node samples every step with this one "
+                            f"model. For the pair, put LoRA Hot-Swap with each half on its model (ModelSamplingSD3 shift 5) and sample "
+                            f"with two KSamplerAdvanced, 4 steps at CFG 1, the {which}-noise one running {steps}.")
     return None
 
 

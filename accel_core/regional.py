@@ -8,7 +8,10 @@ callable takes the block's call as an argument (`original(args)`, the host's own
 closure and all): with dynamo's `inline_inbuilt_nn_modules` (default since torch 2.5) a block's
 parameters are graph inputs and nothing is guarded on which block it is, so N identical blocks
 share one compiled frame. Each kind gets a code object of its own, so two kinds never evict
-each other's entries as recompiles.
+each other's entries as recompiles. Models whose blocks have the same structure (class,
+parameter names, shapes and dtypes) share that callable too: Wan 2.2 14B's high-noise and
+low-noise models, two checkpoints of one architecture, a LoRA'd or FP16 Cast copy. The second
+model traces nothing the first did not.
 
 A block whose compiled call fails (a conversion error, never an error of the run itself) runs
 eager from then on and is named in the report; the others stay compiled. The host decides which
@@ -21,6 +24,7 @@ import contextlib
 import functools
 import time
 import types
+import weakref
 from typing import Callable
 
 import torch
@@ -46,6 +50,35 @@ def _runner(label: str) -> Callable:
     return types.FunctionType(code, _run_block.__globals__, label)
 
 
+class SharedBlocks:
+    """(block structure, device, config) -> the compiled callable every model with such blocks uses. Weak: an
+    entry goes with the last RegionalCompiled that holds it (and dynamo's cache with its code object).
+    One registry object: SHARED_BLOCKS."""
+
+    def __init__(self):
+        self._by_key: "weakref.WeakValueDictionary[tuple, Callable]" = weakref.WeakValueDictionary()
+
+    def get(self, key: tuple, make: Callable[[str], Callable]) -> Callable:
+        fn = self._by_key.get(key)
+        if fn is None:
+            fn = self._by_key[key] = make(f"sd_accel_block_{len(self._by_key)}")
+        return fn
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+
+SHARED_BLOCKS = SharedBlocks()
+
+
+def _structure(block: nn.Module) -> tuple:
+    """What dynamo's guards on a block's tensors see (its class, tensor names, shapes, dtypes): blocks
+    alike in these run one compiled callable without a recompile, whichever model they belong to."""
+    cls = type(block)
+    return (cls.__module__, cls.__qualname__, block.training,
+            tuple((n, tuple(t.shape), t.dtype) for n, t in (*block.named_parameters(), *block.named_buffers())))
+
+
 class RegionalCompiled(DiskCacheUser):
     """One model's blocks, compiled per block kind. Lives on the model (registry), shared by its clones."""
 
@@ -67,6 +100,7 @@ class RegionalCompiled(DiskCacheUser):
             for i, block in enumerate(mods):
                 self.targets[(bl.patch, i)] = (f"{bl.attr}:{type(unwrap(block)).__name__}", f"{bl.attr}.{i}")
         self.kinds = sorted({k for k, _ in self.targets.values()})
+        self._shared_keys = {k: (_structure(groups[k][0][1]), self._device.type, backend.name, config) for k in self.kinds}
         n = sum(len(groups[k]) for k in self.kinds)
         self.report = CompileReport(config.backend, backend.name, config.mode,
                                     f"{describe(module)} [regional: {n} blocks in {len(self.kinds)} kinds]")
@@ -97,7 +131,7 @@ class RegionalCompiled(DiskCacheUser):
         t0 = time.perf_counter()
         try:
             if fn is None:
-                fn = self._compiled[kind] = self.backend.compile(_runner(f"sd_accel_block_{len(self._compiled)}"), None, self.config)
+                fn = self._compiled[kind] = self._shared(kind)
             out = fn(original, args)
         except Exception as e:
             if is_run_error(e) or not self.config.fallback:
@@ -120,6 +154,10 @@ class RegionalCompiled(DiskCacheUser):
             self._noted.add(key)
             logger.info("SD Accel Compile: another node patches the attention inside the blocks (%s, e.g. ComfyUI's Flux KV "
                         "Cache); the blocks of such calls run as ComfyUI's own code, uncompiled.", ", ".join(patches))
+
+    def _shared(self, kind: str) -> Callable:
+        """The compiled callable of block kind `kind`: the one models with the same blocks already use, or a new one."""
+        return SHARED_BLOCKS.get(self._shared_keys[kind], lambda label: self.backend.compile(_runner(label), None, self.config))
 
     def _on_failure(self, name: str, e: Exception):
         self.failed[name] = self.report.fallbacks[name] = short_error(e)

@@ -46,7 +46,7 @@ from . import events
 from .errors import SDAccelError, check_range, choice_error
 from .log import logger
 from .options import check_declared, option
-from .stepplan import plan
+from .stepplan import in_window, plan
 
 MODES = ("fixed", "adaptive", "forecast")
 CFG_MODES = ("separate", "shared")
@@ -65,7 +65,8 @@ class StepCacheConfig:
         back_blocks: blocks that always run after the cached middle.
         threshold: adaptive: cache while the front residual's relative change since the last full call is below it.
         max_cached: adaptive: at most this many cached calls in a row (0 turns the cache off).
-        start_percent, end_percent: the part of the run (fraction of its steps) in which calls may be cached.
+        start_percent, end_percent: the part of the whole denoising schedule (0: pure noise, 1: clean) in which
+            calls may be cached; a run that covers only part of the schedule is placed in it (`StepCacheRun.begin`'s span).
         cfg: "separate" (one cache per cond/uncond composition) or "shared" (one for all calls of a shape).
         schedule: fixed/forecast: "rolling" (a full call `interval` steps after the lane's last one),
             "uniform" / "non-uniform" (DeepCache's plans: `plan`).
@@ -85,9 +86,12 @@ class StepCacheConfig:
                               min=0.0, max=10.0, step=0.005, hosts={"webui": {"max": 1.0}})  # a slider: 0.05-0.3 is typical
     max_cached: int = option(3, "adaptive: at most this many cached steps in a row, a bound on drift; 0 turns the cache off.",
                              label="Step Cache max cached in a row", min=0, max=50, step=1)
-    start_percent: float = option(0.0, "Steps before this fraction of the run always run in full (the layout forms early).",
+    start_percent: float = option(0.0, "Steps before this point of the denoising (0 = pure noise, 1 = clean) always run in full (the "
+                                  "layout forms early). It is a point of the whole schedule: a sampler that runs part of it (KSamplerAdvanced, "
+                                  "Wan 2.2's two stages, denoise < 1) caches only where its steps fall in the window.",
                                   label="Step Cache start", min=0.0, max=1.0, step=0.01)
-    end_percent: float = option(1.0, "Steps after this fraction of the run always run in full (lower it to keep the last details exact).",
+    end_percent: float = option(1.0, "Steps after this point of the denoising (0 = pure noise, 1 = clean) always run in full (lower it to "
+                                "keep the last details exact). A point of the whole schedule, as start_percent.",
                                 label="Step Cache end", min=0.0, max=1.0, step=0.01)
     cfg: str = option("separate", "separate: cond and uncond keep their own caches (safe). shared: one cache; when ComfyUI runs cond and "
                       "uncond apart, uncond reuses cond's cached change of the same step (faster, less exact; not where their shapes "
@@ -110,7 +114,7 @@ class StepCacheConfig:
                 raise SDAccelError(f"SD Accel Step Cache: {name} must be a whole number >= {lo}, found {v!r}.")
         check_range("Step Cache", "threshold", self.threshold, 0.0, 10.0, "It is a relative change: 0.05-0.3 is typical.")
         for name in ("start_percent", "end_percent"):
-            check_range("Step Cache", name, getattr(self, name), 0.0, 1.0, "It is a fraction of the run's steps.")
+            check_range("Step Cache", name, getattr(self, name), 0.0, 1.0, "It is a point of the denoising schedule (0 = pure noise, 1 = clean).")
         if self.start_percent >= self.end_percent:
             raise SDAccelError(f"SD Accel Step Cache: start_percent ({self.start_percent}) must be below end_percent ({self.end_percent}).")
         if self.mode == "adaptive" and self.front_blocks < 1:
@@ -279,6 +283,7 @@ class StepCacheRun:
         self.config, self.cuts, self.owner = config, cuts, owner
         self.schedule: list[float] = []
         self.n_steps = 0
+        self.span = (0.0, 1.0)  # the part of the whole denoising schedule this run covers (stepplan)
         self.full: list[bool] = []  # the uniform / non-uniform plan of this run
         self.disabled: str | None = None
         self.lanes: dict[object, Lane] = {}
@@ -294,11 +299,14 @@ class StepCacheRun:
         return self.fresh()
 
     # -- run boundaries --------------------------------------------------------------------
-    def begin(self, sigmas=None, n_steps: int | None = None) -> "StepCacheRun":
-        """Start a run over `sigmas` (decreasing; `n_steps` defaults to one less: sigmas end with the last one)."""
+    def begin(self, sigmas=None, n_steps: int | None = None, span: tuple[float, float] = (0.0, 1.0)) -> "StepCacheRun":
+        """Start a run over `sigmas` (decreasing; `n_steps` defaults to one less: sigmas end with the last one).
+        `span`: where its first and last sigma lie in the whole denoising schedule (0: pure noise, 1: clean),
+        for a run that covers part of it (a host that can tell; the start/end window is placed by it)."""
         self.schedule = [float(s) for s in sigmas] if sigmas is not None else []
         self.n_steps = max(len(self.schedule) - 1, 0) if n_steps is None else n_steps
-        self.full = plan(self.n_steps, self.config) if self.config.schedule != "rolling" else []
+        self.span = (float(span[0]), float(span[1]))
+        self.full = plan(self.n_steps, self.config, self.span) if self.config.schedule != "rolling" else []
         self.lanes, self.call, self.log, self.running, self.disabled = {}, None, [], True, None
         self.kept.clear()
         return self
@@ -318,7 +326,7 @@ class StepCacheRun:
         blocks = len(self.cuts.points) if self.cuts else 0
         skipped = cached * (self.cuts.cached_blocks if self.cuts else 0)
         return {"calls": total, "cached": cached, "full": total - cached, "mode": c.mode, "cfg": c.cfg,
-                "cached_steps": [e["step"] for e in self.log if e["cached"]], "lanes": len(self.lanes),
+                "cached_steps": [e["step"] for e in self.log if e["cached"]], "lanes": len(self.lanes), "span": list(self.span),
                 "block_fraction": 1.0 - skipped / (blocks * total) if blocks and total else 1.0}
 
     def finish(self, report: bool = True) -> dict:
@@ -352,7 +360,7 @@ class StepCacheRun:
     def _in_window(self, step: int) -> bool:
         if self.n_steps < 1:  # no schedule known: the window cannot be placed, every call may cache
             return True
-        return self.config.start_percent <= step / self.n_steps < self.config.end_percent
+        return in_window(step, self.n_steps, self.config, self.span)
 
     def wants_full(self, step: int, last_full: int | None = None) -> bool:
         """The step decision: True where every block must run at `step` (adaptive then measures on the rest);

@@ -1,5 +1,10 @@
 """The plans of the step cache's "uniform" and "non-uniform" fixed schedules (DeepCache's): which steps
-of a run of known length run every block. `config` is a StepCacheConfig (interval, window, schedule)."""
+of a run of known length run every block. `config` is a StepCacheConfig (interval, window, schedule).
+
+The window (`start_percent`..`end_percent`) is a part of the whole denoising schedule (0: pure
+noise, 1: clean). A run covers `span` of it: (0, 1) for an ordinary run; less when a sampler runs
+part of a schedule (ComfyUI's KSamplerAdvanced start/end steps, Wan 2.2 14B's high- and low-noise
+stages, denoise < 1), where the host places the run by its first and last sigma."""
 from __future__ import annotations
 
 import math
@@ -26,12 +31,22 @@ def _nonuniform(m: int, k: int) -> list[int]:
     return list(range(0, m, math.ceil(m / k)))[:k]
 
 
-def plan(n: int, config) -> list[bool]:
-    """For a run of `n` steps: True where every block runs, False where the middle may be cached
-    (the "uniform" / "non-uniform" schedules; the window's first step runs in full)."""
+def position(step: int, n: int, span: tuple[float, float] = (0.0, 1.0)) -> float:
+    """Where step `step` of a run of `n` steps that covers `span` of the schedule lies in the whole schedule."""
+    a, b = span
+    return round(a + (b - a) * step / n, 6) if n > 0 else a
+
+
+def in_window(step: int, n: int, config, span: tuple[float, float] = (0.0, 1.0)) -> bool:
+    return config.start_percent <= position(step, n, span) < config.end_percent
+
+
+def plan(n: int, config, span: tuple[float, float] = (0.0, 1.0)) -> list[bool]:
+    """For a run of `n` steps over `span` of the schedule: True where every block runs, False where the
+    middle may be cached (the "uniform" / "non-uniform" schedules; the window's first step runs in full)."""
     if not config.enabled or n <= 0:
         return [True] * max(n, 0)
-    window = [i for i in range(n) if config.start_percent <= i / n < config.end_percent]
+    window = [i for i in range(n) if in_window(i, n, config, span)]
     full = [True] * n
     if not window:
         return full
@@ -47,4 +62,4 @@ def plan(n: int, config) -> list[bool]:
     return full
 
 
-__all__ = ["plan", "NONUNIFORM_CENTER", "NONUNIFORM_POW"]
+__all__ = ["plan", "position", "in_window", "NONUNIFORM_CENTER", "NONUNIFORM_POW"]

@@ -43,3 +43,16 @@ def test_a_lightning_name_on_another_family_is_not_enough(tmp_path):
 def test_family_without_few_step_loras(tmp_path):
     with pytest.raises(SDAccelError, match="no few-step LoRA is known for Z-Image.*distilled checkpoint"):
         recognise("zimage", "Z-Image", _file(tmp_path, "zimage_turbo_lora.safetensors"))
+
+
+@pytest.mark.parametrize("name,half", [
+    ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors", "high"),
+    ("wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors", "low"),
+    ("Wan2.2-Lightning_T2V-A14B-4steps-lora_HIGH_fp16.safetensors", "high"),
+    ("Wan2.2-Lightning_T2V-A14B-4steps-lora_LOW_fp16.safetensors", "low"),
+])
+def test_a_wan22_a14b_half_is_named_and_carries_the_recipe_for_the_pair(tmp_path, name, half):
+    fs = recognise("wan", "Wan", _file(tmp_path, name))
+    assert fs.name == f"Wan 2.2 A14B lightx2v 4-step, {half}-noise half" and (fs.steps, fs.cfg, fs.shift) == (4, 1.0, 5.0)
+    assert f"{half}-noise half of a Wan 2.2 A14B pair" in fs.note and "two KSamplerAdvanced" in fs.note
+    assert not recognise("wan", "Wan", _file(tmp_path, "lightx2v_T2V_14B_cfg_step_distill_v2_lora_rank64_bf16.safetensors")).note

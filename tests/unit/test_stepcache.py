@@ -222,6 +222,35 @@ def test_window_start_rolling_counts_the_full_steps_before_it_uniform_starts_ful
     assert run.finish()["cached_steps"] == cached
 
 
+@pytest.mark.parametrize("schedule", ["rolling", "uniform"])
+def test_the_window_is_a_part_of_the_whole_schedule_for_runs_that_cover_part_of_it(schedule):
+    """Two runs that split 8 steps 4 + 4 (Wan 2.2 14B's high- and low-noise stages) with the window 0.25..0.75:
+    the same steps of the whole schedule may cache as in one run of 8 steps; each stage's first step runs in full."""
+    sig = [1.0 - i / 8 for i in range(9)]
+    kw = dict(mode="fixed", interval=2, start_percent=0.25, end_percent=0.75, schedule=schedule)
+    toy = Toy()
+    whole = make_run(toy, n_steps=8, **kw)
+    for step in range(8):
+        toy.forward(*inputs(step), step, whole, sigma=sig[step])
+    one = whole.finish()["cached_steps"]
+    staged = []
+    for first, span in ((0, (0.0, 0.5)), (4, (0.5, 1.0))):
+        cfg = StepCacheConfig(**kw)
+        run = StepCacheRun(cfg, Cuts(toy.points, 1, 0)).begin(sig[first:first + 5], span=span)
+        for step in range(4):
+            toy.forward(*inputs(first + step), step, run, sigma=sig[first + step])
+        stats = run.finish()
+        assert stats["span"] == list(span)
+        staged += [first + s for s in stats["cached_steps"]]
+    # The window is steps 2..5 of 8 either way. Rolling: full 0, 1 (before it), cached 2, full 3, ...; in two stages
+    # the second stage's first step (4) runs in full (nothing is kept yet), so 5 caches. Uniform: full 2, 4; cached 3, 5.
+    assert one == ([2, 4] if schedule == "rolling" else [3, 5]), one
+    assert staged == ([2, 5] if schedule == "rolling" else [3, 5]), staged
+    from sd_accel.accel_core.stepplan import plan, position
+
+    assert position(2, 4, (0.5, 1.0)) == 0.75 and plan(4, StepCacheConfig(**kw), (0.5, 1.0)) == [True, False, True, True]
+
+
 def test_planned_schedules_cache_every_call_of_the_planned_steps_and_no_other():
     from sd_accel.accel_core.stepplan import plan
 

@@ -77,9 +77,9 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
     return WrapperExecutor.new_class_executor(path, unet, chain, after).execute(*args, **kwargs)
 
 
-def _begin(runner, sigmas):
+def _begin(runner, sigmas, span):
     if sigmas is not None:
-        runner.begin(_floats(sigmas), len(sigmas) - 1)
+        runner.begin(_floats(sigmas), len(sigmas) - 1, span)
     else:
         runner.begin()  # the schedule comes from transformer_options["sample_sigmas"] on the first call
 

@@ -71,6 +71,8 @@ def fewstep_sample(model, positive, negative, latent_image, path: str, seed: int
     m = fewstep_clone(model, path, config.strength, fs)
     if unique_id is not None:
         comfy_events.track(m, "lcm", unique_id, source=model)
+    if fs.note:
+        logger.warning("SD Accel LCM-LoRA Sampler: %s", fs.note)
     logger.info("SD Accel LCM-LoRA Sampler: %s: %d steps, CFG %g, %s / %s%s, LoRA strength %g.", fs.name, steps, cfg, fs.sampler,
                 fs.scheduler, f", shift {fs.shift:g}" if fs.shift is not None else "", fs.strength * config.strength)
     out = nodes.common_ksampler(m, seed, steps, cfg, fs.sampler, fs.scheduler, positive, negative, latent_image,

@@ -7,8 +7,10 @@
   `StepCacheRun.block`, which runs the block (through any replacement that was there before
   ours) or stands in for it.
 - OUTER_SAMPLE ("sd_accel.stepcache"): a fresh `StepCacheRun` per sampling run, in a per-run
-  copy of the model options (ComfyUI's EasyCache pattern), told the run's sigmas; finished at
-  the end (one summary line, a `stepcache_stats` event).
+  copy of the model options (ComfyUI's EasyCache pattern), told the run's sigmas and where they lie
+  in the whole schedule (runs.schedule_span: a KSamplerAdvanced stage covers part of it, and the
+  start/end window means the same points of the denoising in every stage); finished at the end
+  (one summary line, a `stepcache_stats` event).
 - APPLY_MODEL (same key): a call with a ControlNet's output gets a copy of its transformer_options
   that says so (`CONTROLLED`): ComfyUI adds that output between the blocks, so the run stops
   caching (stepcache_route.added_between).
@@ -32,8 +34,8 @@ from .model import check_model, wrappers_mp
 from .runs import run_per_sampling
 
 
-def _begin(run, sigmas):
-    run.begin(sigmas.detach().flatten().float().cpu().tolist() if sigmas is not None else None)
+def _begin(run, sigmas, span):
+    run.begin(sigmas.detach().flatten().float().cpu().tolist() if sigmas is not None else None, span=span)
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
