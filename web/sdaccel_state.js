@@ -183,6 +183,11 @@ function backendLabel(c) {
   return missing ? `${c.backend} (${c.requested} not available)` : c.backend ?? "";
 }
 
+/** Dynamo's graph breaks of a compiled UNet, most frequent first: [[reason, count], ...]. */
+function breakEntries(report) {
+  return Object.entries(report?.graph_breaks ?? {}).sort((a, b) => b[1] - a[1]);
+}
+
 /** The toast for an event, or null. */
 export function toastFor(event, d) {
   const r = d.report ?? {};
@@ -190,9 +195,14 @@ export function toastFor(event, d) {
     case "compile_start":
       return { severity: "info", summary: "SD Accel: compiling the UNet", life: 5000,
         detail: `${d.backend} (${d.mode}) on ${d.target}. The first run is slower while it compiles.` };
-    case "compile_end":
-      return { severity: "success", summary: "SD Accel: UNet compiled", life: 5000,
-        detail: `${backendLabel(r)} (${r.mode}) in ${formatSeconds(r.compile_seconds)}.` };
+    case "compile_end": {
+      const breaks = breakEntries(r);
+      const detail = `${backendLabel(r)} (${r.mode}) in ${formatSeconds(r.compile_seconds)}.`;
+      if (!breaks.length) return { severity: "success", summary: "SD Accel: UNet compiled", life: 5000, detail };
+      const n = breaks.reduce((sum, [, count]) => sum + count, 0);
+      return { severity: "warn", summary: `SD Accel: UNet compiled with ${n} graph break${n === 1 ? "" : "s"}`, life: 12000,
+        detail: [detail, "The code between the graphs runs eager (slower):", ...breaks.slice(0, 3).map(([why, c]) => `${why} (x${c})`)].join("\n") };
+    }
     case "fallback": {
       const kept = eagerEntries(r);
       const summary = r.status === "eager" ? "SD Accel: UNet not compiled, it runs eager"
@@ -268,6 +278,8 @@ export function detailLines(state, max = 4) {
   const lines = [];
   for (const c of Object.values(state.compiles)) {
     if (c.status === "compiling" && c.wholeError) lines.push(`whole UNet failed (${c.wholeError}); compiling block by block`);
+    const breaks = breakEntries(c.report);
+    if (breaks.length) lines.push(`${breaks.reduce((sum, [, n]) => sum + n, 0)} graph break(s): ${breaks[0][0]}`);
     if (c.status !== "partial" && c.status !== "eager") continue;
     if (c.report?.whole_error) lines.push(`whole UNet: ${c.report.whole_error}`);
     for (const [unit, why] of eagerEntries(c.report)) lines.push(`eager ${unit}: ${why}`);

@@ -127,6 +127,13 @@ test("toasts: start, end, eager fallback, DeepCache off; repeats within 30 s are
   assert.notEqual(store.apply("compile_start", start, GRAPH).toast, null);
   const end = store.apply("compile_end", { nodes: NODES, report: report() }, GRAPH).toast;
   assert.deepEqual([end.severity, end.detail], ["success", "inductor (default) in 47 s."]);
+  const broken = S.toastFor("compile_end", { report: report({ graph_breaks: { "call platform.mac_ver": 40, "psutil": 2 } }) });
+  assert.equal(broken.severity, "warn");
+  assert.equal(broken.summary, "SD Accel: UNet compiled with 42 graph breaks");
+  assert.match(broken.detail, /runs eager[\s\S]*call platform.mac_ver \(x40\)\npsutil \(x2\)/);
+  const store2 = new S.StatusStore(c.now);
+  store2.apply("compile_end", { nodes: NODES, report: report({ graph_breaks: { "call platform.mac_ver": 40 } }) }, GRAPH);
+  assert.equal(S.detailLines(store2.get("5"))[0], "40 graph break(s): call platform.mac_ver");
   const eager = S.toastFor("fallback", { report: report({ status: "eager", whole_error: "E: w" }) });
   assert.equal(eager.summary, "SD Accel: UNet not compiled, it runs eager");
   assert.equal(S.toastFor("run_stats", { its: 3 }), null);
