@@ -119,8 +119,10 @@ def test_comfy_fp8_row_loads_the_file_as_the_loaders_fp8_fast(comfy_host, tmp_pa
     from sd_accel.cli.bench import dit, peers
     from sd_accel.cli.bench.comfy import make_inputs
 
-    path = dit.model_file("flux", True, 0, "cpu")
-    model = peers.comfy_fp8(path)
+    _, how = dit.load_model("flux", True, 0, "cpu")
+    if "load_diffusion_model" not in how:
+        pytest.skip(f"this ComfyUI's detection does not load the reduced Flux file ({how}); the row runs on full-size models")
+    model = peers.comfy_fp8(dit.model_file("flux", True, 0, "cpu"))
     dm = model.model.diffusion_model
     assert {v.dtype for k, v in dm.state_dict().items() if k.endswith(".weight") and v.ndim == 2} == {torch.float8_e4m3fn}
     assert model.model.model_config.optimizations.get("fp8") is True
