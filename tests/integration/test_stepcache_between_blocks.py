@@ -85,3 +85,18 @@ def test_a_controlnets_output_turns_caching_off_and_the_run_equals_eager(comfy_h
     assert stepcache_stats[-1]["cached"] == 0 and stepcache_stats[-1]["calls"] == STEPS, stepcache_stats[-1]
     assert torch.equal(out, _sample(controlled, "flux"))
     assert not torch.equal(out, _sample(_model(comfy_host, "flux"), "flux"))  # the control reached the blocks
+
+
+def test_z_images_controlnet_patch_turns_caching_off_through_the_block_hooks(comfy_host, stepcache_stats):
+    """Z-Image's ControlNet (ZImageFunControlnet) patches `double_block` / `noise_refiner`; its blocks reach the
+    Step Cache through BlockHooks, which hand it the call's transformer_options all the same."""
+    import dit_models
+
+    reason = dit_models.available("zimage")
+    if reason:
+        pytest.skip(reason)
+    patched = dit_models.build("zimage", seed=1).clone()
+    patched.set_model_double_block_patch(_reads_and_adds)
+    out = dit_models.sample(harness.step_cache(comfy_host, patched, interval=3), "zimage", steps=STEPS, cfg=2.0, seed=42)
+    assert stepcache_stats[-1]["cached"] == 0 and stepcache_stats[-1]["calls"] == STEPS, stepcache_stats[-1]
+    assert torch.equal(out, dit_models.sample(patched, "zimage", steps=STEPS, cfg=2.0, seed=42))
