@@ -160,13 +160,7 @@ def test_deepcache_generation_follows_forges_denoiser(webui, adapter):
 
 
 def test_an_api_call_with_the_13_values_from_before_the_step_cache_runs_as_before(webui):
-    """An API script written for the 13-value accordion (before the Step Cache's controls) still works:
-    the webui's API fills the other 4 with the accordion's defaults; same image as the 17 values."""
-    sent = accel(deepcache_interval=3, deepcache_depth=1)
-    infotext, img = webui.api_txt2img(sent[:13], steps=9)
-    assert "SD Accel DeepCache: interval=3 depth=1" in infotext
-    p, full = webui.txt2img(sent, steps=9)
-    assert np.array_equal(img, image(full))
+    webui.check_old_api_call(accel(deepcache_interval=3, deepcache_depth=1), "SD Accel DeepCache: interval=3 depth=1")
 
 
 def test_cast_is_left_to_forge(webui):

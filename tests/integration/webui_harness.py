@@ -358,6 +358,17 @@ class Webui:
         res = api.Api(FastAPI(), threading.Lock()).text2imgapi(req)
         return json.loads(res.info)["infotexts"][0], np.asarray(api.decode_base64_to_image(res.images[0])).astype(np.float64)
 
+    def check_old_api_call(self, sent: list, expect: str, steps: int = 9) -> None:
+        """An API script written for the 13-value accordion (before the Step Cache's controls) still works: the
+        webui's API fills the other 4 with the accordion's defaults, the infotext has `expect`, and the image is
+        the 17 values' image."""
+        import numpy as np
+
+        infotext, img = self.api_txt2img(sent[:13], steps=steps)
+        assert expect in infotext, infotext
+        _, full = self.txt2img(sent, steps=steps)
+        assert np.array_equal(img, np.asarray(full.images[0]).astype(np.float64))
+
 
 _booted: dict = {}
 
