@@ -32,8 +32,7 @@ of them. State lives in one `StepCacheRun` per sampling run; a clone of the mode
 none. CFG: `cfg="separate"` keeps one lane (residuals, counters, decision) per cond/uncond
 composition of a model call; `cfg="shared"` keeps one lane for every call of one input shape, so
 when the host calls cond and uncond apart the later call reuses the earlier's residual of the same
-step. Calls of different shapes cannot share a residual (an edit model's cond with reference-image
-tokens and an uncond without): each shape keeps its lane, as it would under "separate".
+step (calls of another shape, e.g. reference-image tokens on cond only, keep a lane each).
 """
 from __future__ import annotations
 
@@ -286,6 +285,7 @@ class StepCacheRun:
         self.span = (0.0, 1.0)  # the part of the whole denoising schedule this run covers (stepplan)
         self.full: list[bool] = []  # the uniform / non-uniform plan of this run
         self.disabled: str | None = None
+        self.restarted: set[str] = set()
         self.lanes: dict[object, Lane] = {}
         self.kept = KeptFeatures()
         self.call: Call | None = None
@@ -307,7 +307,7 @@ class StepCacheRun:
         self.n_steps = max(len(self.schedule) - 1, 0) if n_steps is None else n_steps
         self.span = (float(span[0]), float(span[1]))
         self.full = plan(self.n_steps, self.config, self.span) if self.config.schedule != "rolling" else []
-        self.lanes, self.call, self.log, self.running, self.disabled = {}, None, [], True, None
+        self.lanes, self.call, self.log, self.running, self.disabled, self.restarted = {}, None, [], True, None, set()
         self.kept.clear()
         return self
 
@@ -317,6 +317,16 @@ class StepCacheRun:
             self.disabled = reason
             logger.warning("SD Accel %s: caching is off for this run: %s. Every block runs on every step.", what, reason)
         self.lanes = {}
+        self.kept.clear()
+
+    def restart(self, reason: str, first_block: bool, sigma: float | None) -> None:
+        """A call that runs every block outside the cache (a full call in the log); what was kept is dropped, caching starts over."""
+        if reason not in self.restarted:
+            self.restarted.add(reason)
+            logger.warning("SD Accel Step Cache: %s: such calls run every block, and the cache starts over after them.", reason)
+        if first_block:
+            self.log.append({"call": len(self.log), "step": self.step_of(sigma), "cached": False, "metric": None})
+        self.lanes, self.call = {}, None
         self.kept.clear()
 
     def stats(self) -> dict:

@@ -27,6 +27,7 @@ SEVERING = ("run_vx", "run_ax", "a2v_cross_attn", "v2a_cross_attn")
 # CONTROLLED) and post-block model patches (Qwen-Image's DiffSynth ControlNet, Z-Image's ControlNet).
 # A kept change holds the last full step's additions, which a cached call would add again; the host
 # code adds them after each skipped block too, and the patches read features a cached call never made.
+# Such calls run every block and the cache starts over after them (a ControlNet's range may end mid-run).
 CONTROLLED = "sd_accel.stepcache.controlled"
 POST_BLOCK_PATCHES = ("double_block", "single_block", "noise_refiner", "context_refiner")
 ADDED_BETWEEN = "a ControlNet or a model patch adds into the features between the blocks (a kept change would add it twice)"
@@ -75,8 +76,9 @@ class BlockReplacement:
         run, lane, sigma = self.bound or call_of(to)
         if not isinstance(run, StepCacheRun) or not run.running or self.point not in run.cuts.pos or perturbed(to):
             return self._run(args, extra)
-        if added_between(to):
-            run.disable(ADDED_BETWEEN)
+        if added_between(to):  # every block, and the kept change is dropped: it would hold this call's additions
+            run.restart(ADDED_BETWEEN, run.cuts.pos[self.point] == 0, sigma)
+            return self._run(args, extra)
         return run.block(self.point, args, lambda a: self._run(a, extra), lane, sigma)
 
 

@@ -65,10 +65,13 @@ def test_a_post_block_patch_turns_caching_off_and_the_run_equals_eager(comfy_hos
     assert stepcache_stats[-1]["cached_steps"] == [1, 2, 4, 5], stepcache_stats[-1]
 
 
-def test_a_controlnets_output_turns_caching_off_and_the_run_equals_eager(comfy_host, stepcache_stats):
-    """The model call gets `control` (what ComfyUI's ControlNet computes each step); Flux adds it after each
-    double block (`input`) and single block (`output`)."""
+def _controlnet(model, calls: int | None = None):
+    """`model` with a stand-in ControlNet: the model call gets `control` (what ComfyUI's ControlNet computes each
+    step; Flux adds it after each double block (`input`) and single block (`output`)), for the first `calls` calls
+    (a ControlNet's end_percent) or all of them."""
     import comfy.patcher_extension as pe
+
+    seen = []
 
     def control_for(x):
         tokens, width = (x.shape[-2] // 2) * (x.shape[-1] // 2), SMALL["flux"]["hidden_size"]
@@ -76,15 +79,30 @@ def test_a_controlnets_output_turns_caching_off_and_the_run_equals_eager(comfy_h
         return {"input": [add, add], "output": [add, add, add], "middle": []}
 
     def controlnet(executor, x, t, c_concat=None, c_crossattn=None, control=None, *args, **kwargs):  # apply_model's order
-        return executor(x, t, c_concat, c_crossattn, control_for(x), *args, **kwargs)
+        seen.append(1)
+        active = calls is None or (len(seen) - 1) % STEPS < calls  # each sampling run: the first `calls` calls
+        return executor(x, t, c_concat, c_crossattn, control_for(x) if active else control, *args, **kwargs)
 
-    controlled = _model(comfy_host, "flux").clone()
-    controlled.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.controlnet", controlnet)
-    m = harness.step_cache(comfy_host, controlled, interval=3)
-    out = _sample(m, "flux")
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.controlnet", controlnet)
+    return m
+
+
+def test_a_controlnets_output_turns_caching_off_and_the_run_equals_eager(comfy_host, stepcache_stats):
+    controlled = _controlnet(_model(comfy_host, "flux"))
+    out = _sample(harness.step_cache(comfy_host, controlled, interval=3), "flux")
     assert stepcache_stats[-1]["cached"] == 0 and stepcache_stats[-1]["calls"] == STEPS, stepcache_stats[-1]
     assert torch.equal(out, _sample(controlled, "flux"))
     assert not torch.equal(out, _sample(_model(comfy_host, "flux"), "flux"))  # the control reached the blocks
+
+
+def test_after_a_controlnets_range_ends_the_cache_starts_over_from_a_full_step(comfy_host, stepcache_stats):
+    """A ControlNet with end_percent < 1 stops adding mid-run: the calls after it cache again, from a full step
+    whose kept change holds no control (one kept before would add the control once more)."""
+    controlled = _controlnet(_model(comfy_host, "flux"), calls=3)
+    out = _sample(harness.step_cache(comfy_host, controlled, interval=3), "flux")
+    assert stepcache_stats[-1]["cached_steps"] == [4, 5] and stepcache_stats[-1]["calls"] == STEPS, stepcache_stats[-1]
+    assert 0 < harness.rel_err(out, _sample(controlled, "flux")) < 0.5
 
 
 def test_z_images_controlnet_patch_turns_caching_off_through_the_block_hooks(comfy_host, stepcache_stats):
