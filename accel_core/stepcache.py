@@ -149,6 +149,8 @@ class Call:
     cached: bool | None = None  # decided at the first middle block
     metric: float | None = None
     entry: dict = field(default_factory=dict)  # span -> {output: tensor} at the span's first block
+    added: dict = field(default_factory=dict)  # span -> {output: what the host added between its blocks} (a ControlNet's)
+    last_out: dict | None = None  # {output: copy of the last block's output}, to see what the host adds after it
 
 
 def _is_state(v) -> bool:
@@ -365,11 +367,14 @@ class StepCacheRun:
             return r
         return _each(lambda r_, p_: extrapolate(r_, p_, *lane.full_at, self.call.step), r, prev)
 
-    def block(self, point, args: dict, run_block, lane_key, sigma) -> dict:
+    def block(self, point, args: dict, run_block, lane_key, sigma, between: bool = False) -> dict:
         """Run or stand in for the block at cut point `point`.
 
         args: the host's block inputs (tensors under output names such as "img", "txt");
         run_block(args) -> {output: tensor}: the host's block (and whatever replacement was there before).
+        between: the host adds to the features between the blocks, independently of them (a ControlNet's
+        output); a full call keeps the middle's change without those additions, which a cached call's host
+        code adds again after each skipped block.
         """
         i = self.cuts.pos[point]
         if i == 0 or self.call is None:
@@ -412,11 +417,22 @@ class StepCacheRun:
         if i in cuts.span_start:
             # A copy: under CUDA graphs the next replay of a compiled block may reuse this memory.
             call.entry[span] = {k: _each(torch.clone, v) for k, v in args.items() if k in ("img", "txt") and _is_state(v)}
+        elif between and call.last_out:  # what the host added since the last block returned
+            acc = call.added.setdefault(span, {})
+            for k, prev in call.last_out.items():
+                if k in args and _shape(args[k]) == _shape(prev):
+                    d = _each(torch.sub, args[k], prev)
+                    acc[k] = _each(torch.add, acc[k], d) if k in acc else d
         out = run_block(args)
+        if between and i not in cuts.span_end:  # a copy before the host adds into it (in place, as Flux's does)
+            call.last_out = {k: _each(torch.clone, v) for k, v in out.items() if k in ("img", "txt") and _is_state(v)}
         if i in cuts.span_end:
-            entry = call.entry.pop(span, {})
+            entry, added, call.last_out = call.entry.pop(span, {}), call.added.pop(span, {}), None
             lane.residual[span] = {k: _each(lambda o, e: (o - e).detach(), v, entry[k]) for k, v in out.items()
                                    if k in entry and _is_state(v) and _shape(v) == _shape(entry[k])}
+            for k, a in added.items():
+                if k in lane.residual[span] and _shape(a) == _shape(lane.residual[span][k]):
+                    lane.residual[span][k] = _each(torch.sub, lane.residual[span][k], a)
         return out
 
 

@@ -23,20 +23,21 @@ PERTURBING = ("stg_self_attn_blocks",)
 SEVERING = ("run_vx", "run_ax", "a2v_cross_attn", "v2a_cross_attn")
 
 
-# What adds into the hidden state between blocks, outside them: a ControlNet (the host marks its calls:
-# CONTROLLED) and post-block model patches (Qwen-Image's DiffSynth ControlNet, Z-Image's ControlNet).
-# A kept change holds the last full step's additions, which a cached call would add again; the host
-# code adds them after each skipped block too, and the patches read features a cached call never made.
-# Such calls run every block and the cache starts over after them (a ControlNet's range may end mid-run).
+# What adds into the hidden state between blocks, outside them. A kept change measured over a full
+# call's blocks would hold those additions, which a cached call's host code adds again after each
+# skipped block. A ControlNet's output (the host marks its calls: CONTROLLED) does not depend on the
+# features: the run keeps the change without it (`StepCacheRun.block`'s `between`). Post-block model
+# patches (Qwen-Image's DiffSynth ControlNet, Z-Image's ControlNet) read the features a cached call
+# never made: their calls run every block and the cache starts over after them.
 CONTROLLED = "sd_accel.stepcache.controlled"
 POST_BLOCK_PATCHES = ("double_block", "single_block", "noise_refiner", "context_refiner")
-ADDED_BETWEEN = "a ControlNet or a model patch adds into the features between the blocks (a kept change would add it twice)"
+PATCHED_BETWEEN = "a model patch adds into the features between the blocks (Qwen-Image's DiffSynth or Z-Image's ControlNet)"
 
 
-def added_between(to: dict) -> bool:
-    """Whether something adds into the features between this call's blocks (see CONTROLLED)."""
+def patched_between(to: dict) -> bool:
+    """Whether a post-block model patch acts on this call (see PATCHED_BETWEEN)."""
     patches = to.get("patches") or {}
-    return bool(to.get(CONTROLLED)) or any(patches.get(k) for k in POST_BLOCK_PATCHES)
+    return any(patches.get(k) for k in POST_BLOCK_PATCHES)
 
 
 def perturbed(to: dict) -> bool:
@@ -76,10 +77,10 @@ class BlockReplacement:
         run, lane, sigma = self.bound or call_of(to)
         if not isinstance(run, StepCacheRun) or not run.running or self.point not in run.cuts.pos or perturbed(to):
             return self._run(args, extra)
-        if added_between(to):  # every block, and the kept change is dropped: it would hold this call's additions
-            run.restart(ADDED_BETWEEN, run.cuts.pos[self.point] == 0, sigma)
+        if patched_between(to):  # every block, and the kept change is dropped: it would hold this call's additions
+            run.restart(PATCHED_BETWEEN, run.cuts.pos[self.point] == 0, sigma)
             return self._run(args, extra)
-        return run.block(self.point, args, lambda a: self._run(a, extra), lane, sigma)
+        return run.block(self.point, args, lambda a: self._run(a, extra), lane, sigma, between=bool(to.get(CONTROLLED)))
 
 
 def prior_entry(entry):
@@ -103,5 +104,5 @@ def with_step_cache(to: dict, run: StepCacheRun) -> dict:
     return to
 
 
-__all__ = ["STEPCACHE_KEY", "CONTROLLED", "BlockReplacement", "added_between", "call_of", "lane_key", "perturbed", "prior_entry",
+__all__ = ["STEPCACHE_KEY", "CONTROLLED", "BlockReplacement", "patched_between", "call_of", "lane_key", "perturbed", "prior_entry",
            "with_step_cache"]

@@ -12,8 +12,8 @@
   start/end window means the same points of the denoising in every stage); finished at the end
   (one summary line, a `stepcache_stats` event).
 - APPLY_MODEL (same key): a call with a ControlNet's output gets a copy of its transformer_options
-  that says so (`CONTROLLED`): ComfyUI adds that output between the blocks, so the run stops
-  caching (stepcache_route.added_between).
+  that says so (`CONTROLLED`): ComfyUI adds that output between the blocks, so the run keeps the
+  middle's change without it (stepcache_route, `StepCacheRun.block`'s `between`).
 
 A UNet (SD1.x/SD2.x/SDXL) has no block hooks: it is cut at a skip connection by DeepCache's host
 over the same runtime (`deepcaching.unet_cut`: front_blocks - 1 is the depth).
