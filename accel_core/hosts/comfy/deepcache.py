@@ -79,7 +79,7 @@ def _diffusion_model_wrapper(executor, *args, **kwargs):
 
 def _begin(runner, sigmas, span):
     if sigmas is not None:
-        runner.begin(_floats(sigmas), len(sigmas) - 1, span)
+        runner.begin(sigmas, len(sigmas) - 1, span)
     else:
         runner.begin()  # the schedule comes from transformer_options["sample_sigmas"] on the first call
 

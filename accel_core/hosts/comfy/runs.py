@@ -39,7 +39,7 @@ def schedule_span(model_patcher, sigmas) -> tuple[float, float]:
 def run_per_sampling(executor, args, kwargs, key: str, kind: type, begin):
     """An OUTER_SAMPLE wrapper's body: a fresh copy of the `kind` holder under transformer_options[key]
     for this run, in a per-run copy of the model options (the patcher's own keeps the template),
-    begun with the run's sigmas and their span of the whole schedule (`begin(holder, sigmas or None, span)`)
+    begun with the run's sigmas as floats and their span of the whole schedule (`begin(holder, sigmas or None, span)`)
     and finished after it."""
     import comfy.model_patcher
 
@@ -52,7 +52,7 @@ def run_per_sampling(executor, args, kwargs, key: str, kind: type, begin):
     run = guider.model_options["transformer_options"][key] = template.fresh()
     sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
     flat = sigmas.detach().flatten().float().cpu().tolist() if sigmas is not None else None
-    begin(run, sigmas, schedule_span(getattr(guider, "model_patcher", None), flat))
+    begin(run, flat, schedule_span(getattr(guider, "model_patcher", None), flat))
     try:
         return executor(*args, **kwargs)
     finally:

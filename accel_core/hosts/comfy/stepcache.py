@@ -35,7 +35,7 @@ from .runs import run_per_sampling
 
 
 def _begin(run, sigmas, span):
-    run.begin(sigmas.detach().flatten().float().cpu().tolist() if sigmas is not None else None, span=span)
+    run.begin(sigmas, span=span)
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
