@@ -39,12 +39,14 @@ OURS = {  # name: SDAccelStepCache inputs (others at the node's defaults)
     "ours fixed 3": dict(mode="fixed", interval=3),
     "ours forecast 2": dict(mode="forecast", interval=2),
     "ours forecast 3": dict(mode="forecast", interval=3),
-    # the first judge's adaptive rows equalled the cap: Flux's first block added into the input adaptive kept (fixed since)
-    "ours adaptive 0.05": dict(mode="adaptive", threshold=0.05, max_cached=3),
+    # the first judge's adaptive rows equalled the cap: Flux's first block added into the input adaptive kept (fixed since).
+    # A small trained model's front blocks change by more than 0.1 a step: 0.1 (the default) runs every call there.
     "ours adaptive 0.1": dict(mode="adaptive", threshold=0.1, max_cached=3),
+    "ours adaptive 0.3": dict(mode="adaptive", threshold=0.3, max_cached=3),
     "ours fixed 3 f2b1": dict(mode="fixed", interval=3, front_blocks=2, back_blocks=1),
     "ours forecast 3 f2b1": dict(mode="forecast", interval=3, front_blocks=2, back_blocks=1),
     "ours forecast 2 f2b1": dict(mode="forecast", interval=2, front_blocks=2, back_blocks=1),
+    "ours forecast 2 b2": dict(mode="forecast", interval=2, back_blocks=2),
     # the drift starts at the first cached step: keep the first fifth (the layout) and the last tenth exact
     "ours forecast 3 start 0.2": dict(mode="forecast", interval=3, start_percent=0.2),
     "ours forecast 3 f2b1 0.2-0.9": dict(mode="forecast", interval=3, front_blocks=2, back_blocks=1, start_percent=0.2, end_percent=0.9),

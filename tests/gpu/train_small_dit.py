@@ -49,7 +49,7 @@ def train(args) -> dict:
 
     dev = torch.device("cuda" if torch.cuda.is_available() and not (args.smoke or args.cpu) else "cpu")
     torch.manual_seed(args.seed)
-    base, spec, cfg = small_dit.build(args.family, smoke=args.smoke, seed=args.seed)
+    base, spec, cfg = small_dit.build(args.family, smoke=args.smoke, seed=args.seed, **dict(args.set))
     base.to(dev).train()
     ms = base.model_sampling
     const = isinstance(ms, comfy.model_sampling.CONST)
@@ -111,6 +111,16 @@ def train(args) -> dict:
                 seconds=round(time.perf_counter() - t0, 1), device=str(dev), **info)
 
 
+def _setting(text: str) -> tuple:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (VALUE in JSON), found {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not JSON (numbers as 3, lists as [16,56,56])") from None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--comfyui", required=True, help="a ComfyUI source tree")
@@ -124,6 +134,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU (for tests)")
+    ap.add_argument("--set", action="append", default=[], type=_setting, metavar="KEY=JSON",
+                    help="change one field of the reduced config, e.g. depth_single_blocks=9 (a deeper model's blocks "
+                         "weigh as the full model's do in a cached step)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.max_steps, args.batch, args.size = min(args.max_steps, 3), 2, 8

@@ -38,3 +38,20 @@ def test_smoke_training_saves_a_model_comfyui_loads_back(comfy_host, tmp_path, c
     assert len(changed) > len(trained) // 2  # the optimiser moved the weights, and the file holds them
     meta = small_dit.read_meta(out)
     assert meta["sdaccel_family"] == family and json.loads(meta["sdaccel_train"])["smoke"] is True
+
+
+def test_set_changes_the_trained_config_and_loading_recovers_it(comfy_host, tmp_path, capsys):
+    """--set deepens the reduced Flux (more single blocks); ComfyUI's detection reads the depth back from the keys."""
+    out = tmp_path / "deep.safetensors"
+    try:
+        train_small_dit.main(["--comfyui", str(comfy_host.root), "--family", "flux", "--out", str(out), "--smoke",
+                              "--set", "depth_single_blocks=3"])
+    except SystemExit as e:
+        if str(e) == train_small_dit.NO_BACKWARD:
+            pytest.skip(str(e))
+        raise
+    model, _ = small_dit.load_model(out)
+    assert len(model.model.diffusion_model.single_blocks) == 3  # smoke has 2
+    with pytest.raises(SystemExit):
+        train_small_dit.main(["--comfyui", str(comfy_host.root), "--family", "flux", "--out", str(out), "--smoke", "--set", "depth"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
