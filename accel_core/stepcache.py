@@ -71,9 +71,10 @@ class StepCacheConfig:
             "uniform" / "non-uniform" (DeepCache's plans: `plan`).
     """
 
-    mode: str = option("fixed", "fixed: a full step every N steps, predictable speed. adaptive: caches while the first blocks' output "
+    mode: str = option("forecast", "fixed: a full step every N steps, predictable speed. adaptive: caches while the first blocks' output "
                        "barely changes (speed depends on the image). forecast: the fixed schedule, extrapolating the cached change "
-                       "from the last two full steps: better quality at the same speed.", label="Step Cache mode", choices=MODES)
+                       "from the last two full steps: less drift at the same speed, one more kept change in memory (large on long "
+                       "videos).", label="Step Cache mode", choices=MODES)
     interval: int = option(3, "fixed/forecast: run every block every N steps; 1 turns the cache off. Higher is faster and drifts further.",
                            label="Step Cache interval (1 = off)", min=1, max=20, step=1)
     front_blocks: int = option(1, "Blocks that always run first. More: better quality, less saved per cached step. adaptive needs >= 1.",

@@ -226,13 +226,13 @@ def test_the_cache_controls_run_the_step_cache_on_a_dit(flux):
     m, applied = w.apply_forge(_Patcher(_KModel(flux)), opts)
     wrapper = m.model_options["model_function_wrapper"]
     assert isinstance(wrapper, DitWrapper) and wrapper.steps is not None and applied.status() is None
-    assert "Step Cache: mode=fixed interval=3 front=1 back=0 start=0 end=1" in applied.describe()
+    assert "Step Cache: mode=forecast interval=3 front=1 back=0 start=0 end=1" in applied.describe()
     _run(m)
     _run(m, SIGMAS.clone())  # the sampler's next run: another sigmas tensor begins another run
     _run(m, torch.linspace(1.0, 0.0, 11), first=4)  # img2img: the run starts part-way through the schedule
     stats = w.finish_generation()
     assert stats["deepcache"] == [] and [s["cached_steps"] for s in stats["stepcache"]] == [[1, 2, 4, 5]] * 3
-    assert all(s["calls"] == 6 and s["mode"] == "fixed" and s["block_fraction"] == 1 - 4 * 3 / 24 for s in stats["stepcache"])
+    assert all(s["calls"] == 6 and s["mode"] == "forecast" and s["block_fraction"] == 1 - 4 * 3 / 24 for s in stats["stepcache"])
 
 
 def test_another_scripts_block_replacement_still_runs_inside_ours(flux):

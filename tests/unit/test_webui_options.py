@@ -75,7 +75,7 @@ def test_a_unets_infotext_is_deepcaches_as_before():
     opts = w.WebuiOptions(enabled=True, deepcache_interval=3, stepcache_mode="forecast", stepcache_front=4)
     assert w.to_infotext(opts) == {w.K_DEEPCACHE: "interval=3 depth=0 start=0 end=1"}
     old = w.from_infotext({w.K_DEEPCACHE: "interval=3 depth=2 start=0.1 end=0.9"})  # an image from before the Step Cache
-    assert (old.deepcache_interval, old.deepcache_depth, old.stepcache_mode) == (3, 2, "fixed")
+    assert (old.deepcache_interval, old.deepcache_depth, old.stepcache_mode) == (3, 2, w.WebuiOptions().stepcache_mode)
     with pytest.raises(SDAccelError, match="sometimes"):
         w.from_infotext({w.K_STEPCACHE: "mode=sometimes interval=3"})
     with pytest.raises(SDAccelError, match="could not read"):
