@@ -306,7 +306,7 @@ def test_forecast_extrapolates_a_linearly_moving_kept_feature_and_fixed_reuses_i
     paths = DeepCachePaths(full=lambda x, step: (x, base + delta * step), shallow=lambda kept, x, step: kept)
     got = {}
     for mode in ("fixed", "forecast"):
-        steps = StepCacheConfig(mode=mode, interval=3, front_blocks=1)
+        steps = StepCacheConfig(mode=mode, interval=3, front_blocks=1, start_percent=0.0)
         runner = DeepCacheRunner(unet_cut(steps), paths, steps=steps).begin(list(range(9, 0, -1)))
         x = torch.zeros(2, 2)
         got[mode] = [runner.select(s, ("c", "u"), x)(x, s) for s in range(9)]
@@ -315,6 +315,6 @@ def test_forecast_extrapolates_a_linearly_moving_kept_feature_and_fixed_reuses_i
         torch.testing.assert_close(got["forecast"][s], base + delta * s)
         torch.testing.assert_close(got["fixed"][s], base + delta * (s // 3 * 3))
     torch.testing.assert_close(got["forecast"][1], base)  # one full step so far: nothing to extrapolate from
-    assert unet_cut(StepCacheConfig(front_blocks=3, interval=4)) == DeepCacheConfig(cache_interval=4, cache_depth=2)
+    assert unet_cut(StepCacheConfig(front_blocks=3, interval=4)) == DeepCacheConfig(cache_interval=4, cache_depth=2, start_percent=0.2)
     with pytest.raises(SDAccelError, match="adaptive"):
         unet_cut(StepCacheConfig(mode="adaptive"))
