@@ -21,7 +21,7 @@ import webui_harness as harness  # noqa: E402
 
 pytestmark = pytest.mark.skipif(harness.skip_reason("forge") is not None, reason=str(harness.skip_reason("forge")))
 
-OFF = [False, "off", "default", "off", False, "auto", 1, 0, 0.0, 1.0, "None", 1.0, "", "fixed", 1, 0, 0.1]  # the declared webui defaults, in UI_FIELDS order
+OFF = [False, "off", "default", "off", False, "auto", 1, 0, 0.0, 1.0, "None", 1.0, "", "forecast", 1, 0, 0.1]  # the declared webui defaults, in UI_FIELDS order
 
 
 def accel(**kw) -> list:

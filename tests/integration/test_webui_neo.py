@@ -21,7 +21,7 @@ import webui_harness as harness  # noqa: E402
 
 pytestmark = pytest.mark.skipif(harness.skip_reason("neo") is not None, reason=str(harness.skip_reason("neo")))
 
-OFF = [False, "off", "default", "off", False, "auto", 1, 0, 0.0, 1.0, "None", 1.0, "", "fixed", 1, 0, 0.1]  # the declared webui defaults, in UI_FIELDS order
+OFF = [False, "off", "default", "off", False, "auto", 1, 0, 0.0, 1.0, "None", 1.0, "", "forecast", 1, 0, 0.1]  # the declared webui defaults, in UI_FIELDS order
 NEO_COMPILE = "TorchCompileForForge"  # the class of Neo's compile script (its title is translated in some copies)
 
 
