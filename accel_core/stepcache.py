@@ -88,8 +88,9 @@ class StepCacheConfig:
                              label="Step Cache max cached in a row", min=0, max=50, step=1)
     start_percent: float = option(0.2, "Steps before this point of the denoising (0 = pure noise, 1 = clean) always run in full: the "
                                   "layout forms early, and a cached change there drifts through every later step (0.2: the first fifth of "
-                                  "a plain schedule's steps). Lower: faster, more drift. It is a point of the whole schedule: a sampler that runs part of it (KSamplerAdvanced, "
-                                  "Wan 2.2's two stages, denoise < 1) caches only where its steps fall in the window.",
+                                  "a plain schedule's steps). Lower: faster, more drift. It is a point of the whole schedule: a sampler "
+                                  "that runs part of it (KSamplerAdvanced, Wan 2.2's two stages, denoise < 1) caches only where its steps "
+                                  "fall in the window.",
                                   label="Step Cache start", min=0.0, max=1.0, step=0.01)
     end_percent: float = option(1.0, "Steps after this point of the denoising (0 = pure noise, 1 = clean) always run in full (lower it to "
                                 "keep the last details exact). A point of the whole schedule, as start_percent.",
