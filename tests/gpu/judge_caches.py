@@ -34,7 +34,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 import small_dit  # noqa: E402
 
-OURS = {  # name: SDAccelStepCache inputs (others at the node's defaults)
+OURS = {  # name: SDAccelStepCache inputs (others at the node's defaults, but start_percent 0)
     "ours fixed 2": dict(mode="fixed", interval=2),
     "ours fixed 3": dict(mode="fixed", interval=3),
     "ours forecast 2": dict(mode="forecast", interval=2),
@@ -48,7 +48,10 @@ OURS = {  # name: SDAccelStepCache inputs (others at the node's defaults)
     "ours forecast 2 f2b1": dict(mode="forecast", interval=2, front_blocks=2, back_blocks=1),
     "ours forecast 2 b2": dict(mode="forecast", interval=2, back_blocks=2),
     # the drift starts at the first cached step: keep the first fifth (the layout) and the last tenth exact
-    "ours forecast 3 start 0.2": dict(mode="forecast", interval=3, start_percent=0.2),
+    "ours forecast 3 start 0.2": dict(mode="forecast", interval=3, start_percent=0.2),  # the node's defaults
+    "ours fixed 3 start 0.2": dict(mode="fixed", interval=3, start_percent=0.2),
+    "ours forecast 4 start 0.2": dict(mode="forecast", interval=4, start_percent=0.2),
+    "ours adaptive 0.3 start 0.2": dict(mode="adaptive", threshold=0.3, max_cached=3, start_percent=0.2),
     "ours forecast 3 f2b1 0.2-0.9": dict(mode="forecast", interval=3, front_blocks=2, back_blocks=1, start_percent=0.2, end_percent=0.9),
     "ours fixed 3 shared": dict(mode="fixed", interval=3, cfg="shared"),
     "ours fixed 4": dict(mode="fixed", interval=4),
@@ -109,6 +112,7 @@ def _apply(name: str, model, nodes, args):
     if name in OURS or name in UNET_STEPCACHE:
         node = nodes.NODE_CLASS_MAPPINGS["SDAccelStepCache"]()
         kw = {k: v.get("default") for k, (_, v) in node.INPUT_TYPES()["required"].items() if k != "model"}
+        kw["start_percent"] = 0.0  # a row caches from the first step unless its name says "start" (the node's default is 0.2)
         return _node_out(node.apply(model, **{**kw, **{**OURS, **UNET_STEPCACHE}[name]}))
     kind, thr = PEERS[name]
     if kind == "FBCache":
