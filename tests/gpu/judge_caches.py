@@ -55,6 +55,12 @@ OURS = {  # name: SDAccelStepCache inputs (others at the node's defaults, but st
     "ours forecast 3 f2b1 0.2-0.9": dict(mode="forecast", interval=3, front_blocks=2, back_blocks=1, start_percent=0.2, end_percent=0.9),
     "ours fixed 3 shared": dict(mode="fixed", interval=3, cfg="shared"),
     "ours fixed 4": dict(mode="fixed", interval=4),
+    # about a third of the blocks, to meet the peers at their error with less work
+    "ours forecast 4": dict(mode="forecast", interval=4),
+    "ours forecast 6 start 0.1": dict(mode="forecast", interval=6, start_percent=0.1),
+    "ours forecast 5 start 0.2": dict(mode="forecast", interval=5, start_percent=0.2),
+    "ours adaptive 0.5": dict(mode="adaptive", threshold=0.5, max_cached=3),
+    "ours adaptive 0.5 max 5": dict(mode="adaptive", threshold=0.5, max_cached=5),
 }
 UNET_STEPCACHE = {  # Step Cache on a UNet cuts where DeepCache does (depth = front_blocks - 1)
     "ours stepcache uniform 3": dict(mode="fixed", interval=3, schedule="uniform"),
@@ -63,7 +69,8 @@ UNET_STEPCACHE = {  # Step Cache on a UNet cuts where DeepCache does (depth = fr
 OURS_UNET = {  # UNets (sd15): DeepCache (interval, depth)
     "ours deepcache 2": (2, 0), "ours deepcache 3": (3, 0), "ours deepcache 4": (4, 0), "ours deepcache 3 depth 2": (3, 2),
 }
-PEERS = {"EasyCache 0.1": ("EasyCache", 0.1), "EasyCache 0.2": ("EasyCache", 0.2), "LazyCache 0.2": ("LazyCache", 0.2),
+PEERS = {"EasyCache 0.1": ("EasyCache", 0.1), "EasyCache 0.2": ("EasyCache", 0.2), "LazyCache 0.1": ("LazyCache", 0.1),
+         "LazyCache 0.2": ("LazyCache", 0.2), "LazyCache 0.3": ("LazyCache", 0.3),
          "FBCache 0.08": ("FBCache", 0.08), "FBCache 0.12": ("FBCache", 0.12)}
 COMPILED = {"compile": None, "compile + ours fixed 3": "ours fixed 3", "compile + ours forecast 3": "ours forecast 3",
             "compile + ours deepcache 3": "ours deepcache 3", "compile + ours stepcache forecast 3": "ours stepcache forecast 3"}
