@@ -10,7 +10,8 @@ loads it with `comfy.sd.load_diffusion_model` with DynamicVRAM on, as main.py bo
 case runs in a child process (PYTHONFAULTHANDLER=1: a crash ends only that row) and records:
 first image seconds (compile included), ms/step (best of 2 steady runs), peak GPU memory, and
 the relative error of one model call against eager bf16 (a 1-step euler run returns the
-model's denoised prediction, so the error is one call's). Cases:
+model's denoised prediction, so the error is one call's), and the ms of each step of one more image
+with the steps a step cache ran cached (where a cache's time goes). Cases:
 
   eager         ComfyUI as loaded (DynamicVRAM streaming)
   builtin       ComfyUI's TorchCompileModel (comfy_extras/nodes_torch_compile.py) on its regular copy
@@ -97,7 +98,8 @@ def _load(path: Path, family: str, tiny: bool):
 
     try:
         return comfy.sd.load_diffusion_model(str(path))
-    except AssertionError:  # --tiny: detection fixes Z-Image's and Qwen-Image's full widths; build the class from the config
+    except (AssertionError, ValueError, RuntimeError):  # --tiny: detection fixes Z-Image's and Qwen-Image's full widths (before
+        # 0.33 also Flux's heads and width); build the class from the config
         if not tiny:
             raise
         import comfy.utils
@@ -150,10 +152,46 @@ class Ctx:
         call, first = self.sample(model, steps=1)  # one model call: euler's only step returns the denoised prediction
         times = [self.sample(model)[1] for _ in range(2)]
         row = {"first_image_s": round(first, 2), "ms_per_step": round(1000 * min(times) / self.spec["steps"], 2),
-               "graphs_compiled": counters["stats"]["unique_graphs"] - graphs0, "recompiles": sum(counters["recompiles"].values())}
+               "graphs_compiled": counters["stats"]["unique_graphs"] - graphs0, "recompiles": sum(counters["recompiles"].values()),
+               **self.step_times(model)}
         if self.cuda:
             row["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated() / GB, 2)
         return row, call
+
+
+    def step_times(self, model) -> dict:
+        """One more image, synchronised after every step (ComfyUI's preview callback, replaced for this run):
+        each step's ms, and the steps a step cache ran cached, so a cache's cost per cached step is read off."""
+        import importlib
+
+        import latent_preview
+
+        pack = self.nodes.NODE_CLASS_MAPPINGS["SDAccelStepCache"].__module__.rsplit(".nodes.", 1)[0]
+        events = importlib.import_module(pack + ".accel_core.events")
+        stats: list = []
+        listener = lambda ev, data: stats.append(data) if ev == "stepcache_stats" else None  # noqa: E731
+        marks: list = []
+
+        def timed(*_a, **_k):
+            def cb(step, x0, x, total):
+                self.sync()
+                marks.append(time.perf_counter())
+            return cb
+
+        orig = latent_preview.prepare_callback
+        latent_preview.prepare_callback = timed
+        events.subscribe(listener)
+        try:
+            self.sync()
+            marks.append(time.perf_counter())
+            self.sample(model)
+        finally:
+            latent_preview.prepare_callback = orig
+            events.unsubscribe(listener)
+        out = {"step_ms": [round(1000 * (b - a), 2) for a, b in zip(marks, marks[1:])]}
+        if stats:
+            out["cached_steps"] = stats[-1].get("cached_steps")
+        return out
 
 
 def _builtin(model):
