@@ -30,6 +30,7 @@ Results: OUT/<family>_<case>.json and a table on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -111,10 +112,10 @@ def _load(path: Path, family: str, tiny: bool):
 
 
 class Ctx:
-    def __init__(self, nodes, family: str, tiny: bool, path: Path):
+    def __init__(self, nodes, family: str, tiny: bool, path: Path, profile: Path | None = None):
         import comfy.sd
 
-        self.nodes, self.family, self.tiny = nodes, family, tiny
+        self.nodes, self.family, self.tiny, self.profile = nodes, family, tiny, profile
         self.spec = spec(family, tiny)
         self.load = lambda: _load(path, family, tiny)
         self.cuda = torch.cuda.is_available() and not tiny
@@ -143,7 +144,7 @@ class Ctx:
         self.sync()
         return out[0]["samples"].float().clone(), time.perf_counter() - t0
 
-    def measure(self, model) -> dict:
+    def measure(self, model, label: str) -> dict:
         from torch._dynamo.utils import counters
 
         if self.cuda:
@@ -153,13 +154,13 @@ class Ctx:
         times = [self.sample(model)[1] for _ in range(2)]
         row = {"first_image_s": round(first, 2), "ms_per_step": round(1000 * min(times) / self.spec["steps"], 2),
                "graphs_compiled": counters["stats"]["unique_graphs"] - graphs0, "recompiles": sum(counters["recompiles"].values()),
-               **self.step_times(model)}
+               **self.step_times(model, label)}
         if self.cuda:
             row["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated() / GB, 2)
         return row, call
 
 
-    def step_times(self, model) -> dict:
+    def step_times(self, model, label: str) -> dict:
         """One more image, synchronised after every step (ComfyUI's preview callback, replaced for this run):
         each step's ms, and the steps a step cache ran cached, so a cache's cost per cached step is read off."""
         import importlib
@@ -171,27 +172,54 @@ class Ctx:
         stats: list = []
         listener = lambda ev, data: stats.append(data) if ev == "stepcache_stats" else None  # noqa: E731
         marks: list = []
+        prof, where = self._profiler(label)
 
         def timed(*_a, **_k):
             def cb(step, x0, x, total):
                 self.sync()
                 marks.append(time.perf_counter())
+                if prof is not None:
+                    prof.step()
             return cb
 
         orig = latent_preview.prepare_callback
         latent_preview.prepare_callback = timed
         events.subscribe(listener)
         try:
-            self.sync()
-            marks.append(time.perf_counter())
-            self.sample(model)
+            with prof if prof is not None else contextlib.nullcontext():
+                self.sync()
+                marks.append(time.perf_counter())
+                self.sample(model)
         finally:
             latent_preview.prepare_callback = orig
             events.unsubscribe(listener)
         out = {"step_ms": [round(1000 * (b - a), 2) for a, b in zip(marks, marks[1:])]}
+        if prof is not None:
+            out["profile"] = str(where)
         if stats:
             out["cached_steps"] = stats[-1].get("cached_steps")
         return out
+
+
+    def _profiler(self, label: str):
+        """--profile: torch.profiler over steps 4-6 of the timed image (at the Step Cache's defaults two cached
+        steps and a full one; their step_ms include the profiler's overhead); the op tables and the trace go to OUT."""
+        if self.profile is None:
+            return None, None
+        where = self.profile.with_name(f"{self.profile.name}_{label}.txt")
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+
+        def ready(p):
+            p.export_chrome_trace(str(where.with_suffix(".trace.json")))
+            by = "cuda_time_total" if self.cuda else "cpu_time_total"
+            where.write_text(p.key_averages().table(sort_by=by, row_limit=30) + "\n"
+                                    + p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+        n = self.spec["steps"]
+        plan = schedule(wait=3, warmup=1, active=3) if n >= 7 else schedule(wait=0, warmup=0, active=n)  # --tiny: every step
+        return profile(activities=acts, schedule=plan, on_trace_ready=ready), where
 
 
 def _builtin(model):
@@ -216,7 +244,7 @@ def run_case(ctx: Ctx, case: str) -> dict:
     base = ctx.load()
     rec = {"family": ctx.family, "case": case, "dynamic": bool(getattr(base, "is_dynamic", lambda: False)()),
            "device": torch.cuda.get_device_name() if ctx.cuda else "cpu", "torch": torch.__version__}
-    ref_row, ref_call = ctx.measure(base)
+    ref_row, ref_call = ctx.measure(base, "eager")
     rec["eager"] = ref_row
     if case == "eager":
         return rec
@@ -237,7 +265,7 @@ def run_case(ctx: Ctx, case: str) -> dict:
     else:
         raise SystemExit(f"unknown case {case!r}; expected one of {', '.join(CASES)}")
     rec["refused"] = model is base
-    row, call = ctx.measure(model)
+    row, call = ctx.measure(model, case)
     import comfy_harness as harness
 
     row["call_rel_err_vs_eager"] = round(harness.rel_err(call, ref_call), 5)
@@ -262,7 +290,8 @@ def child(a) -> int:
         path = write_model(a.family, a.tiny, Path(a.files))
         Path(a.result).write_text(json.dumps({"path": str(path)}))
         return 0
-    ctx = Ctx(nodes, a.family, a.tiny, Path(a.files))
+    profile = Path(a.result).with_suffix(".profile") if a.profile else None
+    ctx = Ctx(nodes, a.family, a.tiny, Path(a.files), profile)
     rec = run_case(ctx, a.child)
     Path(a.result).write_text(json.dumps(rec, indent=1))
     return 0
@@ -287,6 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/sd_accel_dit", help="folder for the generated model file (kept between commands)")
     p.add_argument("--tiny", action="store_true", help="the reduced CPU test model (smoke test of this script, no GPU)")
     p.add_argument("--no-dynamic", action="store_true", help="classic ModelPatcher (as --disable-dynamic-vram)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler over steps 4-6 of each row's timed image: "
+                   "OUT/<family>_<case>.profile_<row>.txt (op tables) and .trace.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -299,7 +330,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows = []
     write = out / f"{a.family}_write.json"
-    flags = (["--tiny"] if a.tiny else []) + (["--no-dynamic"] if a.no_dynamic else [])
+    flags = (["--tiny"] if a.tiny else []) + (["--no-dynamic"] if a.no_dynamic else []) + (["--profile"] if a.profile else [])
     base = [sys.executable, __file__, "--comfyui", a.comfyui, "--out", a.out, "--family", a.family]
     with open(out / f"{a.family}_write.log", "w") as f:  # its own process: the GPU memory it used goes with it
         rc = subprocess.call(base + ["--child", "write", "--files", str(work), "--result", str(write)] + flags, stdout=f, stderr=subprocess.STDOUT)
