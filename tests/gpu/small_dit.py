@@ -255,14 +255,27 @@ def load_model(path: Path):
         except Exception as e:  # older hosts hard-code widths (0.8.0: Flux's 24 heads)
             why = f"{type(e).__name__}: {e}"
         print(f"small_dit: this ComfyUI's detection does not load the reduced {family} ({why}); building {s.supported} from the file's config", file=sys.stderr)
-    mc = getattr(comfy.supported_models, s.supported)(dict(cfg))
+    mc = getattr(comfy.supported_models, s.supported)(_accepted(family, cfg))  # a file from a newer host: its extra fields dropped
     mc.set_inference_dtype(torch.float32, None)
     base = mc.get_model({}, "", device=torch.device("cpu"))
-    sd = comfy.utils.load_torch_file(str(path))
+    sd = _norm_names(comfy.utils.load_torch_file(str(path)), base.diffusion_model.state_dict().keys())
     base.diffusion_model.load_state_dict(sd, strict=True)
     if type(base).__name__ != s.model_class:
         raise RuntimeError(f"{path}: built {type(base).__name__}, expected {s.model_class}")
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()), "supported_models." + s.supported
+
+
+def _norm_names(sd: dict, wanted) -> dict:
+    """Norm scales under the names this host's class uses: 0.33's Flux RMSNorm holds `weight` where
+    0.3.64's holds `scale` (a file trained on one host, judged on the other)."""
+    wanted = set(wanted)
+    other = {".weight": ".scale", ".scale": ".weight"}
+    out = {}
+    for k, v in sd.items():
+        end = next((e for e in other if k.endswith(e)), None)
+        alt = k[: -len(end)] + other[end] if end and k not in wanted else None
+        out[alt if alt in wanted else k] = v
+    return out
 
 
 def _detected_matches(m, cfg: dict) -> bool:

@@ -55,3 +55,12 @@ def test_set_changes_the_trained_config_and_loading_recovers_it(comfy_host, tmp_
     with pytest.raises(SystemExit):
         train_small_dit.main(["--comfyui", str(comfy_host.root), "--family", "flux", "--out", str(out), "--smoke", "--set", "depth"])
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_norm_scales_take_the_names_this_hosts_class_uses():
+    """A file trained on 0.33 (Flux RMSNorm `weight`) loads on 0.3.64 (`scale`) and back; other keys keep theirs."""
+    sd = {"a.norm.query_norm.weight": 1, "a.linear.weight": 2, "b.scale": 3}
+    assert small_dit._norm_names(sd, ["a.norm.query_norm.scale", "a.linear.weight", "b.scale"]) == \
+        {"a.norm.query_norm.scale": 1, "a.linear.weight": 2, "b.scale": 3}
+    assert small_dit._norm_names({"x.scale": 1}, ["x.weight"]) == {"x.weight": 1}
+    assert small_dit._norm_names({"x.weight": 1}, ["y.weight"]) == {"x.weight": 1}  # no counterpart: left for strict loading to name
