@@ -2,8 +2,8 @@
 
 Ours beside the peers, in one process on one model (dit.py): ComfyUI eager; ComfyUI's
 TorchCompileModel; our Compile Model (regional on DiTs: one compiled block per kind), with and
-without CUDA graphs; FP16 Cast fp8 + Compile, and FP16 Cast attention=cudnn + Compile (cuDNN's
-attention inside the compiled blocks, where ComfyUI's order puts flash first); our Step Cache (fixed and forecast, interval 3) alone
+without CUDA graphs; FP16 Cast fp8 + Compile, FP16 Cast attention=cudnn + Compile (cuDNN's
+attention inside the compiled blocks, where ComfyUI's order puts flash first) and both; our Step Cache (fixed and forecast, interval 3) alone
 and on Compile; ComfyUI's EasyCache and LazyCache (its step caches) at their 0.2 threshold; on CUDA,
 ComfyUI's own fp8 (Load Diffusion Model's fp8_e4m3fn_fast), alone and with its TorchCompileModel; with
 `--wavespeed FOLDER`, WaveSpeed's First Block Cache alone and with its Compile Model+ (last: WaveSpeed
@@ -38,6 +38,7 @@ def _names(cfg: BenchConfig) -> dict[str, str]:
         n["ours_nocg"] = f"SDAccelCompileUNet default (no CUDA graphs){tag}"
         n["fp8"] = f"SDAccelFP16Cast fp8 + {ours}"
         n["cudnn"] = f"SDAccelFP16Cast attention=cudnn + {ours}"
+        n["fp8_cudnn"] = f"SDAccelFP16Cast fp8 attention=cudnn + {ours}"
         n["comfy_fp8"] = "comfy fp8_e4m3fn_fast (Load Diffusion Model weight_dtype)"
         n["comfy_fp8_compile"] = f"comfy fp8_e4m3fn_fast + TorchCompileModel ({be})"
     for m in ("fixed", "forecast"):
@@ -69,6 +70,7 @@ def rows(b: ComfyBench):
         yield b.measure(n["ours_nocg"], lambda: our_compile(base, "default", torch_backend=be), rel="call")
         yield b.measure(n["fp8"], lambda: ours(fp16_cast(base)), rel="call")
         yield b.measure(n["cudnn"], lambda: ours(fp16_cast(base, dtype="auto", attention="cudnn")), rel="call")
+        yield b.measure(n["fp8_cudnn"], lambda: ours(fp16_cast(base, attention="cudnn")), rel="call")  # the two levers together
         fp8_file = lambda: peers.comfy_fp8(dit.model_file(b.preset.arch, b.preset.tiny, b.cfg.seed, b.device))  # noqa: E731
         yield b.measure(n["comfy_fp8"], fp8_file, rel="call")
         yield b.measure(n["comfy_fp8_compile"], lambda: builtin_compile(fp8_file(), be), rel="call")

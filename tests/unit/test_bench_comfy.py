@@ -122,6 +122,14 @@ def test_dit_rows_are_listed_per_device_and_configs_are_checked_against_them(tmp
                  "SDAccelStepCache fixed 3", "SDAccelStepCache forecast 3"):
         assert peer in cpu
     assert not any("fp8" in n for n in cpu)  # fp8 matmuls are a GPU path
+    from types import SimpleNamespace
+
+    from sd_accel.cli.bench import dit_rows
+
+    cuda = dit_rows.row_names(SimpleNamespace(dynamo_backend="inductor", device="cuda", wavespeed=None))  # no GPU here: no BenchConfig
+    cast = [n for n in cuda if n.startswith("SDAccelFP16Cast")]
+    assert cast == ["SDAccelFP16Cast fp8 + SDAccelCompileUNet reduce-overhead", "SDAccelFP16Cast attention=cudnn + SDAccelCompileUNet reduce-overhead",
+                    "SDAccelFP16Cast fp8 attention=cudnn + SDAccelCompileUNet reduce-overhead"]
     with pytest.raises(SDAccelError, match="matches no row"):
         check_rows(BenchConfig(host="comfy", preset="flux-tiny", configs=("SDAccelDeepCache",), out_dir=str(tmp_path)))
     ws = check_rows(BenchConfig(host="comfy", preset="flux-tiny", wavespeed=str(tmp_path), out_dir=str(tmp_path)))
