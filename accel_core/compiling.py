@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -26,6 +26,10 @@ from .options import check_declared, option
 from .families import compile_units, describe, module_dtype, split_unit
 
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+# Units compiled one by one (a DiT's blocks; a UNet's blocks where the whole would not compile) run without
+# CUDA graphs: torch's graph trees free a compiled call's outputs at the next compiled call, and one unit's
+# output is the next unit's input (pytorch/pytorch#152887: `y = f(x); z = f(y)` fails).
+NO_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 GUARDS = ("full", "skip-module")
 MAX_SPLIT_DEPTH = 3
 _MISSING = object()
@@ -57,8 +61,9 @@ class CompileConfig:
     backend: str = option("auto", "auto picks the best installed: stable-fast, onediff, then inductor.", label="Compile backend", choices=CHOICES,
                           # the webui's accordion starts with compile off
                           hosts={"webui": {"default": "off", "choices": ("off", *CHOICES)}})
-    mode: str = option("default", "reduce-overhead adds CUDA graphs (the fastest; one graph per resolution and batch size); default: no CUDA "
-                       "graphs; max-autotune takes minutes to compile. On the CPU there are no CUDA graphs, so reduce-overhead equals default.",
+    mode: str = option("default", "reduce-overhead adds CUDA graphs to UNets (the fastest; one graph per resolution and batch size); default: "
+                       "no CUDA graphs; max-autotune takes minutes to compile. DiT models (Flux, Wan, ...) compile block by block, without "
+                       "CUDA graphs in any mode. On the CPU there are no CUDA graphs, so reduce-overhead equals default.",
                        label="Compile mode", choices=MODES,
                        # a ComfyUI graph samples one size over and over: CUDA graphs pay there from the start
                        hosts={"comfy": {"default": "reduce-overhead"}})
@@ -139,6 +144,11 @@ def is_run_error(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or type(e).__name__ in ("InterruptProcessingException",)
 
 
+def without_graphs(config: CompileConfig) -> CompileConfig:
+    """`config` in its mode without CUDA graphs (see NO_GRAPHS)."""
+    return replace(config, mode=NO_GRAPHS[config.mode]) if config.mode in NO_GRAPHS else config
+
+
 class _Guarded:
     """One callable (the whole entry, or one unit's forward) that tries the compiled path and
     falls back to eager for good when the compiled path fails and eager succeeds."""
@@ -156,7 +166,8 @@ class _Guarded:
         t0 = time.perf_counter()
         try:
             if self.compiled is None:
-                self.compiled = self.holder.backend.compile(self.eager, self.owner, self.holder.config)
+                self.compiled = self.holder.backend.compile(self.eager, self.owner, self.holder.config if self is self.holder._whole
+                                                            else without_graphs(self.holder.config))
             out = self.compiled(*args, **kwargs)
         except Exception as e:
             if is_run_error(e) or not self.holder.config.fallback:

@@ -14,7 +14,11 @@ low-noise models, two checkpoints of one architecture, a LoRA'd or FP16 Cast cop
 model traces nothing the first did not.
 
 A block whose compiled call fails (a conversion error, never an error of the run itself) runs
-eager from then on and is named in the report; the others stay compiled. The host decides which
+eager from then on and is named in the report; the others stay compiled.
+
+Blocks compile without CUDA graphs ("reduce-overhead" runs as "default"; compiling.NO_GRAPHS says
+why). Flux's blocks hid the reason: they add into their input in place, for which inductor skips
+graphs anyway. A DiT block is a few large kernels, where graphs save little. The host decides which
 calls reach `run` (ComfyUI: hosts/comfy/regional.py, through `patches_replace["dit"]`, which
 ComfyUI's NextDiT offers through the BlockHooks of families/hooks.py).
 """
@@ -32,7 +36,8 @@ from torch import nn
 
 from . import events
 from .backends import BACKENDS, resolve
-from .compiling import CompileConfig, CompileReport, DiskCacheUser, is_run_error, roomy_recompile_limit, short_error
+from .compiling import (NO_GRAPHS, CompileConfig, CompileReport, DiskCacheUser, is_run_error, roomy_recompile_limit, short_error,
+                        without_graphs)
 from .families import Family, describe, module_dtype
 from .families.hooks import routed, unwrap
 from .log import logger
@@ -83,7 +88,10 @@ class RegionalCompiled(DiskCacheUser):
     """One model's blocks, compiled per block kind. Lives on the model (registry), shared by its clones."""
 
     def __init__(self, module: nn.Module, family: Family, config: CompileConfig):
-        self.config = config
+        if config.mode in NO_GRAPHS:  # see the module doc
+            logger.info("SD Accel Compile: DiT blocks compile one by one, without CUDA graphs (%s runs as %s).",
+                        config.mode, NO_GRAPHS[config.mode])
+        self.config = config = without_graphs(config)
         self._device = module_dtype(module).device
         backend = resolve(config.backend, self._device.type)
         if backend.name != "inductor":  # onediff / stable-fast convert whole modules, not a block call

@@ -418,7 +418,7 @@ class StepCacheRun:
                 return {k: _each(lambda a, r: a + r.to(a.dtype), args[k], self._forecast(span, k, v)) for k, v in kept.items()}
             return {k: args[k] for k in kept}
         if i in cuts.span_start:
-            # A copy: under CUDA graphs the next replay of a compiled block may reuse this memory.
+            # A copy: the first block of the span may add into its input in place (0.33's Flux, LTX, H3).
             call.entry[span] = {k: _each(torch.clone, v) for k, v in args.items() if k in ("img", "txt") and _is_state(v)}
         elif between and call.last_out:  # what the host added since the last block returned
             acc = call.added.setdefault(span, {})

@@ -74,6 +74,20 @@ def test_real_conversion_failure_falls_back_per_block(unet, inputs, caplog):
     assert "compile_start" in seen and "fallback" in seen
 
 
+def test_blocks_compiled_one_by_one_run_without_cuda_graphs(unet, inputs, monkeypatch):
+    """The whole UNet keeps reduce-overhead's CUDA graphs; its blocks, compiled one by one after the whole
+    failed, do not: one block's output is the next one's input (compiling.NO_GRAPHS)."""
+    backend = resolve("inductor", "cpu")
+    real = type(backend).compile
+    modes = []
+    monkeypatch.setattr(type(backend), "compile", lambda self, fn, owner, config: modes.append(config.mode) or real(self, fn, owner, config))
+    _break_a_block(unet)
+    cu = compile(unet, CompileConfig(fullgraph=True, mode="reduce-overhead", **EAGER))
+    for _ in range(2):
+        run(cu, inputs)
+    assert modes[0] == "reduce-overhead" and len(modes) > 1 and set(modes[1:]) == {"default"}
+
+
 def test_fallback_off_raises_the_conversion_error(unet, inputs):
     _break_a_block(unet)
     cu = compile(unet, CompileConfig(fullgraph=True, fallback=False, **EAGER))

@@ -114,6 +114,20 @@ def test_regional_compile_one_frame_per_kind_and_no_recompile():
     assert "regional: 7 blocks in 2 kinds" in rc.report.target
 
 
+@pytest.mark.parametrize("mode,runs", [("reduce-overhead", "default"), ("max-autotune", "max-autotune-no-cudagraphs"), ("default", "default")])
+def test_blocks_compile_without_cuda_graphs(monkeypatch, mode, runs):
+    """CUDA graph trees free one compiled call's outputs at the next compiled call (pytorch#152887), and
+    block i's output is block i+1's input: blocks compiled one by one never ask for graphs."""
+    seen = []
+    backend = regional.BACKENDS["inductor"]
+    monkeypatch.setattr(type(backend), "compile", lambda self, fn, owner, config: seen.append(config.mode) or fn)
+    m = Flux()
+    rc = regional.RegionalCompiled(m, families.family_of(m), CompileConfig(mode=mode))
+    with torch.no_grad(), rc.calling():
+        m(*_inputs(), _replacements(rc))
+    assert seen and set(seen) == {runs} and rc.report.mode == runs and rc.config.mode == runs
+
+
 def test_a_failing_block_runs_eager_and_is_named():
     m = Flux()
     bad = m.single_blocks[2]
