@@ -1,8 +1,8 @@
 """`sd-accel bench --host comfy --preset flux-1024|qwen-image-1328|zimage-1024|wan-480p|ltx-768x512|<family>-tiny`: the DiT rows.
 
 Ours beside the peers, in one process on one model (dit.py): ComfyUI eager; ComfyUI's
-TorchCompileModel; our Compile Model (regional on DiTs: one compiled block per kind), with and
-without CUDA graphs; FP16 Cast fp8 + Compile, FP16 Cast attention=cudnn + Compile (cuDNN's
+TorchCompileModel; our Compile Model (regional on DiTs: one compiled block per kind, no CUDA graphs
+in any mode); FP16 Cast fp8 + Compile, FP16 Cast attention=cudnn + Compile (cuDNN's
 attention inside the compiled blocks, where ComfyUI's order puts flash first) and both; our Step Cache (fixed and forecast, interval 3) alone
 and on Compile; ComfyUI's EasyCache and LazyCache (its step caches) at their 0.2 threshold; on CUDA,
 ComfyUI's own fp8 (Load Diffusion Model's fp8_e4m3fn_fast), alone and with its TorchCompileModel; with
@@ -35,7 +35,6 @@ def _names(cfg: BenchConfig) -> dict[str, str]:
     ours = f"SDAccelCompileUNet {mode}{tag}"
     n = {"builtin": f"comfy TorchCompileModel (built-in, {be})", "ours": ours}
     if cfg.device == "cuda":
-        n["ours_nocg"] = f"SDAccelCompileUNet default (no CUDA graphs){tag}"
         n["fp8"] = f"SDAccelFP16Cast fp8 + {ours}"
         n["cudnn"] = f"SDAccelFP16Cast attention=cudnn + {ours}"
         n["fp8_cudnn"] = f"SDAccelFP16Cast fp8 attention=cudnn + {ours}"
@@ -66,8 +65,7 @@ def rows(b: ComfyBench):
     yield b.measure(BASELINE, lambda: base, rel="call")
     yield b.measure(n["builtin"], lambda: builtin_compile(base, be), rel="call")
     yield b.measure(n["ours"], ours, rel="call")
-    if "ours_nocg" in n:
-        yield b.measure(n["ours_nocg"], lambda: our_compile(base, "default", torch_backend=be), rel="call")
+    if "fp8" in n:
         yield b.measure(n["fp8"], lambda: ours(fp16_cast(base)), rel="call")
         yield b.measure(n["cudnn"], lambda: ours(fp16_cast(base, dtype="auto", attention="cudnn")), rel="call")
         yield b.measure(n["fp8_cudnn"], lambda: ours(fp16_cast(base, attention="cudnn")), rel="call")  # the two levers together

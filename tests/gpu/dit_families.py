@@ -16,7 +16,6 @@ with the steps a step cache ran cached (where a cache's time goes). Cases:
   eager         ComfyUI as loaded (DynamicVRAM streaming)
   builtin       ComfyUI's TorchCompileModel (comfy_extras/nodes_torch_compile.py) on its regular copy
   ours          SD Accel Compile Model at the node's defaults (regional: one compiled block per kind)
-  ours_nocg     the same with mode "default" (no CUDA graphs)
   ours_fp8      SD Accel FP16 Cast fp8 (accel_core/fp8.py FP8Linear) + Compile Model
   ours_cache    Compile Model + Step Cache (fixed, interval 3: the middle blocks run one step in 3)
   ours_forecast Compile Model + Step Cache (forecast, interval 3)
@@ -44,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 sys.path.insert(0, str(REPO / "tests" / "gpu"))
 
-CASES = ("eager", "builtin", "ours", "ours_nocg", "ours_fp8", "ours_cache", "ours_forecast", "cache_only", "limit24")
+CASES = ("eager", "builtin", "ours", "ours_fp8", "ours_cache", "ours_forecast", "cache_only", "limit24")
 GB = 1024 ** 3
 FAMILIES = ("flux", "qwen_image", "zimage", "wan", "ltx")
 
@@ -253,8 +252,6 @@ def run_case(ctx: Ctx, case: str) -> dict:
         model = _builtin(base)
     elif case in ("ours", "limit24"):
         model = _node(ctx.nodes, "SDAccelCompileUNet", base)
-    elif case == "ours_nocg":
-        model = _node(ctx.nodes, "SDAccelCompileUNet", base, mode="default")
     elif case == "ours_fp8":
         model = _node(ctx.nodes, "SDAccelCompileUNet", _node(ctx.nodes, "SDAccelFP16Cast", base, dtype="fp8", channels_last=False))
     elif case in ("ours_cache", "ours_forecast"):
