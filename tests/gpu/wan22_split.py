@@ -11,10 +11,10 @@ Each case records: the first split run's seconds (compile included), ms/step (be
 runs), dynamo graphs and recompiles, peak GPU memory, the final latent's rel err against eager.
 
   eager          ComfyUI as loaded, both models
-  ours           Compile Model on both (node defaults, reduce-overhead): the low-noise model runs the
+  ours           Compile Model on both (node defaults; blocks without CUDA graphs): the low-noise model runs the
                  high-noise model's compiled block (same structure: accel_core/regional.py)
   ours_separate  the same with one compiled callable per model (what sharing saves: first-run seconds,
-                 graphs, CUDA graph memory)
+                 graphs, memory)
   ours_cache     Compile Model + Step Cache (fixed, interval 3) on both: each stage its own run
 
 Results: OUT/wan22_<case>.json and one JSON line per case on stdout.
