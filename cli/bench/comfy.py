@@ -188,6 +188,28 @@ def _counters() -> dict:
     }
 
 
+@contextlib.contextmanager
+def _cache_stats():
+    """The stats events of the step caches that ran inside the block (DeepCache, Step Cache): a cache
+    row's note says what its last run cached, so its ms/step can be read against its share of blocks."""
+    from ...accel_core import events
+
+    seen: list = []
+    listener = lambda ev, data: seen.append((ev, data)) if ev in ("stepcache_stats", "deepcache_stats") else None  # noqa: E731
+    events.subscribe(listener)
+    try:
+        yield seen
+    finally:
+        events.unsubscribe(listener)
+
+
+def _cached(seen: list) -> str:
+    ev, d = seen[-1]
+    if ev == "deepcache_stats":
+        return f"{d['hits']}/{d['hits'] + d['full']} steps"
+    return f"{d['cached']}/{d['calls']} calls, {100 * d['block_fraction']:.0f}% of blocks"
+
+
 def _delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] for k in after}
 
@@ -260,7 +282,7 @@ class ComfyBench:
         self._fresh()
         before = _counters()
         try:
-            with torch.inference_mode(), (row_ctx() if row_ctx else contextlib.nullcontext()):
+            with torch.inference_mode(), (row_ctx() if row_ctx else contextlib.nullcontext()), _cache_stats() as caches:
                 t0 = time.perf_counter()
                 model = make()
                 made.append(model)
@@ -274,6 +296,8 @@ class ComfyBench:
                 timing.first_s, out = first, timing.out
                 peak = torch.cuda.max_memory_allocated() / 2 ** 20 if self.device == "cuda" else None
                 diag = _delta(before, _counters())
+                if caches:  # the timed runs' (the one-call run below would report a 1-step run)
+                    diag["cached"] = _cached(caches)
                 call = self.sample(model, steps=1) if rel == "call" else None
                 if self.device == "cuda":  # DynamicVRAM keeps weights outside torch's allocator: the device's own count too
                     free, total = torch.cuda.mem_get_info()

@@ -77,6 +77,8 @@ def test_dit_preset_measures_ours_beside_the_peers(root, comfy_host, tmp_path, p
     assert diag["SDAccelCompileUNet default [eager] + SDAccelStepCache fixed 3"]["frames_compiled"] == BLOCK_KINDS[preset]
     for name in ROWS[3:7]:  # our caches skipped work (the latent moved) and stayed near eager on this model
         assert 1e-4 < rows[name]["rel_err"] < 0.2, rows[name]
+        assert "% of blocks" in diag[name]["cached"] and "cached=" in rows[name]["note"], rows[name]  # what the last run cached
+    assert "cached" not in ours  # rows without a step cache say nothing of one
     # Compile under the cache: the same trajectory as the eager cache (dynamo's eager backend runs the same ops)
     assert rows[ROWS[5]]["rel_err"] == pytest.approx(rows[ROWS[3]]["rel_err"], rel=1e-3)
     # LoRA changes on the compiled model: another LoRA and another strength compile nothing, and ours
