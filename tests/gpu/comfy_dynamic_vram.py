@@ -13,6 +13,7 @@ peak memory. The parent writes OUT/results.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import json
 import os
 import subprocess
@@ -56,6 +57,8 @@ def av_stand_in():
         m = types.ModuleType(name)
         m.__getattr__ = lambda attr: Stand if not attr.startswith("__") else (_ for _ in ()).throw(AttributeError(attr))
         m.__path__ = []
+        # a spec, as an imported module has: importlib.util.find_spec("av") (diffusers' probe) raises without one
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
         sys.modules[name] = m
         return m
 
